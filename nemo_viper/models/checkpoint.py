@@ -1,0 +1,196 @@
+"""Policy checkpoints: megatron-core distributed checkpoints, and conversion from/to Hugging Face.
+
+Layout of a policy checkpoint directory::
+
+    CKPT/
+      nemo_viper_checkpoint.json   format, parallel layout it was saved at, source, extra metadata
+      hf/                          the HF config, tokenizer, processor and chat template (no weights):
+                                   everything needed to rebuild the architecture and to export
+      model/                       megatron-core ``torch_dist`` distributed checkpoint of the weights
+
+The weights are stored as sharded tensors with global shapes, so a checkpoint saved at one TP/PP
+layout loads at any other (megatron-core reshards on load). The directory is written under a temporary
+name and renamed when complete, so a killed job never leaves a half-written checkpoint under ``CKPT``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from nemo_viper.errors import CheckpointError
+from nemo_viper.models.hf_checkpoint import read_qwen25_vl_config
+from nemo_viper.models.policy import MegatronPolicy, PolicyConfig, build_policy
+
+FORMAT = "nemo_viper.policy/1"
+METADATA_FILE = "nemo_viper_checkpoint.json"
+# Files of an HF checkpoint dir that are not weights; copied into CKPT/hf and back out on export.
+HF_ASSET_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.*",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+
+
+def _copy_hf_assets(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for pattern in HF_ASSET_PATTERNS:
+        for file in src.glob(pattern):
+            if file.is_file():
+                shutil.copy2(file, dst / file.name)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _model_state_dict(policy: MegatronPolicy):
+    (chunk,) = policy.chunks
+    return chunk.sharded_state_dict()
+
+
+def save_policy(policy: MegatronPolicy, out_dir: str | Path, metadata: dict | None = None) -> Path:
+    """Save the policy weights as a distributed checkpoint (collective: every rank calls it)."""
+    from megatron.core import dist_checkpointing
+
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.partial")
+    if _rank() == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / "model").mkdir(parents=True)
+        _copy_hf_assets(Path(policy.config.hf_path), tmp / "hf")
+    _barrier()
+    dist_checkpointing.save(_model_state_dict(policy), str(tmp / "model"), async_sharded_save=False)
+    _barrier()
+    if _rank() == 0:
+        record = {
+            "format": FORMAT,
+            "saved_with": {
+                "tensor_parallel": policy.config.tensor_parallel,
+                "pipeline_parallel": policy.config.pipeline_parallel,
+                "precision": policy.config.precision,
+            },
+            **(metadata or {}),
+        }
+        (tmp / METADATA_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    _barrier()
+    return out
+
+
+def read_checkpoint_metadata(ckpt_dir: str | Path) -> dict:
+    """Metadata of a policy checkpoint, or a one-line error naming what is missing."""
+    ckpt = Path(ckpt_dir)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {ckpt}")
+    meta_file = ckpt / METADATA_FILE
+    if not meta_file.is_file():
+        raise CheckpointError(f"{ckpt} is not a nemo_viper policy checkpoint (no {METADATA_FILE})")
+    metadata = json.loads(meta_file.read_text())
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_file}: unsupported format {metadata.get('format')!r} (expected {FORMAT!r})")
+    if not (ckpt / "model").is_dir():
+        raise CheckpointError(f"{ckpt} has no model/ directory (incomplete checkpoint)")
+    read_qwen25_vl_config(ckpt / "hf")
+    return metadata
+
+
+def load_policy(ckpt_dir: str | Path, **policy_overrides) -> MegatronPolicy:
+    """Build the policy at the layout given by ``policy_overrides`` and load the checkpoint's weights."""
+    ckpt = Path(ckpt_dir)
+    read_checkpoint_metadata(ckpt)
+    policy = build_policy(PolicyConfig(hf_path=str(ckpt / "hf"), **policy_overrides), load_weights=False)
+    from megatron.core import dist_checkpointing
+
+    (chunk,) = policy.chunks
+    state = dist_checkpointing.load(chunk.sharded_state_dict(), str(ckpt / "model"))
+    chunk.load_state_dict(state)
+    return policy
+
+
+def import_hf(hf_dir: str | Path, out_dir: str | Path, **policy_overrides) -> Path:
+    """HF Qwen2.5-VL checkpoint -> policy checkpoint (weights converted by Megatron-Bridge)."""
+    policy = build_policy(PolicyConfig(hf_path=str(hf_dir), precision="fp32", **policy_overrides))
+    return save_policy(policy, out_dir, metadata={"source": {"hf_path": str(Path(hf_dir).resolve())}})
+
+
+def _hf_weight_dtype(hf_config: dict) -> torch.dtype:
+    name = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
+    return getattr(torch, name)
+
+
+def _write_safetensors_shards(tensors, out: Path, max_shard_bytes: int) -> None:
+    """Write (name, tensor) pairs as HF-style safetensors shards plus ``model.safetensors.index.json``."""
+    from safetensors.torch import save_file
+
+    shards, current, current_bytes = [], {}, 0
+    for name, tensor in tensors:
+        if current and current_bytes + tensor.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, current_bytes = {}, 0
+        current[name] = tensor.contiguous()
+        current_bytes += tensor.nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], out / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for index, shard in enumerate(shards, start=1):
+        file_name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / file_name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file_name))
+    total = sum(t.nbytes for shard in shards for t in shard.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def export_hf(policy: MegatronPolicy, out_dir: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write ``policy`` as an HF checkpoint dir (weights + config + tokenizer/processor). Collective.
+
+    Megatron-Bridge streams the weights back to HF names and layouts (gathering TP shards and PP
+    stages); they are cast to the dtype recorded in the HF config and written by rank 0.
+    """
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.partial")
+    dtype = _hf_weight_dtype(policy.hf_config)
+    weights = policy.bridge.export_hf_weights(policy.chunks, cpu=True, show_progress=False)
+    if _rank() == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        _copy_hf_assets(Path(policy.config.hf_path), tmp)
+        _write_safetensors_shards(((n, t.to(dtype)) for n, t in weights), tmp, max_shard_bytes)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    else:
+        for _ in weights:  # every rank takes part in the gathers
+            pass
+    _barrier()
+    return out
+
+
+def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, **policy_overrides) -> Path:
+    """Policy checkpoint -> HF checkpoint dir loadable by ``transformers``."""
+    policy_overrides.setdefault("precision", "fp32")
+    return export_hf(load_policy(ckpt_dir, **policy_overrides), out_dir)
+

@@ -1,0 +1,30 @@
+"""An image-only Qwen2.5-VL processor.
+
+The stock ``Qwen2_5_VLProcessor`` also builds a video processor, which needs torchvision; on a CPU
+machine torchvision cannot be installed (its PyPI builds link CUDA libraries). ViPER only feeds
+images, so this processor keeps the tokenizer, the image processor and the chat template and leaves
+the video processor out. It loads real Qwen2.5-VL checkpoints as well as the tiny offline one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLProcessor
+
+
+class ImageOnlyQwen25VLProcessor(Qwen2_5_VLProcessor):
+    """``Qwen2_5_VLProcessor`` without the video processor."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
+
+
+def register_with_auto_processor() -> None:
+    """Make ``AutoProcessor.from_pretrained`` return the image-only processor for Qwen2.5-VL dirs."""
+    AutoProcessor.register(Qwen2_5_VLConfig, ImageOnlyQwen25VLProcessor, exist_ok=True)
+
+
+def load_processor(path: str | Path) -> ImageOnlyQwen25VLProcessor:
+    """Load tokenizer + image processor + chat template from a local HF checkpoint directory."""
+    return ImageOnlyQwen25VLProcessor.from_pretrained(str(path))

@@ -1,0 +1,238 @@
+"""A complete, tiny Qwen2.5-VL Hugging Face checkpoint built offline.
+
+No model hub is reachable from CI, so the embedded default policy is made here from nothing:
+
+- a byte-level BPE tokenizer trained in well under a second on a small built-in corpus of
+  image-description sentences, wrapped as ``Qwen2Tokenizer`` with Qwen's special tokens;
+- ``Qwen2VLImageProcessor`` settings (patch 14, merge 2, temporal patch 2) with a small pixel budget;
+- a Qwen2.5-VL chat template (system/user/assistant turns, images as
+  ``<|vision_start|><|image_pad|><|vision_end|>``);
+- a ``Qwen2_5_VLConfig`` (with ``architectures``) and random weights from a fixed seed.
+
+The directory loads with ``transformers``' ``from_pretrained`` (model, tokenizer, image processor) and
+with :func:`nemo_viper.models.processor.load_processor`, exactly like a real Qwen2.5-VL-Instruct dir.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+VISION_SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+
+CHAT_TEMPLATE = (
+    "{%- if not messages or messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{ message['content'] }}"
+    "{%- else %}{% for part in message['content'] %}"
+    "{%- if part['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{%- endfor %}{% endif %}"
+    "{{- '<|im_end|>\\n' }}{% endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+_COLOURS = ("red", "blue", "green", "yellow", "white", "black", "brown", "grey", "orange", "purple")
+_OBJECTS = ("car", "cat", "dog", "cup", "sign", "tree", "person", "bicycle", "table", "window", "rocket", "book")
+_PLACES = ("on the left", "on the right", "in the centre", "in the background", "near the top", "below the sign")
+_PHRASES = (
+    "Describe this image in detail.",
+    "The caption says the {c} {o} is {p}, but it is not.",
+    "Change the color of the {o} from {c} to {c2}.",
+    "Remove the {o} {p}.",
+    "Add a {c} {o} {p}.",
+    "There are {n} {o}s {p}.",
+    "The text on the sign reads OPEN.",
+    "<think>I compare both images carefully.</think><answer>The {o} is {c}.</answer>",
+)
+
+
+def training_corpus() -> list[str]:
+    """A few hundred short sentences in the domain of the two ViPER tasks (deterministic)."""
+    numbers = ("two", "three", "four")
+    combos = itertools.product(_COLOURS, _OBJECTS, _PLACES)
+    lines = []
+    for i, (colour, obj, place) in enumerate(combos):
+        phrase = _PHRASES[i % len(_PHRASES)]
+        lines.append(
+            phrase.format(c=colour, c2=_COLOURS[(i + 3) % len(_COLOURS)], o=obj, p=place, n=numbers[i % 3])
+        )
+    return lines
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """Sizes of the tiny policy. Defaults: ~0.3 M parameters, TP=2 and PP=2 compatible."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    vision_depth: int = 2
+    vision_hidden_size: int = 32
+    vision_heads: int = 2
+    vision_intermediate_size: int = 64
+    min_pixels: int = 28 * 28 * 4
+    max_pixels: int = 28 * 28 * 64
+    seed: int = 0
+
+    @property
+    def mrope_section(self) -> list[int]:
+        """Split of the rotary half-dimension into temporal/height/width parts (Qwen's 2:3:3 ratio)."""
+        half = self.hidden_size // self.num_attention_heads // 2
+        t = half // 4
+        h = (half - t) // 2
+        return [t, h, half - t - h]
+
+
+def build_tokenizer(vocab_size: int):
+    """Train a byte-level BPE on :func:`training_corpus` and wrap it as ``Qwen2Tokenizer``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(QWEN_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(training_corpus(), trainer=trainer)
+    state = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    tokenizer = Qwen2Tokenizer(
+        vocab=state["vocab"],
+        merges=merges,
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        padding_side="left",
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:])})
+    tokenizer.add_tokens([QWEN_SPECIAL_TOKENS[0]], special_tokens=True)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.model_max_length = 32768
+    return tokenizer
+
+
+def build_hf_config(config: TinyModelConfig, tokenizer):
+    from transformers import Qwen2_5_VLConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=-(-len(tokenizer) // 64) * 64,  # padded like real Qwen checkpoints
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_key_value_heads,
+            max_position_embeddings=config.max_position_embeddings,
+            rms_norm_eps=1e-6,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": config.rope_theta,
+                "mrope_section": config.mrope_section,
+            },
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            depth=config.vision_depth,
+            hidden_size=config.vision_hidden_size,
+            intermediate_size=config.vision_intermediate_size,
+            num_heads=config.vision_heads,
+            out_hidden_size=config.hidden_size,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            fullatt_block_indexes=[config.vision_depth - 1],
+            in_channels=3,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+        architectures=["Qwen2_5_VLForConditionalGeneration"],
+    )
+
+
+def write_tiny_checkpoint(out_dir: str | Path, config: TinyModelConfig = TinyModelConfig()) -> Path:
+    """Write the tiny checkpoint to ``out_dir`` atomically (temp dir + rename). Returns the path.
+
+    Raises ``FileExistsError`` if ``out_dir`` exists and is not empty.
+    """
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    from nemo_viper.models.processor import ImageOnlyQwen25VLProcessor
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out or remove it")
+    tokenizer = build_tokenizer(config.vocab_size)
+    hf_config = build_hf_config(config, tokenizer)
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        model = Qwen2_5_VLForConditionalGeneration(hf_config).eval()
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=14,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels},
+    )
+    processor = ImageOnlyQwen25VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
+    )
+    generation_config = GenerationConfig(
+        bos_token_id=hf_config.text_config.bos_token_id,
+        eos_token_id=[hf_config.text_config.eos_token_id],
+        pad_token_id=hf_config.text_config.pad_token_id,
+        do_sample=False,
+    )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        generation_config.save_pretrained(tmp)
+        (tmp / "nemo_viper_tiny.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

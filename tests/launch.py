@@ -1,0 +1,34 @@
+"""Run a script or the CLI in fresh processes (``torchrun`` for several ranks) and check the outcome."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WORKERS = Path(__file__).resolve().parent / "workers"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_ranks(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc-per-node nproc <args>``; fails the test on a non-zero exit."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               f"--master-port={_free_port()}", *args]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+    return result
+
+
+def run_worker(name: str, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    return run_ranks([str(WORKERS / name), *args], nproc=nproc)
+
+
+def run_cli(*args: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    return run_ranks(["-m", "nemo_viper.cli", *args], nproc=nproc)
