@@ -150,7 +150,7 @@ def build_policy(config: PolicyConfig, load_weights: bool = True, wrap_with_ddp:
 
     path = str(Path(config.hf_path))
     if load_weights:
-        bridge = AutoBridge.from_hf_pretrained(path, torch_dtype=torch.float32)
+        bridge = AutoBridge.from_hf_pretrained(path, dtype=torch.float32)
     else:
         bridge = AutoBridge.from_hf_config(AutoConfig.from_pretrained(path))
     provider = bridge.to_megatron_provider(load_weights=load_weights)

@@ -1,0 +1,57 @@
+"""The offline tiny checkpoint is a complete Qwen2.5-VL HF checkpoint that transformers loads."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+from nemo_viper.cli import main
+from nemo_viper.models.processor import load_processor
+from nemo_viper.models.tiny import QWEN_SPECIAL_TOKENS, write_tiny_checkpoint
+
+
+def test_transformers_loads_every_component(tiny_hf_dir):
+    config = json.loads((tiny_hf_dir / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_hf_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_hf_dir)
+    assert isinstance(Qwen2VLImageProcessorPil.from_pretrained(tiny_hf_dir), Qwen2VLImageProcessorPil)
+    for token in QWEN_SPECIAL_TOKENS:
+        (token_id,) = tokenizer.encode(token, add_special_tokens=False)
+        assert token_id < model.config.text_config.vocab_size
+    assert tokenizer.decode(tokenizer.encode("The red car is on the left.")) == "The red car is on the left."
+
+    processor = load_processor(tiny_hf_dir)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
+    text = processor.apply_chat_template(chat, add_generation_prompt=True)
+    assert text == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "<|vision_start|><|image_pad|><|vision_end|>Describe this image.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 60, 3), dtype=np.uint8))
+    inputs = processor(text=[text], images=[image], return_tensors="pt")
+    grid = inputs["image_grid_thw"][0]
+    assert grid[1] % 2 == 0 and grid[2] % 2 == 0
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == int(grid.prod()) // 4
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_same_seed_same_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    first = load_file(write_tiny_checkpoint(tmp_path / "a") / "model.safetensors")
+    second = load_file(write_tiny_checkpoint(tmp_path / "b") / "model.safetensors")
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_cli_writes_checkpoint_and_refuses_non_empty_dir(tmp_path, capsys):
+    assert main(["tiny-model", "--out", str(tmp_path / "tiny")]) == 0
+    assert (tmp_path / "tiny" / "model.safetensors").is_file()
+    assert not list(tmp_path.glob(".tiny.*")), "temporary directory left behind"
+    with pytest.raises(FileExistsError):
+        main(["tiny-model", "--out", str(tmp_path / "tiny")])
