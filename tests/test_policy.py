@@ -89,3 +89,13 @@ def test_import_reshard_export_roundtrip(tiny_hf_dir, reference, tmp_path):
         assert roundtrip[name].dtype == tensor.dtype and torch.equal(roundtrip[name], tensor), name
     Qwen2_5_VLForConditionalGeneration.from_pretrained(exported)  # transformers loads the export
     load_processor(exported)
+
+
+def test_freeze_options_and_bf16(tiny_hf_dir, reference):
+    result = run_worker("policy_options.py", "--hf", str(tiny_hf_dir), "--inputs", str(reference["path"]))
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["freeze_vision_tower"] == {"vision_tower": False, "projector": True, "language_model": True}
+    assert report["freeze_projector"] == {"vision_tower": True, "projector": False, "language_model": True}
+    assert report["freeze_language_model"] == {"vision_tower": True, "projector": True, "language_model": False}
+    assert report["bf16_param_dtype"] == "torch.bfloat16"
+    assert 0 < report["bf16_max_logprob_diff"] < 0.1, report
