@@ -45,44 +45,43 @@ class PolicyBatch:
                     f"image_grid_thw describes {patches} patches but pixel_values has {self.pixel_values.shape[0]}"
                 )
 
-    def split(self, micro_batch_size: int, vision_start_token_id: int) -> list["PolicyBatch"]:
-        """Split into micro-batches of ``micro_batch_size`` samples, each with its own images.
+    def select(self, rows, vision_start_token_id: int) -> "PolicyBatch":
+        """The samples at ``rows`` (indices or a slice), each with exactly its own images.
 
-        A sample's images are the ones whose ``<|vision_start|>`` tokens it contains.
+        A sample's images are the ones whose ``<|vision_start|>`` tokens it contains, in order.
         """
-        batch_size = self.input_ids.shape[0]
+        input_ids, response_mask = self.input_ids[rows], self.response_mask[rows]
         if self.image_grid_thw is None:
-            return [
-                PolicyBatch(self.input_ids[i : i + micro_batch_size], self.response_mask[i : i + micro_batch_size])
-                for i in range(0, batch_size, micro_batch_size)
-            ]
+            return PolicyBatch(input_ids, response_mask)
         images_per_sample = (self.input_ids == vision_start_token_id).sum(dim=1)
         if int(images_per_sample.sum()) != self.image_grid_thw.shape[0]:
             raise ValueError(
                 f"input_ids contain {int(images_per_sample.sum())} images but image_grid_thw has "
                 f"{self.image_grid_thw.shape[0]} rows"
             )
-        image_offsets = torch.cumsum(torch.cat([images_per_sample.new_zeros(1), images_per_sample]), 0)
-        patches_per_image = self.image_grid_thw.prod(dim=-1)
-        patch_offsets = torch.cumsum(torch.cat([patches_per_image.new_zeros(1), patches_per_image]), 0)
-        micro_batches = []
-        for start in range(0, batch_size, micro_batch_size):
-            stop = min(start + micro_batch_size, batch_size)
-            first_image, end_image = int(image_offsets[start]), int(image_offsets[stop])
-            has_images = end_image > first_image
-            micro_batches.append(
-                PolicyBatch(
-                    input_ids=self.input_ids[start:stop],
-                    response_mask=self.response_mask[start:stop],
-                    pixel_values=(
-                        self.pixel_values[int(patch_offsets[first_image]) : int(patch_offsets[end_image])]
-                        if has_images
-                        else None
-                    ),
-                    image_grid_thw=self.image_grid_thw[first_image:end_image] if has_images else None,
-                )
-            )
-        return micro_batches
+        image_owner = torch.repeat_interleave(torch.arange(len(images_per_sample)), images_per_sample)
+        patch_owner = torch.repeat_interleave(image_owner, self.image_grid_thw.prod(dim=-1))
+        row_ids = torch.arange(len(images_per_sample))[rows].reshape(-1)
+        rank_of_row = torch.full((len(images_per_sample),), -1, dtype=torch.long)
+        rank_of_row[row_ids] = torch.arange(len(row_ids))
+        image_index, patch_index = (_in_row_order(rank_of_row[owner]) for owner in (image_owner, patch_owner))
+        if image_index.numel() == 0:
+            return PolicyBatch(input_ids, response_mask)
+        return PolicyBatch(input_ids, response_mask, self.pixel_values[patch_index], self.image_grid_thw[image_index])
+
+    def split(self, micro_batch_size: int, vision_start_token_id: int) -> list["PolicyBatch"]:
+        """Consecutive micro-batches of ``micro_batch_size`` samples (the last may be smaller)."""
+        batch_size = self.input_ids.shape[0]
+        return [
+            self.select(slice(start, start + micro_batch_size), vision_start_token_id)
+            for start in range(0, batch_size, micro_batch_size)
+        ]
+
+
+def _in_row_order(rank: Tensor) -> Tensor:
+    """Indices of the items whose owner was selected (rank >= 0), ordered by owner rank, stable."""
+    kept = (rank >= 0).nonzero().flatten()
+    return kept[torch.argsort(rank[kept], stable=True)]
 
 
 def vocab_parallel_token_logprobs(
@@ -187,3 +186,24 @@ def compute_logprobs(
             group=parallel_state.get_pipeline_model_parallel_group(),
         )
     return result.float().cpu()
+
+
+@torch.no_grad()
+def vocab_parallel_token_entropy(logits: Tensor, temperature: float = 1.0, tp_group=None) -> Tensor:
+    """Entropy [B, S] of ``softmax(logits / T)`` at the positions that predict ``x_t`` (column 0 is 0).
+
+    ``H = log Z + max − Σ_v e^{z_v − max} z_v / Z`` with ``Z = Σ_v e^{z_v − max}``: three [B, S]
+    all-reduces over the TP group, no full-vocabulary gather. Metrics only (no gradient).
+    """
+    from megatron.core import parallel_state
+
+    group = tp_group or parallel_state.get_tensor_model_parallel_group()
+    z = logits[:, :-1].float() / temperature
+    z_max = z.max(dim=-1).values
+    torch.distributed.all_reduce(z_max, op=torch.distributed.ReduceOp.MAX, group=group)
+    shifted = z - z_max[..., None]
+    exp = shifted.exp()
+    sums = torch.stack([exp.sum(dim=-1), (exp * shifted).sum(dim=-1)])
+    torch.distributed.all_reduce(sums, group=group)
+    entropy = sums[0].log() - sums[1] / sums[0]
+    return torch.cat([entropy.new_zeros(entropy.shape[0], 1), entropy], dim=1)

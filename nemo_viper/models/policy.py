@@ -135,7 +135,9 @@ def build_policy(config: PolicyConfig, load_weights: bool = True, wrap_with_ddp:
     """Build this rank's part of the policy from ``config.hf_path``.
 
     ``load_weights=False`` builds the architecture only (random init), e.g. before loading a Megatron
-    checkpoint. Validation (checkpoint dir, architecture, TP/PP divisibility) happens before any model
+    checkpoint. ``wrap_with_ddp=True`` prepares the model for training: Megatron DDP with
+    ``calculate_per_token_loss`` (gradients summed over DP ranks and divided by the global token count
+    returned by the loss function, see :mod:`nemo_viper.training.grpo`). Validation (checkpoint dir, architecture, TP/PP divisibility) happens before any model
     or process group is created.
     """
     hf_config = read_qwen25_vl_config(config.hf_path)
@@ -155,6 +157,7 @@ def build_policy(config: PolicyConfig, load_weights: bool = True, wrap_with_ddp:
         bridge = AutoBridge.from_hf_config(AutoConfig.from_pretrained(path))
     provider = bridge.to_megatron_provider(load_weights=load_weights)
     _configure_provider(provider, config, hf_config, layer_spec)
+    provider.calculate_per_token_loss = wrap_with_ddp
     provider.finalize()
     chunks = provider.provide_distributed_model(
         wrap_with_ddp=wrap_with_ddp,
