@@ -7,6 +7,8 @@ Layout of a policy checkpoint directory::
       hf/                          the HF config, tokenizer, processor and chat template (no weights):
                                    everything needed to rebuild the architecture and to export
       model/                       megatron-core ``torch_dist`` distributed checkpoint of the weights
+      optimizer/                   (training checkpoints) the Megatron optimizer's sharded state
+      trainer_state.json           (training checkpoints) step, data position, ...
 
 The weights are stored as sharded tensors with global shapes, so a checkpoint saved at one TP/PP
 layout loads at any other (megatron-core reshards on load). The directory is written under a temporary
@@ -28,6 +30,7 @@ from nemo_viper.models.policy import MegatronPolicy, PolicyConfig, build_policy
 
 FORMAT = "nemo_viper.policy/1"
 METADATA_FILE = "nemo_viper_checkpoint.json"
+TRAINER_STATE_FILE = "trainer_state.json"
 # Files of an HF checkpoint dir that are not weights; copied into CKPT/hf and back out on export.
 HF_ASSET_PATTERNS = (
     "config.json",
@@ -60,13 +63,40 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _model_state_dict(policy: MegatronPolicy):
+# Optimizer state saved fully reshardable: a training checkpoint resumes at another TP/PP/DP layout.
+OPTIMIZER_SHARDING = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "singleton_local_shards": False,
+    "chained_optim_avoid_prefix": True,
+}
+
+
+def _bare_model(policy: MegatronPolicy):
+    """The model without DDP / Float16Module wrappers: the same state-dict keys for every checkpoint."""
+    from megatron.core.utils import unwrap_model
+
     (chunk,) = policy.chunks
-    return chunk.sharded_state_dict()
+    return unwrap_model(chunk)
 
 
-def save_policy(policy: MegatronPolicy, out_dir: str | Path, metadata: dict | None = None) -> Path:
-    """Save the policy weights as a distributed checkpoint (collective: every rank calls it)."""
+def _model_state_dict(policy: MegatronPolicy, **kwargs):
+    return _bare_model(policy).sharded_state_dict(**kwargs)
+
+
+def _optimizer_state_dict(policy: MegatronPolicy, optimizer, is_loading: bool):
+    model_state = _model_state_dict(policy, metadata=OPTIMIZER_SHARDING)
+    return optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=OPTIMIZER_SHARDING)
+
+
+def save_policy(
+    policy: MegatronPolicy,
+    out_dir: str | Path,
+    metadata: dict | None = None,
+    optimizer=None,
+    trainer_state: dict | None = None,
+) -> Path:
+    """Save the policy weights (and, for training, the optimizer and trainer state) as a distributed
+    checkpoint. Collective: every rank calls it."""
     from megatron.core import dist_checkpointing
 
     out = Path(out_dir)
@@ -75,9 +105,14 @@ def save_policy(policy: MegatronPolicy, out_dir: str | Path, metadata: dict | No
         if tmp.exists():
             shutil.rmtree(tmp)
         (tmp / "model").mkdir(parents=True)
+        if optimizer is not None:
+            (tmp / "optimizer").mkdir()
         _copy_hf_assets(Path(policy.config.hf_path), tmp / "hf")
     _barrier()
     dist_checkpointing.save(_model_state_dict(policy), str(tmp / "model"), async_sharded_save=False)
+    if optimizer is not None:
+        optimizer_state = _optimizer_state_dict(policy, optimizer, is_loading=False)
+        dist_checkpointing.save(optimizer_state, str(tmp / "optimizer"), async_sharded_save=False)
     _barrier()
     if _rank() == 0:
         record = {
@@ -89,12 +124,32 @@ def save_policy(policy: MegatronPolicy, out_dir: str | Path, metadata: dict | No
             },
             **(metadata or {}),
         }
+        if trainer_state is not None:
+            (tmp / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n")
         (tmp / METADATA_FILE).write_text(json.dumps(record, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     _barrier()
     return out
+
+
+def load_training_state(policy: MegatronPolicy, optimizer, ckpt_dir: str | Path) -> dict:
+    """Load weights and optimizer state of a training checkpoint into a built policy + optimizer.
+
+    Returns the trainer state saved with it. Collective.
+    """
+    from megatron.core import dist_checkpointing
+
+    ckpt = Path(ckpt_dir)
+    read_checkpoint_metadata(ckpt)
+    if not (ckpt / "optimizer").is_dir() or not (ckpt / TRAINER_STATE_FILE).is_file():
+        raise CheckpointError(f"{ckpt} is not a training checkpoint (no optimizer/ or {TRAINER_STATE_FILE})")
+    model = _bare_model(policy)
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(ckpt / "model")))
+    optimizer_state = _optimizer_state_dict(policy, optimizer, is_loading=True)
+    optimizer.load_state_dict(dist_checkpointing.load(optimizer_state, str(ckpt / "optimizer")))
+    return json.loads((ckpt / TRAINER_STATE_FILE).read_text())
 
 
 def read_checkpoint_metadata(ckpt_dir: str | Path) -> dict:
@@ -121,9 +176,8 @@ def load_policy(ckpt_dir: str | Path, **policy_overrides) -> MegatronPolicy:
     policy = build_policy(PolicyConfig(hf_path=str(ckpt / "hf"), **policy_overrides), load_weights=False)
     from megatron.core import dist_checkpointing
 
-    (chunk,) = policy.chunks
-    state = dist_checkpointing.load(chunk.sharded_state_dict(), str(ckpt / "model"))
-    chunk.load_state_dict(state)
+    model = _bare_model(policy)
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(ckpt / "model")))
     return policy
 
 

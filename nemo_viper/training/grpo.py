@@ -48,7 +48,13 @@ from nemo_viper.training.rollout_batch import RolloutBatch
 
 @dataclass(frozen=True)
 class OptimizerSettings:
-    """AdamW with decoupled weight decay and global-norm gradient clipping (SPEC §7 defaults)."""
+    """AdamW with decoupled weight decay and global-norm gradient clipping (SPEC §7 defaults).
+
+    ``distributed_optimizer=None`` (auto) shards optimizer state over data-parallel ranks on GPU and
+    keeps it whole on CPU: without apex/Transformer Engine, megatron-core 0.19 falls back to torch's
+    Adam, whose per-parameter ``step`` tensor its distributed-optimizer checkpoint loader cannot
+    restore (it trains, but cannot resume).
+    """
 
     lr: float = 1e-6
     weight_decay: float = 0.01
@@ -56,7 +62,11 @@ class OptimizerSettings:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    distributed_optimizer: bool = True
+    distributed_optimizer: bool | None = None
+
+    @property
+    def use_distributed_optimizer(self) -> bool:
+        return torch.cuda.is_available() if self.distributed_optimizer is None else self.distributed_optimizer
 
 
 @dataclass(frozen=True)
@@ -88,7 +98,7 @@ def build_trainer(policy_config, config: GRPOConfig) -> GRPOTrainer:
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        use_distributed_optimizer=config.optimizer.distributed_optimizer,
+        use_distributed_optimizer=config.optimizer.use_distributed_optimizer,
         overlap_grad_reduce=False,
     )
     policy = build_policy(policy_config, wrap_with_ddp=True, ddp_config=ddp_config)
@@ -132,7 +142,7 @@ class GRPOTrainer:
                 clip_grad=opt.clip_grad,
                 bf16=bf16,
                 params_dtype=torch.bfloat16 if bf16 else torch.float32,
-                use_distributed_optimizer=opt.distributed_optimizer,
+                use_distributed_optimizer=opt.use_distributed_optimizer,
             ),
             policy.chunks,
         )

@@ -1,0 +1,66 @@
+"""Periodic training checkpoints with resume-from-latest.
+
+``ROOT/step_0000010/`` are policy checkpoints (:mod:`nemo_viper.models.checkpoint`) with the optimizer
+state and ``trainer_state.json``; ``ROOT/latest`` names the newest complete one and is replaced
+atomically after the checkpoint itself has been renamed into place, so a job killed at any moment
+resumes from a complete checkpoint. Older checkpoints beyond ``keep_last`` are deleted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+
+from nemo_viper.models.checkpoint import load_training_state, save_policy
+
+
+class CheckpointManager:
+    def __init__(self, root: str | Path, keep_last: int = 2):
+        self.root = Path(root)
+        self.keep_last = keep_last
+
+    @staticmethod
+    def step_dir_name(step: int) -> str:
+        return f"step_{step:07d}"
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or ``None`` when there is none yet."""
+        pointer = self.root / "latest"
+        if not pointer.is_file():
+            return None
+        path = self.root / pointer.read_text().strip()
+        return path if path.is_dir() else None
+
+    def save(self, trainer, step: int, trainer_state: dict) -> Path:
+        """Save ``trainer``'s policy and optimizer at ``step`` (collective)."""
+        path = save_policy(
+            trainer.policy,
+            self.root / self.step_dir_name(step),
+            metadata={"step": step},
+            optimizer=trainer.optimizer,
+            trainer_state={"step": step, **trainer_state},
+        )
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            tmp = self.root / "latest.tmp"
+            tmp.write_text(path.name + "\n")
+            os.replace(tmp, self.root / "latest")
+            self._prune(keep=path.name)
+        if dist.is_initialized():
+            dist.barrier()
+        return path
+
+    def restore(self, trainer) -> dict | None:
+        """Load the latest checkpoint into ``trainer``; returns its trainer state, or ``None``."""
+        latest = self.latest()
+        if latest is None:
+            return None
+        return load_training_state(trainer.policy, trainer.optimizer, latest)
+
+    def _prune(self, keep: str) -> None:
+        steps = sorted(p for p in self.root.glob("step_*") if p.is_dir())
+        for old in steps[: max(0, len(steps) - self.keep_last)]:
+            if old.name != keep:
+                shutil.rmtree(old, ignore_errors=True)

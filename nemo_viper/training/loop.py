@@ -1,0 +1,189 @@
+"""The RL loop of one stage: prompts -> rollouts -> rewards -> GRPO update, with checkpoints and resume.
+
+Every dependency is injected, so the same loop runs the ViPER stages (shard-backed prompts, the BGE-M3
+reward) and the toy task of the learning test:
+
+- ``prompts``: a :class:`PromptSource` (task prompts with images and ground truth; checkpointable position);
+- ``generator``: a :class:`~nemo_viper.rollout.interface.GenerationBackend` on the current policy;
+- ``reward_model``: anything with ViPER's reward interface, ``score(responses, ground_truths, sample_ids,
+  truncated) -> list[RewardBreakdown]`` (:class:`~nemo_viper.rewards.ViperReward`).
+
+Each data-parallel rank draws its own ``prompts_per_step`` prompts. A checkpoint is written every
+``save_every`` steps and after the last; a rerun resumes from the latest one (policy, optimizer, step,
+prompt position) and continues with the next step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import torch
+
+from nemo_viper.models.hf_checkpoint import text_config
+from nemo_viper.models.logprobs import PolicyBatch
+from nemo_viper.rewards import RewardBreakdown
+from nemo_viper.rollout.interface import GenerationBackend, GenerationRequest, GenerationResponse, SamplingParams
+from nemo_viper.training.checkpointing import CheckpointManager
+from nemo_viper.training.metrics_log import MetricsLogger
+from nemo_viper.training.rollout_batch import RolloutBatch
+
+
+@dataclass
+class TaskPrompt:
+    """One RL prompt: chat messages (images as ``{"type": "image"}`` parts), its images, its ground truth."""
+
+    sample_id: str
+    messages: list[dict]
+    images: list = field(default_factory=list)
+    ground_truth: list[str] = field(default_factory=list)
+
+
+class PromptSource(Protocol):
+    def next_prompts(self, count: int) -> list[TaskPrompt]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class RewardModel(Protocol):
+    def score(
+        self, responses: Sequence[str], ground_truths: Sequence[Sequence[str]], sample_ids: Sequence[str],
+        truncated: Sequence[bool] | None = None,
+    ) -> list[RewardBreakdown]: ...
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """Loop settings (SPEC §7 defaults: n = 5, temperature 1.0, top-p 1.0, 1024 new tokens)."""
+
+    steps: int
+    prompts_per_step: int = 4
+    n: int = 5
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=1.0, max_new_tokens=1024))
+    save_every: int = 50
+    keep_last: int = 2
+    seed: int = 0
+
+
+def request_seed(base: int, step: int, prompt_index: int) -> int:
+    """Sampling seed of one prompt at one step: reproducible and distinct across steps and prompts."""
+    return (base * 1_000_003 + step * 100_003 + prompt_index) % (2**31 - 1)
+
+
+def assemble_rollout(
+    requests: Sequence[GenerationRequest],
+    responses: Sequence[Sequence[GenerationResponse]],
+    rewards: Sequence[RewardBreakdown],
+    sample_ids: Sequence[str],
+    pad_token_id: int,
+) -> RolloutBatch:
+    """Rows = prompt + response tokens (right-padded), grouped by request; each row carries its prompt's images."""
+    rows, prompt_lengths, groups, row_ids, pixel_values, grids, truncated = [], [], [], [], [], [], []
+    for group, (request, samples) in enumerate(zip(requests, responses)):
+        for sample in samples:
+            rows.append(torch.cat([request.prompt_ids, torch.tensor(sample.token_ids, dtype=torch.long)]))
+            prompt_lengths.append(len(request.prompt_ids))
+            groups.append(group)
+            row_ids.append(sample_ids[group])
+            truncated.append(sample.finish_reason == "length")
+            if request.pixel_values is not None:
+                pixel_values.append(request.pixel_values)
+                grids.append(request.image_grid_thw)
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    response_mask = torch.zeros((len(rows), length), dtype=torch.bool)
+    for i, (row, start) in enumerate(zip(rows, prompt_lengths)):
+        input_ids[i, : len(row)] = row
+        response_mask[i, start : len(row)] = True
+    sequences = PolicyBatch(
+        input_ids, response_mask, torch.cat(pixel_values) if pixel_values else None, torch.cat(grids) if grids else None
+    )
+    reward_metrics = {
+        "format": sum(r.format for r in rewards) / len(rewards),
+        "correctness": sum(r.correctness for r in rewards) / len(rewards),
+        "recall": sum(r.recall for r in rewards) / len(rewards),
+        "answer_sentences": sum(r.num_answer_sentences for r in rewards) / len(rewards),
+    }
+    return RolloutBatch(
+        sequences=sequences,
+        group_index=torch.tensor(groups),
+        rewards=torch.tensor([r.total for r in rewards], dtype=torch.float32),
+        sample_ids=row_ids,
+        truncated=torch.tensor(truncated),
+        reward_metrics=reward_metrics,
+    )
+
+
+def run_rl(
+    trainer,
+    generator: GenerationBackend,
+    reward_model: RewardModel,
+    prompts: PromptSource,
+    processor,
+    config: RLConfig,
+    run_dir: str | Path,
+    progress=None,
+) -> list[dict]:
+    """Run (or resume) a stage for ``config.steps`` steps. Returns the metrics of the steps run now.
+
+    ``processor`` (the policy's image-only Qwen2.5-VL processor) turns task prompts into token ids and
+    processed images.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    run_dir = Path(run_dir)
+    checkpoints = CheckpointManager(run_dir / "checkpoints", keep_last=config.keep_last)
+    state = checkpoints.restore(trainer)
+    start = state["step"] if state else 0
+    if state:
+        prompts.load_state_dict(state["prompts"][parallel_state.get_data_parallel_rank()])
+    is_logging_rank = dist.get_rank() == 0
+    logger = MetricsLogger(run_dir, resume_step=start, enabled=is_logging_rank)
+    pad_token_id = text_config(trainer.policy.hf_config).get("pad_token_id") or 0
+    dp_rank = parallel_state.get_data_parallel_rank()
+    history = []
+    for step in range(start + 1, config.steps + 1):
+        started = time.perf_counter()
+        batch_prompts = prompts.next_prompts(config.prompts_per_step)
+        first_index = dp_rank * config.prompts_per_step
+        requests = [
+            GenerationRequest.from_chat(
+                processor,
+                prompt.messages,
+                prompt.images,
+                config.n,
+                replace(config.sampling, seed=request_seed(config.seed, step, first_index + i)),
+            )
+            for i, prompt in enumerate(batch_prompts)
+        ]
+        responses = generator.generate(requests)
+        rollout_time = time.perf_counter() - started
+
+        started = time.perf_counter()
+        texts = [sample.text for samples in responses for sample in samples]
+        ground_truths = [p.ground_truth for p in batch_prompts for _ in range(config.n)]
+        ids = [p.sample_id for p in batch_prompts for _ in range(config.n)]
+        truncated = [sample.finish_reason == "length" for samples in responses for sample in samples]
+        rewards = reward_model.score(texts, ground_truths, ids, truncated)
+        reward_time = time.perf_counter() - started
+
+        rollout = assemble_rollout(requests, responses, rewards, [p.sample_id for p in batch_prompts], pad_token_id)
+        metrics = trainer.step(rollout)
+        metrics.update({"time/rollout": rollout_time, "time/reward": reward_time})
+        logger.log(step, metrics)
+        history.append(metrics)
+        if step % config.save_every == 0 or step == config.steps:
+            prompt_states = [None] * parallel_state.get_data_parallel_world_size()
+            dist.all_gather_object(prompt_states, prompts.state_dict(), group=parallel_state.get_data_parallel_group())
+            checkpoints.save(trainer, step, {"prompts": prompt_states})
+        if progress is not None:
+            progress(step, metrics)
+    logger.close()
+    return history
+
+
