@@ -42,6 +42,46 @@ def cmd_convert_export(args) -> None:
         print(f"exported {args.ckpt} -> {out}")
 
 
+def cmd_train(args) -> None:
+    from nemo_viper.algorithms import PolicyLossConfig
+    from nemo_viper.rewards import RewardConfig
+    from nemo_viper.rollout import SamplingParams
+    from nemo_viper.training.grpo import GRPOConfig, OptimizerSettings
+    from nemo_viper.training.loop import RLConfig
+    from nemo_viper.training.stage import StageConfig, run_stage
+
+    config = StageConfig(
+        stage=args.stage,
+        data=args.data,
+        policy=args.policy,
+        out=args.out,
+        rl=RLConfig(
+            steps=args.steps,
+            prompts_per_step=args.prompts_per_step,
+            n=args.responses_per_prompt,
+            sampling=SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens),
+            save_every=args.save_every,
+            seed=args.seed,
+        ),
+        grpo=GRPOConfig(
+            loss=PolicyLossConfig(eps_low=args.eps_low, eps_high=args.eps_high, aggregation=args.aggregation,
+                                  max_response_length=args.max_new_tokens),
+            optimizer=OptimizerSettings(lr=args.lr),
+            num_minibatches=args.num_minibatches,
+            micro_batch_size=args.micro_batch_size,
+            temperature=args.temperature,
+            dynamic_sampling=args.dynamic_sampling,
+        ),
+        reward=RewardConfig(embedding_model=args.reward_model, mode=args.reward_mode),
+        tensor_parallel=args.tp,
+        pipeline_parallel=args.pp,
+        precision=args.precision,
+    )
+    run_stage(config)
+    if _is_rank_zero():
+        print(f"RL stage {args.stage} finished: {args.out}/checkpoints/latest")
+
+
 def _is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
@@ -68,6 +108,33 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="output HF directory")
     _add_layout_args(exp)
     exp.set_defaults(func=cmd_convert_export)
+
+    train = commands.add_parser("train", help="one RL stage on synthesised shards -> checkpoints")
+    train.add_argument("--stage", type=int, choices=(1, 2), required=True, help="1: caption_refine, 2: visual_op")
+    train.add_argument("--data", required=True, help="dataset directory (shards + manifest.json)")
+    train.add_argument("--policy", required=True, help="policy checkpoint or HF Qwen2.5-VL directory to start from")
+    train.add_argument("--out", required=True, help="run directory (checkpoints/, metrics.jsonl, tensorboard/)")
+    train.add_argument("--steps", type=int, required=True, help="rollout steps (a rerun resumes from the latest checkpoint)")
+    train.add_argument("--prompts-per-step", type=int, default=128, help="prompts per step and data-parallel rank")
+    train.add_argument("--responses-per-prompt", type=int, default=5, help="GRPO group size n")
+    train.add_argument("--max-new-tokens", type=int, default=1024)
+    train.add_argument("--temperature", type=float, default=1.0)
+    train.add_argument("--top-p", type=float, default=1.0)
+    train.add_argument("--lr", type=float, default=1e-6)
+    train.add_argument("--num-minibatches", type=int, default=4, help="optimizer updates per rollout step")
+    train.add_argument("--micro-batch-size", type=int, default=4)
+    train.add_argument("--aggregation", default="token-mean",
+                       choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"))
+    train.add_argument("--eps-low", type=float, default=0.2)
+    train.add_argument("--eps-high", type=float, default=0.28)
+    train.add_argument("--dynamic-sampling", action="store_true", help="drop groups whose rewards are all equal")
+    train.add_argument("--reward-model", default=None, help="sentence-transformers dir (default: packaged MiniLM)")
+    train.add_argument("--reward-mode", default="precision", choices=("precision", "recall", "f1"))
+    train.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp8"))
+    train.add_argument("--save-every", type=int, default=50)
+    train.add_argument("--seed", type=int, default=0)
+    _add_layout_args(train)
+    train.set_defaults(func=cmd_train)
     return parser
 
 

@@ -40,3 +40,15 @@ def caption_refine_messages(initial_caption: str) -> list[dict]:
 def visual_op_messages() -> list[dict]:
     """Chat messages of the stage-2 task: the original image, the edited image, then the task."""
     return [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": VISUAL_OP_TASK}]}]
+
+
+def task_prompt(record, images: list):
+    """The RL prompt of a synthesised record (``caption_refine`` or ``visual_op``) with its decoded images."""
+    from nemo_viper.data.records import CaptionRefineRecord, ground_truth
+    from nemo_viper.training.loop import TaskPrompt
+
+    if isinstance(record, CaptionRefineRecord):
+        messages = caption_refine_messages(record.initial_caption)
+    else:
+        messages = visual_op_messages()
+    return TaskPrompt(sample_id=record.id, messages=messages, images=list(images), ground_truth=ground_truth(record))

@@ -145,8 +145,7 @@ def load_training_state(policy: MegatronPolicy, optimizer, ckpt_dir: str | Path)
     read_checkpoint_metadata(ckpt)
     if not (ckpt / "optimizer").is_dir() or not (ckpt / TRAINER_STATE_FILE).is_file():
         raise CheckpointError(f"{ckpt} is not a training checkpoint (no optimizer/ or {TRAINER_STATE_FILE})")
-    model = _bare_model(policy)
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(ckpt / "model")))
+    load_model_weights(policy, ckpt)
     optimizer_state = _optimizer_state_dict(policy, optimizer, is_loading=True)
     optimizer.load_state_dict(dist_checkpointing.load(optimizer_state, str(ckpt / "optimizer")))
     return json.loads((ckpt / TRAINER_STATE_FILE).read_text())
@@ -174,11 +173,16 @@ def load_policy(ckpt_dir: str | Path, **policy_overrides) -> MegatronPolicy:
     ckpt = Path(ckpt_dir)
     read_checkpoint_metadata(ckpt)
     policy = build_policy(PolicyConfig(hf_path=str(ckpt / "hf"), **policy_overrides), load_weights=False)
+    load_model_weights(policy, ckpt)
+    return policy
+
+
+def load_model_weights(policy: MegatronPolicy, ckpt_dir: str | Path) -> None:
+    """Load a policy checkpoint's weights into an already built policy (any layout). Collective."""
     from megatron.core import dist_checkpointing
 
     model = _bare_model(policy)
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(ckpt / "model")))
-    return policy
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(Path(ckpt_dir) / "model")))
 
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path, **policy_overrides) -> Path:

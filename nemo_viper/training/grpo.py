@@ -90,10 +90,14 @@ class GRPOConfig:
             raise ConfigError(f"temperature={self.temperature} must be > 0")
 
 
-def build_trainer(policy_config, config: GRPOConfig) -> GRPOTrainer:
-    """Build the policy for training (DDP-wrapped, per-token loss normalisation) and its trainer."""
+def build_trainer(policy_config, config: GRPOConfig, init_checkpoint=None) -> GRPOTrainer:
+    """Build the policy for training (DDP-wrapped, per-token loss normalisation) and its trainer.
+
+    Weights come from ``policy_config.hf_path``, or from the policy checkpoint ``init_checkpoint``.
+    """
     from megatron.core.distributed import DistributedDataParallelConfig
 
+    from nemo_viper.models.checkpoint import load_model_weights
     from nemo_viper.models.policy import build_policy
 
     ddp_config = DistributedDataParallelConfig(
@@ -101,7 +105,9 @@ def build_trainer(policy_config, config: GRPOConfig) -> GRPOTrainer:
         use_distributed_optimizer=config.optimizer.use_distributed_optimizer,
         overlap_grad_reduce=False,
     )
-    policy = build_policy(policy_config, wrap_with_ddp=True, ddp_config=ddp_config)
+    policy = build_policy(policy_config, load_weights=init_checkpoint is None, wrap_with_ddp=True, ddp_config=ddp_config)
+    if init_checkpoint is not None:
+        load_model_weights(policy, init_checkpoint)
     return GRPOTrainer(policy, config)
 
 

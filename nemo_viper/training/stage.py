@@ -1,0 +1,104 @@
+"""One RL stage as a job: ``nemo-viper train --stage {1,2}`` (SPEC §2, §7).
+
+Stage 1 trains on ``caption_refine`` shards, stage 2 on ``visual_op`` shards, with the same settings.
+Everything cheap is validated first (dataset manifest and task, policy path, layout); then the policy is
+built for training, the Megatron generator shares its weights, the ViPER reward scores the rollouts,
+and :func:`~nemo_viper.training.loop.run_rl` runs or resumes the stage under ``out/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nemo_viper.errors import ConfigError
+from nemo_viper.models.checkpoint import METADATA_FILE
+from nemo_viper.models.hf_checkpoint import check_parallel_layout, read_qwen25_vl_config
+from nemo_viper.rewards import RewardConfig
+from nemo_viper.training.grpo import GRPOConfig
+from nemo_viper.training.loop import RLConfig
+
+STAGE_TASKS = {1: "caption_refine", 2: "visual_op"}
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    stage: int
+    data: str
+    policy: str  # a policy checkpoint dir (nemo_viper) or a Hugging Face Qwen2.5-VL dir
+    out: str
+    rl: RLConfig
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    precision: str = "bf16"
+    generation_batch_size: int = 64
+
+    def __post_init__(self):
+        if self.stage not in STAGE_TASKS:
+            raise ConfigError(f"stage={self.stage} must be 1 or 2")
+
+
+def policy_paths(policy: str | Path) -> tuple[Path, Path | None]:
+    """``(hf_dir, megatron_checkpoint or None)`` for a policy checkpoint or an HF directory."""
+    policy = Path(policy)
+    if (policy / METADATA_FILE).is_file():
+        return policy / "hf", policy
+    return policy, None
+
+
+def run_stage(config: StageConfig) -> list[dict]:
+    """Validate, build and run (or resume) one RL stage. Returns the metrics of the steps run now."""
+    from nemo_viper.data.shards import ShardDataset
+    from nemo_viper.models.checkpoint import read_checkpoint_metadata
+
+    dataset = ShardDataset(config.data)
+    expected = STAGE_TASKS[config.stage]
+    if dataset.task != expected:
+        raise ConfigError(f"stage {config.stage} trains on {expected!r} data but {config.data} holds {dataset.task!r}")
+    hf_dir, checkpoint = policy_paths(config.policy)
+    if checkpoint is not None:
+        read_checkpoint_metadata(checkpoint)
+    check_parallel_layout(read_qwen25_vl_config(hf_dir), config.tensor_parallel, config.pipeline_parallel)
+
+    from megatron.core import parallel_state  # heavy imports only after the checks above
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from nemo_viper.data.prompt_source import ShardPromptSource
+    from nemo_viper.models.policy import PolicyConfig
+    from nemo_viper.models.processor import load_processor
+    from nemo_viper.prompts import task_prompt
+    from nemo_viper.rewards import ViperReward
+    from nemo_viper.rollout.megatron_backend import MegatronGenerationBackend, MegatronGenerationConfig
+    from nemo_viper.training.grpo import build_trainer
+    from nemo_viper.training.loop import run_rl
+
+    policy_config = PolicyConfig(
+        hf_path=str(hf_dir),
+        tensor_parallel=config.tensor_parallel,
+        pipeline_parallel=config.pipeline_parallel,
+        precision=config.precision,
+    )
+    trainer = build_trainer(policy_config, config.grpo, init_checkpoint=checkpoint)
+    generator = MegatronGenerationBackend(
+        trainer.policy, MegatronGenerationConfig(max_batch_size=config.generation_batch_size, seed=config.rl.seed)
+    )
+    prompts = ShardPromptSource(
+        dataset,
+        task_prompt,
+        seed=config.rl.seed,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_world=parallel_state.get_data_parallel_world_size(),
+    )
+    columns = (TextColumn(f"RL stage {config.stage}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("reward {task.fields[reward]:.3f}"), TimeRemainingColumn())
+    show = parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0
+    with Progress(*columns, disable=not show) as progress:
+        task = progress.add_task("steps", total=config.rl.steps, reward=0.0)
+
+        def advance(step: int, metrics: dict) -> None:
+            progress.update(task, completed=step, reward=metrics["reward/mean"])
+
+        return run_rl(trainer, generator, ViperReward(config.reward), prompts, load_processor(hf_dir), config.rl,
+                      config.out, progress=advance)

@@ -1,0 +1,63 @@
+"""``nemo-viper train``: a stage runs on synthesised shards, resumes, and its checkpoint exports to HF."""
+
+import json
+
+import pytest
+import skimage.data
+from launch import run_cli
+from PIL import Image
+
+from nemo_viper.cli import main
+from nemo_viper.data import CaptionRefineRecord, ShardWriter
+
+
+@pytest.fixture(scope="module")
+def stage1_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "stage1"
+    writer = ShardWriter(out, "stage1", samples_per_shard=2, task="caption_refine")
+    for i, name in enumerate(("astronaut", "coffee", "chelsea", "rocket")):
+        image = Image.fromarray(getattr(skimage.data, name)())
+        image.thumbnail((64, 64))
+        writer.write(CaptionRefineRecord(
+            id=f"cap-{i}", images=["img"], initial_caption=f"A photo of a {name}.",
+            refinements=[f"The {name} is in the centre of the image."], refined_caption=f"A {name} in the centre.",
+            source=f"skimage:{name}", synth_ckpt="tiny"), [image])
+    writer.finalize()
+    return out
+
+
+TRAIN = ["--prompts-per-step", "2", "--responses-per-prompt", "2", "--max-new-tokens", "8", "--micro-batch-size", "2",
+         "--num-minibatches", "2", "--precision", "fp32", "--save-every", "2"]
+
+
+@pytest.mark.slow
+def test_train_stage1_resumes_and_exports(tiny_hf_dir, stage1_data, tmp_path):
+    run = tmp_path / "run"
+    run_cli("train", "--stage", "1", "--data", str(stage1_data), "--policy", str(tiny_hf_dir), "--out", str(run),
+            "--steps", "2", *TRAIN)
+    run_cli("train", "--stage", "1", "--data", str(stage1_data), "--policy", str(tiny_hf_dir), "--out", str(run),
+            "--steps", "3", *TRAIN)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for key in ("reward/mean", "reward/format", "reward/correctness", "reward/recall", "reward/answer_sentences",
+                "train/clip_frac_low", "train/clip_frac_high", "train/ratio_max", "train/entropy", "train/grad_norm",
+                "time/rollout", "time/reward", "time/logprob", "time/update"):
+        assert key in records[-1], key
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    assert latest.name == "step_0000003"
+    state = json.loads((latest / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["prompts"][0]["position"] == 2  # 3 steps x 2 prompts over 4 samples
+
+    run_cli("convert", "export", "--ckpt", str(latest), "--out", str(tmp_path / "hf"))
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "hf")
+
+
+def test_stage_task_mismatch_is_reported_before_building(tiny_hf_dir, stage1_data, tmp_path, capsys):
+    status = main(["train", "--stage", "2", "--data", str(stage1_data), "--policy", str(tiny_hf_dir),
+                   "--out", str(tmp_path / "run"), "--steps", "1"])
+    assert status == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: stage 2 trains on 'visual_op' data but {stage1_data} holds 'caption_refine'"
+    )
