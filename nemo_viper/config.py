@@ -1,0 +1,206 @@
+"""The closed-loop configuration: one typed object, composed from YAML parts in ``conf/``.
+
+A recipe YAML (``conf/recipes/NAME.yaml``) lists the parts it is made of under ``defaults`` (e.g.
+``model: qwen25vl_7b``, ``parallel: h100_tp2``) and may override any key below them; each part is
+``conf/<group>/<part>.yaml``. Composition order, later wins: the dataclass defaults, the parts in the
+listed order, the recipe's own keys, then command-line ``key=value`` overrides (OmegaConf dot-list:
+``rl.steps=20 parallel.tensor=2``). OmegaConf's structured mode rejects unknown keys and values of the
+wrong type; :func:`validate` then checks the cross-field rules (parallel layout against the GPUs and the
+model's heads, paths that must exist) — all before any work starts, each error naming the key and value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from nemo_viper.errors import ConfigError, NemoViperError
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+@dataclass
+class ModelSection:
+    """The starting policy (round 0) and how it is run."""
+
+    hf_path: str = ""  # HF Qwen2.5-VL-Instruct dir; "tiny" = build the offline tiny model in the run dir
+    precision: str = "bf16"  # fp32 | bf16 | fp8
+    fp8_recipe: str = "blockwise"  # blockwise (Hopper) | mxfp8 (Blackwell) | tensorwise | delayed
+    freeze_vision_tower: bool = False
+    freeze_projector: bool = False
+
+
+@dataclass
+class ParallelSection:
+    """Megatron layout of the RL jobs. ``gpus_per_node=0`` means CPU (gloo ranks = ``cpu_ranks``)."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    nodes: int = 1
+    gpus_per_node: int = 8
+    cpu_ranks: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node if self.gpus_per_node else self.cpu_ranks
+
+    @property
+    def data_parallel(self) -> int:
+        return self.world_size // (self.tensor * self.pipeline)
+
+
+@dataclass
+class RLSection:
+    """GRPO-variant settings shared by both stages (SPEC §7 defaults)."""
+
+    steps: int = 200  # rollout steps per stage
+    prompts_per_step: int = 512  # global; split over data-parallel ranks
+    n: int = 5
+    max_new_tokens: int = 1024
+    temperature: float = 1.0
+    top_p: float = 1.0
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    num_minibatches: int = 4
+    micro_batch_size: int = 4
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    aggregation: str = "token-mean"
+    dynamic_sampling: bool = False
+    save_every: int = 50
+    seed: int = 0
+
+
+@dataclass
+class RewardSection:
+    """ViPER reward (SPEC §6). ``embedding_model`` empty = the packaged MiniLM (embedded default)."""
+
+    embedding_model: str = ""
+    threshold: float = 0.85
+    mode: str = "precision"
+    one_to_one: bool = False
+    format_weight: float = 0.05
+    correctness_weight: float = 0.95
+
+
+@dataclass
+class ClusterSection:
+    """Where jobs run: ``local`` or ``slurm`` (NeMo-Run ``SlurmExecutor`` with a pyxis container)."""
+
+    executor: str = "local"
+    account: str = ""
+    partition: str = ""
+    time: str = "04:00:00"
+    container_image: str = "nvcr.io/nvidia/nemo:26.08"
+    container_mounts: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=lambda: {"HF_HUB_OFFLINE": "1"})
+    job_dir: str = ""  # where NeMo-Run keeps job files; default <run_dir>/nemo_run
+    repo_dir: str = "/opt/nemo_viper"  # the project inside the container
+    synthesis_gpus_per_task: int = 1
+
+
+@dataclass
+class ViperConfig:
+    """Everything the closed loop needs (SPEC §2): K rounds of synth 1 → RL 1 → synth 2 → RL 2."""
+
+    name: str = "viper"
+    run_dir: str = "runs/viper"
+    rounds: int = 1
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    rl: RLSection = field(default_factory=RLSection)
+    reward: RewardSection = field(default_factory=RewardSection)
+    synthesis: dict[str, Any] = field(default_factory=dict)  # nemo_viper.synthesis.config.SynthConfig keys
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+
+
+def _load_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+
+
+def compose(recipe_yaml: str | Path, overrides: list[str] = (), conf_dir: Path = CONF_DIR) -> ViperConfig:
+    """Compose ``recipe_yaml`` (its ``defaults`` parts, then its own keys) and ``overrides`` into a ViperConfig."""
+    recipe = _load_yaml(Path(recipe_yaml))
+    parts = recipe.pop("defaults", [])
+    merged = OmegaConf.structured(ViperConfig)
+    try:
+        for part in parts:
+            ((group, name),) = part.items()
+            merged = OmegaConf.merge(merged, {group: _load_yaml(conf_dir / group / f"{name}.yaml")})
+        merged = OmegaConf.merge(merged, recipe, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{recipe_yaml}: {_one_line(exc)}") from exc
+    return OmegaConf.to_object(merged)
+
+
+def _one_line(exc: OmegaConfBaseException) -> str:
+    """OmegaConf's messages span lines (key, type, value); keep the key and the problem on one."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return "; ".join(lines[:3])
+
+
+CHOICES = {
+    "model.precision": ("fp32", "bf16", "fp8"),
+    "model.fp8_recipe": ("blockwise", "mxfp8", "tensorwise", "delayed"),
+    "rl.aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
+    "reward.mode": ("precision", "recall", "f1"),
+    "cluster.executor": ("local", "slurm"),
+}
+
+
+def validate(config: ViperConfig, check_paths: bool = True) -> None:
+    """Cross-field checks, before any work starts. Raises :class:`ConfigError` naming key and value."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {allowed}")
+    parallel = config.parallel
+    for key in ("tensor", "pipeline", "nodes"):
+        if getattr(parallel, key) < 1:
+            raise ConfigError(f"parallel.{key}={getattr(parallel, key)} must be >= 1")
+    if parallel.world_size % (parallel.tensor * parallel.pipeline):
+        raise ConfigError(
+            f"parallel.tensor x parallel.pipeline = {parallel.tensor} x {parallel.pipeline} does not divide the "
+            f"{parallel.world_size} ranks (parallel.nodes={parallel.nodes}, parallel.gpus_per_node={parallel.gpus_per_node})"
+        )
+    if config.rl.prompts_per_step % parallel.data_parallel:
+        raise ConfigError(
+            f"rl.prompts_per_step={config.rl.prompts_per_step} is not divisible by the data-parallel size "
+            f"{parallel.data_parallel}"
+        )
+    if config.model.precision == "fp8" and parallel.gpus_per_node == 0:
+        raise ConfigError("model.precision='fp8' needs GPUs (parallel.gpus_per_node > 0)")
+    if config.rounds < 1:
+        raise ConfigError(f"rounds={config.rounds} must be >= 1")
+    if config.cluster.executor == "slurm" and not config.cluster.account:
+        raise ConfigError("cluster.account is required with cluster.executor='slurm'")
+    if not check_paths:
+        return
+    from nemo_viper.models.hf_checkpoint import check_parallel_layout, read_qwen25_vl_config
+
+    if config.model.hf_path == "tiny":
+        from nemo_viper.models.tiny import TinyModelConfig
+
+        tiny = TinyModelConfig()
+        hf_config = {"num_attention_heads": tiny.num_attention_heads, "num_key_value_heads": tiny.num_key_value_heads,
+                     "num_hidden_layers": tiny.num_layers}
+    else:
+        try:
+            hf_config = read_qwen25_vl_config(config.model.hf_path)
+        except NemoViperError as exc:
+            raise ConfigError(f"model.hf_path: {exc}") from exc
+    try:
+        check_parallel_layout(hf_config, parallel.tensor, parallel.pipeline)
+    except ConfigError as exc:
+        raise ConfigError(f"parallel.tensor/parallel.pipeline: {exc}") from exc
+    images = config.synthesis.get("images", "skimage")
+    if images != "skimage" and not Path(images).exists():
+        raise ConfigError(f"synthesis.images={images!r} does not exist")
