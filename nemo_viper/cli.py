@@ -82,6 +82,71 @@ def cmd_train(args) -> None:
         print(f"RL stage {args.stage} finished: {args.out}/checkpoints/latest")
 
 
+def cmd_tiny_diffusion(args) -> None:
+    from nemo_viper.synthesis.tiny_diffusion import write_tiny_pipelines
+
+    for path in write_tiny_pipelines(args.out):
+        print(f"tiny diffusers pipeline written to {path}")
+
+
+def cmd_synth(args) -> None:
+    from nemo_viper.synthesis.config import load_config
+    from nemo_viper.synthesis.run import run_synthesis
+
+    config = load_config(
+        args.config, args.overrides, stage=args.stage, out=args.out, images=args.images, stage1=args.stage1,
+        shard_index=args.shard_index, num_shards=args.num_shards, **{"vlm.policy": args.policy},
+    )
+    manifest = run_synthesis(config)
+    if _is_rank_zero():
+        if manifest is None:
+            print(f"synthesis stage {args.stage}: this task's chunks are done; {args.out}/manifest.json is written "
+                  "when every shard task has finished")
+        else:
+            print(f"synthesis stage {args.stage}: {manifest['total_samples']} samples of {manifest['inputs']} inputs "
+                  f"in {len(manifest['shards'])} shards -> {args.out}")
+
+
+def _recipe_config(args):
+    from nemo_viper.config import validate
+    from recipes import recipe
+
+    overrides = list(args.overrides)
+    if getattr(args, "executor", None):
+        overrides.append(f"cluster.executor={args.executor}")
+    config = recipe(args.recipe, *overrides)
+    validate(config, check_paths=not getattr(args, "dry_run", False))
+    return config
+
+
+def cmd_run(args) -> None:
+    from rich.console import Console
+
+    from nemo_viper.orchestration import run_local
+    from nemo_viper.report import write_report
+
+    config = _recipe_config(args)
+    console = Console()
+
+    def show(phase, status):
+        mark = {"start": "[bold]…[/bold]", "done": "[green]done[/green]", "skip": "[dim]already done[/dim]"}[status]
+        console.print(f"{phase.name:<16} {mark}")
+
+    with console.status(f"closed loop {config.name}: {config.rounds} round(s) in {config.run_dir}"):
+        run_local(config, on_phase=show)
+    report = write_report(config.run_dir, config.rounds)
+    console.print(f"run report: {report}")
+
+
+def cmd_launch(args) -> None:
+    from launcher.nemo_run_jobs import launch
+
+    config = _recipe_config(args)
+    scripts = launch(config, dry_run=args.dry_run)
+    for name, text in (scripts or {}).items():
+        print(f"######## {name}\n{text}")
+
+
 def _is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
@@ -135,6 +200,34 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     _add_layout_args(train)
     train.set_defaults(func=cmd_train)
+
+    synth = commands.add_parser("synth", help="one synthesis stage (or one shard task of it) -> shards + manifest")
+    synth.add_argument("--stage", type=int, choices=(1, 2), required=True, help="1: caption_refine, 2: visual_op")
+    synth.add_argument("--policy", required=True, help="policy checkpoint or HF Qwen2.5-VL directory that synthesises")
+    synth.add_argument("--out", required=True, help="dataset directory (a rerun resumes it)")
+    synth.add_argument("--images", help="stage 1: image dir, .txt/.jsonl list, .tar shards or glob, or 'skimage' "
+                                        "(default)")
+    synth.add_argument("--stage1", help="stage 2: the stage-1 dataset directory")
+    synth.add_argument("--shard-index", type=int, help="this shard task's index (default 0)")
+    synth.add_argument("--num-shards", type=int, help="number of shard tasks the job is split into (default 1)")
+    synth.add_argument("--config", help="YAML file with synthesis settings (see docs/synthesis.md)")
+    synth.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="config overrides, e.g. vlm.precision=fp32 redraw.call_kwargs.num_inference_steps=28")
+    synth.set_defaults(func=cmd_synth)
+
+    tiny_diffusion = commands.add_parser("tiny-diffusion", help="write the offline tiny random diffusers pipelines")
+    tiny_diffusion.add_argument("--out", required=True, help="output directory (one sub-directory per pipeline)")
+    tiny_diffusion.set_defaults(func=cmd_tiny_diffusion)
+
+    for name, help_text in (("run", "the closed loop, locally (resumes an interrupted run)"),
+                            ("launch", "the closed loop as NeMo-Run jobs (local or Slurm)")):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--recipe", required=True, help="tiny | qwen25vl_3b | qwen25vl_7b")
+        sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. rl.steps=20")
+        if name == "launch":
+            sub.add_argument("--executor", choices=("local", "slurm"), help="overrides cluster.executor")
+            sub.add_argument("--dry-run", action="store_true", help="print the sbatch scripts, submit nothing")
+        sub.set_defaults(func=cmd_run if name == "run" else cmd_launch)
     return parser
 
 

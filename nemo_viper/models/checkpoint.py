@@ -151,6 +151,15 @@ def load_training_state(policy: MegatronPolicy, optimizer, ckpt_dir: str | Path)
     return json.loads((ckpt / TRAINER_STATE_FILE).read_text())
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A policy checkpoint dir as given, or the latest checkpoint of an RL run dir (``checkpoints/latest``)."""
+    path = Path(path)
+    pointer = path / "checkpoints" / "latest"
+    if not (path / METADATA_FILE).is_file() and pointer.is_file():
+        return path / "checkpoints" / pointer.read_text().strip()
+    return path
+
+
 def read_checkpoint_metadata(ckpt_dir: str | Path) -> dict:
     """Metadata of a policy checkpoint, or a one-line error naming what is missing."""
     ckpt = Path(ckpt_dir)
@@ -169,8 +178,10 @@ def read_checkpoint_metadata(ckpt_dir: str | Path) -> dict:
 
 
 def load_policy(ckpt_dir: str | Path, **policy_overrides) -> MegatronPolicy:
-    """Build the policy at the layout given by ``policy_overrides`` and load the checkpoint's weights."""
-    ckpt = Path(ckpt_dir)
+    """Build the policy at the layout given by ``policy_overrides`` and load the checkpoint's weights.
+
+    ``ckpt_dir`` is a policy checkpoint, or an RL run dir (its latest checkpoint is used)."""
+    ckpt = resolve_checkpoint(ckpt_dir)
     read_checkpoint_metadata(ckpt)
     policy = build_policy(PolicyConfig(hf_path=str(ckpt / "hf"), **policy_overrides), load_weights=False)
     load_model_weights(policy, ckpt)

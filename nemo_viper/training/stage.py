@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nemo_viper.errors import ConfigError
-from nemo_viper.models.checkpoint import METADATA_FILE
+from nemo_viper.models.checkpoint import METADATA_FILE, resolve_checkpoint
 from nemo_viper.models.hf_checkpoint import check_parallel_layout, read_qwen25_vl_config
 from nemo_viper.rewards import RewardConfig
 from nemo_viper.training.grpo import GRPOConfig
@@ -41,8 +41,9 @@ class StageConfig:
 
 
 def policy_paths(policy: str | Path) -> tuple[Path, Path | None]:
-    """``(hf_dir, megatron_checkpoint or None)`` for a policy checkpoint or an HF directory."""
-    policy = Path(policy)
+    """``(hf_dir, megatron_checkpoint or None)`` for a policy checkpoint, an RL run dir (its latest
+    checkpoint) or an HF directory."""
+    policy = resolve_checkpoint(policy)
     if (policy / METADATA_FILE).is_file():
         return policy / "hf", policy
     return policy, None

@@ -1,0 +1,1 @@
+"""NeMo-Run launchers for the closed loop (local and Slurm with the NGC NeMo container)."""

@@ -1,0 +1,200 @@
+"""The closed loop as phases (SPEC §2) and its local, resumable runner.
+
+:func:`plan` turns a :class:`~nemo_viper.config.ViperConfig` into phases, each a separate job that reads
+and writes files under ``run_dir``::
+
+    prepare (tiny only)  ->  round r:  synth1 (N shard tasks) -> rl1 -> synth2 (N shard tasks) -> rl2
+                                       -> export (last round): HF checkpoint of the final policy
+
+Round r synthesises stage-1 data with the checkpoint of round r-1 (the base model for r = 1), trains
+stage 1 from it, synthesises stage-2 data with the stage-1 checkpoint, and trains stage 2 from that.
+The same plan feeds the NeMo-Run launcher (``launcher/``). :func:`run_local` executes it phase by phase
+as subprocesses (``torchrun`` for the RL phases) and records each finished phase in
+``run_dir/state.json`` (written atomically); a rerun skips recorded phases and continues with the first
+unfinished one, whose own resume logic (synthesis chunks, RL checkpoints) picks up partial work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from nemo_viper.config import ViperConfig
+from nemo_viper.errors import NemoViperError
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One job: ``nemo-viper <args>`` on ``nodes`` x ``ranks_per_node`` processes (torchrun if ``distributed``).
+
+    ``tasks`` independent copies run with ``--shard-index i --num-shards tasks`` appended (synthesis).
+    """
+
+    name: str
+    args: tuple[str, ...]
+    depends_on: tuple[str, ...] = ()
+    distributed: bool = False
+    nodes: int = 1
+    ranks_per_node: int = 1
+    gpus_per_node: int = 0
+    tasks: int = 1
+
+    def task_args(self, index: int) -> tuple[str, ...]:
+        if self.tasks == 1:
+            return self.args
+        return (*self.args, "--shard-index", str(index), "--num-shards", str(self.tasks))
+
+
+@dataclass
+class RunPaths:
+    root: Path
+    synthesis_config: Path = field(init=False)
+    state: Path = field(init=False)
+
+    def __post_init__(self):
+        self.root = Path(self.root)
+        self.synthesis_config = self.root / "config" / "synthesis.yaml"
+        self.state = self.root / "state.json"
+
+    def round_dir(self, r: int) -> Path:
+        return self.root / f"round{r}"
+
+    @property
+    def base_model(self) -> Path:
+        return self.root / "base_model"
+
+    @property
+    def final_hf(self) -> Path:
+        return self.root / "final_hf"
+
+
+def _rl_args(config: ViperConfig) -> tuple[str, ...]:
+    rl = config.rl
+    reward = config.reward
+    args = [
+        "--steps", rl.steps, "--prompts-per-step", rl.prompts_per_step // config.parallel.data_parallel,
+        "--responses-per-prompt", rl.n, "--max-new-tokens", rl.max_new_tokens, "--temperature", rl.temperature,
+        "--top-p", rl.top_p, "--lr", rl.lr, "--num-minibatches", rl.num_minibatches,
+        "--micro-batch-size", rl.micro_batch_size, "--aggregation", rl.aggregation, "--eps-low", rl.eps_low,
+        "--eps-high", rl.eps_high, "--reward-mode", reward.mode, "--precision", config.model.precision,
+        "--save-every", rl.save_every, "--seed", rl.seed, "--tp", config.parallel.tensor,
+        "--pp", config.parallel.pipeline,
+    ]
+    if reward.embedding_model:
+        args += ["--reward-model", reward.embedding_model]
+    if rl.dynamic_sampling:
+        args.append("--dynamic-sampling")
+    return tuple(str(a) for a in args)
+
+
+def plan(config: ViperConfig) -> list[Phase]:
+    """The phases of ``config.rounds`` rounds, in an order that respects their dependencies."""
+    paths = RunPaths(config.run_dir)
+    parallel = config.parallel
+    synth_tasks = int(config.synthesis.get("num_shards", 1))
+    gpus = parallel.gpus_per_node
+    rl_ranks = gpus if gpus else parallel.cpu_ranks
+    synth_common = ("--config", str(paths.synthesis_config))
+    synth_gpus = config.cluster.synthesis_gpus_per_task if gpus else 0
+    phases: list[Phase] = []
+    if config.model.hf_path == "tiny":
+        phases.append(Phase("prepare", ("tiny-model", "--out", str(paths.base_model))))
+        policy = str(paths.base_model)
+    else:
+        policy = config.model.hf_path
+    previous = phases[-1].name if phases else None
+    for r in range(1, config.rounds + 1):
+        rd = paths.round_dir(r)
+        deps = (previous,) if previous else ()
+        synth1 = Phase(f"round{r}.synth1", ("synth", "--stage", "1", "--policy", policy, "--images",
+                                            str(config.synthesis.get("images", "skimage")), "--out",
+                                            str(rd / "synth1"), *synth_common),
+                       depends_on=deps, tasks=synth_tasks, gpus_per_node=synth_gpus)
+        rl1 = Phase(f"round{r}.rl1", ("train", "--stage", "1", "--data", str(rd / "synth1"), "--policy", policy,
+                                      "--out", str(rd / "rl1"), *_rl_args(config)),
+                    depends_on=(synth1.name,), distributed=True, nodes=parallel.nodes, ranks_per_node=rl_ranks,
+                    gpus_per_node=gpus)
+        synth2 = Phase(f"round{r}.synth2", ("synth", "--stage", "2", "--policy", str(rd / "rl1"), "--stage1",
+                                            str(rd / "synth1"), "--out", str(rd / "synth2"), *synth_common),
+                       depends_on=(rl1.name,), tasks=synth_tasks, gpus_per_node=synth_gpus)
+        rl2 = Phase(f"round{r}.rl2", ("train", "--stage", "2", "--data", str(rd / "synth2"), "--policy",
+                                      str(rd / "rl1"), "--out", str(rd / "rl2"), *_rl_args(config)),
+                    depends_on=(synth2.name,), distributed=True, nodes=parallel.nodes, ranks_per_node=rl_ranks,
+                    gpus_per_node=gpus)
+        phases += [synth1, rl1, synth2, rl2]
+        policy, previous = str(rd / "rl2"), rl2.name
+    phases.append(Phase("export", ("convert", "export", "--ckpt", policy, "--out", str(paths.final_hf)),
+                        depends_on=(previous,)))
+    return phases
+
+
+def write_run_files(config: ViperConfig) -> RunPaths:
+    """The run's resolved config (``config/viper.yaml``) and the synthesis part the synth jobs read."""
+    paths = RunPaths(config.run_dir)
+    paths.synthesis_config.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(paths.root / "config" / "viper.yaml", OmegaConf.to_yaml(config))
+    synthesis = {k: v for k, v in config.synthesis.items() if k not in ("num_shards", "images")}
+    vlm = dict(synthesis.get("vlm") or {})
+    vlm.setdefault("precision", config.model.precision)  # synthesis runs the policy like RL does
+    synthesis["vlm"] = vlm
+    _atomic_write(paths.synthesis_config, OmegaConf.to_yaml(OmegaConf.create(synthesis)))
+    return paths
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def finished_phases(paths: RunPaths) -> list[str]:
+    return json.loads(paths.state.read_text())["finished"] if paths.state.is_file() else []
+
+
+def _mark_finished(paths: RunPaths, name: str) -> None:
+    done = finished_phases(paths) + [name]
+    _atomic_write(paths.state, json.dumps({"finished": done}, indent=2) + "\n")
+
+
+def phase_command(phase: Phase, index: int = 0) -> list[str]:
+    """The local command of one task of ``phase`` (torchrun for distributed phases)."""
+    if phase.distributed:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={phase.ranks_per_node}", "-m", "nemo_viper.cli", *phase.task_args(index)]
+    return [sys.executable, "-m", "nemo_viper.cli", *phase.task_args(index)]
+
+
+def run_local(config: ViperConfig, on_phase=None, log_dir: Path | None = None) -> list[str]:
+    """Run the plan here, skipping phases recorded as finished. Returns the phases run now.
+
+    Each task's output goes to ``run_dir/logs/<phase>[.<i>].log``. ``on_phase(phase, status)`` reports
+    ``"start"`` / ``"done"`` / ``"skip"``.
+    """
+    paths = write_run_files(config)
+    log_dir = Path(log_dir or paths.root / "logs")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    ran = []
+    for phase in plan(config):
+        if phase.name in finished_phases(paths):
+            if on_phase:
+                on_phase(phase, "skip")
+            continue
+        if on_phase:
+            on_phase(phase, "start")
+        for index in range(phase.tasks):
+            log = log_dir / (f"{phase.name}.{index}.log" if phase.tasks > 1 else f"{phase.name}.log")
+            with log.open("w") as out:
+                result = subprocess.run(phase_command(phase, index), stdout=out, stderr=subprocess.STDOUT)
+            if result.returncode != 0:
+                raise NemoViperError(f"phase {phase.name} failed (exit {result.returncode}); see {log}")
+        _mark_finished(paths, phase.name)
+        ran.append(phase.name)
+        if on_phase:
+            on_phase(phase, "done")
+    return ran

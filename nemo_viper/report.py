@@ -1,0 +1,107 @@
+"""The run report: ``run_dir/report/report.md`` with PNG plots, from the files the phases wrote.
+
+Per round: reward and its breakdown (format, correctness, recall) per step for both RL stages, response
+length, clip fractions; the synthesis manifests' counts (inputs, samples written, skipped and filtered
+by reason) and time per sub-step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+REWARD_KEYS = ("reward/mean", "reward/format", "reward/correctness", "reward/recall")
+PANELS = {
+    "reward": REWARD_KEYS,
+    "response_length": ("response_length/mean",),
+    "clip_fractions": ("train/clip_frac_low", "train/clip_frac_high"),
+}
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _manifest(dataset: Path) -> dict | None:
+    path = dataset / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _plot(stages: dict[str, list[dict]], keys: tuple[str, ...], title: str, out: Path) -> None:
+    figure, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.2), squeeze=False)
+    for axis, (stage, records) in zip(axes[0], stages.items()):
+        steps = [r["step"] for r in records]
+        for key in keys:
+            axis.plot(steps, [r.get(key, float("nan")) for r in records], marker="o", markersize=3, label=key)
+        axis.set_title(f"{stage}: {title}")
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+
+
+def _plot_synthesis(manifests: dict[str, dict], out: Path) -> None:
+    figure, axis = plt.subplots(figsize=(8, 3.2))
+    labels, values = [], []
+    for name, manifest in manifests.items():
+        labels.append(f"{name}: written")
+        values.append(manifest.get("total_samples", 0))
+        for kind in ("skipped", "filtered"):
+            for reason, count in sorted((manifest.get(kind) or {}).items()):
+                labels.append(f"{name}: {kind} {reason}")
+                values.append(count)
+    axis.barh(labels, values)
+    axis.set_xlabel("samples")
+    axis.set_title("synthesis counts")
+    figure.tight_layout()
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+
+
+def _last(records: list[dict], key: str) -> str:
+    return f"{records[-1][key]:.3f}" if records and key in records[-1] else "n/a"
+
+
+def write_report(run_dir: str | Path, rounds: int) -> Path:
+    """Write the report for ``rounds`` rounds of the run in ``run_dir``; returns ``report.md``'s path."""
+    run_dir = Path(run_dir)
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# ViPER run report: {run_dir.name}", ""]
+    for r in range(1, rounds + 1):
+        round_dir = run_dir / f"round{r}"
+        stages = {name: _metrics(round_dir / name) for name in ("rl1", "rl2")}
+        stages = {name: records for name, records in stages.items() if records}
+        manifests = {name: _manifest(round_dir / name) for name in ("synth1", "synth2")}
+        manifests = {name: m for name, m in manifests.items() if m}
+        lines += [f"## Round {r}", ""]
+        if manifests:
+            _plot_synthesis(manifests, out / f"round{r}_synthesis.png")
+            lines += ["| dataset | inputs | samples | skipped | filtered | time per sub-step (s) |", "|---|---|---|---|---|---|"]
+            for name, m in manifests.items():
+                timings = ", ".join(f"{k} {v:.1f}" for k, v in (m.get("timings_s") or {}).items())
+                lines.append(f"| {name} | {m.get('inputs', 'n/a')} | {m.get('total_samples', 0)} | "
+                             f"{json.dumps(m.get('skipped') or {})} | {json.dumps(m.get('filtered') or {})} | {timings} |")
+            lines += ["", f"![synthesis](round{r}_synthesis.png)", ""]
+        if stages:
+            lines += ["| stage | steps | reward (last) | format | correctness | recall | response length |",
+                      "|---|---|---|---|---|---|---|"]
+            for name, records in stages.items():
+                lines.append(f"| {name} | {len(records)} | {_last(records, 'reward/mean')} | "
+                             f"{_last(records, 'reward/format')} | {_last(records, 'reward/correctness')} | "
+                             f"{_last(records, 'reward/recall')} | {_last(records, 'response_length/mean')} |")
+            lines.append("")
+            for panel, keys in PANELS.items():
+                _plot(stages, keys, panel.replace("_", " "), out / f"round{r}_{panel}.png")
+                lines += [f"![{panel}](round{r}_{panel}.png)", ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
