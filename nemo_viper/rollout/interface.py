@@ -1,0 +1,145 @@
+"""What a generation backend takes and returns; every backend (Megatron, and GPU engines later) implements it.
+
+A :class:`GenerationRequest` is one prompt (token ids with its images already processed) plus ``n`` and
+its :class:`SamplingParams`; :meth:`GenerationBackend.generate` returns, per request and in request
+order, ``n`` :class:`GenerationResponse` objects (sample order).
+
+Log-probabilities. ``GenerationResponse.logprobs[i]`` is ``log softmax(logits / T)[token_ids[i]]`` with
+``T = SamplingParams.temperature``, taken on the full vocabulary BEFORE any truncation (top-k, top-p) or
+token suppression: the distribution the trainer recomputes with
+:func:`nemo_viper.models.logprobs.compute_logprobs` at the same temperature (GRPO's ``log pi_old``).
+Truncation and suppression only decide which token is drawn. Greedy samples report the same quantity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor
+
+from nemo_viper.errors import ConfigError, NemoViperError
+
+FinishReason = Literal["eos", "stop", "length"]
+
+
+class PromptTooLongError(NemoViperError, ValueError):
+    """A prompt does not fit into the model's context; the message names the request and both lengths."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the samples of one request are drawn.
+
+    - ``temperature`` > 0 scales the logits; ``greedy=True`` takes the argmax instead of sampling (the
+      reported log-probs still use ``temperature``).
+    - ``top_k`` = 0 and ``top_p`` = 1.0 switch truncation off. Order as in transformers: suppression,
+      temperature, top-k, then top-p on the renormalised remainder.
+    - Generation ends at an EOS token (finish reason ``eos``; the token is kept), at a stop string
+      (``stop``), or after ``max_new_tokens`` tokens or at the end of the context (``length``).
+    - Stop strings are matched on the decoded text. The response's tokens end with the token that
+      completed the stop string; its text ends before the stop string, or right after it with
+      ``include_stop_string=True`` (characters of that last token beyond the stop string are dropped).
+    - ``seed``: sample ``j`` of the request draws from a random stream keyed by ``(seed, j)`` only, so
+      it does not depend on batch composition or the tensor-parallel layout. Requests that share a
+      seed share their streams (their samples are correlated): give independent prompts distinct
+      seeds, or ``None``, for which the backend draws one (reproducible for the same sequence of calls).
+    - ``suppress_vision_tokens``: never sample ``<|vision_start|>``, ``<|image_pad|>`` and the other vision
+      special tokens (a randomly initialised model would otherwise emit them).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+    max_new_tokens: int = 256
+    stop_strings: tuple[str, ...] = ()
+    include_stop_string: bool = False
+    seed: int | None = None
+    suppress_vision_tokens: bool = True
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature={self.temperature} must be > 0 (use greedy=True for argmax decoding)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k={self.top_k} must be >= 0 (0 = off)")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if isinstance(self.stop_strings, str) or any(not s for s in self.stop_strings):
+            raise ConfigError(f"stop_strings={self.stop_strings!r} must be a tuple of non-empty strings")
+        if self.seed is not None and self.seed < 0:
+            raise ConfigError(f"seed={self.seed} must be >= 0")
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt and how many samples to draw from it.
+
+    ``prompt_ids`` are the prompt's token ids (1-D; a list is converted), image placeholders already
+    expanded to one ``<|image_pad|>`` per merged patch, as the Qwen2.5-VL processor writes them.
+    ``pixel_values`` / ``image_grid_thw`` are the processor's outputs for this prompt's images, in order
+    (both ``None`` for a text-only prompt). :meth:`from_chat` makes one from chat messages and images.
+    """
+
+    prompt_ids: Tensor
+    pixel_values: Tensor | None = None
+    image_grid_thw: Tensor | None = None
+    n: int = 1
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+    def __post_init__(self):
+        self.prompt_ids = torch.as_tensor(self.prompt_ids, dtype=torch.long)
+        if self.prompt_ids.dim() != 1 or self.prompt_ids.numel() == 0:
+            raise ConfigError(f"prompt_ids must be a non-empty 1-D sequence, got shape {tuple(self.prompt_ids.shape)}")
+        if self.n < 1:
+            raise ConfigError(f"n={self.n} must be >= 1")
+        if (self.pixel_values is None) != (self.image_grid_thw is None):
+            raise ConfigError("pixel_values and image_grid_thw must be given together")
+        if self.image_grid_thw is not None:
+            patches = int(self.image_grid_thw.prod(dim=-1).sum())
+            if patches != self.pixel_values.shape[0]:
+                raise ConfigError(
+                    f"image_grid_thw describes {patches} patches but pixel_values has {self.pixel_values.shape[0]} rows"
+                )
+
+    @classmethod
+    def from_chat(
+        cls, processor, messages: list[dict], images: Sequence = (), n: int = 1, sampling: SamplingParams | None = None
+    ) -> GenerationRequest:
+        """A request for the assistant's reply to ``messages`` (chat-template format, one ``{"type": "image"}``
+        part per image) with ``images`` (PIL images, in order), through the model's ``processor``.
+
+        The Qwen2.5-VL image processor resizes each image into its ``[min_pixels, max_pixels]`` budget
+        (aspect ratio kept, sides multiples of 28) and expands each image placeholder into one
+        ``<|image_pad|>`` per merged patch.
+        """
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(text=[text], images=list(images) or None, return_tensors="pt")
+        return cls(
+            prompt_ids=inputs["input_ids"][0],
+            pixel_values=inputs.get("pixel_values"),
+            image_grid_thw=inputs.get("image_grid_thw"),
+            n=n,
+            sampling=sampling or SamplingParams(),
+        )
+
+
+@dataclass
+class GenerationResponse:
+    """One sample: generated token ids (EOS included when generated), decoded text (special tokens
+    skipped, cut at a stop string), the sampling-time log-prob of each token, and why it ended."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: FinishReason
+
+
+class GenerationBackend(Protocol):
+    """Anything that turns requests into samples: ``generate(requests)[i][j]`` is sample ``j`` of request ``i``."""
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[GenerationResponse]]: ...

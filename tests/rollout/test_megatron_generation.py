@@ -1,0 +1,145 @@
+"""The Megatron generation backend against transformers' ``generate`` and the policy's log-prob API.
+
+One worker process group per layout (TP=1 with the single-layout checks, TP=2 on two gloo ranks) runs
+every check and saves the results; the transformers reference runs in this process.
+"""
+
+import pytest
+import torch
+from launch import run_worker
+from PIL import Image
+from skimage import data
+
+from nemo_viper.models.processor import load_processor
+from nemo_viper.models.tiny import VISION_SPECIAL_TOKENS
+from nemo_viper.rollout import GenerationRequest
+
+pytestmark = pytest.mark.slow
+GREEDY_TOKENS = 24
+LOGPROB_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_hf_dir, tmp_path_factory):
+    """A one-image, a two-image and a text-only prompt, and transformers' greedy continuations (one batch)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    processor = load_processor(tiny_hf_dir)
+    images = [Image.fromarray(data.astronaut()), Image.fromarray(data.coffee()), Image.fromarray(data.chelsea())]
+    chats = [
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image in detail."}]}],
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "What changed?"}],
+            }
+        ],
+        [{"role": "user", "content": "Remove the red car on the left."}],
+    ]
+    requests = [
+        GenerationRequest.from_chat(processor, chats[0], images[:1]),
+        GenerationRequest.from_chat(processor, chats[1], images[1:]),
+        GenerationRequest.from_chat(processor, chats[2]),
+    ]
+
+    processor.tokenizer.padding_side = "left"
+    texts = [processor.apply_chat_template(chat, add_generation_prompt=True) for chat in chats]
+    batch = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_hf_dir, dtype=torch.float32).eval()
+    suppress = processor.tokenizer.convert_tokens_to_ids(list(VISION_SPECIAL_TOKENS))
+    output = model.generate(**batch, do_sample=False, max_new_tokens=GREEDY_TOKENS, suppress_tokens=suppress)
+    eos = set(model.generation_config.eos_token_id)
+    expected = []
+    for row in output[:, batch["input_ids"].shape[1] :].tolist():
+        end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
+        expected.append(row[:end])
+
+    path = tmp_path_factory.mktemp("rollout") / "requests.pt"
+    torch.save({"requests": requests}, path)
+    return {"path": path, "hf_greedy": expected}
+
+
+def run_layout(hf_dir, inputs, out, tp, *extra):
+    run_worker(
+        "rollout_generation.py",
+        "--hf",
+        str(hf_dir),
+        "--inputs",
+        str(inputs["path"]),
+        "--out",
+        str(out),
+        "--tp",
+        str(tp),
+        *extra,
+        nproc=tp,
+    )
+    return [torch.load(f"{out}.rank{rank}", weights_only=False) for rank in range(tp)]
+
+
+@pytest.fixture(scope="module")
+def tp1(tiny_hf_dir, inputs, tmp_path_factory):
+    return run_layout(tiny_hf_dir, inputs, tmp_path_factory.mktemp("tp1") / "result.pt", 1, "--full")[0]
+
+
+@pytest.fixture(scope="module")
+def tp2_ranks(tiny_hf_dir, inputs, tmp_path_factory):
+    return run_layout(tiny_hf_dir, inputs, tmp_path_factory.mktemp("tp2") / "result.pt", 2)
+
+
+@pytest.fixture(params=["tp1", "tp2"])
+def layout(request):
+    return request.getfixturevalue(request.param) if request.param == "tp1" else request.getfixturevalue("tp2_ranks")[0]
+
+
+def test_greedy_matches_transformers_generate(layout, inputs):
+    assert [samples[0] for samples in layout["greedy"]] == inputs["hf_greedy"]
+    assert layout["greedy_no_cache"] == layout["greedy"]
+
+
+def test_sampling_logprobs_equal_compute_logprobs(layout):
+    assert layout["logprob_error_t1"] <= LOGPROB_TOLERANCE
+    assert layout["logprob_error_t07"] <= LOGPROB_TOLERANCE
+
+
+def test_seeds_make_samples_reproducible(layout):
+    sampled = layout["sampled"]
+    assert [len(samples) for samples in sampled] == [3, 3, 2]
+    assert all(len(set(map(tuple, samples))) == len(samples) for samples in sampled)  # n samples differ
+    assert layout["sampled_again"] == sampled
+    assert layout["sampled_alone"] == sampled[:1]  # batch composition does not matter
+    assert layout["sampled_small_batches"] == sampled  # nor does splitting into batches
+    assert all(a != b for a, b in zip(layout["sampled_other_seeds"][0], sampled[0]))
+
+
+def test_samples_leaving_the_batch_early_do_not_disturb_the_others(layout):
+    mixed = layout["mixed_budgets"]
+    assert [[len(sample) for sample in samples] for samples in mixed] == [[5, 5], [12, 12]]
+    assert mixed == layout["mixed_budgets_separately"] == layout["mixed_budgets_no_cache"]
+
+
+def test_tensor_parallel_ranks_agree_with_each_other_and_with_tp1(tp1, tp2_ranks):
+    assert tp2_ranks[0] == tp2_ranks[1]
+    assert tp2_ranks[0]["sampled"] == tp1["sampled"]
+
+
+def test_eos_and_stop_strings_end_samples(tp1):
+    reference = tp1["greedy"][0][0]
+    eos = tp1["eos"]["response"]
+    assert eos.finish_reason == "eos"
+    assert eos.token_ids == reference[: reference.index(tp1["eos"]["token"]) + 1]
+    assert len(eos.logprobs) == len(eos.token_ids)
+
+    stop, text = tp1["stop_string"], tp1["greedy_text"]
+    excluded, included = tp1["stop_include_False"], tp1["stop_include_True"]
+    assert excluded.finish_reason == included.finish_reason == "stop"
+    assert excluded.text == text[: text.index(stop)]
+    assert included.text == text[: text.index(stop) + len(stop)]
+    assert excluded.token_ids == included.token_ids == reference[: len(excluded.token_ids)]
+    assert 2 < len(excluded.token_ids) < len(reference)
+
+
+def test_context_limits(tp1):
+    limited = tp1["context_limited"]
+    assert limited.finish_reason == "length" and len(limited.token_ids) == 4
+    assert limited.token_ids == tp1["greedy"][0][0][:4]
+    assert "the context holds" in tp1["too_long_error"] and "request 0" in tp1["too_long_error"]

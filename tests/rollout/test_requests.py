@@ -1,0 +1,87 @@
+"""Requests, prompts, batching plans, masks and stop strings: the parts that need no Megatron process."""
+
+import pytest
+import torch
+from PIL import Image
+
+from nemo_viper.errors import ConfigError
+from nemo_viper.models.processor import load_processor
+from nemo_viper.rollout import GenerationRequest, SamplingParams
+from nemo_viper.rollout.megatron_backend import plan_batches
+from nemo_viper.rollout.megatron_model import attention_mask, left_pad
+from nemo_viper.rollout.stopping import cut_at_stop_string, find_stop_strings, stop_window
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_hf_dir):
+    return load_processor(tiny_hf_dir)
+
+
+def test_oversize_image_is_resized_to_the_pixel_budget(processor):
+    budget = processor.image_processor.size["longest_edge"]
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
+    request = GenerationRequest.from_chat(processor, chat, [Image.new("RGB", (3000, 2000), "red")], n=5)
+    ((t, h, w),) = request.image_grid_thw.tolist()
+    assert t == 1 and h * w * 14 * 14 <= budget and w > h  # within budget, aspect ratio kept
+    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert int((request.prompt_ids == image_pad).sum()) == h * w // 4
+    assert request.pixel_values.shape[0] == h * w and request.n == 5
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(temperature=0.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(stop_strings="</answer>"), "stop_strings"),
+        (dict(seed=-3), "seed"),
+    ],
+)
+def test_sampling_params_reject_bad_values(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_request_validation():
+    assert GenerationRequest([1, 2, 3]).prompt_ids.dtype == torch.long
+    with pytest.raises(ConfigError, match="n=0"):
+        GenerationRequest([1, 2], n=0)
+    with pytest.raises(ConfigError, match="together"):
+        GenerationRequest([1, 2], pixel_values=torch.zeros(4, 1176))
+    with pytest.raises(ConfigError, match="patches"):
+        GenerationRequest([1, 2], pixel_values=torch.zeros(3, 1176), image_grid_thw=torch.tensor([[1, 2, 2]]))
+
+
+def test_plan_batches_splits_requests_in_order():
+    plan = plan_batches([3, 5, 1], max_batch_size=4)
+    assert [[(p.request, p.first, p.count) for p in batch] for batch in plan] == [
+        [(0, 0, 3), (1, 0, 1)],
+        [(1, 1, 4)],
+        [(2, 0, 1)],
+    ]
+
+
+def test_left_padding_and_attention_masks():
+    ids, padding = left_pad([torch.tensor([5, 6, 7]), torch.tensor([8])], pad_token_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert padding.tolist() == [[False, False, False], [True, True, False]]
+    prefill = attention_mask(padding, queries=3)  # True = masked
+    assert prefill.shape == (2, 1, 3, 3)
+    assert prefill[0, 0].tolist() == [[False, True, True], [False, False, True], [False, False, False]]
+    assert prefill[1, 0, 2].tolist() == [True, True, False]
+    decode = attention_mask(torch.cat([padding, torch.zeros(2, 1, dtype=torch.bool)], 1), queries=1)
+    assert decode[:, 0, 0].tolist() == [[False] * 4, [True, True, False, False]]
+
+
+def test_stop_strings(processor):
+    tokenizer = processor.tokenizer
+    ids = tokenizer("The red car is on the left.</answer> more")["input_ids"]
+    window = stop_window(["</answer>"])
+    assert window >= 4 * len("</answer>")
+    assert find_stop_strings(tokenizer, [ids[-window:], ids[:3]], [("</answer>",), ("</answer>",)]) == [True, False]
+    text = "<answer>a</answer> b </answer>"
+    assert cut_at_stop_string(text, ["</answer>", "b"], include=False) == "<answer>a"
+    assert cut_at_stop_string(text, ["</answer>", "b"], include=True) == "<answer>a</answer>"
+    assert cut_at_stop_string(text, ["zzz"], include=False) == text

@@ -1,0 +1,127 @@
+"""Worker: generation checks on the Megatron policy at one TP layout, all in one process group.
+
+Reads the test's requests (``--inputs``), writes ``{check: result}`` to ``--out`` with ``.rank<r>``
+appended (every rank writes, so the test can see that TP ranks agree). ``--full`` adds the checks
+that need only one layout (EOS, stop strings, context limits).
+"""
+
+import argparse
+from dataclasses import replace
+
+import torch
+
+from nemo_viper.models.logprobs import PolicyBatch, compute_logprobs
+from nemo_viper.models.policy import PolicyConfig, build_policy
+from nemo_viper.rollout import GenerationRequest, PromptTooLongError, SamplingParams
+
+
+def with_sampling(request: GenerationRequest, n: int = 1, **sampling) -> GenerationRequest:
+    return replace(request, n=n, sampling=SamplingParams(**sampling))
+
+
+def tokens_of(responses):
+    return [[sample.token_ids for sample in samples] for samples in responses]
+
+
+def logprob_error(policy, requests, responses, temperature, pad_token_id):
+    """Max |sampling-time log-prob - compute_logprobs| over all samples, recomputed in a right-padded batch."""
+    rows = [(request, sample) for request, samples in zip(requests, responses) for sample in samples]
+    length = max(len(r.prompt_ids) + len(s.token_ids) for r, s in rows)
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.bool)
+    expected = torch.zeros((len(rows), length))
+    for i, (request, sample) in enumerate(rows):
+        start, end = len(request.prompt_ids), len(request.prompt_ids) + len(sample.token_ids)
+        input_ids[i, :start], input_ids[i, start:end] = request.prompt_ids, torch.tensor(sample.token_ids)
+        mask[i, start:end] = True
+        expected[i, start:end] = torch.tensor(sample.logprobs)
+    batch = PolicyBatch(
+        input_ids,
+        mask,
+        torch.cat([r.pixel_values for r, _ in rows]),
+        torch.cat([r.image_grid_thw for r, _ in rows]),
+    )
+    recomputed = compute_logprobs(policy, batch, temperature=temperature, pad_token_id=pad_token_id)
+    return (recomputed - expected).abs().max().item()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hf", required=True)
+    parser.add_argument("--inputs", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--full", action="store_true")
+    args = parser.parse_args()
+
+    policy = build_policy(PolicyConfig(hf_path=args.hf, tensor_parallel=args.tp, precision="fp32"))
+    from megatron.core import parallel_state
+
+    from nemo_viper.rollout.megatron_backend import MegatronGenerationBackend, MegatronGenerationConfig
+
+    one_image, two_images, text_only = torch.load(args.inputs, weights_only=False)["requests"]
+    backend = MegatronGenerationBackend(policy)
+    pad = backend.tokenizer.pad_token_id
+    result = {}
+
+    greedy = [with_sampling(r, greedy=True, max_new_tokens=24) for r in (one_image, two_images, text_only)]
+    result["greedy"] = tokens_of(backend.generate(greedy))
+    no_cache = MegatronGenerationBackend(policy, MegatronGenerationConfig(use_kv_cache=False))
+    result["greedy_no_cache"] = tokens_of(no_cache.generate(greedy))
+
+    sampled = [
+        with_sampling(one_image, n=3, seed=11, max_new_tokens=16),
+        with_sampling(two_images, n=3, seed=12, max_new_tokens=16),
+    ]
+    truncated = [with_sampling(one_image, n=2, seed=13, temperature=0.7, top_k=20, top_p=0.9, max_new_tokens=16)]
+    responses = backend.generate(sampled + truncated)
+    result["sampled"] = tokens_of(responses)
+    result["logprob_error_t1"] = logprob_error(policy, sampled, responses[:2], 1.0, pad)
+    result["logprob_error_t07"] = logprob_error(policy, truncated, responses[2:], 0.7, pad)
+    result["sampled_again"] = tokens_of(backend.generate(sampled + truncated))
+    other_seed = replace(sampled[0], sampling=replace(sampled[0].sampling, seed=99))
+    result["sampled_other_seeds"] = tokens_of(backend.generate([other_seed]))
+    result["sampled_alone"] = tokens_of(backend.generate(sampled[:1]))
+    result["sampled_small_batches"] = tokens_of(
+        MegatronGenerationBackend(policy, MegatronGenerationConfig(max_batch_size=2)).generate(sampled + truncated)
+    )
+
+    budgets = [
+        with_sampling(one_image, n=2, seed=21, max_new_tokens=5),
+        with_sampling(two_images, n=2, seed=22, max_new_tokens=12),
+    ]
+    result["mixed_budgets"] = tokens_of(backend.generate(budgets))  # samples leave the batch at different steps
+    result["mixed_budgets_no_cache"] = tokens_of(no_cache.generate(budgets))
+    result["mixed_budgets_separately"] = [tokens_of(backend.generate([request]))[0] for request in budgets]
+
+    if args.full:
+        reference = result["greedy"][0][0]
+        text = backend.tokenizer.decode(reference, skip_special_tokens=True)
+        result["greedy_text"] = text
+        eos_token = reference[5]
+        eos_backend = MegatronGenerationBackend(policy, MegatronGenerationConfig(eos_token_ids=(eos_token,)))
+        result["eos"] = {"token": eos_token, "response": eos_backend.generate(greedy[:1])[0][0]}
+        after_two_tokens = len(backend.tokenizer.decode(reference[:2], skip_special_tokens=True))
+        stop = next(text[i : i + 3] for i in range(after_two_tokens, len(text)) if text[i : i + 3].isalpha())
+        result["stop_string"] = stop
+        for include in (False, True):
+            request = with_sampling(
+                one_image, greedy=True, max_new_tokens=24, stop_strings=(stop,), include_stop_string=include
+            )
+            result[f"stop_include_{include}"] = backend.generate([request])[0][0]
+        prompt_length = len(one_image.prompt_ids)
+        short = MegatronGenerationBackend(policy, MegatronGenerationConfig(max_context_length=prompt_length + 4))
+        result["context_limited"] = short.generate(greedy[:1])[0][0]
+        too_short = MegatronGenerationBackend(policy, MegatronGenerationConfig(max_context_length=prompt_length))
+        try:
+            too_short.generate(greedy)
+            result["too_long_error"] = None
+        except PromptTooLongError as error:
+            result["too_long_error"] = str(error)
+
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    torch.save(result, f"{args.out}.rank{rank}")
+
+
+if __name__ == "__main__":
+    main()
