@@ -23,6 +23,11 @@ def cmd_tiny_model(args) -> None:
     from nemo_viper.models.tiny import TinyModelConfig, write_tiny_checkpoint
 
     out = write_tiny_checkpoint(args.out, TinyModelConfig(seed=args.seed))
+    if args.warm_start_steps:
+        from nemo_viper.models.tiny_warmstart import WarmStartConfig, warm_start
+
+        loss = warm_start(out, WarmStartConfig(steps=args.warm_start_steps, seed=args.seed))
+        print(f"warm-started on the prompt formats for {args.warm_start_steps} steps (final loss {loss:.3f})")
     print(f"tiny Qwen2.5-VL checkpoint written to {out}")
 
 
@@ -159,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("tiny-model", help="write an offline tiny Qwen2.5-VL HF checkpoint")
     tiny.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     tiny.add_argument("--seed", type=int, default=0, help="weight-initialisation seed")
+    tiny.add_argument("--warm-start-steps", type=int, default=0,
+                      help="fine-tune on templated examples of the loop's prompts so outputs parse (CPU default)")
     tiny.set_defaults(func=cmd_tiny_model)
 
     convert = commands.add_parser("convert", help="convert between HF and Megatron checkpoints")

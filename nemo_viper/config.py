@@ -28,6 +28,7 @@ class ModelSection:
     """The starting policy (round 0) and how it is run."""
 
     hf_path: str = ""  # HF Qwen2.5-VL-Instruct dir; "tiny" = build the offline tiny model in the run dir
+    tiny_warm_start_steps: int = 0  # with hf_path "tiny": see nemo_viper.models.tiny_warmstart
     precision: str = "bf16"  # fp32 | bf16 | fp8
     fp8_recipe: str = "blockwise"  # blockwise (Hopper) | mxfp8 (Blackwell) | tensorwise | delayed
     freeze_vision_tower: bool = False

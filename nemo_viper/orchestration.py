@@ -104,7 +104,8 @@ def plan(config: ViperConfig) -> list[Phase]:
     synth_gpus = config.cluster.synthesis_gpus_per_task if gpus else 0
     phases: list[Phase] = []
     if config.model.hf_path == "tiny":
-        phases.append(Phase("prepare", ("tiny-model", "--out", str(paths.base_model))))
+        phases.append(Phase("prepare", ("tiny-model", "--out", str(paths.base_model), "--warm-start-steps",
+                                        str(config.model.tiny_warm_start_steps))))
         policy = str(paths.base_model)
     else:
         policy = config.model.hf_path
