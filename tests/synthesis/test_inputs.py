@@ -1,0 +1,93 @@
+"""Stage-1 inputs: directories, lists, webdataset shards, the embedded pool, and broken files."""
+
+import io
+import json
+import tarfile
+
+import pytest
+
+from nemo_viper.synthesis.inputs import SKIMAGE_PHOTOS, InputError, LoadedImage, fingerprint, list_inputs, load_image
+
+
+@pytest.fixture
+def mixed_dir(tmp_path, write_photos):
+    """Three photos, a truncated JPEG, a zero-byte PNG and a text file, in two directory levels."""
+    paths = write_photos(tmp_path / "images", names=("astronaut", "coffee", "rocket"))
+    (tmp_path / "images" / "sub").mkdir()
+    paths[2].rename(tmp_path / "images" / "sub" / paths[2].name)
+    (tmp_path / "images" / "broken.jpg").write_bytes(paths[1].read_bytes()[:300])
+    (tmp_path / "images" / "empty.png").write_bytes(b"")
+    (tmp_path / "images" / "notes.txt").write_text("not an image")
+    return tmp_path / "images"
+
+
+def test_directory_lists_image_files_sorted_and_broken_ones_are_skip_reasons(mixed_dir):
+    items = list_inputs(str(mixed_dir))
+    assert [i.source for i in items] == ["00_astronaut.png", "01_coffee.jpg", "broken.jpg", "empty.png",
+                                         "sub/02_rocket.png"]
+    loaded = [load_image(i) for i in items]
+    assert [x if isinstance(x, str) else "ok" for x in loaded] == ["ok", "ok", "corrupt_image", "empty_file", "ok"]
+    assert loaded[1].encoded == (mixed_dir / "01_coffee.jpg").read_bytes()  # JPEG bytes are kept as they are
+    assert loaded[0].image.mode == "RGB"
+
+
+def test_text_and_jsonl_lists(mixed_dir, tmp_path):
+    (tmp_path / "list.txt").write_text(f"# photos\n{mixed_dir}/00_astronaut.png\n\nimages/01_coffee.jpg\nmissing.png\n")
+    items = list_inputs(str(tmp_path / "list.txt"))
+    assert [i.source for i in items] == [f"{mixed_dir}/00_astronaut.png", "images/01_coffee.jpg", "missing.png"]
+    assert [isinstance(load_image(i), LoadedImage) for i in items[:2]] == [True, True]
+    assert load_image(items[2]) == "missing_file"
+
+    lines = ['"images/00_astronaut.png"', '{"image": "images/01_coffee.jpg", "caption": "x"}', "",
+             '{"path": "images/sub/02_rocket.png"}']
+    (tmp_path / "list.jsonl").write_text("\n".join(lines))
+    assert [i.source for i in list_inputs(str(tmp_path / "list.jsonl"))] == [
+        "images/00_astronaut.png", "images/01_coffee.jpg", "images/sub/02_rocket.png"]
+    (tmp_path / "bad.jsonl").write_text('{"caption": "no path"}\n')
+    with pytest.raises(InputError, match="bad.jsonl:1"):
+        list_inputs(str(tmp_path / "bad.jsonl"))
+
+
+def test_webdataset_shards_give_the_first_image_of_each_sample(mixed_dir, tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for shard, names in enumerate([("00_astronaut.png", "01_coffee.jpg"), ("sub/02_rocket.png",)]):
+        with tarfile.open(shards / f"data-{shard:03d}.tar", "w") as tar:
+            for k, name in enumerate(names):
+                photo = (mixed_dir / name).read_bytes()
+                for member, data in [(f"s{shard}{k}.json", b"{}"), (f"s{shard}{k}.jpg", photo),
+                                     (f"s{shard}{k}.second.png", b"")]:
+                    info = tarfile.TarInfo(member)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    expected = ["data-000.tar#s00.jpg", "data-000.tar#s01.jpg", "data-001.tar#s10.jpg"]
+    for spec in (str(shards), str(shards / "data-*.tar")):
+        items = list_inputs(spec)
+        assert [i.source for i in items] == expected
+        assert all(isinstance(load_image(i), LoadedImage) for i in items)
+    assert [i.source for i in list_inputs(str(shards / "data-001.tar"))] == expected[2:]
+
+
+def test_embedded_pool_is_the_scikit_image_photos():
+    items = list_inputs("skimage")
+    assert len(items) == len(SKIMAGE_PHOTOS) and items[0].source == "skimage:astronaut"
+    assert all(isinstance(load_image(i), LoadedImage) for i in items[:3])
+    assert fingerprint(items) == fingerprint(list_inputs("skimage")) != fingerprint(items[:-1])
+
+
+@pytest.mark.parametrize("kind", ["empty_dir", "missing", "unknown_suffix", "empty_list"])
+def test_inputs_without_images_are_a_clear_error(tmp_path, kind):
+    spec = {"empty_dir": tmp_path, "missing": tmp_path / "nope", "unknown_suffix": tmp_path / "x.csv",
+            "empty_list": tmp_path / "list.txt"}[kind]
+    if kind == "unknown_suffix":
+        spec.write_text("a,b")
+    if kind == "empty_list":
+        spec.write_text("# nothing\n")
+    with pytest.raises(InputError, match=str(spec)):
+        list_inputs(str(spec))
+
+
+def test_jsonl_entries_need_a_path(tmp_path):
+    (tmp_path / "x.jsonl").write_text(json.dumps({"image": 3}) + "\n")
+    with pytest.raises(InputError, match="path string"):
+        list_inputs(str(tmp_path / "x.jsonl"))

@@ -1,0 +1,83 @@
+"""``nemo-viper synth``: its errors, its configuration layers, and a run end to end with the real tiny
+Megatron policy and the tiny diffusers pipelines.
+
+The end-to-end run proves the plumbing (policy loading, batched generation through the rollout backend,
+the redraw and edit pipelines built offline, shards and manifest), not the content: the tiny policy has
+random weights and writes gibberish. With the English check on, nothing it writes survives the parsers; the test turns
+that check off (``filters.language=null``), so stage 1 keeps a few gibberish samples, which is what the
+policy really wrote. Stage 2's hard-entity rules find no entity of those captions in the policy's entity
+lists, so stage 2 writes an empty (valid) dataset; its counts still have to add up.
+"""
+
+import json
+
+import pytest
+from launch import run_cli
+
+from nemo_viper.cli import main
+from nemo_viper.data import ShardDataset
+
+SHORT = ["vlm.precision=fp32", "filters.language=null", "chunk_size=2"]
+
+
+def manifest_of(out):
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"] == manifest["written"] + sum(manifest["skipped"].values()) + sum(
+        manifest["filtered"].values())
+    assert len(ShardDataset(out)) == manifest["total_samples"] == manifest["written"]
+    return manifest
+
+
+@pytest.mark.slow
+def test_synth_stage1_and_stage2_with_the_tiny_policy(tiny_hf_dir, photo_dir, tmp_path):
+    stage1 = tmp_path / "stage1"
+    result = run_cli("synth", "--stage", "1", "--policy", str(tiny_hf_dir), "--images", str(photo_dir), "--out",
+                     str(stage1), *SHORT, "vlm.caption_tokens=24", "vlm.critique_tokens=24", "vlm.rewrite_tokens=24",
+                     "keep_redraw=true")
+    assert "synthesis stage 1:" in result.stdout
+    manifest = manifest_of(stage1)
+    assert manifest["inputs"] == 6 and manifest["written"] >= 1
+    assert manifest["config"]["redraw"]["pipeline"] == "StableDiffusionPipeline"
+    assert (stage1 / "tiny_diffusion" / "StableDiffusionPipeline").is_dir()
+    dataset = ShardDataset(stage1)
+    for i in range(len(dataset)):
+        assert dataset.record(i).synth_ckpt == str(tiny_hf_dir.resolve())
+        assert len(dataset.images(i)) == 1
+
+    stage2 = tmp_path / "stage2"
+    run_cli("synth", "--stage", "2", "--policy", str(tiny_hf_dir), "--stage1", str(stage1), "--out", str(stage2),
+            *SHORT, "vlm.entity_tokens=24", "vlm.operation_tokens=24")
+    manifest = manifest_of(stage2)
+    assert manifest["task"] == "visual_op" and manifest["inputs"] == len(dataset)
+
+
+@pytest.mark.parametrize("case", ["no_policy", "no_images", "bad_override", "stage2_without_stage1"])
+def test_errors_are_one_line_before_anything_is_built(tiny_hf_dir, tmp_path, capsys, case):
+    (tmp_path / "empty").mkdir()
+    args = {
+        "no_policy": ["--stage", "1", "--policy", str(tmp_path / "nope")],
+        "no_images": ["--stage", "1", "--policy", str(tiny_hf_dir), "--images", str(tmp_path / "empty")],
+        "bad_override": ["--stage", "1", "--policy", str(tiny_hf_dir), "vlm.temprature=0.5"],
+        "stage2_without_stage1": ["--stage", "2", "--policy", str(tiny_hf_dir)],
+    }[case]
+    assert main(["synth", "--out", str(tmp_path / "out"), *args]) == 2
+    message = {
+        "no_policy": f"Hugging Face checkpoint directory not found: {tmp_path / 'nope'}",
+        "no_images": f"input {tmp_path / 'empty'} lists no images",
+        "bad_override": "Key 'temprature' not in 'VLMConfig'",
+        "stage2_without_stage1": "stage 2 needs stage1",
+    }[case]
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and message in error and "\n" not in error
+
+
+def test_yaml_config_and_overrides_take_precedence_in_order(tiny_hf_dir, tmp_path):
+    from nemo_viper.synthesis.config import load_config
+
+    (tmp_path / "synth.yaml").write_text("seed: 3\nvlm:\n  caption_tokens: 100\n  critique_tokens: 50\n"
+                                         "redraw:\n  call_kwargs: {guidance_scale: 1.0}\n")
+    config = load_config(str(tmp_path / "synth.yaml"), ["vlm.critique_tokens=7"], stage=1, out="o",
+                         **{"vlm.policy": str(tiny_hf_dir), "seed": 4})
+    assert (config.seed, config.vlm.caption_tokens, config.vlm.critique_tokens) == (4, 100, 7)
+    assert config.diffusion_preset == "tiny"  # auto on a machine without CUDA
+    assert config.redraw.call_kwargs == {"num_inference_steps": 2, "height": 64, "width": 64, "guidance_scale": 1.0}
