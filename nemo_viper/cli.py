@@ -126,18 +126,24 @@ def _recipe_config(args):
 
 def cmd_run(args) -> None:
     from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from nemo_viper.orchestration import run_local
+    from nemo_viper.orchestration import plan, run_local
     from nemo_viper.report import write_report
 
     config = _recipe_config(args)
     console = Console()
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task(f"{config.name}: starting", total=len(plan(config)))
 
-    def show(phase, status):
-        mark = {"start": "[bold]…[/bold]", "done": "[green]done[/green]", "skip": "[dim]already done[/dim]"}[status]
-        console.print(f"{phase.name:<16} {mark}")
+        def show(phase, status):
+            if status == "start":
+                progress.update(bar, description=f"{config.name}: {phase.name} (log: {config.run_dir}/logs)")
+                return
+            progress.advance(bar)
+            console.print(f"{phase.name:<16} {'already done' if status == 'skip' else 'done'}")
 
-    with console.status(f"closed loop {config.name}: {config.rounds} round(s) in {config.run_dir}"):
         run_local(config, on_phase=show)
     report = write_report(config.run_dir, config.rounds)
     console.print(f"run report: {report}")
