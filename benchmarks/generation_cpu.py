@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shlex
 import statistics
 import sys
@@ -29,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+from bench_docs import DOCS, cpu_model, write_section
+
 SECTION = "## Rollout generation vs transformers `generate` (CPU, tiny model)"
-DOCS_HEADER = "# Benchmarks\n"
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "hubble_deep_field", "immunohistochemistry")
 QUESTIONS = (
     "Describe this image in detail.",
@@ -71,25 +70,6 @@ def timed(runs: dict, warmup: int, repeats: int) -> dict:
             tokens = run()
             rates[name].append(tokens / (time.perf_counter() - start))
     return rates
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
-def write_docs(section: str) -> None:
-    """Replace this benchmark's section of docs/benchmarks.md (append it if missing); others stay as they are."""
-    text = DOCS.read_text() if DOCS.exists() else DOCS_HEADER
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    section = section.rstrip("\n") + "\n\n"  # a blank line before whatever section follows
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOCS.write_text(text.rstrip("\n") + "\n")
 
 
 def main():
@@ -190,7 +170,7 @@ def main():
     if args.write_docs:
         command = "HF_HUB_OFFLINE=1 .venv/bin/python " + shlex.join(["benchmarks/generation_cpu.py", *sys.argv[1:]])
         date = datetime.now(UTC).strftime("%Y-%m-%d")
-        write_docs(
+        write_section(SECTION, 
             f"{SECTION}\n\n"
             f"{date}; {os.cpu_count()} CPU cores ({cpu_model()}), no GPU, torch {torch.__version__}, "
             f"{torch.get_num_threads()} torch thread(s); tiny Qwen2.5-VL checkpoint (`write_tiny_checkpoint`), "

@@ -20,13 +20,11 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import re
 import shlex
 import statistics
 import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -36,9 +34,9 @@ from PIL import Image
 
 from nemo_viper.data.images import ImageProcessingConfig, QwenImagePreprocessor, Resize
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+from bench_docs import DOCS, cpu_model, write_section
+
 SECTION = "## Image preprocessing: DALI vs PIL (CPU)"
-DOCS_HEADER = "# Benchmarks\n"
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "hubble_deep_field", "immunohistochemistry")
 CONFIG = ImageProcessingConfig(min_pixels=56 * 56, max_pixels=1280 * 28 * 28)
 
@@ -108,25 +106,6 @@ def resize_step(encoded: list[bytes], threads: int) -> dict[str, Callable[[], ob
     }
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
-def write_docs(section: str) -> None:
-    """Replace this benchmark's section of docs/benchmarks.md (append it if missing); others stay as they are."""
-    text = DOCS.read_text() if DOCS.exists() else DOCS_HEADER
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    section = section.rstrip("\n") + "\n\n"
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOCS.write_text(text.rstrip("\n") + "\n")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=32, help="images per workload")
@@ -174,7 +153,7 @@ def main():
         command = "HF_HUB_OFFLINE=1 .venv/bin/python " + shlex.join(["benchmarks/images_cpu.py", *sys.argv[1:]])
         date = datetime.now(UTC).strftime("%Y-%m-%d")
         dali_step, pil_step = step_ms["DALI resize (2 passes)"], step_ms["Pillow resize"]
-        write_docs(
+        write_section(SECTION, 
             f"{SECTION}\n\n"
             f"{date}; {os.cpu_count()} CPU cores ({cpu_model()}), no GPU, load average {load:.1f} at the start "
             f"(the machine is shared); DALI {nvidia.dali.__version__} ({args.threads} threads, batches of "

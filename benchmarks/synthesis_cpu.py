@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shlex
 import statistics
 import sys
@@ -31,18 +30,12 @@ from pathlib import Path
 
 import torch
 
+from bench_docs import DOCS, cpu_model, write_section
+
 REPO = Path(__file__).resolve().parents[1]
-DOCS = REPO / "docs" / "benchmarks.md"
 SECTION = "## Self-data synthesis (CPU, tiny pipelines)"
 STEPS = {1: ("load", "caption", "redraw", "critique", "rewrite", "write"),
          2: ("load", "entities", "operations", "edit", "filter", "write")}
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def diffusion_rates(painter, editor, images, batch: int, repeats: int) -> dict[str, float]:
@@ -90,15 +83,6 @@ def stage_rows(label: str, manifests: list[dict]) -> list[str]:
         rows.append(f"| {label} | {stage} | {manifest['inputs']} | {manifest['written']} | {manifest['wall_s']:.1f} | "
                     f"{manifest['inputs'] / manifest['wall_s']:.2f} | {'; '.join(shares)} |")
     return rows
-
-
-def write_docs(section: str) -> None:
-    """Replace this benchmark's section of docs/benchmarks.md (append it if missing); others stay as they are."""
-    text = DOCS.read_text()
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    section = section.rstrip("\n") + "\n\n"
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    DOCS.write_text(text.rstrip("\n") + "\n")
 
 
 def main():
@@ -177,7 +161,7 @@ def main():
     if args.write_docs:
         command = "HF_HUB_OFFLINE=1 .venv/bin/python " + shlex.join(["benchmarks/synthesis_cpu.py", *sys.argv[1:]])
         date = datetime.now(UTC).strftime("%Y-%m-%d")
-        write_docs(
+        write_section(SECTION, 
             f"{SECTION}\n\n"
             f"{date}; {os.cpu_count()} CPU cores ({cpu_model()}), no GPU, torch {torch.__version__}, "
             f"{torch.get_num_threads()} torch thread(s); tiny Qwen2.5-VL policy (`write_tiny_checkpoint`, fp32, "
