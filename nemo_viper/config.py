@@ -156,6 +156,16 @@ CHOICES = {
 }
 
 
+def _validate_synthesis(synthesis: dict) -> None:
+    """The ``synthesis`` section against the synthesis job's own schema (unknown keys, wrong types)."""
+    from nemo_viper.synthesis.config import SynthConfig
+
+    try:
+        OmegaConf.merge(OmegaConf.structured(SynthConfig), synthesis)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"synthesis: {_one_line(exc)}") from exc
+
+
 def validate(config: ViperConfig, check_paths: bool = True) -> None:
     """Cross-field checks, before any work starts. Raises :class:`ConfigError` naming key and value."""
     for key, allowed in CHOICES.items():
@@ -181,6 +191,7 @@ def validate(config: ViperConfig, check_paths: bool = True) -> None:
         raise ConfigError("model.precision='fp8' needs GPUs (parallel.gpus_per_node > 0)")
     if config.rounds < 1:
         raise ConfigError(f"rounds={config.rounds} must be >= 1")
+    _validate_synthesis(config.synthesis)
     if config.cluster.executor == "slurm" and not config.cluster.account:
         raise ConfigError("cluster.account is required with cluster.executor='slurm'")
     if not check_paths:
