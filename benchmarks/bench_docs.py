@@ -6,6 +6,7 @@ replaces only that section (or appends it), so the scripts can be rerun independ
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -33,3 +34,14 @@ def write_section(title: str, section: str) -> None:
     pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
     DOCS.write_text(text.rstrip("\n") + "\n")
+
+
+def machine_line() -> str:
+    """``<date>; <n> CPU cores (<model>), <GPU or not>, torch <version>, <n> torch thread(s)``."""
+    from datetime import UTC, datetime
+
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (f"{datetime.now(UTC):%Y-%m-%d}; {os.cpu_count()} CPU cores ({cpu_model()}), {gpu}, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} torch thread(s)")

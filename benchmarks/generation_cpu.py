@@ -16,19 +16,17 @@ that a noisy machine slows all alike.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import statistics
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench_docs import DOCS, cpu_model, write_section
+from bench_docs import DOCS, machine_line, write_section
 
 SECTION = "## Rollout generation vs transformers `generate` (CPU, tiny model)"
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "hubble_deep_field", "immunohistochemistry")
@@ -169,11 +167,10 @@ def main():
 
     if args.write_docs:
         command = "HF_HUB_OFFLINE=1 .venv/bin/python " + shlex.join(["benchmarks/generation_cpu.py", *sys.argv[1:]])
-        date = datetime.now(UTC).strftime("%Y-%m-%d")
-        write_section(SECTION, 
+        write_section(
+            SECTION,
             f"{SECTION}\n\n"
-            f"{date}; {os.cpu_count()} CPU cores ({cpu_model()}), no GPU, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} torch thread(s); tiny Qwen2.5-VL checkpoint (`write_tiny_checkpoint`), "
+            f"{machine_line()}; tiny Qwen2.5-VL checkpoint (`write_tiny_checkpoint`), "
             "fp32, TP=1.\n\n"
             f"Workload: {args.prompts} one-image prompts (scikit-image photos, resized by the processor) x n = "
             f"{args.n} samples, up to {args.max_new_tokens} new tokens, temperature 1, no top-k/top-p, vision "

@@ -153,7 +153,8 @@ def main():
         command = "HF_HUB_OFFLINE=1 .venv/bin/python " + shlex.join(["benchmarks/images_cpu.py", *sys.argv[1:]])
         date = datetime.now(UTC).strftime("%Y-%m-%d")
         dali_step, pil_step = step_ms["DALI resize (2 passes)"], step_ms["Pillow resize"]
-        write_section(SECTION, 
+        write_section(
+            SECTION,
             f"{SECTION}\n\n"
             f"{date}; {os.cpu_count()} CPU cores ({cpu_model()}), no GPU, load average {load:.1f} at the start "
             f"(the machine is shared); DALI {nvidia.dali.__version__} ({args.threads} threads, batches of "

@@ -12,19 +12,17 @@ in alternation, which separates the mode's cost from that of megatron-core's sch
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from bench_docs import DOCS, cpu_model, write_section
+from bench_docs import DOCS, machine_line, write_section
 
 SECTION = "## Log-prob API vs transformers (CPU, tiny model)"
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
@@ -149,12 +147,10 @@ def main():
 
     if args.write_docs:
         command = "HF_HUB_OFFLINE=1 .venv/bin/python " + shlex.join(["benchmarks/logprobs_cpu.py", *sys.argv[1:]])
-        date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-        cuda = "a GPU" if torch.cuda.is_available() else "no GPU"
-        write_section(SECTION, 
+        write_section(
+            SECTION,
             f"{SECTION}\n\n"
-            f"{date}; {os.cpu_count()} CPU cores ({cpu_model()}), {cuda}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads; tiny Qwen2.5-VL checkpoint (`write_tiny_checkpoint`), fp32.\n\n"
+            f"{machine_line()}; tiny Qwen2.5-VL checkpoint (`write_tiny_checkpoint`), fp32.\n\n"
             f"Batch: {shape}. Medians and minima over {args.repeats} repeats after {args.warmup} warm-up runs.\n\n"
             f"{table}\n\n"
             f"Max |ours - HF| over the batch: {max_diff:.2e}.\n\n"

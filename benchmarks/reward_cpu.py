@@ -29,12 +29,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from bench_docs import DOCS, cpu_model, write_section
+from bench_docs import DOCS, machine_line, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Reward throughput and loss cost (CPU)"
@@ -230,12 +229,10 @@ def main():
         step_command = (f"OMP_NUM_THREADS={args.threads} PYTHONPATH=. HF_HUB_OFFLINE=1 .venv/bin/python -m "
                         "torch.distributed.run --standalone "
                         f"--nproc-per-node 1 {STEP_WORKER} --hf TINY_DIR --out PREFIX --micro-batch-sizes 4")
-        date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-        cuda = "a GPU" if torch.cuda.is_available() else "no GPU"
-        write_section(SECTION, 
+        write_section(
+            SECTION,
             f"{SECTION}\n\n"
-            f"{date}; {os.cpu_count()} CPU cores ({cpu_model()}), {cuda}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} torch thread(s) (with 2, an earlier run's per-response loop swung by "
+            f"{machine_line()} (with 2, an earlier run's per-response loop swung by "
             "more than 10x between repeats on this shared machine). Medians over "
             f"{args.repeats} repeats; reward, loss and step runs alternate within each repeat.\n\n"
             "### Reward throughput (`ViperReward`, default `RewardConfig()`: packaged all-MiniLM-L6-v2, CPU)\n\n"

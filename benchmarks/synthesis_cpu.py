@@ -19,18 +19,16 @@ Three measurements, all in one process on scikit-image's photos (the embedded de
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import statistics
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
-from bench_docs import DOCS, cpu_model, write_section
+from bench_docs import DOCS, machine_line, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Self-data synthesis (CPU, tiny pipelines)"
@@ -160,11 +158,10 @@ def main():
 
     if args.write_docs:
         command = "HF_HUB_OFFLINE=1 .venv/bin/python " + shlex.join(["benchmarks/synthesis_cpu.py", *sys.argv[1:]])
-        date = datetime.now(UTC).strftime("%Y-%m-%d")
-        write_section(SECTION, 
+        write_section(
+            SECTION,
             f"{SECTION}\n\n"
-            f"{date}; {os.cpu_count()} CPU cores ({cpu_model()}), no GPU, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} torch thread(s); tiny Qwen2.5-VL policy (`write_tiny_checkpoint`, fp32, "
+            f"{machine_line()}; tiny Qwen2.5-VL policy (`write_tiny_checkpoint`, fp32, "
             "TP=1) and the tiny random diffusers pipelines (`nemo-viper tiny-diffusion`).\n\n"
             f"Diffusion alone, images/s (median of {args.repeats} after a warm-up; 16 photos at 64x64; seeds "
             "per sample in both modes):\n\n"
