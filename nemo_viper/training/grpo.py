@@ -199,11 +199,12 @@ class GRPOTrainer:
                 )
             )
         times["update"] = time.perf_counter() - started
-        for key in update_metrics[0]:
+        metrics.update({f"time/{k}": v for k, v in times.items()})
+        metrics = _reduce_over_data_parallel(metrics)  # per-rank statistics -> means / min / max
+        for key in update_metrics[0]:  # already global: averaged over the mini-batches
             metrics[key] = sum(m[key] for m in update_metrics) / len(update_metrics)
         metrics["train/learning_rate"] = self.optimizer.param_groups[0]["lr"]
-        metrics.update({f"time/{k}": v for k, v in times.items()})
-        return _reduce_over_data_parallel(metrics)
+        return metrics
 
     # ---------------------------------------------------------------- update
     def _update(self, minibatch: PolicyBatch, old_logprobs: torch.Tensor, advantages: torch.Tensor) -> dict:
@@ -279,28 +280,27 @@ def _global_normalizer(mask: torch.Tensor) -> LossNormalizer:
 
 
 def _reduce_over_data_parallel(metrics: dict[str, float], additive: bool = False) -> dict[str, float]:
-    """Combine per-rank metrics: ``*_max`` by MAX, ``*/min`` by MIN; the rest summed when ``additive``
-    (contributions to a global mean) and averaged otherwise (per-rank statistics, e.g. reward means)."""
+    """Combine per-rank metrics: ``*_max`` / ``*/max`` by MAX, ``*/min`` by MIN; the rest summed when
+    ``additive`` (contributions to a global mean) and averaged otherwise (per-rank statistics, e.g. reward
+    means). ``train/grad_norm`` is computed over the global gradient, the same on every rank: kept as is."""
     from megatron.core import parallel_state
 
     world = parallel_state.get_data_parallel_world_size()
     if world == 1:
         return metrics
     group = parallel_state.get_data_parallel_group()
-    result = {}
-    for op, keys in (
-        (dist.ReduceOp.MAX, [k for k in metrics if k.endswith("_max") or k.endswith("/max")]),
-        (dist.ReduceOp.MIN, [k for k in metrics if k.endswith("/min")]),
-        (dist.ReduceOp.SUM, [k for k in metrics if not (k.endswith("max") or k.endswith("/min"))]),
+    result = {k: v for k, v in metrics.items() if k == "train/grad_norm"}
+    keys = sorted(k for k in metrics if k not in result)
+    for op, selected in (
+        (dist.ReduceOp.MAX, [k for k in keys if k.endswith(("_max", "/max"))]),
+        (dist.ReduceOp.MIN, [k for k in keys if k.endswith("/min")]),
+        (dist.ReduceOp.SUM, [k for k in keys if not k.endswith(("_max", "/max", "/min"))]),
     ):
-        values = torch.tensor([metrics[k] for k in sorted(keys)], dtype=torch.float64)
+        values = torch.tensor([metrics[k] for k in selected], dtype=torch.float64)
         dist.all_reduce(values, op=op, group=group)
         if op == dist.ReduceOp.SUM and not additive:
             values /= world
-        result.update(zip(sorted(keys), values.tolist()))
-    result.pop("train/grad_norm", None)
-    if "train/grad_norm" in metrics:
-        result["train/grad_norm"] = metrics["train/grad_norm"]  # identical on every rank
+        result.update(zip(selected, values.tolist()))
     return result
 
 
