@@ -45,3 +45,12 @@ def machine_line() -> str:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return (f"{datetime.now(UTC):%Y-%m-%d}; {os.cpu_count()} CPU cores ({cpu_model()}), {gpu}, "
             f"torch {torch.__version__}, {torch.get_num_threads()} torch thread(s)")
+
+
+def reproduce_command() -> str:
+    """The command line that reruns the calling benchmark with the same arguments, from the repo root."""
+    import shlex
+    import sys
+
+    script = f"benchmarks/{Path(sys.argv[0]).name}"
+    return "HF_HUB_OFFLINE=1 .venv/bin/python " + shlex.join([script, *sys.argv[1:]])

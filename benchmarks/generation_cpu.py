@@ -16,9 +16,7 @@ that a noisy machine slows all alike.
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench_docs import DOCS, machine_line, write_section
+from bench_docs import DOCS, machine_line, reproduce_command, write_section
 
 SECTION = "## Rollout generation vs transformers `generate` (CPU, tiny model)"
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "hubble_deep_field", "immunohistochemistry")
@@ -166,7 +164,7 @@ def main():
     print(summary)
 
     if args.write_docs:
-        command = "HF_HUB_OFFLINE=1 .venv/bin/python " + shlex.join(["benchmarks/generation_cpu.py", *sys.argv[1:]])
+        command = reproduce_command()
         write_section(
             SECTION,
             f"{SECTION}\n\n"

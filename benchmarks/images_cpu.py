@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import shlex
 import statistics
-import sys
 import time
 from datetime import UTC, datetime
 from typing import Callable
@@ -34,7 +32,7 @@ from PIL import Image
 
 from nemo_viper.data.images import ImageProcessingConfig, QwenImagePreprocessor, Resize
 
-from bench_docs import DOCS, cpu_model, write_section
+from bench_docs import DOCS, cpu_model, reproduce_command, write_section
 
 SECTION = "## Image preprocessing: DALI vs PIL (CPU)"
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "hubble_deep_field", "immunohistochemistry")
@@ -150,7 +148,7 @@ def main():
     print(f"DALI CPU vs PIL images/s: {verdict}; goal >= 2x {goal}")
 
     if args.write_docs:
-        command = "HF_HUB_OFFLINE=1 .venv/bin/python " + shlex.join(["benchmarks/images_cpu.py", *sys.argv[1:]])
+        command = reproduce_command()
         date = datetime.now(UTC).strftime("%Y-%m-%d")
         dali_step, pil_step = step_ms["DALI resize (2 passes)"], step_ms["Pillow resize"]
         write_section(

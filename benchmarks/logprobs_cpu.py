@@ -12,7 +12,6 @@ in alternation, which separates the mode's cost from that of megatron-core's sch
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bench_docs import DOCS, machine_line, write_section
+from bench_docs import DOCS, machine_line, reproduce_command, write_section
 
 SECTION = "## Log-prob API vs transformers (CPU, tiny model)"
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
@@ -146,7 +145,7 @@ def main():
         sys.exit(f"log-probs differ from the HF reference by {max_diff:.2e} > 1e-4")
 
     if args.write_docs:
-        command = "HF_HUB_OFFLINE=1 .venv/bin/python " + shlex.join(["benchmarks/logprobs_cpu.py", *sys.argv[1:]])
+        command = reproduce_command()
         write_section(
             SECTION,
             f"{SECTION}\n\n"

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import random
-import shlex
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from bench_docs import DOCS, machine_line, write_section
+from bench_docs import DOCS, machine_line, reproduce_command, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Reward throughput and loss cost (CPU)"
@@ -225,7 +224,7 @@ def main():
     print(f"raw seconds: {seconds}; update: {update_seconds}")
 
     if args.write_docs:
-        command = "HF_HUB_OFFLINE=1 .venv/bin/python " + shlex.join(["benchmarks/reward_cpu.py", *sys.argv[1:]])
+        command = reproduce_command()
         step_command = (f"OMP_NUM_THREADS={args.threads} PYTHONPATH=. HF_HUB_OFFLINE=1 .venv/bin/python -m "
                         "torch.distributed.run --standalone "
                         f"--nproc-per-node 1 {STEP_WORKER} --hf TINY_DIR --out PREFIX --micro-batch-sizes 4")

@@ -19,7 +19,6 @@ Three measurements, all in one process on scikit-image's photos (the embedded de
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from bench_docs import DOCS, machine_line, write_section
+from bench_docs import DOCS, machine_line, reproduce_command, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Self-data synthesis (CPU, tiny pipelines)"
@@ -157,7 +156,7 @@ def main():
     print(stage_table)
 
     if args.write_docs:
-        command = "HF_HUB_OFFLINE=1 .venv/bin/python " + shlex.join(["benchmarks/synthesis_cpu.py", *sys.argv[1:]])
+        command = reproduce_command()
         write_section(
             SECTION,
             f"{SECTION}\n\n"
