@@ -81,6 +81,8 @@ def cmd_train(args) -> None:
         tensor_parallel=args.tp,
         pipeline_parallel=args.pp,
         precision=args.precision,
+        image_backend=args.image_backend,
+        prefetch_prompts=args.prefetch_prompts,
     )
     run_stage(config)
     if _is_rank_zero():
@@ -210,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--reward-mode", default="precision", choices=("precision", "recall", "f1"))
     train.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp8"))
     train.add_argument("--save-every", type=int, default=50)
+    train.add_argument("--image-backend", default="auto", choices=("auto", "dali", "pil"),
+                       help="image preprocessing: DALI (GPU decoder when CUDA is there) or the HF PIL processor; "
+                       "auto = DALI if importable")
+    train.add_argument("--prefetch-prompts", type=int, default=16,
+                       help="prompts (images decoded) prepared ahead of the loop per rank")
     train.add_argument("--seed", type=int, default=0)
     _add_layout_args(train)
     train.set_defaults(func=cmd_train)

@@ -75,6 +75,8 @@ class RLSection:
     dynamic_sampling: bool = False
     save_every: int = 50
     seed: int = 0
+    image_backend: str = "auto"  # auto (DALI if importable) | dali | pil
+    prefetch_prompts: int = 16  # per data-parallel rank
 
 
 @dataclass
@@ -151,6 +153,7 @@ CHOICES = {
     "model.precision": ("fp32", "bf16", "fp8"),
     "model.fp8_recipe": ("blockwise", "mxfp8", "tensorwise", "delayed"),
     "rl.aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
+    "rl.image_backend": ("auto", "dali", "pil"),
     "reward.mode": ("precision", "recall", "f1"),
     "cluster.executor": ("local", "slurm"),
 }
@@ -189,6 +192,8 @@ def validate(config: ViperConfig, check_paths: bool = True) -> None:
         )
     if config.model.precision == "fp8" and parallel.gpus_per_node == 0:
         raise ConfigError("model.precision='fp8' needs GPUs (parallel.gpus_per_node > 0)")
+    if config.rl.prefetch_prompts < 1:
+        raise ConfigError(f"rl.prefetch_prompts={config.rl.prefetch_prompts} must be >= 1")
     if config.rounds < 1:
         raise ConfigError(f"rounds={config.rounds} must be >= 1")
     _validate_synthesis(config.synthesis)

@@ -84,7 +84,8 @@ def _rl_args(config: ViperConfig) -> tuple[str, ...]:
         "--micro-batch-size", rl.micro_batch_size, "--aggregation", rl.aggregation, "--eps-low", rl.eps_low,
         "--eps-high", rl.eps_high, "--reward-mode", reward.mode, "--precision", config.model.precision,
         "--save-every", rl.save_every, "--seed", rl.seed, "--tp", config.parallel.tensor,
-        "--pp", config.parallel.pipeline,
+        "--pp", config.parallel.pipeline, "--image-backend", rl.image_backend,
+        "--prefetch-prompts", rl.prefetch_prompts,
     ]
     if reward.embedding_model:
         args += ["--reward-model", reward.embedding_model]

@@ -42,8 +42,9 @@ def visual_op_messages() -> list[dict]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": VISUAL_OP_TASK}]}]
 
 
-def task_prompt(record, images: list):
-    """The RL prompt of a synthesised record (``caption_refine`` or ``visual_op``) with its decoded images."""
+def task_prompt(record, images):
+    """The RL prompt of a synthesised record (``caption_refine`` or ``visual_op``) with its images: PIL
+    images or their preprocessed :class:`~nemo_viper.data.images.PromptImages`."""
     from nemo_viper.data.records import CaptionRefineRecord, ground_truth
     from nemo_viper.training.loop import TaskPrompt
 
@@ -51,7 +52,7 @@ def task_prompt(record, images: list):
         messages = caption_refine_messages(record.initial_caption)
     else:
         messages = visual_op_messages()
-    return TaskPrompt(sample_id=record.id, messages=messages, images=list(images), ground_truth=ground_truth(record))
+    return TaskPrompt(sample_id=record.id, messages=messages, images=images, ground_truth=ground_truth(record))
 
 
 # ---------------------------------------------------------------------------------------------------------

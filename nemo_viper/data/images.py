@@ -45,8 +45,9 @@ a data loader can skip and count the sample (as ``corrupt_image``, like
 :class:`~nemo_viper.data.shards.CorruptImageError`) without decoding the others again.
 
 Memory: a call holds at most ``max_batch_size`` decoded images at a time (plus the results it returns);
-DALI keeps its buffers, sized by the largest batch seen, between calls. A preprocessor is not
-thread-safe: use one per thread.
+DALI keeps its buffers, sized by the largest batch seen, between calls. Calls from several threads (e.g.
+the prefetch threads of two prompt sources sharing a preprocessor) are serialised: a DALI pipeline runs one
+batch at a time.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ import io
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -232,6 +234,7 @@ class QwenImagePreprocessor:
             raise ConfigError(f"image max_batch_size={max_batch_size} must be >= 1")
         self.config = config
         self.max_batch_size = max_batch_size
+        self._lock = threading.Lock()
         if backend == "auto":
             backend = "dali" if _dali_importable() else "pil"
             if backend == "pil":
@@ -268,7 +271,8 @@ class QwenImagePreprocessor:
                 raise TypeError(f"prompt {i} must be a sequence of encoded images, not the bytes of one image")
             if not images:
                 raise ValueError(f"prompt {i} has no images")
-        processed = iter(self._process([data for images in prompts for data in images]))
+        with self._lock:
+            processed = iter(self._process([data for images in prompts for data in images]))
         results: list[PromptImages | ImageDecodeError] = []
         for i, images in enumerate(prompts):
             mine = [next(processed) for _ in images]
@@ -404,8 +408,12 @@ class _DaliBackend:
             size=[np.array((r.new_height, r.new_width), dtype=np.float32) for r in resizes],
         )
         if images.is_dense_tensor():
-            return list(patchify(torch.from_dlpack(images.as_tensor()), self.config))
-        return [patchify(torch.from_dlpack(images[i])[None], self.config)[0] for i in range(len(batch))]
+            patches = list(patchify(torch.from_dlpack(images.as_tensor()), self.config))
+        else:
+            patches = [patchify(torch.from_dlpack(images[i])[None], self.config)[0] for i in range(len(batch))]
+        if self.device.type == "cuda":  # the copies must finish before the next run reuses DALI's buffers
+            torch.cuda.current_stream(self.device).synchronize()
+        return patches
 
 
 class _PilBackend:

@@ -232,27 +232,42 @@ class ShardDataset:
     def record(self, i: int) -> Record:
         """The record of sample ``i`` (validated at index time)."""
         sample = self._samples[i]
-        with open(self._shard_paths[sample.shard], "rb") as f:
-            return parse_record(json.loads(_read_span(f, sample.record)))
+        (data,) = self._read(sample, (sample.record,))
+        return parse_record(json.loads(data))
 
     def image_bytes(self, i: int) -> list[bytes]:
         """The encoded images of sample ``i``, in record order (for decoders other than PIL)."""
         sample = self._samples[i]
-        with open(self._shard_paths[sample.shard], "rb") as f:
-            return [_read_span(f, span) for span in sample.images]
+        return self._read(sample, sample.images)
 
     def images(self, i: int) -> list[Image.Image]:
         """The decoded RGB images of sample ``i``; raises :class:`CorruptImageError` if one does not decode."""
-        sample = self._samples[i]
-        shard = self._shard_paths[sample.shard].name
         decoded = []
-        for name, data in zip(sample.image_names, self.image_bytes(i)):
+        for position, data in enumerate(self.image_bytes(i)):
             try:
                 with Image.open(io.BytesIO(data)) as image:
                     decoded.append(image.convert("RGB"))
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-                raise CorruptImageError(shard, sample.key, name, str(e) or type(e).__name__) from e
+                raise self.corrupt_image_error(i, position, str(e) or type(e).__name__) from e
         return decoded
+
+    def corrupt_image_error(self, i: int, image: int, detail: str) -> CorruptImageError:
+        """The error for image ``image`` (position in the record) of sample ``i``, naming shard, key and entry."""
+        sample = self._samples[i]
+        return CorruptImageError(self._shard_paths[sample.shard].name, sample.key, sample.image_names[image], detail)
+
+    def _read(self, sample: _Sample, spans: Sequence[_Span]) -> list[bytes]:
+        """Bytes of ``spans`` of ``sample``'s shard; a shard removed or cut short since indexing is a
+        :class:`DatasetError` naming it."""
+        path = self._shard_paths[sample.shard]
+        try:
+            with open(path, "rb") as f:
+                chunks = [_read_span(f, span) for span in spans]
+        except OSError as e:
+            raise DatasetError(f"shard {path.name} cannot be read any more ({e}); was it changed after indexing?") from e
+        if any(len(chunk) != span.size for chunk, span in zip(chunks, spans)):
+            raise DatasetError(f"shard {path.name} ({path}) is truncated: sample {sample.key!r} ends past its end")
+        return chunks
 
     def _index_shard(self, info: ShardInfo, verify_checksum: bool) -> None:
         path = self.directory / info.name

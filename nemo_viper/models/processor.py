@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLProcessor
 
 
@@ -28,3 +29,18 @@ def register_with_auto_processor() -> None:
 def load_processor(path: str | Path) -> ImageOnlyQwen25VLProcessor:
     """Load tokenizer + image processor + chat template from a local HF checkpoint directory."""
     return ImageOnlyQwen25VLProcessor.from_pretrained(str(path))
+
+
+def prompt_token_ids(processor: Qwen2_5_VLProcessor, text: str, image_grid_thw: torch.Tensor | None) -> torch.Tensor:
+    """Token ids of a chat-templated ``text`` whose images are already processed, as the processor's
+    own call would return them: the ``k``-th image token expands to ``t*h*w / merge_size**2`` copies,
+    ``(t, h, w) = image_grid_thw[k]`` (one per merged patch)."""
+    parts = text.split(processor.image_token)
+    images = 0 if image_grid_thw is None else len(image_grid_thw)
+    if len(parts) - 1 != images:
+        raise ValueError(f"the prompt has {len(parts) - 1} image placeholders but {images} processed images")
+    if images:
+        merge = processor.image_processor.merge_size**2
+        tokens = [processor.image_token * (int(thw.prod()) // merge) for thw in image_grid_thw]
+        text = parts[0] + "".join(token + part for token, part in zip(tokens, parts[1:]))
+    return torch.tensor(processor.tokenizer(text)["input_ids"], dtype=torch.long)

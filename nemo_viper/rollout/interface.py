@@ -20,6 +20,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
+from nemo_viper.data.images import PromptImages
 from nemo_viper.errors import ConfigError, NemoViperError
 
 FinishReason = Literal["eos", "stop", "length"]
@@ -108,21 +109,37 @@ class GenerationRequest:
 
     @classmethod
     def from_chat(
-        cls, processor, messages: list[dict], images: Sequence = (), n: int = 1, sampling: SamplingParams | None = None
+        cls,
+        processor,
+        messages: list[dict],
+        images: Sequence | PromptImages = (),
+        n: int = 1,
+        sampling: SamplingParams | None = None,
     ) -> GenerationRequest:
         """A request for the assistant's reply to ``messages`` (chat-template format, one ``{"type": "image"}``
-        part per image) with ``images`` (PIL images, in order), through the model's ``processor``.
+        part per image) through the model's ``processor``.
 
-        The Qwen2.5-VL image processor resizes each image into its ``[min_pixels, max_pixels]`` budget
-        (aspect ratio kept, sides multiples of 28) and expands each image placeholder into one
-        ``<|image_pad|>`` per merged patch.
+        ``images`` are either PIL images, in order, which the processor's image processor prepares here,
+        or the prompt's already preprocessed :class:`~nemo_viper.data.images.PromptImages` (from
+        :class:`~nemo_viper.data.images.QwenImagePreprocessor`), used as they are: the request shares
+        their tensors. Either way each image is resized into its ``[min_pixels, max_pixels]`` budget
+        (aspect ratio kept, sides multiples of 28) and its placeholder expands into one ``<|image_pad|>``
+        per merged patch.
         """
+        from nemo_viper.models.processor import prompt_token_ids
+
         text = processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = processor(text=[text], images=list(images) or None, return_tensors="pt")
+        if isinstance(images, PromptImages):
+            pixel_values, image_grid_thw = images.pixel_values, images.image_grid_thw
+        elif images:
+            features = processor.image_processor(list(images), return_tensors="pt")
+            pixel_values, image_grid_thw = features["pixel_values"], features["image_grid_thw"]
+        else:
+            pixel_values = image_grid_thw = None
         return cls(
-            prompt_ids=inputs["input_ids"][0],
-            pixel_values=inputs.get("pixel_values"),
-            image_grid_thw=inputs.get("image_grid_thw"),
+            prompt_ids=prompt_token_ids(processor, text, image_grid_thw),
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
             n=n,
             sampling=sampling or SamplingParams(),
         )

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 
@@ -33,11 +33,15 @@ from nemo_viper.training.rollout_batch import RolloutBatch
 
 @dataclass
 class TaskPrompt:
-    """One RL prompt: chat messages (images as ``{"type": "image"}`` parts), its images, its ground truth."""
+    """One RL prompt: chat messages (images as ``{"type": "image"}`` parts), its images, its ground truth.
+
+    ``images``: PIL images, or the prompt's preprocessed :class:`~nemo_viper.data.images.PromptImages`
+    (what :class:`~nemo_viper.data.prompt_source.ShardPromptSource` provides), shared by all its rollouts.
+    """
 
     sample_id: str
     messages: list[dict]
-    images: list = field(default_factory=list)
+    images: Any = field(default_factory=list)
     ground_truth: list[str] = field(default_factory=list)
 
 
@@ -130,8 +134,8 @@ def run_rl(
 ) -> list[dict]:
     """Run (or resume) a stage for ``config.steps`` steps. Returns the metrics of the steps run now.
 
-    ``processor`` (the policy's image-only Qwen2.5-VL processor) turns task prompts into token ids and
-    processed images.
+    ``processor`` (the policy's image-only Qwen2.5-VL processor) turns task prompts into token ids (and
+    prepares their images unless the prompt source already did).
     """
     import torch.distributed as dist
     from megatron.core import parallel_state

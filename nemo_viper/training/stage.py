@@ -1,9 +1,11 @@
 """One RL stage as a job: ``nemo-viper train --stage {1,2}`` (SPEC §2, §7).
 
 Stage 1 trains on ``caption_refine`` shards, stage 2 on ``visual_op`` shards, with the same settings.
-Everything cheap is validated first (dataset manifest and task, policy path, layout); then the policy is
-built for training, the Megatron generator shares its weights, the ViPER reward scores the rollouts,
-and :func:`~nemo_viper.training.loop.run_rl` runs or resumes the stage under ``out/``.
+Everything cheap is validated first (dataset manifest and task, policy path, layout, image processor
+settings); then the policy is built for training, the Megatron generator shares its weights, a
+:class:`~nemo_viper.data.prompt_source.ShardPromptSource` prepares each data-parallel rank's prompts ahead
+of the loop (images through DALI), the ViPER reward scores the rollouts, and
+:func:`~nemo_viper.training.loop.run_rl` runs or resumes the stage under ``out/``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nemo_viper.data.images import BACKENDS as IMAGE_BACKENDS
+from nemo_viper.data.images import QwenImagePreprocessor
 from nemo_viper.errors import ConfigError
 from nemo_viper.models.checkpoint import METADATA_FILE, resolve_checkpoint
 from nemo_viper.models.hf_checkpoint import check_parallel_layout, read_qwen25_vl_config
@@ -34,10 +38,16 @@ class StageConfig:
     pipeline_parallel: int = 1
     precision: str = "bf16"
     generation_batch_size: int = 64
+    image_backend: str = "auto"  # QwenImagePreprocessor backend: auto (DALI if importable), dali, pil
+    prefetch_prompts: int = 16  # prompts prepared ahead of the loop (bounded host memory)
 
     def __post_init__(self):
         if self.stage not in STAGE_TASKS:
             raise ConfigError(f"stage={self.stage} must be 1 or 2")
+        if self.image_backend not in IMAGE_BACKENDS:
+            raise ConfigError(f"image_backend={self.image_backend!r}, expected one of {IMAGE_BACKENDS}")
+        if self.prefetch_prompts < 1:
+            raise ConfigError(f"prefetch_prompts={self.prefetch_prompts} must be >= 1")
 
 
 def policy_paths(policy: str | Path) -> tuple[Path, Path | None]:
@@ -62,6 +72,7 @@ def run_stage(config: StageConfig) -> list[dict]:
     if checkpoint is not None:
         read_checkpoint_metadata(checkpoint)
     check_parallel_layout(read_qwen25_vl_config(hf_dir), config.tensor_parallel, config.pipeline_parallel)
+    preprocessor = QwenImagePreprocessor.from_pretrained(hf_dir, config.image_backend)
 
     from megatron.core import parallel_state  # heavy imports only after the checks above
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -69,7 +80,6 @@ def run_stage(config: StageConfig) -> list[dict]:
     from nemo_viper.data.prompt_source import ShardPromptSource
     from nemo_viper.models.policy import PolicyConfig
     from nemo_viper.models.processor import load_processor
-    from nemo_viper.prompts import task_prompt
     from nemo_viper.rewards import ViperReward
     from nemo_viper.rollout.megatron_backend import MegatronGenerationBackend, MegatronGenerationConfig
     from nemo_viper.training.grpo import build_trainer
@@ -87,15 +97,16 @@ def run_stage(config: StageConfig) -> list[dict]:
     )
     prompts = ShardPromptSource(
         dataset,
-        task_prompt,
+        preprocessor,
         seed=config.rl.seed,
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_world=parallel_state.get_data_parallel_world_size(),
+        prefetch=config.prefetch_prompts,
     )
     columns = (TextColumn(f"RL stage {config.stage}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("reward {task.fields[reward]:.3f}"), TimeRemainingColumn())
     show = parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0
-    with Progress(*columns, disable=not show) as progress:
+    with prompts, Progress(*columns, disable=not show) as progress:
         task = progress.add_task("steps", total=config.rl.steps, reward=0.0)
 
         def advance(step: int, metrics: dict) -> None:

@@ -28,6 +28,39 @@ def test_oversize_image_is_resized_to_the_pixel_budget(processor):
     assert request.pixel_values.shape[0] == h * w and request.n == 5
 
 
+def test_requests_match_the_processor_with_pil_or_preprocessed_images(processor, tiny_hf_dir):
+    """Token ids exactly as the HF processor's own call returns them (placeholder expansion), whether the
+    images are PIL images or already preprocessed by the DALI pipeline (shared, not copied)."""
+    import io
+
+    import skimage.data
+
+    from nemo_viper.data.images import QwenImagePreprocessor
+
+    photos = [Image.fromarray(skimage.data.astronaut()).resize((300, 200)), Image.fromarray(skimage.data.coffee())]
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare."}]}]
+    text = processor.apply_chat_template(chat, add_generation_prompt=True)
+    expected = processor(text=[text], images=photos, return_tensors="pt")
+
+    from_pil = GenerationRequest.from_chat(processor, chat, photos)
+    assert torch.equal(from_pil.prompt_ids, expected["input_ids"][0])
+    assert torch.equal(from_pil.pixel_values, expected["pixel_values"])
+
+    encoded = []
+    for photo in photos:
+        buffer = io.BytesIO()
+        photo.save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    [prepared] = QwenImagePreprocessor.from_pretrained(tiny_hf_dir, "dali", device="cpu")([encoded])
+    from_prepared = GenerationRequest.from_chat(processor, chat, prepared, n=5)
+    assert torch.equal(from_prepared.prompt_ids, expected["input_ids"][0])
+    assert torch.equal(from_prepared.image_grid_thw, expected["image_grid_thw"])
+    assert from_prepared.pixel_values is prepared.pixel_values
+    assert (from_prepared.pixel_values - expected["pixel_values"]).abs().mean() < 1e-3
+    with pytest.raises(ValueError, match="2 image placeholders but 1 processed images"):
+        GenerationRequest.from_chat(processor, chat, photos[:1])
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
