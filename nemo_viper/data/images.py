@@ -226,8 +226,6 @@ class QwenImagePreprocessor:
         max_batch_size: int = 16,
         num_threads: int | None = None,
     ):
-        if backend not in BACKENDS:
-            raise ConfigError(f"image backend={backend!r}, expected one of {BACKENDS}")
         if device not in DEVICES:
             raise ConfigError(f"image device={device!r}, expected one of {DEVICES}")
         if max_batch_size < 1:
@@ -235,14 +233,8 @@ class QwenImagePreprocessor:
         self.config = config
         self.max_batch_size = max_batch_size
         self._lock = threading.Lock()
-        if backend == "auto":
-            backend = "dali" if _dali_importable() else "pil"
-            if backend == "pil":
-                log.warning("NVIDIA DALI is not importable: images are preprocessed with the (slower) PIL processor")
-        if backend == "dali" and not _dali_importable():
-            raise ConfigError("image backend='dali' but NVIDIA DALI is not importable (install nvidia-dali-cuda120)")
-        self.backend = backend
-        if backend == "pil":
+        self.backend = resolve_backend(backend)
+        if self.backend == "pil":
             self.device = torch.device("cpu")
             self._engine = _PilBackend(config)
         else:
@@ -311,7 +303,21 @@ class QwenImagePreprocessor:
         return processed
 
 
-def _dali_importable() -> bool:
+def resolve_backend(backend: str) -> str:
+    """``"dali"`` or ``"pil"`` for a requested backend (see :class:`QwenImagePreprocessor`); ``"auto"``
+    falls back to PIL with a warning, ``"dali"`` without DALI is a :class:`ConfigError`."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"image backend={backend!r}, expected one of {BACKENDS}")
+    if backend == "auto":
+        backend = "dali" if dali_importable() else "pil"
+        if backend == "pil":
+            log.warning("NVIDIA DALI is not importable: images are preprocessed with the (slower) PIL processor")
+    if backend == "dali" and not dali_importable():
+        raise ConfigError("image backend='dali' but NVIDIA DALI is not importable (install nvidia-dali-cuda120)")
+    return backend
+
+
+def dali_importable() -> bool:
     try:
         import nvidia.dali  # noqa: F401
     except ImportError:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nemo_viper.data.images import BACKENDS as IMAGE_BACKENDS
-from nemo_viper.data.images import QwenImagePreprocessor
+from nemo_viper.data.images import ImageProcessingConfig, QwenImagePreprocessor, resolve_backend
 from nemo_viper.errors import ConfigError
 from nemo_viper.models.checkpoint import METADATA_FILE, resolve_checkpoint
 from nemo_viper.models.hf_checkpoint import check_parallel_layout, read_qwen25_vl_config
@@ -72,7 +72,8 @@ def run_stage(config: StageConfig) -> list[dict]:
     if checkpoint is not None:
         read_checkpoint_metadata(checkpoint)
     check_parallel_layout(read_qwen25_vl_config(hf_dir), config.tensor_parallel, config.pipeline_parallel)
-    preprocessor = QwenImagePreprocessor.from_pretrained(hf_dir, config.image_backend)
+    image_config = ImageProcessingConfig.from_pretrained(hf_dir)
+    image_backend = resolve_backend(config.image_backend)
 
     from megatron.core import parallel_state  # heavy imports only after the checks above
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -97,7 +98,7 @@ def run_stage(config: StageConfig) -> list[dict]:
     )
     prompts = ShardPromptSource(
         dataset,
-        preprocessor,
+        QwenImagePreprocessor(image_config, image_backend),  # after build_trainer chose this rank's GPU
         seed=config.rl.seed,
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_world=parallel_state.get_data_parallel_world_size(),

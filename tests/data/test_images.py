@@ -213,7 +213,7 @@ def test_unsupported_processor_settings_are_refused():
 
 
 def test_without_dali_auto_falls_back_to_pil_with_a_warning(monkeypatch, caplog):
-    monkeypatch.setattr(images_module, "_dali_importable", lambda: False)
+    monkeypatch.setattr(images_module, "dali_importable", lambda: False)
     with caplog.at_level(logging.WARNING, logger=images_module.__name__):
         assert QwenImagePreprocessor(CONFIG).backend == "pil"
     assert "DALI is not importable" in caplog.text
