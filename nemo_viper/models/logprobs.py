@@ -22,13 +22,26 @@ from torch import Tensor
 
 @dataclass
 class PolicyBatch:
-    """Inputs of one forward pass. ``pixel_values`` holds the patches of all images of all samples, in
-    order (sample 0's images first); ``image_grid_thw`` has one ``(t, h, w)`` row per image."""
+    """Inputs of one forward pass: right-padded token ids, the response mask, and the images.
+
+    Images come in one of two layouts:
+
+    - per row (``image_sets=None``): ``pixel_values`` holds the patches of every row's images in row order
+      (row 0's images first), ``image_grid_thw`` one ``(t, h, w)`` row per image;
+    - shared (``image_sets`` [B] long): row ``i`` shows image set ``image_sets[i]`` (``-1``: no images);
+      ``pixel_values`` / ``image_grid_thw`` hold the sets ``0, 1, ...`` in order, each once. A GRPO
+      rollout stores a prompt's images once for its ``n`` responses this way.
+
+    A row's image count is the number of ``<|vision_start|>`` tokens in it. :meth:`select` keeps the
+    layout (shared sets are gathered once, not per row); :meth:`model_inputs` expands the images to the
+    per-row form the model takes, for one micro-batch at a time.
+    """
 
     input_ids: Tensor  # [B, S] long, right-padded
     response_mask: Tensor  # [B, S] bool/int: 1 where the log-prob of x_t is wanted
     pixel_values: Tensor | None = None  # [sum of t*h*w over images, C*patch volume]
     image_grid_thw: Tensor | None = None  # [num_images, 3]
+    image_sets: Tensor | None = None  # [B] long, shared layout only
 
     def __post_init__(self):
         if self.input_ids.shape != self.response_mask.shape:
@@ -44,32 +57,32 @@ class PolicyBatch:
                 raise ValueError(
                     f"image_grid_thw describes {patches} patches but pixel_values has {self.pixel_values.shape[0]}"
                 )
+        if self.image_sets is not None and self.image_sets.shape != self.input_ids.shape[:1]:
+            raise ValueError(f"image_sets has shape {tuple(self.image_sets.shape)}, expected ({self.input_ids.shape[0]},)")
 
-    def select(self, rows, vision_start_token_id: int) -> "PolicyBatch":
-        """The samples at ``rows`` (indices or a slice), each with exactly its own images.
-
-        A sample's images are the ones whose ``<|vision_start|>`` tokens it contains, in order.
-        """
+    def select(self, rows, vision_start_token_id: int) -> PolicyBatch:
+        """The samples at ``rows`` (indices or a slice), each with exactly its own images, in the same layout."""
         input_ids, response_mask = self.input_ids[rows], self.response_mask[rows]
         if self.image_grid_thw is None:
             return PolicyBatch(input_ids, response_mask)
-        images_per_sample = (self.input_ids == vision_start_token_id).sum(dim=1)
-        if int(images_per_sample.sum()) != self.image_grid_thw.shape[0]:
-            raise ValueError(
-                f"input_ids contain {int(images_per_sample.sum())} images but image_grid_thw has "
-                f"{self.image_grid_thw.shape[0]} rows"
-            )
-        image_owner = torch.repeat_interleave(torch.arange(len(images_per_sample)), images_per_sample)
-        patch_owner = torch.repeat_interleave(image_owner, self.image_grid_thw.prod(dim=-1))
-        row_ids = torch.arange(len(images_per_sample))[rows].reshape(-1)
-        rank_of_row = torch.full((len(images_per_sample),), -1, dtype=torch.long)
-        rank_of_row[row_ids] = torch.arange(len(row_ids))
-        image_index, patch_index = (_in_row_order(rank_of_row[owner]) for owner in (image_owner, patch_owner))
-        if image_index.numel() == 0:
+        sets, set_sizes = self._image_sets(vision_start_token_id)
+        if self.image_sets is None:  # per row: the selected rows' images, in order
+            pixel_values, grid = self._gather(sets[rows].reshape(-1), set_sizes)
+            if len(grid) == 0:
+                return PolicyBatch(input_ids, response_mask)
+            return PolicyBatch(input_ids, response_mask, pixel_values, grid)
+        selected = sets[rows].reshape(-1)
+        used = selected[selected >= 0]
+        if used.numel() == 0:
             return PolicyBatch(input_ids, response_mask)
-        return PolicyBatch(input_ids, response_mask, self.pixel_values[patch_index], self.image_grid_thw[image_index])
+        order = torch.unique(used, sorted=True)  # renumber the sets that are still shown
+        renumber = torch.full((len(set_sizes),), -1, dtype=torch.long)
+        renumber[order] = torch.arange(len(order))
+        pixel_values, grid = self._gather(order, set_sizes)
+        image_sets = torch.where(selected >= 0, renumber[selected.clamp(min=0)], -1)
+        return PolicyBatch(input_ids, response_mask, pixel_values, grid, image_sets)
 
-    def split(self, micro_batch_size: int, vision_start_token_id: int) -> list["PolicyBatch"]:
+    def split(self, micro_batch_size: int, vision_start_token_id: int) -> list[PolicyBatch]:
         """Consecutive micro-batches of ``micro_batch_size`` samples (the last may be smaller)."""
         batch_size = self.input_ids.shape[0]
         return [
@@ -77,11 +90,53 @@ class PolicyBatch:
             for start in range(0, batch_size, micro_batch_size)
         ]
 
+    def model_inputs(self, device: torch.device, vision_start_token_id: int) -> dict:
+        """The keyword arguments of the Megatron Qwen2.5-VL forward, images per row, on ``device``."""
+        inputs = {"input_ids": self.input_ids.to(device), "position_ids": None, "attention_mask": None}
+        if self.image_grid_thw is None:
+            return inputs
+        pixel_values, grid = self.pixel_values, self.image_grid_thw
+        if self.image_sets is not None:
+            sets, set_sizes = self._image_sets(vision_start_token_id)
+            pixel_values, grid = self._gather(sets, set_sizes)
+        if len(grid):
+            inputs.update(pixel_values=pixel_values.to(device), image_grid_thw=grid.to(device))
+        return inputs
 
-def _in_row_order(rank: Tensor) -> Tensor:
-    """Indices of the items whose owner was selected (rank >= 0), ordered by owner rank, stable."""
-    kept = (rank >= 0).nonzero().flatten()
-    return kept[torch.argsort(rank[kept], stable=True)]
+    def _image_sets(self, vision_start_token_id: int) -> tuple[Tensor, Tensor]:
+        """``(image set of each row, images per set)``; checks them against the ``<|vision_start|>`` tokens."""
+        images_per_row = (self.input_ids == vision_start_token_id).sum(dim=1)
+        if self.image_sets is None:
+            sets, set_sizes = torch.arange(len(images_per_row)), images_per_row
+        else:
+            sets = self.image_sets.long().cpu()
+            shown = sets >= 0
+            set_sizes = torch.zeros(int(sets.max()) + 1 if shown.any() else 0, dtype=torch.long)
+            set_sizes[sets[shown]] = images_per_row[shown]
+            if (images_per_row[~shown] != 0).any() or (set_sizes[sets[shown]] != images_per_row[shown]).any():
+                raise ValueError("rows showing the same image set (image_sets) contain different numbers of images")
+        if int(set_sizes.sum()) != self.image_grid_thw.shape[0]:
+            raise ValueError(
+                f"input_ids contain {int(set_sizes.sum())} images but image_grid_thw has "
+                f"{self.image_grid_thw.shape[0]} rows"
+            )
+        return sets, set_sizes
+
+    def _gather(self, sets: Tensor, set_sizes: Tensor) -> tuple[Tensor, Tensor]:
+        """The images of ``sets`` (image set ids, in order, repeats allowed; ``-1`` skipped), concatenated."""
+        sets = sets[sets >= 0]
+        patches_per_image = self.image_grid_thw.prod(dim=-1).cpu()
+        image_index = _ranges(torch.cumsum(set_sizes, 0) - set_sizes, set_sizes, sets)
+        patch_index = _ranges(torch.cumsum(patches_per_image, 0) - patches_per_image, patches_per_image, image_index)
+        return (self.pixel_values[patch_index.to(self.pixel_values.device)],
+                self.image_grid_thw[image_index.to(self.image_grid_thw.device)])
+
+
+def _ranges(starts: Tensor, counts: Tensor, items: Tensor) -> Tensor:
+    """``cat([arange(starts[k], starts[k] + counts[k]) for k in items])``, without a Python loop."""
+    counts = counts[items]
+    offsets = torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    return torch.repeat_interleave(starts[items], counts) + offsets
 
 
 def vocab_parallel_token_logprobs(
@@ -101,14 +156,6 @@ def vocab_parallel_token_logprobs(
     return torch.cat([shifted.new_zeros(shifted.shape[0], 1), shifted], dim=1)
 
 
-def _model_inputs(batch: PolicyBatch, device: torch.device) -> dict:
-    inputs = {"input_ids": batch.input_ids.to(device), "position_ids": None, "attention_mask": None}
-    if batch.pixel_values is not None:
-        inputs["pixel_values"] = batch.pixel_values.to(device)
-        inputs["image_grid_thw"] = batch.image_grid_thw.to(device)
-    return inputs
-
-
 def _pad_rows(batch: PolicyBatch, rows: int, pad_token_id: int) -> PolicyBatch:
     """Append text-only rows of padding so every micro-batch has the same shape (pipeline p2p needs it)."""
     missing = rows - batch.input_ids.shape[0]
@@ -116,7 +163,10 @@ def _pad_rows(batch: PolicyBatch, rows: int, pad_token_id: int) -> PolicyBatch:
         return batch
     ids = torch.cat([batch.input_ids, batch.input_ids.new_full((missing, batch.input_ids.shape[1]), pad_token_id)])
     mask = torch.cat([batch.response_mask, batch.response_mask.new_zeros((missing, batch.response_mask.shape[1]))])
-    return PolicyBatch(ids, mask, batch.pixel_values, batch.image_grid_thw)
+    sets = batch.image_sets
+    if sets is not None:
+        sets = torch.cat([sets, sets.new_full((missing,), -1)])
+    return PolicyBatch(ids, mask, batch.pixel_values, batch.image_grid_thw, sets)
 
 
 @torch.no_grad()
@@ -136,12 +186,13 @@ def run_forward(policy, batch: PolicyBatch, per_micro_batch, micro_batch_size: i
     device = next(chunks[0].parameters()).device
     batch_size, seq_length = batch.input_ids.shape
     micro_batch_size = min(micro_batch_size, batch_size)
-    micro_batches = batch.split(micro_batch_size, policy.provider.vision_start_token_id)
+    vision_start_token_id = policy.provider.vision_start_token_id
+    micro_batches = batch.split(micro_batch_size, vision_start_token_id)
     micro_batches = [_pad_rows(mb, micro_batch_size, pad_token_id) for mb in micro_batches]
 
     def forward_step(data_iterator, model):
         micro_batch = next(data_iterator)
-        output = model(**_model_inputs(micro_batch, device))
+        output = model(**micro_batch.model_inputs(device, vision_start_token_id))
         return output, lambda output_tensor, non_loss_data=True: per_micro_batch(output_tensor, micro_batch)
 
     outputs = get_forward_backward_func()(

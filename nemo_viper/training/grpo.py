@@ -21,7 +21,7 @@ whatever the micro-batch or DP split.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -179,7 +179,7 @@ class GRPOTrainer:
         mask = batch.sequences.response_mask.bool()
         if cfg.overlong_filtering:
             mask = mask_truncated(mask, batch.truncated.bool())
-        sequences = PolicyBatch(batch.sequences.input_ids, mask, batch.sequences.pixel_values, batch.sequences.image_grid_thw)
+        sequences = replace(batch.sequences, response_mask=mask)
         times["advantages"] = time.perf_counter() - started
 
         started = time.perf_counter()
@@ -229,10 +229,7 @@ class GRPOTrainer:
 
         def forward_step(data_iterator, model):
             batch, old, adv = next(data_iterator)
-            inputs = {"input_ids": batch.input_ids.to(device), "position_ids": None, "attention_mask": None}
-            if batch.pixel_values is not None:
-                inputs.update(pixel_values=batch.pixel_values.to(device), image_grid_thw=batch.image_grid_thw.to(device))
-            output = model(**inputs)
+            output = model(**batch.model_inputs(device, self.vision_start_token_id))
             return output, lambda logits: self._loss(logits, batch, old.to(device), adv.to(device), normalizer)
 
         losses = get_forward_backward_func()(

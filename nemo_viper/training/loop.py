@@ -85,27 +85,31 @@ def assemble_rollout(
     sample_ids: Sequence[str],
     pad_token_id: int,
 ) -> RolloutBatch:
-    """Rows = prompt + response tokens (right-padded), grouped by request; each row carries its prompt's images."""
-    rows, prompt_lengths, groups, row_ids, pixel_values, grids, truncated = [], [], [], [], [], [], []
+    """Rows = prompt + response tokens (right-padded), grouped by request. A request's images are stored once
+    and shown by all its rows (:class:`PolicyBatch`'s shared layout): no copy per response."""
+    rows, prompt_lengths, groups, row_ids, image_sets, pixel_values, grids, truncated = [], [], [], [], [], [], [], []
     for group, (request, samples) in enumerate(zip(requests, responses)):
+        image_set = -1
+        if request.pixel_values is not None:
+            image_set = len(pixel_values)
+            pixel_values.append(request.pixel_values)
+            grids.append(request.image_grid_thw)
         for sample in samples:
             rows.append(torch.cat([request.prompt_ids, torch.tensor(sample.token_ids, dtype=torch.long)]))
             prompt_lengths.append(len(request.prompt_ids))
             groups.append(group)
             row_ids.append(sample_ids[group])
+            image_sets.append(image_set)
             truncated.append(sample.finish_reason == "length")
-            if request.pixel_values is not None:
-                pixel_values.append(request.pixel_values)
-                grids.append(request.image_grid_thw)
     length = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     response_mask = torch.zeros((len(rows), length), dtype=torch.bool)
     for i, (row, start) in enumerate(zip(rows, prompt_lengths)):
         input_ids[i, : len(row)] = row
         response_mask[i, start : len(row)] = True
-    sequences = PolicyBatch(
-        input_ids, response_mask, torch.cat(pixel_values) if pixel_values else None, torch.cat(grids) if grids else None
-    )
+    sequences = PolicyBatch(input_ids, response_mask)
+    if pixel_values:
+        sequences = PolicyBatch(input_ids, response_mask, torch.cat(pixel_values), torch.cat(grids), torch.tensor(image_sets))
     reward_metrics = {
         "format": sum(r.format for r in rewards) / len(rewards),
         "correctness": sum(r.correctness for r in rewards) / len(rewards),
