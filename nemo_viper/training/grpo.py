@@ -39,6 +39,7 @@ from nemo_viper.errors import ConfigError
 from nemo_viper.models.logprobs import (
     PolicyBatch,
     compute_logprobs,
+    forward_micro_batch,
     vocab_parallel_token_entropy,
     vocab_parallel_token_logprobs,
 )
@@ -229,7 +230,7 @@ class GRPOTrainer:
 
         def forward_step(data_iterator, model):
             batch, old, adv = next(data_iterator)
-            output = model(**batch.model_inputs(device, self.vision_start_token_id))
+            output = forward_micro_batch(model, batch, device, self.vision_start_token_id)
             return output, lambda logits: self._loss(logits, batch, old.to(device), adv.to(device), normalizer)
 
         losses = get_forward_backward_func()(
