@@ -83,6 +83,9 @@ def cmd_train(args) -> None:
         precision=args.precision,
         image_backend=args.image_backend,
         prefetch_prompts=args.prefetch_prompts,
+        **{k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v is not None},
+        recompute=args.recompute,
+        recompute_vision=args.recompute_vision,
     )
     run_stage(config)
     if _is_rank_zero():
@@ -217,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "auto = DALI if importable")
     train.add_argument("--prefetch-prompts", type=int, default=16,
                        help="prompts (images decoded) prepared ahead of the loop per rank")
+    train.add_argument("--min-pixels", type=int, help="pixel budget of every image: at least (default 56*56)")
+    train.add_argument("--max-pixels", type=int,
+                       help="pixel budget of every image: at most (default 1280*28*28, synthesis's cap), whatever "
+                       "the checkpoint's processor says")
+    train.add_argument("--recompute", default="none", choices=("none", "selective", "full"),
+                       help="activation recomputation of the language model")
+    train.add_argument("--recompute-vision", action="store_true", help="checkpoint every vision-tower block")
     train.add_argument("--seed", type=int, default=0)
     _add_layout_args(train)
     train.set_defaults(func=cmd_train)

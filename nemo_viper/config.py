@@ -33,6 +33,8 @@ class ModelSection:
     fp8_recipe: str = "blockwise"  # blockwise (Hopper) | mxfp8 (Blackwell) | tensorwise | delayed
     freeze_vision_tower: bool = False
     freeze_projector: bool = False
+    recompute: str = "none"  # RL training, language model: none | selective (core attention) | full (layer inputs)
+    recompute_vision: bool = False  # RL training: checkpoint every vision-tower block
 
 
 @dataclass
@@ -77,6 +79,10 @@ class RLSection:
     seed: int = 0
     image_backend: str = "auto"  # auto (DALI if importable) | dali | pil
     prefetch_prompts: int = 16  # per data-parallel rank
+    # Pixel budget of every RL image (prompts and rollouts), whatever the checkpoint's processor says:
+    # Qwen's resize keeps each image's pixel count in [min_pixels, max_pixels] (default: synthesis's cap).
+    min_pixels: int = 56 * 56
+    max_pixels: int = 1280 * 28 * 28
 
 
 @dataclass
@@ -152,6 +158,7 @@ def _one_line(exc: OmegaConfBaseException) -> str:
 CHOICES = {
     "model.precision": ("fp32", "bf16", "fp8"),
     "model.fp8_recipe": ("blockwise", "mxfp8", "tensorwise", "delayed"),
+    "model.recompute": ("none", "selective", "full"),
     "rl.aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
     "rl.image_backend": ("auto", "dali", "pil"),
     "reward.mode": ("precision", "recall", "f1"),
@@ -192,6 +199,8 @@ def validate(config: ViperConfig, check_paths: bool = True) -> None:
         )
     if config.model.precision == "fp8" and parallel.gpus_per_node == 0:
         raise ConfigError("model.precision='fp8' needs GPUs (parallel.gpus_per_node > 0)")
+    if not 28 * 28 <= config.rl.min_pixels <= config.rl.max_pixels:
+        raise ConfigError(f"rl.min_pixels={config.rl.min_pixels} must be >= 784 and <= rl.max_pixels={config.rl.max_pixels}")
     if config.rl.prefetch_prompts < 1:
         raise ConfigError(f"rl.prefetch_prompts={config.rl.prefetch_prompts} must be >= 1")
     if config.rounds < 1:

@@ -85,8 +85,11 @@ def _rl_args(config: ViperConfig) -> tuple[str, ...]:
         "--eps-high", rl.eps_high, "--reward-mode", reward.mode, "--precision", config.model.precision,
         "--save-every", rl.save_every, "--seed", rl.seed, "--tp", config.parallel.tensor,
         "--pp", config.parallel.pipeline, "--image-backend", rl.image_backend,
-        "--prefetch-prompts", rl.prefetch_prompts,
+        "--prefetch-prompts", rl.prefetch_prompts, "--min-pixels", rl.min_pixels, "--max-pixels", rl.max_pixels,
+        "--recompute", config.model.recompute,
     ]
+    if config.model.recompute_vision:
+        args.append("--recompute-vision")
     if reward.embedding_model:
         args += ["--reward-model", reward.embedding_model]
     if rl.dynamic_sampling:

@@ -25,6 +25,7 @@ from nemo_viper.synthesis.tiny_diffusion import TINY_PIPELINES
 STAGES = (1, 2)
 PRESETS = ("auto", "qwen", "tiny")
 ENTITY_SOURCES = ("policy", "caption", "both")
+RESIDENCY = ("together", "alternate")
 
 # Diffusion presets, applied before the user's YAML and overrides. ``qwen`` is the paper's setting on GPUs;
 # ``tiny`` is the embedded default on CPUs: random 64x64 pipelines built offline (see tiny_diffusion.py).
@@ -195,6 +196,9 @@ class SynthConfig:
     - ``batch_size``: images per step batch (each sub-step makes one batched call per batch).
     - ``seed``: base of every per-sample seed (redraw, edit, sampled VLM answers).
     - ``keep_redraw``: store the stage-1 redraw as the optional debug image ``recon``.
+    - ``residency``: ``together`` keeps the policy and the diffusion pipeline on the GPU for the whole job;
+      ``alternate`` never holds both: a chunk's captions (and critiques, rewrites, operations) are done by
+      the policy on the GPU with the pipeline in host memory, then the two swap for the chunk's drawing.
     """
 
     stage: int = 1
@@ -208,6 +212,7 @@ class SynthConfig:
     batch_size: int = 8
     seed: int = 0
     keep_redraw: bool = False
+    residency: str = "together"
     diffusion_preset: str = "auto"
     vlm: VLMConfig = field(default_factory=VLMConfig)
     redraw: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -225,6 +230,8 @@ class SynthConfig:
             raise ConfigError("vlm.policy: the policy checkpoint (or HF Qwen2.5-VL directory) is required")
         if not 0 <= self.shard_index < self.num_shards:
             raise ConfigError(f"shard_index={self.shard_index} must be in [0, num_shards={self.num_shards})")
+        if self.residency not in RESIDENCY:
+            raise ConfigError(f"residency={self.residency!r} must be one of {RESIDENCY}")
         for name in ("chunk_size", "samples_per_shard", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
@@ -285,7 +292,7 @@ def config_hash(config: SynthConfig, input_fingerprint: str) -> str:
     and batch sizes (seeds are per sample), so a resumed job may change them.
     """
     relevant = asdict(config)
-    for placement in ("out", "shard_index", "num_shards", "images", "stage1", "batch_size",
+    for placement in ("out", "shard_index", "num_shards", "images", "stage1", "batch_size", "residency",
                       "edit" if config.stage == 1 else "redraw"):
         relevant.pop(placement)
     relevant["vlm"].pop("max_batch_size")

@@ -10,7 +10,7 @@ of the loop (images through DALI), the ViPER reward scores the rollouts, and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from nemo_viper.data.images import BACKENDS as IMAGE_BACKENDS
@@ -40,6 +40,10 @@ class StageConfig:
     generation_batch_size: int = 64
     image_backend: str = "auto"  # QwenImagePreprocessor backend: auto (DALI if importable), dali, pil
     prefetch_prompts: int = 16  # prompts prepared ahead of the loop (bounded host memory)
+    min_pixels: int = ImageProcessingConfig.min_pixels  # pixel budget of every prompt image (both backends)
+    max_pixels: int = ImageProcessingConfig.max_pixels
+    recompute: str = "none"  # language model: none | selective | full (see PolicyConfig)
+    recompute_vision: bool = False
 
     def __post_init__(self):
         if self.stage not in STAGE_TASKS:
@@ -59,6 +63,13 @@ def policy_paths(policy: str | Path) -> tuple[Path, Path | None]:
     return policy, None
 
 
+def rl_image_config(hf_dir: str | Path, min_pixels: int, max_pixels: int) -> ImageProcessingConfig:
+    """The checkpoint's image processor settings with the run's pixel budget instead of the processor's own
+    (Qwen2.5-VL publishes ``max_pixels`` = 12,845,056: up to 16,384 tokens per image). The prompts' images
+    are prepared once with it, and rollouts and training reuse them: every phase sees the same budget."""
+    return replace(ImageProcessingConfig.from_pretrained(hf_dir), min_pixels=min_pixels, max_pixels=max_pixels)
+
+
 def run_stage(config: StageConfig) -> list[dict]:
     """Validate, build and run (or resume) one RL stage. Returns the metrics of the steps run now."""
     from nemo_viper.data.shards import ShardDataset
@@ -72,7 +83,7 @@ def run_stage(config: StageConfig) -> list[dict]:
     if checkpoint is not None:
         read_checkpoint_metadata(checkpoint)
     check_parallel_layout(read_qwen25_vl_config(hf_dir), config.tensor_parallel, config.pipeline_parallel)
-    image_config = ImageProcessingConfig.from_pretrained(hf_dir)
+    image_config = rl_image_config(hf_dir, config.min_pixels, config.max_pixels)
     image_backend = resolve_backend(config.image_backend)
 
     from megatron.core import parallel_state  # heavy imports only after the checks above
@@ -91,6 +102,8 @@ def run_stage(config: StageConfig) -> list[dict]:
         tensor_parallel=config.tensor_parallel,
         pipeline_parallel=config.pipeline_parallel,
         precision=config.precision,
+        recompute=config.recompute,
+        recompute_vision=config.recompute_vision,
     )
     trainer = build_trainer(policy_config, config.grpo, init_checkpoint=checkpoint)
     generator = MegatronGenerationBackend(

@@ -1,7 +1,7 @@
 """Worker: one micro-batch forward/backward of the tiny policy in float64 with the images per row and shared.
 
 The batch: 3 prompts (two with one image each, at different sizes, one with two images) x ``--responses``,
-plus a text-only row; row ``i`` of prompt ``p`` has its own response tokens. The loss is a fixed random
+plus a text-only row (with ``--recompute``/``--recompute-vision``: the policy built with that recomputation); row ``i`` of prompt ``p`` has its own response tokens. The loss is a fixed random
 weighting of the response tokens' log-probs. Saves, for each layout, the log-probs, the gradient of every
 parameter and the bytes of tensors autograd saved for the backward pass.
 """
@@ -66,9 +66,12 @@ def main():
     parser.add_argument("--hf", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--responses", type=int, default=5)
+    parser.add_argument("--recompute", default="none")
+    parser.add_argument("--recompute-vision", action="store_true")
     args = parser.parse_args()
 
-    policy = build_policy(PolicyConfig(hf_path=args.hf, precision="fp32"))
+    policy = build_policy(PolicyConfig(hf_path=args.hf, precision="fp32", recompute=args.recompute,
+                                       recompute_vision=args.recompute_vision))
     (model,) = policy.chunks
     model.double().train()
     provider = policy.provider
