@@ -154,10 +154,22 @@ def cmd_run(args) -> None:
     console.print(f"run report: {report}")
 
 
+def cmd_plan(args) -> None:
+    from nemo_viper.planning.recipe import format_plan, plan_recipe
+    from recipes import recipe
+
+    config = recipe(args.recipe, *args.overrides)
+    print(format_plan(plan_recipe(config, args.gpu_memory), args.recipe))
+
+
 def cmd_launch(args) -> None:
     from launcher.nemo_run_jobs import launch
 
     config = _recipe_config(args)
+    if config.parallel.gpus_per_node and not args.ignore_memory_plan:
+        from nemo_viper.planning.recipe import refuse_if_not_fitting
+
+        refuse_if_not_fitting(config, args.gpu_memory)
     scripts = launch(config, dry_run=args.dry_run)
     for name, text in (scripts or {}).items():
         print(f"######## {name}\n{text}")
@@ -257,7 +269,16 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "launch":
             sub.add_argument("--executor", choices=("local", "slurm"), help="overrides cluster.executor")
             sub.add_argument("--dry-run", action="store_true", help="print the sbatch scripts, submit nothing")
+            sub.add_argument("--gpu-memory", type=float, default=80, help="GiB per GPU the memory plan checks against")
+            sub.add_argument("--ignore-memory-plan", action="store_true",
+                             help="launch even if `nemo-viper plan` says a phase does not fit")
         sub.set_defaults(func=cmd_run if name == "run" else cmd_launch)
+
+    plan = commands.add_parser("plan", help="per-GPU memory of every phase of a recipe; verdict; what to change")
+    plan.add_argument("--recipe", required=True, help="tiny | qwen25vl_3b | qwen25vl_7b")
+    plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. rl.micro_batch_size=4")
+    plan.add_argument("--gpu-memory", type=float, default=80, help="GiB per GPU (default 80)")
+    plan.set_defaults(func=cmd_plan)
     return parser
 
 

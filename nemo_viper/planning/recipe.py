@@ -183,6 +183,16 @@ def _as_key(description: str) -> str:
     return f"{_KEYS.get(key, key)}={value}"
 
 
+def refuse_if_not_fitting(config, gpu_gib: float = 80) -> None:
+    """``ConfigError`` (one line) naming the phases that do not fit and the smallest change that does."""
+    result = plan_recipe(config, gpu_gib)
+    if result.plan.all_fit:
+        return
+    failing = ", ".join(f"{p.name} {p.total / GIB:.0f} GiB" for p in result.plan.phases if not result.plan.fits(p))
+    raise ConfigError(f"memory plan: {failing} do not fit {gpu_gib:g} GiB GPUs (nemo-viper plan --recipe "
+                      f"{config.name}); try {result.suggestion}; or launch with --ignore-memory-plan")
+
+
 def format_plan(result: RecipePlan, name: str) -> str:
     """The table printed by ``nemo-viper plan``: one column per phase, GiB per term, totals and verdicts."""
     plan, layout = result.plan, result.layout
