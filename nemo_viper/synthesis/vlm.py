@@ -43,10 +43,11 @@ class VLM:
     (``seeds[i]``), so an answer does not depend on which other prompts share the batch.
     """
 
-    def __init__(self, backend: GenerationBackend, processor, config: VLMConfig):
+    def __init__(self, backend: GenerationBackend, processor, config: VLMConfig, modules: Sequence = ()):
         self.backend = backend
         self.processor = processor
         self.config = config
+        self.modules = list(modules)  # the torch modules holding the policy's weights (GPU residency)
 
     def complete(self, prompts: Sequence[ChatPrompt], max_new_tokens: int, seeds: Sequence[int]) -> list[str]:
         if not prompts:
@@ -103,4 +104,4 @@ def load_megatron_vlm(config: VLMConfig, seed: int) -> VLM:
         chunk.eval()
     generation = MegatronGenerationConfig(max_batch_size=config.max_batch_size, seed=seed)
     backend = MegatronGenerationBackend(policy, generation)
-    return VLM(backend, load_processor(hf_dir), config)
+    return VLM(backend, load_processor(hf_dir), config, policy.chunks)

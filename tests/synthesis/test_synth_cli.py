@@ -81,3 +81,21 @@ def test_yaml_config_and_overrides_take_precedence_in_order(tiny_hf_dir, tmp_pat
     assert (config.seed, config.vlm.caption_tokens, config.vlm.critique_tokens) == (4, 100, 7)
     assert config.diffusion_preset == "tiny"  # auto on a machine without CUDA
     assert config.redraw.call_kwargs == {"num_inference_steps": 2, "height": 64, "width": 64, "guidance_scale": 1.0}
+
+
+@pytest.mark.slow
+def test_alternating_residency_swaps_per_batch_and_changes_no_sample(tiny_hf_dir, photo_dir, tmp_path):
+    """residency=alternate: the policy and the pipeline take turns (policy for the captions, pipeline for the
+    redraws, policy for critique and rewrite: two swaps per batch) and the samples are those of the models
+    kept together."""
+    from launch import run_worker
+
+    run_worker("synth_residency.py", "--hf", str(tiny_hf_dir), "--images", str(photo_dir), "--out", str(tmp_path))
+    swaps = json.loads((tmp_path / "swaps.json").read_text())
+    batches = 3  # 6 photos, batch_size 2
+    assert swaps == ["policy"] + ["pipeline", "policy"] * batches
+    alternate, together = ShardDataset(tmp_path / "alternate"), ShardDataset(tmp_path / "together")
+    assert len(alternate) == len(together) == manifest_of(tmp_path / "alternate")["written"] >= 1
+    for i in range(len(alternate)):
+        a, b = alternate.record(i), together.record(i)
+        assert a == b
