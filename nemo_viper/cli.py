@@ -42,7 +42,8 @@ def cmd_convert_import(args) -> None:
 def cmd_convert_export(args) -> None:
     from nemo_viper.models.checkpoint import export_checkpoint
 
-    out = export_checkpoint(args.ckpt, args.out, tensor_parallel=args.tp, pipeline_parallel=args.pp)
+    shard = {} if args.max_shard_mib is None else {"max_shard_bytes": int(args.max_shard_mib * 2**20)}
+    out = export_checkpoint(args.ckpt, args.out, tensor_parallel=args.tp, pipeline_parallel=args.pp, **shard)
     if _is_rank_zero():
         print(f"exported {args.ckpt} -> {out}")
 
@@ -201,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp = directions.add_parser("export", help="Megatron distributed checkpoint -> HF checkpoint dir")
     exp.add_argument("--ckpt", required=True, help="policy checkpoint directory")
     exp.add_argument("--out", required=True, help="output HF directory")
+    exp.add_argument("--max-shard-mib", type=float,
+                     help="MiB per safetensors shard (default 2048); each is written as soon as it is full")
     _add_layout_args(exp)
     exp.set_defaults(func=cmd_convert_export)
 

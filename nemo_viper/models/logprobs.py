@@ -284,22 +284,34 @@ def compute_logprobs(
     return result.float().cpu()
 
 
+ENTROPY_CHUNK_ROWS = 1024  # positions per float32 chunk of the entropy metric
+
+
 @torch.no_grad()
-def vocab_parallel_token_entropy(logits: Tensor, temperature: float = 1.0, tp_group=None) -> Tensor:
+def vocab_parallel_token_entropy(logits: Tensor, temperature: float = 1.0, tp_group=None,
+                                 chunk_rows: int = ENTROPY_CHUNK_ROWS) -> Tensor:
     """Entropy [B, S] of ``softmax(logits / T)`` at the positions that predict ``x_t`` (column 0 is 0).
 
-    ``H = log Z + max − Σ_v e^{z_v − max} z_v / Z`` with ``Z = Σ_v e^{z_v − max}``: three [B, S]
-    all-reduces over the TP group, no full-vocabulary gather. Metrics only (no gradient).
+    ``H = log Z + max − Σ_v e^{z_v − max} z_v / Z`` with ``Z = Σ_v e^{z_v − max}``, ``z = logits / T``:
+    two [B, S] all-reduces over the TP group, no full-vocabulary gather. The float32 work runs over
+    ``chunk_rows`` positions at a time, so its temporaries are ``chunk_rows x V/TP`` floats, not
+    ``B x S x V/TP``. Metrics only (no gradient).
     """
     from megatron.core import parallel_state
 
     group = tp_group or parallel_state.get_tensor_model_parallel_group()
-    z = logits[:, :-1].float() / temperature
-    z_max = z.max(dim=-1).values
+    shard = logits[:, :-1]  # a view: no copy of the logits
+    # max(z) = max(logits) / T exactly (division by T > 0 is monotonic, also after rounding)
+    z_max = shard.max(dim=-1).values.float() / temperature
     torch.distributed.all_reduce(z_max, op=torch.distributed.ReduceOp.MAX, group=group)
-    shifted = z - z_max[..., None]
-    exp = shifted.exp()
-    sums = torch.stack([exp.sum(dim=-1), (exp * shifted).sum(dim=-1)])
+    sums = z_max.new_empty(2, *z_max.shape)
+    for row in range(shard.shape[0]):
+        for start in range(0, shard.shape[1], chunk_rows):
+            span = slice(start, start + chunk_rows)
+            shifted = shard[row, span].float() / temperature - z_max[row, span, None]
+            exp = shifted.exp()
+            sums[0, row, span] = exp.sum(dim=-1)
+            sums[1, row, span] = (exp * shifted).sum(dim=-1)
     torch.distributed.all_reduce(sums, group=group)
     entropy = sums[0].log() - sums[1] / sums[0]
     return torch.cat([entropy.new_zeros(entropy.shape[0], 1), entropy], dim=1)
