@@ -19,7 +19,8 @@ Terms, in bytes, for one GPU (one rank of the ``tensor x pipeline x data`` layou
   for the 7B tower), over the *distinct* images of the micro-batch (shared image sets: one copy per
   prompt, not per response); checkpointing the blocks keeps ``2·hv`` per patch and block plus one block;
 - **logits and loss**: ``T·V/t`` elements: bf16 logits (2), the float32 softmax the cross entropy saves
-  (4) and one float32 temporary (4); the entropy metric adds a float32 chunk of ``entropy_chunk`` rows;
+  (4) and one float32 temporary (4); the entropy metric adds three float32 temporaries of a span of
+  ``min(S, entropy_chunk)`` positions of one row;
 - **KV cache** of a rollout batch: ``2·L/p·B·S·(g/t)·d·e``, plus the prefill's largest temporary
   (MLP activations and unfused attention scores of the prompts of one batch);
 - **reward model** and **diffusion pipeline**: their weights (and the pipeline's transformer
@@ -129,7 +130,7 @@ class TrainingShape:
     recompute_vision: bool = False  # checkpoint every vision block
     fused_attention: bool = False  # Transformer Engine / flash attention: no S x S probabilities saved
     shared_images: bool = True  # vision tower once per image set (False: once per row)
-    entropy_chunk: int | None = 1024  # rows of the entropy metric's float32 chunk (None: whole micro-batch)
+    entropy_chunk: int | None = 1024  # positions of the entropy metric's float32 chunk (None: unchunked)
     generation_batch_size: int = 64  # samples decoded together
     reward_params: int = 0
     reward_bytes_per_param: int = 4
@@ -251,10 +252,11 @@ def loss_temporaries(arch: Architecture, layout: Layout, shape: TrainingShape) -
     seq = shape.sequence_length(arch)
     vocab_shard = arch.vocab / layout.tensor
     rows = shape.micro_batch_size * seq
-    entropy_rows = rows if shape.entropy_chunk is None else min(rows, shape.entropy_chunk)
+    # the metric works row by row, on spans of ``entropy_chunk`` positions
+    entropy_rows = rows if shape.entropy_chunk is None else min(seq, shape.entropy_chunk)
     return {
         "logits + loss": rows * vocab_shard * (shape.element_bytes + 4 + 4),
-        "entropy metric": entropy_rows * vocab_shard * 4 * 4,  # z, shifted, exp, exp * shifted
+        "entropy metric": entropy_rows * vocab_shard * 4 * 3,  # shifted, exp, exp * shifted
     }
 
 
