@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import session_processes
+from processes import session_processes
 from launch import start_python
 
 pytestmark = pytest.mark.slow

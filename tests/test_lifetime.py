@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import orphans
+from processes import orphans
 from launch import WORKERS, _free_port, start_python
 
 from nemo_viper.cli import main
