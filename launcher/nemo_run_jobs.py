@@ -22,7 +22,6 @@ jobs not yet submitted are shown as ``<task name>`` placeholders.
 
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
 import subprocess
@@ -93,7 +92,7 @@ def _slurm_executor(config: ViperConfig, phase: Phase):
         container_mounts=container_mounts(config),
         env_vars={name: shlex.quote(value) for name, value in cluster.env.items()},  # pasted into `export K=V`
         additional_parameters={"requeue": True},
-        tunnel=run.LocalTunnel(job_dir=str(_job_dir(config))),
+        tunnel=run.LocalTunnel(job_dir=str(_job_dir(config) / "experiments")),  # = the experiment's own dir
         packager=packager,
         launcher="torchrun" if phase.distributed else None,
         retries=cluster.max_retries,
@@ -201,11 +200,9 @@ def launch(config: ViperConfig, dry_run: bool = False, start: str | None = None)
 def _submit(config: ViperConfig, selected: list[Phase]) -> dict[str, dict]:
     import nemo_run as run
 
-    job_dir = _job_dir(config)
-    os.environ.setdefault("NEMORUN_HOME", str(job_dir / "home"))
     slurm = config.cluster.executor == "slurm"
     submitted = {p.name for p in selected}
-    with run.Experiment(config.name, log_level="WARN") as experiment:
+    with run.Experiment(config.name, base_dir=str(_job_dir(config)), log_level="WARN") as experiment:
         ids: dict[str, list[str]] = {}
         for phase in selected:
             if slurm:
@@ -239,7 +236,7 @@ def status(run_dir: str | Path) -> str:
     states = phase_states(phases, RunPaths(config.run_dir).root)
     jobs = RunState(config.run_dir).read()["jobs"]
     slurm = slurm_job_states([j["job_id"] for j in jobs.values()])
-    lines = [f"{'phase':<16}{'state':<9}{'slurm job':<22}detail"]
+    rows = [("phase", "state", "slurm job", "detail")]
     for phase in phases:
         state = states[phase.name]
         job = jobs.get(phase.name)
@@ -248,5 +245,6 @@ def status(run_dir: str | Path) -> str:
             counts = slurm.get(job["job_id"], [])
             summary = ",".join(f"{s}:{counts.count(s)}" if len(counts) > 1 else s for s in sorted(set(counts)))
             job_text = job["job_id"] + (f" {summary}" if summary else "")
-        lines.append(f"{phase.name:<16}{'done' if state.done else 'pending':<9}{job_text:<22}{state.detail}")
-    return "\n".join(lines)
+        rows.append((phase.name, "done" if state.done else "pending", job_text, state.detail))
+    widths = [max(len(row[i]) for row in rows) + 2 for i in range(3)]
+    return "\n".join("".join(cell.ljust(w) for cell, w in zip(row, widths)) + row[3] for row in rows)
