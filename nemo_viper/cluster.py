@@ -1,10 +1,12 @@
 """What a job takes from the configuration: shell-safe strings, the paths it reads and writes, its models.
 
 - **Shell safety.** NeMo-Run runs some commands through a shell with paths pasted in unquoted (its local
-  tunnel's ``mkdir -p {job_dir}``, ``tar ... -C {job_dir}/code``, ``sbatch ... {job_dir}/..._sbatch.sh``),
-  and Slurm/pyxis split ``--container-mounts`` on ``,`` and ``:``. So the strings that become such paths
-  (``run_dir``, ``cluster.job_dir``, ``name``, every mounted path) must match :data:`SAFE_PATH`; every
-  other string reaches a job only as a ``shlex``-quoted argument or inside the run's config files.
+  tunnel's ``mkdir -p {job_dir}``, ``tar ... -C {job_dir}/code``, ``sbatch ... {job_dir}/..._sbatch.sh``;
+  the sbatch script's ``srun --container-image IMAGE``), and Slurm/pyxis split ``--container-mounts`` on
+  ``,`` and ``:``. So the strings that become such paths (``run_dir``, ``cluster.job_dir``, ``name``, every
+  mounted path, ``cluster.container_image``) must match :data:`SAFE_PATH` (:data:`SAFE_IMAGE`); every other
+  string reaches a job only ``shlex``-quoted (arguments, ``#SBATCH`` values, ``export`` values) or inside
+  the run's config files.
 - **Paths** (:func:`job_paths`): every configured path a job reads or writes, by config key. The Slurm
   jobs' container mounts are derived from them (:func:`container_mounts`), so a job never depends on a
   path that is not mounted.
@@ -24,6 +26,7 @@ from nemo_viper.errors import ConfigError
 
 SAFE_PATH = re.compile(r"[A-Za-z0-9._/+@=-]+")  # no whitespace, quotes, ; & | $ ` ( ) < > * ? [ ] # ~ , :
 SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+SAFE_IMAGE = re.compile(r"[A-Za-z0-9._/:@#+=-]+")  # a squashfs path or a registry reference (host#repo:tag@digest)
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 SLURM_TIME = re.compile(r"(\d+-)?\d+(:\d{2}){0,2}")
 GLOB_CHARS = "*?["
@@ -144,6 +147,7 @@ def validate_cluster(config: ViperConfig, check_paths: bool) -> None:
         if not cluster.container_image:
             raise ConfigError("cluster.container_image is required with cluster.executor='slurm' (the project image: "
                               "see README, 'Running on Slurm')")
-        if any(c.isspace() for c in cluster.container_image):
-            raise ConfigError(f"cluster.container_image={cluster.container_image!r} contains whitespace")
+        if not SAFE_IMAGE.fullmatch(cluster.container_image):  # NeMo-Run pastes it into srun's command unquoted
+            raise ConfigError(f"cluster.container_image={cluster.container_image!r} is not a squashfs path or an "
+                              "image reference (letters, digits and . _ / : @ # + = -)")
     check_model_sources(config, check_paths)
