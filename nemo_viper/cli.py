@@ -164,7 +164,7 @@ def cmd_status(args) -> None:
     print(status(args.run_dir))
 
 
-def cmd_doctor(args) -> None:
+def cmd_doctor(args) -> int:
     from nemo_viper import doctor
     from nemo_viper.orchestration import load_run_config
 
@@ -176,8 +176,9 @@ def cmd_doctor(args) -> None:
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     if problems:
-        raise SystemExit(2)
+        return 2
     print(f"preflight ok{f' for {args.phase}' if args.phase else ''}")
+    return 0
 
 
 def cmd_mark_done(args) -> None:
@@ -316,11 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        args.func(args)
+        return args.func(args) or 0
     except NemoViperError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":
