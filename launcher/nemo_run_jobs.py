@@ -186,15 +186,31 @@ def launch(config: ViperConfig, dry_run: bool = False, start: str | None = None)
     if not selected:
         return report + "\nnothing to submit: every phase is done"
     _refuse_in_flight(selected, run_dir)
+    revision = _packaged_revision() if config.cluster.executor == "slurm" and config.cluster.code == "package" else None
     write_run_files(config)
     moved = clear_for_rerun(selected, states, run_dir)
     for phase in selected:
         (run_dir / "logs" / phase.name).mkdir(parents=True, exist_ok=True)
     jobs = _submit(config, selected)
+    for job in jobs.values():
+        job["code"] = f"package {revision}" if revision else "image"
     if jobs:
         RunState(run_dir).record_jobs(jobs)
     lines = [report, *moved] + [f"{name}: Slurm job {job['job_id']}" for name, job in jobs.items()]
     return "\n".join(lines)
+
+
+def _packaged_revision() -> str:
+    """The commit ``cluster.code=package`` ships (NeMo-Run archives ``HEAD``): refused with uncommitted changes."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+
+    if git("rev-parse", "--git-dir").returncode != 0:
+        raise NemoViperError(f"cluster.code=package ships the git HEAD of {REPO}, which is not a git checkout")
+    if git("diff", "--quiet", "HEAD", "--").returncode != 0:
+        raise NemoViperError(f"cluster.code=package ships the committed HEAD of {REPO}, which has uncommitted "
+                             "changes: commit them (or use cluster.code=image)")
+    return git("rev-parse", "HEAD").stdout.strip()
 
 
 def _submit(config: ViperConfig, selected: list[Phase]) -> dict[str, dict]:

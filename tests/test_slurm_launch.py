@@ -92,3 +92,24 @@ def test_relaunch_after_a_failure_submits_only_unfinished_phases(slurm, override
     assert [dep for _, dep, _ in jobs] == [None, "afterok:1001", "afterok:1002", "afterok:1003"]
     output = capsys.readouterr().out
     assert re.search(r"skip\s+prepare\s+done", output) and re.search(r"skip\s+round1\.synth1\s+done", output)
+
+
+def test_package_mode_ships_the_committed_head_with_every_job(slurm, overrides, tmp_path, monkeypatch, capsys):
+    repo = tmp_path / "checkout"
+    (repo / "nemo_viper").mkdir(parents=True)
+    (repo / "nemo_viper" / "marker.py").write_text("SHIPPED = True\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "code"]):
+        subprocess.run([*git, *args], check=True)
+    monkeypatch.setattr("launcher.nemo_run_jobs.REPO", repo)
+    (repo / "nemo_viper" / "marker.py").write_text("SHIPPED = False\n")
+    assert main(["launch", "--recipe", "qwen25vl_3b", "cluster.code=package", *overrides]) == 2
+    assert "which has uncommitted changes" in capsys.readouterr().err and not slurm.calls("sbatch")
+
+    subprocess.run([*git, "checkout", "-q", "--", "."], check=True)
+    assert main(["launch", "--recipe", "qwen25vl_3b", "cluster.code=package", *overrides]) == 0
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    shipped = list((tmp_path / "run" / "nemo_run").rglob("round1-rl1/code/nemo_viper/marker.py"))
+    assert [p.read_text() for p in shipped] == ["SHIPPED = True\n"]  # mounted as /nemo_run/code, the job's cwd
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["jobs"]["round1.rl1"]["code"] == f"package {head}"
