@@ -25,6 +25,7 @@ from __future__ import annotations
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from nemo_viper.orchestration import Phase, RunPaths, plan, write_run_files
 from nemo_viper.run_state import PhaseState, RunState, clear_for_rerun, select_phases
 
 REPO = Path(__file__).resolve().parents[1]
-CLI = ("python", "-m", "nemo_viper.cli")
+CONTAINER_PYTHON = "python"  # the image's interpreter; local jobs use this process's
 ARRAY_INDEX = '"$SLURM_ARRAY_TASK_ID"'
 ACTIVE_SLURM_STATES = ("PENDING", "RUNNING", "REQUEUED", "SUSPENDED", "CONFIGURING", "COMPLETING", "RESIZING",
                        "REQUEUE_HOLD", "REQUEUE_FED")
@@ -53,14 +54,15 @@ def task_script(config: ViperConfig, phase: Phase, shard: int | None = None) -> 
     the dataset is not complete yet (the last task to finish writes the manifest and records the phase).
     """
     run_dir = str(Path(config.run_dir).absolute())
-    work = shlex.join([*CLI, *phase.args])
+    cli = (CONTAINER_PYTHON if config.cluster.executor == "slurm" else sys.executable, "-m", "nemo_viper.cli")
+    work = shlex.join([*cli, *phase.args])
     if phase.tasks > 1:
         index = ARRAY_INDEX if shard is None else str(shard)
         work += f" --shard-index {index} --num-shards {phase.tasks}"
-    mark = [*CLI, "mark-done", "--run-dir", run_dir, "--phase", phase.name]
+    mark = [*cli, "mark-done", "--run-dir", run_dir, "--phase", phase.name]
     return "\n".join([
         "set -euo pipefail",
-        shlex.join([*CLI, "doctor", "--run-dir", run_dir, "--phase", phase.name]),
+        shlex.join([*cli, "doctor", "--run-dir", run_dir, "--phase", phase.name]),
         work,
         shlex.join(mark + (["--partial-ok"] if phase.tasks > 1 else [])),
     ]) + "\n"

@@ -5,7 +5,8 @@
 - **versions**: torch, transformers, megatron-core, Megatron-Bridge in their supported ranges
   (:mod:`nemo_viper.environment`);
 - **GPU** (when the phase, or the config, uses GPUs): CUDA visible with enough devices for the ranks of
-  this node, NCCL available, and for ``model.precision=fp8`` Transformer Engine importable and a GPU that
+  this node, NCCL available, DALI installed unless ``rl.image_backend=pil`` (``auto`` would otherwise fall
+  back to PIL silently), and for ``model.precision=fp8`` Transformer Engine importable and a GPU that
   has the FP8 recipe (``blockwise``/``tensorwise``/``delayed``: compute capability >= 9.0 (Hopper);
   ``mxfp8``: >= 10.0 (Blackwell));
 - **paths**: every configured path a job reads exists and is readable; the run dir is writable;
@@ -78,7 +79,7 @@ def _model_problems(config: ViperConfig) -> list[str]:
     return problems
 
 
-def _gpu_problems(config: ViperConfig, ranks_per_node: int) -> list[str]:
+def _gpu_problems(config: ViperConfig, ranks_per_node: int, kind: str | None) -> list[str]:
     import torch
 
     if not torch.cuda.is_available():
@@ -88,9 +89,12 @@ def _gpu_problems(config: ViperConfig, ranks_per_node: int) -> list[str]:
         problems.append(f"{torch.cuda.device_count()} GPUs visible, this job runs {ranks_per_node} ranks per node")
     if not torch.distributed.is_nccl_available():
         problems.append("torch was built without NCCL: multi-GPU jobs cannot communicate")
-    if config.model.precision == "fp8":
-        from importlib.util import find_spec
+    from importlib.util import find_spec
 
+    if kind in (None, "rl") and config.rl.image_backend in ("auto", "dali") and find_spec("nvidia.dali") is None:
+        problems.append(f"rl.image_backend={config.rl.image_backend} but NVIDIA DALI is not installed (the project "
+                        "image installs it from container/requirements.lock; rl.image_backend=pil to use PIL)")
+    if config.model.precision == "fp8":
         need = FP8_CAPABILITY[config.model.fp8_recipe]
         device = int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1)
         have = torch.cuda.get_device_capability(device)
@@ -137,7 +141,7 @@ def check(config: ViperConfig, phase_name: str | None = None, gpu: bool | None =
             gpu = config.parallel.gpus_per_node > 0 and torch.cuda.is_available()
     if gpu:
         ranks = phase.ranks_per_node if phase is not None and phase.distributed else 1
-        problems += _gpu_problems(config, ranks)
+        problems += _gpu_problems(config, ranks, phase.kind if phase is not None else None)
     anchor = _existing_parent(Path(config.run_dir).absolute())
     free_gb = shutil.disk_usage(anchor).free / 2**30
     if free_gb < config.cluster.min_free_disk_gb:

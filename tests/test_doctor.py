@@ -1,5 +1,6 @@
 """``nemo-viper doctor``: each kind of problem is reported as one line, before any model loads."""
 
+import importlib.util
 import json
 
 import pytest
@@ -106,6 +107,8 @@ def test_fp8_capability_and_te(cluster, monkeypatch):
     found = doctor.check(config, "round1.rl1", gpu=True)
     assert "model.fp8_recipe=blockwise needs compute capability 9.0+, GPU 0 (NVIDIA A100) is 8.0" in found
     assert "model.precision=fp8 needs Transformer Engine, which is not installed" in found
+    dali = "rl.image_backend=auto but NVIDIA DALI is not installed"
+    assert any(line.startswith(dali) for line in found) is (importlib.util.find_spec("nvidia.dali") is None)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert "4 GPUs visible, this job runs 8 ranks per node" in doctor.check(config, "round1.rl1", gpu=True)
 
