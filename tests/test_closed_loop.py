@@ -13,8 +13,8 @@ import time
 
 import pytest
 import torch
-from processes import session_processes
 from launch import start_python
+from processes import session_processes
 
 pytestmark = pytest.mark.slow
 REDUCED = ["rl.steps=2", "rl.save_every=2"]
