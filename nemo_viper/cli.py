@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+from contextlib import contextmanager
 
 from nemo_viper.errors import NemoViperError
 
@@ -20,13 +21,14 @@ def _add_layout_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_tiny_model(args) -> None:
-    from nemo_viper.models.tiny import TinyModelConfig, write_tiny_checkpoint
+    from nemo_viper.models.tiny import TinyModelConfig, read_tiny_recipe, write_tiny_checkpoint
+    from nemo_viper.models.tiny_warmstart import WarmStartConfig
 
-    out = write_tiny_checkpoint(args.out, TinyModelConfig(seed=args.seed))
-    if args.warm_start_steps:
-        from nemo_viper.models.tiny_warmstart import WarmStartConfig, warm_start
-
-        loss = warm_start(out, WarmStartConfig(steps=args.warm_start_steps, seed=args.seed))
+    warm = WarmStartConfig(steps=args.warm_start_steps, seed=args.seed) if args.warm_start_steps else None
+    with _single_writer(args.out):
+        out = write_tiny_checkpoint(args.out, TinyModelConfig(seed=args.seed), warm_start=warm)
+    if warm:
+        loss = read_tiny_recipe(out)["warm_start_final_loss"]
         print(f"warm-started on the prompt formats for {args.warm_start_steps} steps (final loss {loss:.3f})")
     print(f"tiny Qwen2.5-VL checkpoint written to {out}")
 
@@ -34,7 +36,8 @@ def cmd_tiny_model(args) -> None:
 def cmd_convert_import(args) -> None:
     from nemo_viper.models.checkpoint import import_hf
 
-    out = import_hf(args.hf, args.out, tensor_parallel=args.tp, pipeline_parallel=args.pp)
+    with _single_writer(args.out):
+        out = import_hf(args.hf, args.out, tensor_parallel=args.tp, pipeline_parallel=args.pp)
     if _is_rank_zero():
         print(f"imported {args.hf} -> {out}")
 
@@ -43,7 +46,8 @@ def cmd_convert_export(args) -> None:
     from nemo_viper.models.checkpoint import export_checkpoint
 
     shard = {} if args.max_shard_mib is None else {"max_shard_bytes": int(args.max_shard_mib * 2**20)}
-    out = export_checkpoint(args.ckpt, args.out, tensor_parallel=args.tp, pipeline_parallel=args.pp, **shard)
+    with _single_writer(args.out):
+        out = export_checkpoint(args.ckpt, args.out, tensor_parallel=args.tp, pipeline_parallel=args.pp, **shard)
     if _is_rank_zero():
         print(f"exported {args.ckpt} -> {out}")
 
@@ -88,7 +92,8 @@ def cmd_train(args) -> None:
         recompute=args.recompute,
         recompute_vision=args.recompute_vision,
     )
-    run_stage(config)
+    with _single_writer(args.out):
+        run_stage(config)
     if _is_rank_zero():
         print(f"RL stage {args.stage} finished: {args.out}/checkpoints/latest")
 
@@ -108,7 +113,8 @@ def cmd_synth(args) -> None:
         args.config, args.overrides, stage=args.stage, out=args.out, images=args.images, stage1=args.stage1,
         shard_index=args.shard_index, num_shards=args.num_shards, **{"vlm.policy": args.policy},
     )
-    manifest = run_synthesis(config)
+    with _single_writer(args.out, part=f"task{config.shard_index}"):
+        manifest = run_synthesis(config)
     if _is_rank_zero():
         if manifest is None:
             print(f"synthesis stage {args.stage}: this task's chunks are done; {args.out}/manifest.json is written "
@@ -118,7 +124,7 @@ def cmd_synth(args) -> None:
                   f"in {len(manifest['shards'])} shards -> {args.out}")
 
 
-def _recipe_config(args):
+def _recipe_config(args, check_paths: bool | None = None):
     from nemo_viper.config import validate
     from recipes import recipe
 
@@ -126,7 +132,8 @@ def _recipe_config(args):
     if getattr(args, "executor", None):
         overrides.append(f"cluster.executor={args.executor}")
     config = recipe(args.recipe, *overrides)
-    validate(config, check_paths=not getattr(args, "dry_run", False))
+    validate(config, check_paths=not getattr(args, "dry_run", False) if check_paths is None else check_paths)
+    config.run_dir = os.path.abspath(config.run_dir)  # jobs run elsewhere (containers, other nodes)
     return config
 
 
@@ -150,7 +157,7 @@ def cmd_run(args) -> None:
             progress.advance(bar)
             console.print(f"{phase.name:<16} {'already done' if status == 'skip' else 'done'}")
 
-        run_local(config, on_phase=show)
+        run_local(config, on_phase=show, start=args.start)
     report = write_report(config.run_dir, config.rounds)
     console.print(f"run report: {report}")
 
@@ -171,13 +178,79 @@ def cmd_launch(args) -> None:
         from nemo_viper.planning.recipe import refuse_if_not_fitting
 
         refuse_if_not_fitting(config, args.gpu_memory)
-    scripts = launch(config, dry_run=args.dry_run)
-    for name, text in (scripts or {}).items():
-        print(f"######## {name}\n{text}")
+    print(launch(config, dry_run=args.dry_run, start=args.start))
+
+
+def cmd_status(args) -> None:
+    from launcher.nemo_run_jobs import status
+
+    print(status(args.run_dir))
+
+
+def cmd_doctor(args) -> int:
+    from nemo_viper import doctor
+    from nemo_viper.orchestration import load_run_config
+
+    if bool(args.run_dir) == bool(args.recipe):
+        raise NemoViperError("doctor: give --run-dir DIR (a launched run) or --recipe NAME [key=value ...]")
+    config = load_run_config(args.run_dir) if args.run_dir else _recipe_config(args, check_paths=False)
+    print(doctor.summary())
+    problems = doctor.check(config, args.phase, gpu=args.gpu)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        return 2
+    print(f"preflight ok{f' for {args.phase}' if args.phase else ''}")
+    return 0
+
+
+def cmd_mark_done(args) -> None:
+    from nemo_viper.orchestration import load_run_config, plan
+    from nemo_viper.run_state import output_problem, verify_and_record
+
+    if not _is_rank_zero():
+        return
+    phases = plan(load_run_config(args.run_dir))
+    phase = next((p for p in phases if p.name == args.phase), None)
+    if phase is None:
+        raise NemoViperError(f"phase {args.phase!r} is not in the plan of {args.run_dir}")
+    if args.partial_ok and output_problem(phase) is not None:
+        print(f"{phase.name}: this task is done; the phase is recorded when its last task finishes")
+        return
+    verify_and_record(phase, phases, args.run_dir)
+    print(f"{phase.name}: outputs verified, recorded done in {args.run_dir}/state.json")
 
 
 def _is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
+
+
+@contextmanager
+def _single_writer(out: str, part: str | None = None):
+    """Hold ``out``'s writer lock (:mod:`nemo_viper.runtime.locks`) for the job: its first rank takes it,
+    so a second job writing the same directory fails at once."""
+    if not _is_rank_zero():
+        yield
+        return
+    from nemo_viper.runtime.locks import exclusive_writer
+
+    with exclusive_writer(out, part):
+        yield
+
+
+CHECKPOINT_WARNING = (
+    "Checkpoints are code: loading a Megatron checkpoint unpickles parts of it, so a crafted one runs arbitrary "
+    "code. Load only checkpoints you trust. Checkpoints written by nemo_viper carry a manifest of file hashes "
+    "that is checked before loading; a checkpoint that fails the check or has no manifest is refused unless "
+    "--trust-checkpoint is given."
+)
+
+
+def _loads_checkpoints(parser: argparse.ArgumentParser) -> None:
+    """The trust switch of a command that loads a Megatron checkpoint (see :data:`CHECKPOINT_WARNING`)."""
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load a checkpoint without a matching file manifest (tampered, foreign or older): "
+                        "only for checkpoints from a source you trust")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,15 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", required=True, help="output checkpoint directory")
     _add_layout_args(imp)
     imp.set_defaults(func=cmd_convert_import)
-    exp = directions.add_parser("export", help="Megatron distributed checkpoint -> HF checkpoint dir")
+    exp = directions.add_parser("export", help="Megatron distributed checkpoint -> HF checkpoint dir",
+                                description=f"Megatron distributed checkpoint -> HF checkpoint dir. {CHECKPOINT_WARNING}")
     exp.add_argument("--ckpt", required=True, help="policy checkpoint directory")
     exp.add_argument("--out", required=True, help="output HF directory")
     exp.add_argument("--max-shard-mib", type=float,
                      help="MiB per safetensors shard (default 2048); each is written as soon as it is full")
     _add_layout_args(exp)
+    _loads_checkpoints(exp)
     exp.set_defaults(func=cmd_convert_export)
 
-    train = commands.add_parser("train", help="one RL stage on synthesised shards -> checkpoints")
+    train = commands.add_parser("train", help="one RL stage on synthesised shards -> checkpoints",
+                                description=f"One RL stage on synthesised shards -> checkpoints. {CHECKPOINT_WARNING}")
     train.add_argument("--stage", type=int, choices=(1, 2), required=True, help="1: caption_refine, 2: visual_op")
     train.add_argument("--data", required=True, help="dataset directory (shards + manifest.json)")
     train.add_argument("--policy", required=True, help="policy checkpoint or HF Qwen2.5-VL directory to start from")
@@ -244,9 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--recompute-vision", action="store_true", help="checkpoint every vision-tower block")
     train.add_argument("--seed", type=int, default=0)
     _add_layout_args(train)
+    _loads_checkpoints(train)
     train.set_defaults(func=cmd_train)
 
-    synth = commands.add_parser("synth", help="one synthesis stage (or one shard task of it) -> shards + manifest")
+    synth = commands.add_parser("synth", help="one synthesis stage (or one shard task of it) -> shards + manifest",
+                                description="One synthesis stage (or one shard task of it) -> shards + manifest. "
+                                f"{CHECKPOINT_WARNING}")
     synth.add_argument("--stage", type=int, choices=(1, 2), required=True, help="1: caption_refine, 2: visual_op")
     synth.add_argument("--policy", required=True, help="policy checkpoint or HF Qwen2.5-VL directory that synthesises")
     synth.add_argument("--out", required=True, help="dataset directory (a rerun resumes it)")
@@ -258,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--config", help="YAML file with synthesis settings (see docs/synthesis.md)")
     synth.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="config overrides, e.g. vlm.precision=fp32 redraw.call_kwargs.num_inference_steps=28")
+    _loads_checkpoints(synth)
     synth.set_defaults(func=cmd_synth)
 
     tiny_diffusion = commands.add_parser("tiny-diffusion", help="write the offline tiny random diffusers pipelines")
@@ -269,9 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--recipe", required=True, help="tiny | qwen25vl_3b | qwen25vl_7b")
         sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. rl.steps=20")
+        sub.add_argument("--from", dest="start", metavar="PHASE",
+                         help="re-run PHASE and every phase after it (their outputs are moved aside), done or not")
         if name == "launch":
             sub.add_argument("--executor", choices=("local", "slurm"), help="overrides cluster.executor")
-            sub.add_argument("--dry-run", action="store_true", help="print the sbatch scripts, submit nothing")
+            sub.add_argument("--dry-run", action="store_true",
+                             help="show which phases would be submitted or skipped, and their sbatch scripts")
             sub.add_argument("--gpu-memory", type=float, default=80, help="GiB per GPU the memory plan checks against")
             sub.add_argument("--ignore-memory-plan", action="store_true",
                              help="launch even if `nemo-viper plan` says a phase does not fit")
@@ -282,6 +365,27 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. rl.micro_batch_size=4")
     plan.add_argument("--gpu-memory", type=float, default=80, help="GiB per GPU (default 80)")
     plan.set_defaults(func=cmd_plan)
+
+    status = commands.add_parser("status", help="each phase of a run: done or pending (and why), its Slurm job")
+    status.add_argument("run_dir", metavar="RUN_DIR")
+    status.set_defaults(func=cmd_status)
+
+    doctor = commands.add_parser("doctor", help="preflight: versions, GPU/FP8/NCCL, paths, model dirs, disk "
+                                 "(first command of every job; one line per problem, exit 2)")
+    doctor.add_argument("--run-dir", help="a launched run (its config/viper.yaml)")
+    doctor.add_argument("--recipe", help="or a recipe: tiny | qwen25vl_3b | qwen25vl_7b")
+    doctor.add_argument("--phase", help="check for this phase (its GPUs, the phases it needs)")
+    doctor.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
+                        help="check the GPU (default: when the phase uses GPUs, or a GPU is visible)")
+    doctor.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (with --recipe)")
+    doctor.set_defaults(func=cmd_doctor)
+
+    mark = commands.add_parser("mark-done", help="verify a phase's outputs and record it done (last command of a job)")
+    mark.add_argument("--run-dir", required=True)
+    mark.add_argument("--phase", required=True)
+    mark.add_argument("--partial-ok", action="store_true",
+                      help="a shard task of an array: incomplete outputs are not an error")
+    mark.set_defaults(func=cmd_mark_done)
     return parser
 
 
@@ -289,11 +393,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        args.func(args)
+        if getattr(args, "trust_checkpoint", False):
+            from nemo_viper.models.checkpoint import trust_unverified_checkpoints
+
+            trust_unverified_checkpoints()
+        return args.func(args) or 0
     except NemoViperError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":
