@@ -15,6 +15,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from nemo_viper.models.checkpoint import load_training_state, save_policy
+from nemo_viper.runtime import collectives
 
 
 class CheckpointManager:
@@ -48,8 +49,7 @@ class CheckpointManager:
             tmp.write_text(path.name + "\n")
             os.replace(tmp, self.root / "latest")
             self._prune(keep=path.name)
-        if dist.is_initialized():
-            dist.barrier()
+        collectives.barrier()
         return path
 
     def restore(self, trainer) -> dict | None:
