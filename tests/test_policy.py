@@ -162,3 +162,14 @@ def test_shards_are_written_as_soon_as_they_are_full(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [f"model-0000{i}-of-00005.safetensors"
                                                                         for i in range(1, 6)]
     assert torch.equal(load_file(tmp_path / "model-00005-of-00005.safetensors")["w19"], torch.full((256,), 19.0))
+
+
+def test_fp8_token_alignment_padding_changes_nothing(tiny_hf_dir, reference):
+    """Micro-batches padded to 128 (blockwise), 32 (mxfp8), 16 columns: same log-probs, same loss gradient."""
+    result = run_worker("token_alignment.py", "--hf", str(tiny_hf_dir), "--inputs", str(reference["path"]))
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    columns = report["columns"]
+    for recipe, multiple in (("blockwise", 128), ("mxfp8", 32), ("tensorwise", 16)):
+        assert report["forward_columns"][recipe] == [columns + (-columns % multiple)], report
+        assert report["logprob_diff"][recipe] < 1e-5, report
+        assert report["grad_diff"][recipe] < 1e-5, report

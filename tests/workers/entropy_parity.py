@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nemo_viper.models.logprobs import vocab_parallel_token_entropy
+from nemo_viper.runtime import collectives
 
 
 class LargestTensor(TorchDispatchMode):
@@ -30,11 +31,11 @@ def unchunked_entropy(logits, temperature, group):
     """The metric as computed before chunking (several full [B, S, V/TP] float32 temporaries)."""
     z = logits[:, :-1].float() / temperature
     z_max = z.max(dim=-1).values
-    dist.all_reduce(z_max, op=dist.ReduceOp.MAX, group=group)
+    z_max = collectives.all_reduce(z_max, collectives.ReduceOp.MAX, group)
     shifted = z - z_max[..., None]
     exp = shifted.exp()
     sums = torch.stack([exp.sum(dim=-1), (exp * shifted).sum(dim=-1)])
-    dist.all_reduce(sums, group=group)
+    sums = collectives.all_reduce(sums, group=group)
     entropy = sums[0].log() - sums[1] / sums[0]
     return torch.cat([entropy.new_zeros(entropy.shape[0], 1), entropy], dim=1)
 
