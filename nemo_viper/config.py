@@ -142,7 +142,6 @@ class ClusterSection:
     synthesis_gpus_per_task: int = 1
     synthesis_max_parallel: int = 0  # at most this many array tasks at once (sbatch --array=...%N); 0 = no limit
     export_gpus: int = 1
-    requeue: bool = True  # a preempted job is requeued and resumes (RL: from its last checkpoint)
     max_retries: int = 0  # requeue a job that failed this many times (NeMo-Run's TORCHX_MAX_RETRIES)
     exclusive_rl: bool = True  # RL jobs take whole nodes (sbatch --exclusive)
     min_free_disk_gb: float = 50.0  # preflight: free space the run dir needs

@@ -49,7 +49,7 @@ def _task_commands(script: str) -> list[list[str]]:
 def test_slurm_dry_run(name, nodes, tensor, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(["launch", "--recipe", name, "--executor", "slurm", "--dry-run", f"run_dir={run_dir}",
-                 "synthesis.num_shards=3", "cluster.synthesis_max_parallel=2", *MODELS]) == 0
+                 "synthesis.num_shards=3", "cluster.synthesis_max_parallel=2", "cluster.max_retries=2", *MODELS]) == 0
     output = capsys.readouterr().out
     scripts = _scripts(output)
     assert sorted(scripts) == ["export", "round1-rl1", "round1-rl2", "round1-synth1", "round1-synth2"]
@@ -60,6 +60,7 @@ def test_slurm_dry_run(name, nodes, tensor, tmp_path, capsys):
         phase = task.replace("round1-", "round1.")
         assert "--container-image /lustre/containers/nemo_viper.sqsh" in text and "#SBATCH --account=my_account" in text
         assert f"#SBATCH --job-name={name}.{task}\n" in text and "#SBATCH --requeue" in text
+        assert "export TORCHX_MAX_RETRIES=2" in text  # requeued after a failure up to twice
         assert f"#SBATCH --output={run_dir}/logs/{phase}/sbatch_" in text
         job_mounts = re.search(r"--container-mounts (\S+)", text).group(1).split(",")
         assert {m.split(":")[0] for m in job_mounts} >= mounts
