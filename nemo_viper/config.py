@@ -31,6 +31,7 @@ class ModelSection:
     tiny_warm_start_steps: int = 0  # with hf_path "tiny": see nemo_viper.models.tiny_warmstart
     precision: str = "bf16"  # fp32 | bf16 | fp8
     fp8_recipe: str = "blockwise"  # blockwise (Hopper) | mxfp8 (Blackwell) | tensorwise | delayed
+    layer_spec: str = "auto"  # auto (Transformer Engine on a GPU that has it) | transformer_engine | local
     freeze_vision_tower: bool = False
     freeze_projector: bool = False
 
@@ -193,6 +194,7 @@ def _one_line(exc: OmegaConfBaseException) -> str:
 CHOICES = {
     "model.precision": ("fp32", "bf16", "fp8"),
     "model.fp8_recipe": ("blockwise", "mxfp8", "tensorwise", "delayed"),
+    "model.layer_spec": ("auto", "transformer_engine", "local"),
     "rl.aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
     "rl.image_backend": ("auto", "dali", "pil"),
     "rollout.backend": ("megatron", "vllm"),

@@ -28,6 +28,21 @@ def test_plan_chains_the_loop():
     assert phases["export"].depends_on == ("round2.rl2",)
 
 
+def test_policy_building_settings_reach_rl_and_synthesis(tmp_path):
+    """model.precision / fp8_recipe / layer_spec reach the train CLI and the synthesis VLM config."""
+    from omegaconf import OmegaConf
+
+    from nemo_viper.orchestration import write_run_files
+    from nemo_viper.synthesis.config import VLMConfig
+
+    config = recipe("tiny", f"run_dir={tmp_path}", "model.layer_spec=local", "model.fp8_recipe=mxfp8")
+    args = {p.name: p for p in plan(config)}["round1.rl1"].args
+    assert args[args.index("--layer-spec") + 1] == "local" and args[args.index("--fp8-recipe") + 1] == "mxfp8"
+    vlm = OmegaConf.load(write_run_files(config).synthesis_config).vlm
+    assert (vlm.layer_spec, vlm.fp8_recipe, vlm.precision) == ("local", "mxfp8", "fp32")
+    assert VLMConfig(**vlm).layer_spec == "local"
+
+
 @pytest.fixture(autouse=True)
 def no_stdin(monkeypatch, tmp_path):
     """NeMo-Run's local tunnel (invoke) reads stdin; pytest's capture forbids that."""
