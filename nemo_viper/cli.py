@@ -56,6 +56,7 @@ def cmd_train(args) -> None:
     from nemo_viper.algorithms import PolicyLossConfig
     from nemo_viper.rewards import RewardConfig
     from nemo_viper.rollout import SamplingParams
+    from nemo_viper.rollout.vllm_backend import VLLMGenerationConfig
     from nemo_viper.training.grpo import GRPOConfig, OptimizerSettings
     from nemo_viper.training.loop import RLConfig
     from nemo_viper.training.stage import StageConfig, run_stage
@@ -81,6 +82,7 @@ def cmd_train(args) -> None:
             micro_batch_size=args.micro_batch_size,
             temperature=args.temperature,
             dynamic_sampling=args.dynamic_sampling,
+            importance_sampling_cap=args.importance_sampling_cap,
         ),
         reward=RewardConfig(embedding_model=args.reward_model, mode=args.reward_mode),
         tensor_parallel=args.tp,
@@ -93,6 +95,14 @@ def cmd_train(args) -> None:
         **{k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v is not None},
         recompute=args.recompute,
         recompute_vision=args.recompute_vision,
+        generation_batch_size=args.generation_batch_size,
+        rollout_backend=args.rollout_backend,
+        vllm=VLLMGenerationConfig(
+            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+            cpu_kv_cache_gib=args.vllm_cpu_kv_cache_gib,
+            sleep_mode=args.vllm_sleep_mode,
+            seed=args.seed,
+        ),
     )
     with _single_writer(args.out):
         run_stage(config)
@@ -324,6 +334,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--recompute", default="none", choices=("none", "selective", "full"),
                        help="activation recomputation of the language model")
     train.add_argument("--recompute-vision", action="store_true", help="checkpoint every vision-tower block")
+    train.add_argument("--rollout-backend", default="megatron", choices=("megatron", "vllm"),
+                       help="generation engine: the policy itself (megatron) or a colocated vLLM engine refitted "
+                       "after every update (vllm; needs the vllm package)")
+    train.add_argument("--generation-batch-size", type=int, default=64, help="megatron backend: samples decoded together")
+    train.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.5)
+    train.add_argument("--vllm-cpu-kv-cache-gib", type=int, default=1, help="vllm backend on CPU: KV-cache size")
+    train.add_argument("--no-vllm-sleep-mode", dest="vllm_sleep_mode", action="store_false",
+                       help="keep the vLLM engine's weights and KV cache on the GPU between rollouts")
+    train.add_argument("--importance-sampling-cap", type=float, default=None,
+                       help="truncated importance-sampling correction of the sampler-vs-trainer mismatch (off)")
     train.add_argument("--seed", type=int, default=0)
     _add_layout_args(train)
     _loads_checkpoints(train)
