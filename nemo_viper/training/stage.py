@@ -10,6 +10,7 @@ of the loop (images through DALI), the ViPER reward scores the rollouts, and
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from nemo_viper.models.hf_checkpoint import check_parallel_layout, read_qwen25_v
 from nemo_viper.rewards import RewardConfig
 from nemo_viper.training.grpo import GRPOConfig
 from nemo_viper.training.loop import RLConfig
+
+log = logging.getLogger(__name__)
 
 STAGE_TASKS = {1: "caption_refine", 2: "visual_op"}
 
@@ -61,13 +64,19 @@ def policy_paths(policy: str | Path) -> tuple[Path, Path | None]:
 
 def run_stage(config: StageConfig) -> list[dict]:
     """Validate, build and run (or resume) one RL stage. Returns the metrics of the steps run now."""
-    from nemo_viper.data.shards import ShardDataset
+    from nemo_viper.data.shards import DatasetError, ShardDataset
     from nemo_viper.models.checkpoint import read_checkpoint_metadata
 
     dataset = ShardDataset(config.data)
     expected = STAGE_TASKS[config.stage]
     if dataset.task != expected:
         raise ConfigError(f"stage {config.stage} trains on {expected!r} data but {config.data} holds {dataset.task!r}")
+    if len(dataset) == 0:
+        raise DatasetError(f"dataset {config.data} holds no usable sample (skipped when indexing: "
+                           f"{dict(dataset.skipped) or 'none'})")
+    if dataset.skipped:
+        log.warning("dataset %s: %d usable samples; %d skipped when indexing: %s", config.data, len(dataset),
+                    sum(dataset.skipped.values()), dict(dataset.skipped))
     hf_dir, checkpoint = policy_paths(config.policy)
     if checkpoint is not None:
         read_checkpoint_metadata(checkpoint)

@@ -167,6 +167,11 @@ def test_corrupt_image_is_skipped_counted_once_and_named(tmp_path, photos, make_
     assert source.skipped == {"corrupt_image": 1}
     assert caplog.text.count("skipping sample") == 1
     assert "corrupt image 'img0.png' of sample '000000_000002' in shard mixed-000000.tar" in caplog.text
+    assert source.skipped_counts() == ({}, {"corrupt_image": 1})
+    with source_for(dataset, preprocessor) as resumed:  # a resume counts the sample once, not again
+        resumed.load_state_dict(source.state_dict())
+        ids(resumed, 6)
+        assert resumed.skipped_counts() == ({}, {"corrupt_image": 1})
 
 
 def test_the_pil_fallback_serves_the_same_prompts(dataset, preprocessor):
