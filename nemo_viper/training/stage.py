@@ -122,5 +122,9 @@ def run_stage(config: StageConfig) -> list[dict]:
         def advance(step: int, metrics: dict) -> None:
             progress.update(task, completed=step, reward=metrics["reward/mean"])
 
-        return run_rl(trainer, generator, ViperReward(config.reward), prompts, load_processor(hf_dir), config.rl,
-                      config.out, progress=advance)
+        history = run_rl(trainer, generator, ViperReward(config.reward), prompts, load_processor(hf_dir), config.rl,
+                         config.out, progress=advance)
+    skipped = {k: v for k, v in (history[-1] if history else {}).items() if k.startswith("data/skipped/") and v}
+    if skipped and show:
+        log.warning("RL stage %d skipped %d samples in total: %s", config.stage, sum(skipped.values()), skipped)
+    return history

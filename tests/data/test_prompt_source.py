@@ -229,3 +229,15 @@ def test_resident_memory_stays_bounded_over_many_epochs():
     growth = measured["rss_peak"] - measured["rss_after_first_step"]
     assert measured["served_pixel_bytes"] > 4 * ceiling  # accumulating the prompts would break the ceiling
     assert growth < ceiling, f"resident memory grew by {growth / 2**20:.0f} MiB while streaming"
+
+
+def test_skipped_totals_add_index_time_and_read_time_skips():
+    from nemo_viper.training.loop import skipped_metrics
+
+    class Source:
+        def skipped_counts(self):
+            return {"invalid_json": 2, "corrupt_image": 1}, {"corrupt_image": 3}
+
+    assert skipped_metrics(Source(), None) == {"data/skipped": 6.0, "data/skipped/invalid_json": 2.0,
+                                               "data/skipped/corrupt_image": 4.0}
+    assert skipped_metrics(object(), None) == {}

@@ -41,7 +41,7 @@ def test_train_stage1_resumes_and_exports(tiny_hf_dir, stage1_data, tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3]
     for key in ("reward/mean", "reward/format", "reward/correctness", "reward/recall", "reward/answer_sentences",
                 "train/clip_frac_low", "train/clip_frac_high", "train/ratio_max", "train/entropy", "train/grad_norm",
-                "time/rollout", "time/reward", "time/logprob", "time/update"):
+                "time/rollout", "time/reward", "time/logprob", "time/update", "data/skipped"):
         assert key in records[-1], key
     latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
     assert latest.name == "step_0000003"
