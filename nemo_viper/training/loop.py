@@ -71,7 +71,9 @@ def skipped_metrics(prompts: PromptSource, dp_group) -> dict[str, float]:
     if not hasattr(prompts, "skipped_counts"):
         return {}
     at_index, at_read = prompts.skipped_counts()
-    read = torch.tensor([float(at_read.get(reason, 0)) for reason in READ_SKIP_REASONS], dtype=torch.float64)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # NCCL groups reduce CUDA tensors only
+    read = torch.tensor([float(at_read.get(reason, 0)) for reason in READ_SKIP_REASONS], dtype=torch.float64,
+                        device=device)
     if dist.is_initialized():
         dist.all_reduce(read, group=dp_group)
     totals = dict(at_index)
