@@ -217,7 +217,7 @@ def trust_unverified_checkpoints() -> None:
 
 
 def file_hashes(ckpt_dir: Path) -> dict[str, str]:
-    """sha256 of every file under ``ckpt_dir`` but the metadata file, by relative path (hashed in parallel)."""
+    """sha256 of every file under ``ckpt_dir`` but the metadata file, by relative path (up to 8 threads)."""
     from concurrent.futures import ThreadPoolExecutor
 
     files = sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and p.name != METADATA_FILE)
@@ -233,10 +233,10 @@ def file_hashes(ckpt_dir: Path) -> dict[str, str]:
         return dict(zip((p.relative_to(ckpt_dir).as_posix() for p in files), pool.map(digest, files)))
 
 
-def verify_checkpoint_files(ckpt: Path, metadata: dict) -> None:
-    """Refuse a checkpoint whose files differ from its manifest (tampered, truncated, foreign files) or that has
-    none (not written by this project): loading it would unpickle its contents. ``--trust-checkpoint`` skips
-    this (:func:`trust_unverified_checkpoints`)."""
+def _check_manifest(ckpt: Path, metadata: dict) -> None:
+    """Refuse a checkpoint that has no file manifest (not written by this project) or whose files differ from
+    it (tampered, truncated, foreign files): loading it would unpickle its contents. ``--trust-checkpoint``
+    skips this (:func:`trust_unverified_checkpoints`). Every rank checks for itself (no collective)."""
     if _trust_unverified:
         return
     expected = metadata.get(FILES_KEY)
@@ -256,8 +256,9 @@ def verify_checkpoint_files(ckpt: Path, metadata: dict) -> None:
 
 
 def read_checkpoint_metadata(ckpt_dir: str | Path) -> dict:
-    """Metadata of a policy checkpoint whose files match its manifest (:func:`verify_checkpoint_files`; once
-    per process and directory), or a one-line error naming what is missing or wrong."""
+    """Metadata of a policy checkpoint whose files match its manifest (:func:`_check_manifest`; once per
+    process and directory), or a one-line error naming what is missing or wrong. Every load calls this
+    before unpickling anything."""
     ckpt = Path(ckpt_dir)
     if ckpt.resolve() in _verified:
         return _verified[ckpt.resolve()]
@@ -275,7 +276,7 @@ def read_checkpoint_metadata(ckpt_dir: str | Path) -> dict:
         raise CheckpointError(f"{meta_file}: unsupported format {metadata.get('format')!r} (expected {FORMAT!r})")
     if not (ckpt / "model").is_dir():
         raise CheckpointError(f"{ckpt} has no model/ directory (incomplete checkpoint)")
-    verify_checkpoint_files(ckpt, metadata)
+    _check_manifest(ckpt, metadata)
     read_qwen25_vl_config(ckpt / "hf")
     _verified[ckpt.resolve()] = metadata
     return metadata

@@ -47,11 +47,39 @@ class TaskPrompt:
 
 
 class PromptSource(Protocol):
+    """Prompts for the loop. A source that skips bad samples may also offer ``skipped_counts()`` (as
+    :class:`~nemo_viper.data.prompt_source.ShardPromptSource` does; see :func:`skipped_metrics`)."""
+
     def next_prompts(self, count: int) -> list[TaskPrompt]: ...
 
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+
+READ_SKIP_REASONS = ("corrupt_image",)
+"""Why a prompt source skips a sample while reading its share (the reasons it may count per rank)."""
+
+
+def skipped_metrics(prompts: PromptSource, dp_group) -> dict[str, float]:
+    """Samples skipped so far over the whole job, by reason (``data/skipped/<reason>``) and in total
+    (``data/skipped``): the dataset's index-time skips (the same on every rank) plus the sum over the
+    data-parallel ranks of the read-time skips. Collective over ``dp_group``; ``{}`` for a source that does not
+    count skips."""
+    import torch.distributed as dist
+
+    if not hasattr(prompts, "skipped_counts"):
+        return {}
+    at_index, at_read = prompts.skipped_counts()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # NCCL groups reduce CUDA tensors only
+    read = torch.tensor([float(at_read.get(reason, 0)) for reason in READ_SKIP_REASONS], dtype=torch.float64,
+                        device=device)
+    if dist.is_initialized():
+        dist.all_reduce(read, group=dp_group)
+    totals = dict(at_index)
+    for reason, count in zip(READ_SKIP_REASONS, read.tolist()):
+        totals[reason] = totals.get(reason, 0) + count
+    return {"data/skipped": float(sum(totals.values())), **{f"data/skipped/{k}": float(v) for k, v in totals.items()}}
 
 
 class RewardModel(Protocol):
@@ -190,6 +218,7 @@ def run_rl(
         metrics = trainer.step(rollout)
         generator.weights_updated()
         metrics.update({"time/rollout": rollout_time, "time/reward": reward_time})
+        metrics.update(skipped_metrics(prompts, parallel_state.get_data_parallel_group()))
         logger.log(step, metrics)
         history.append(metrics)
         if step % config.save_every == 0 or step == config.steps:

@@ -11,6 +11,7 @@ of the loop (images through DALI), the ViPER reward scores the rollouts, and
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from nemo_viper.rewards import RewardConfig
 from nemo_viper.rollout.vllm_backend import VLLMGenerationConfig, require_vllm
 from nemo_viper.training.grpo import GRPOConfig
 from nemo_viper.training.loop import RLConfig
+
+log = logging.getLogger(__name__)
 
 STAGE_TASKS = {1: "caption_refine", 2: "visual_op"}
 ROLLOUT_BACKENDS = ("megatron", "vllm")
@@ -81,7 +84,7 @@ def rl_image_config(hf_dir: str | Path, min_pixels: int, max_pixels: int) -> Ima
 
 def run_stage(config: StageConfig) -> list[dict]:
     """Validate, build and run (or resume) one RL stage. Returns the metrics of the steps run now."""
-    from nemo_viper.data.shards import ShardDataset
+    from nemo_viper.data.shards import DatasetError, ShardDataset
     from nemo_viper.models.checkpoint import read_checkpoint_metadata
     from nemo_viper.models.policy import Accelerator, check_precision
 
@@ -90,6 +93,12 @@ def run_stage(config: StageConfig) -> list[dict]:
     expected = STAGE_TASKS[config.stage]
     if dataset.task != expected:
         raise ConfigError(f"stage {config.stage} trains on {expected!r} data but {config.data} holds {dataset.task!r}")
+    if len(dataset) == 0:
+        raise DatasetError(f"dataset {config.data} holds no usable sample (skipped when indexing: "
+                           f"{dict(dataset.skipped) or 'none'})")
+    if dataset.skipped:
+        log.warning("dataset %s: %d usable samples; %d skipped when indexing: %s", config.data, len(dataset),
+                    sum(dataset.skipped.values()), dict(dataset.skipped))
     hf_dir, checkpoint = policy_paths(config.policy)
     if checkpoint is not None:
         read_checkpoint_metadata(checkpoint)
@@ -146,5 +155,9 @@ def run_stage(config: StageConfig) -> list[dict]:
         def advance(step: int, metrics: dict) -> None:
             progress.update(task, completed=step, reward=metrics["reward/mean"])
 
-        return run_rl(trainer, generator, ViperReward(config.reward), prompts, load_processor(hf_dir), config.rl,
-                      config.out, progress=advance)
+        history = run_rl(trainer, generator, ViperReward(config.reward), prompts, load_processor(hf_dir), config.rl,
+                         config.out, progress=advance)
+    skipped = {k: v for k, v in (history[-1] if history else {}).items() if k.startswith("data/skipped/") and v}
+    if skipped and show:
+        log.warning("RL stage %d skipped %d samples in total: %s", config.stage, sum(skipped.values()), skipped)
+    return history

@@ -46,7 +46,7 @@ def test_train_stage1_resumes_and_exports(tiny_hf_dir, stage1_data, tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3]
     for key in ("reward/mean", "reward/format", "reward/correctness", "reward/recall", "reward/answer_sentences",
                 "train/clip_frac_low", "train/clip_frac_high", "train/ratio_max", "train/entropy", "train/grad_norm",
-                "time/rollout", "time/reward", "time/logprob", "time/update"):
+                "time/rollout", "time/reward", "time/logprob", "time/update", "data/skipped"):
         assert key in records[-1], key
     latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
     assert latest.name == "step_0000003"
@@ -78,6 +78,29 @@ def test_image_settings_are_checked_before_building(tiny_hf_dir, stage1_data, tm
     monkeypatch.setattr(images, "dali_importable", lambda: False)
     assert main([*common, "--image-backend", "dali"]) == 2
     assert "NVIDIA DALI is not importable" in capsys.readouterr().err
+
+
+def test_a_dataset_without_a_usable_sample_is_reported_before_building(tmp_path, tiny_hf_dir, capsys):
+    import hashlib
+    import io
+    import tarfile
+
+    from nemo_viper.data.shards import ShardInfo, write_manifest
+
+    data = tmp_path / "invalid"
+    data.mkdir()
+    with tarfile.open(data / "bad-000000.tar", "w") as tar:
+        for key, body in (("s0", b"not json"), ("s1", b'{"id": "s1"}')):
+            info = tarfile.TarInfo(f"{key}.json")
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    digest = hashlib.sha256((data / "bad-000000.tar").read_bytes()).hexdigest()
+    write_manifest(data, "caption_refine", [ShardInfo("bad-000000.tar", 2, digest)])
+    assert main(["train", "--stage", "1", "--data", str(data), "--policy", str(tiny_hf_dir),
+                 "--out", str(tmp_path / "run"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: dataset {data} holds no usable sample (skipped when indexing: {{")
+    assert "'invalid_json': 1" in err and "\n" not in err
 
 
 @pytest.mark.slow
