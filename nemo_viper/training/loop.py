@@ -66,16 +66,11 @@ def skipped_metrics(prompts: PromptSource, dp_group) -> dict[str, float]:
     (``data/skipped``): the dataset's index-time skips (the same on every rank) plus the sum over the
     data-parallel ranks of the read-time skips. Collective over ``dp_group``; ``{}`` for a source that does not
     count skips."""
-    import torch.distributed as dist
-
     if not hasattr(prompts, "skipped_counts"):
         return {}
     at_index, at_read = prompts.skipped_counts()
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # NCCL groups reduce CUDA tensors only
-    read = torch.tensor([float(at_read.get(reason, 0)) for reason in READ_SKIP_REASONS], dtype=torch.float64,
-                        device=device)
-    if dist.is_initialized():
-        dist.all_reduce(read, group=dp_group)
+    read = torch.tensor([float(at_read.get(reason, 0)) for reason in READ_SKIP_REASONS], dtype=torch.float64)
+    read = collectives.all_reduce(read, group=dp_group)
     totals = dict(at_index)
     for reason, count in zip(READ_SKIP_REASONS, read.tolist()):
         totals[reason] = totals.get(reason, 0) + count
