@@ -175,7 +175,7 @@ def _apply(stage_shape: TrainingShape, candidate: TrainingShape, base: TrainingS
 
 
 _KEYS = {"recompute": "model.recompute", "recompute_vision": "model.recompute_vision",
-         "micro_batch_size": "rl.micro_batch_size", "generation_batch_size": "rl.generation_batch_size"}
+         "micro_batch_size": "rl.micro_batch_size", "generation_batch_size": "rollout.megatron_batch_size"}
 
 
 def _as_key(description: str) -> str:
