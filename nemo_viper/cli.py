@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rollout-backend", default="megatron", choices=("megatron", "vllm"),
                        help="generation engine: the policy itself (megatron) or a colocated vLLM engine refitted "
                        "after every update (vllm; needs the vllm package)")
-    train.add_argument("--generation-batch-size", type=int, default=64, help="megatron backend: samples decoded together")
+    train.add_argument("--generation-batch-size", type=int, default=None,
+                       help="megatron backend: at most this many samples decoded together (default: as many as fit)")
     train.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.5)
     train.add_argument("--vllm-cpu-kv-cache-gib", type=int, default=1, help="vllm backend on CPU: KV-cache size")
     train.add_argument("--no-vllm-sleep-mode", dest="vllm_sleep_mode", action="store_false",

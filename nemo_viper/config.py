@@ -92,13 +92,14 @@ class RolloutSection:
 
     ``backend``: ``megatron`` (generates on the policy's own weights; no extra memory, slower) or ``vllm``
     (a colocated vLLM engine per data-parallel rank, refitted after every update; needs ``vllm``).
-    ``megatron_batch_size``: samples the Megatron backend decodes together. The ``vllm_*`` keys are
+    ``megatron_batch_size``: at most this many samples the Megatron backend decodes together; ``null`` = as
+    many as half the free memory holds (KV cache + sampler per sample; always capped by that). The ``vllm_*`` keys are
     :class:`~nemo_viper.rollout.vllm_backend.VLLMGenerationConfig`'s. ``importance_sampling_cap``: truncated
     importance-sampling correction of the sampler-vs-trainer mismatch (``null`` = off).
     """
 
     backend: str = "megatron"
-    megatron_batch_size: int = 64
+    megatron_batch_size: int | None = None
     vllm_gpu_memory_utilization: float = 0.5
     vllm_cpu_kv_cache_gib: int = 1
     vllm_sleep_mode: bool = True
@@ -222,8 +223,8 @@ def _validate_synthesis(synthesis: dict) -> None:
 
 def _validate_rollout(rollout: RolloutSection) -> None:
     """The rollout settings against the backends' own checks (one-line errors naming the key)."""
-    if rollout.megatron_batch_size < 1:
-        raise ConfigError(f"rollout.megatron_batch_size={rollout.megatron_batch_size} must be >= 1")
+    if rollout.megatron_batch_size is not None and rollout.megatron_batch_size < 1:
+        raise ConfigError(f"rollout.megatron_batch_size={rollout.megatron_batch_size} must be >= 1 (or null)")
     if rollout.importance_sampling_cap is not None and not rollout.importance_sampling_cap > 0:
         raise ConfigError(f"rollout.importance_sampling_cap={rollout.importance_sampling_cap} must be > 0 (or null)")
     try:

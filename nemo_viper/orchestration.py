@@ -100,7 +100,7 @@ def _rl_args(config: ViperConfig) -> tuple[str, ...]:
         "--pp", config.parallel.pipeline, "--image-backend", rl.image_backend,
         "--prefetch-prompts", rl.prefetch_prompts, "--min-pixels", rl.min_pixels, "--max-pixels", rl.max_pixels,
         "--recompute", config.model.recompute,
-        "--rollout-backend", rollout.backend, "--generation-batch-size", rollout.megatron_batch_size,
+        "--rollout-backend", rollout.backend,
         "--vllm-gpu-memory-utilization", rollout.vllm_gpu_memory_utilization,
         "--vllm-cpu-kv-cache-gib", rollout.vllm_cpu_kv_cache_gib,
     ]
@@ -108,6 +108,8 @@ def _rl_args(config: ViperConfig) -> tuple[str, ...]:
         args.append("--recompute-vision")
     if not rollout.vllm_sleep_mode:
         args.append("--no-vllm-sleep-mode")
+    if rollout.megatron_batch_size is not None:
+        args += ["--generation-batch-size", rollout.megatron_batch_size]
     if rollout.importance_sampling_cap is not None:
         args += ["--importance-sampling-cap", rollout.importance_sampling_cap]
     if reward.embedding_model:

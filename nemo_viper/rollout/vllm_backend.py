@@ -50,7 +50,13 @@ import torch
 from nemo_viper.errors import ConfigError
 from nemo_viper.models.hf_checkpoint import text_config
 from nemo_viper.models.tiny import VISION_SPECIAL_TOKENS
-from nemo_viper.rollout.interface import GenerationRequest, GenerationResponse, PromptTooLongError
+from nemo_viper.rollout.interface import (
+    GenerationRequest,
+    GenerationResponse,
+    by_request,
+    check_prompt,
+    request_seeds,
+)
 
 IMAGES_PER_PROMPT = 2
 PLACEHOLDER_TOKENS = ("<|image_pad|>", "<|video_pad|>")
@@ -196,12 +202,7 @@ class VLLMGenerationBackend:
         """Sample ``request.n`` responses for every request (refitting first if the policy changed)."""
         for index, request in enumerate(requests):
             self._validate(index, request)
-        seeds = [
-            r.sampling.seed
-            if r.sampling.seed is not None
-            else int(torch.randint(0, 2**62, (), generator=self._seed_generator))
-            for r in requests
-        ]
+        seeds = request_seeds(requests, self._seed_generator)
         prompts = self._prompts(requests)
         if self._stale:
             self.refit()
@@ -217,26 +218,13 @@ class VLLMGenerationBackend:
             if self._sleep_mode:
                 self._llm.sleep(level=2)
                 self._sleeping = True
-        responses = iter(self._response(output.outputs[0]) for output in outputs)
-        return [[next(responses) for _ in range(r.n)] for r in requests]
+        return by_request([self._response(output.outputs[0]) for output in outputs], requests)
 
     def _validate(self, index: int, request: GenerationRequest) -> None:
-        length = len(request.prompt_ids)
-        if length >= self.context_length:
-            raise PromptTooLongError(
-                f"request {index}: the prompt has {length} tokens but the context holds {self.context_length} "
-                "(prompt + generated tokens; max_model_len or the model's max_position_embeddings)"
-            )
         images = 0 if request.image_grid_thw is None else len(request.image_grid_thw)
         if images > IMAGES_PER_PROMPT:
             raise ConfigError(f"request {index}: {images} images, the vLLM backend takes at most {IMAGES_PER_PROMPT}")
-        slots = int((request.prompt_ids == self._image_token_id).sum())
-        features = 0 if images == 0 else int(request.image_grid_thw.prod(dim=-1).sum()) // self._merge**2
-        if slots != features:
-            raise ConfigError(
-                f"request {index}: the prompt has {slots} image placeholder tokens but its images give {features} "
-                "features; build prompts with the model's processor (GenerationRequest.from_chat)"
-            )
+        check_prompt(index, request, self.context_length, "max_model_len", self._image_token_id, self._merge)
 
     @torch.no_grad()
     def _prompts(self, requests: Sequence[GenerationRequest]) -> list[dict]:

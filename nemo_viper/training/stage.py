@@ -45,7 +45,7 @@ class StageConfig:
     precision: str = "bf16"
     fp8_recipe: str = "blockwise"
     layer_spec: str = "auto"
-    generation_batch_size: int = 64
+    generation_batch_size: int | None = None  # None: as many samples as fit (MegatronGenerationConfig)
     image_backend: str = "auto"  # QwenImagePreprocessor backend: auto (DALI if importable), dali, pil
     prefetch_prompts: int = 16  # prompts prepared ahead of the loop (bounded host memory)
     min_pixels: int = ImageProcessingConfig.min_pixels  # pixel budget of every prompt image (both backends)
