@@ -57,6 +57,7 @@ from nemo_viper.rollout.interface import (
     check_prompt,
     request_seeds,
 )
+from nemo_viper.rollout.stopping import response_texts
 
 IMAGES_PER_PROMPT = 2
 PLACEHOLDER_TOKENS = ("<|image_pad|>", "<|video_pad|>")
@@ -218,7 +219,18 @@ class VLLMGenerationBackend:
             if self._sleep_mode:
                 self._llm.sleep(level=2)
                 self._sleeping = True
-        return by_request([self._response(output.outputs[0]) for output in outputs], requests)
+        samples = [self._response(output.outputs[0]) for output in outputs]
+        # The interface's one decoding rule (the Megatron backend's): vLLM's own text holds back a trailing
+        # incomplete UTF-8 sequence.
+        texts = response_texts(
+            self.tokenizer,
+            [sample.token_ids for sample in samples],
+            [r.sampling for r in requests for _ in range(r.n)],
+            [sample.finish_reason == "stop" for sample in samples],
+        )
+        for sample, text in zip(samples, texts):
+            sample.text = text
+        return by_request(samples, requests)
 
     def _validate(self, index: int, request: GenerationRequest) -> None:
         images = 0 if request.image_grid_thw is None else len(request.image_grid_thw)
@@ -290,7 +302,7 @@ class VLLMGenerationBackend:
             reason = "eos"
         return GenerationResponse(
             token_ids=[tokens[i] for i in kept],
-            text=output.text,
+            text="",  # decoded by generate()
             logprobs=[logprobs[i] for i in kept],
             finish_reason=reason,
         )
