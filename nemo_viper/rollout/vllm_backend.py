@@ -18,7 +18,8 @@ Imported only when that backend is chosen (it needs the ``vllm`` package: ``vllm
   reused.
 - **Sleep mode on GPU**: between rollouts the engine sleeps at level 2 (weights and KV cache released),
   so training has the memory; before a rollout it wakes its weights, is refitted, then wakes its KV
-  cache. On CPU there is no sleep mode: the engine stays resident (``cpu_kv_cache_gib`` of KV cache).
+  cache. On CPU there is no sleep mode: the engine stays resident (``cpu_kv_cache_gib`` of KV cache), and
+  prompts are never split across scheduler steps (see ``_cpu_scheduling``).
 
 Prompts are the requests' token ids, exactly as the trainer sees them (each image's placeholder run is
 sent as one ``<|image_pad|>``, which vLLM's processor expands again from the image grid to the same ids). Images go in as the policy's own vision-tower features of the request's ``pixel_values``
@@ -109,6 +110,13 @@ def _reload_weights(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None
     worker.reload_weights(weights_iterator=weights)
 
 
+def _cpu_scheduling(context_length: int) -> dict:
+    """CPU engine settings: no chunked prefill, a step budget that fits a whole prompt. A seeded request whose
+    prompt is cut across scheduler steps makes vLLM rewind its generator's offset, which CPU generators do
+    not have ("CPU Generator does not use offset"; vLLM disables chunking on CPU for MLA models the same way)."""
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(context_length, 8192)}
+
+
 def _configure_vllm_environment(config: VLLMGenerationConfig) -> None:
     """Environment vLLM reads at import/engine start. In-process engine (the refit hands it tensors by
     reference); on CPU: the KV-cache size, and no OpenMP re-pinning of the trainer's threads."""
@@ -177,6 +185,7 @@ class VLLMGenerationBackend:
             enable_mm_embeds=True,  # images arrive as the policy's vision features
             logprobs_mode="processed_logprobs",
             seed=config.seed,
+            **({} if on_gpu else _cpu_scheduling(self.context_length)),
         )
         if self._sleep_mode:
             self._llm.sleep(level=2)

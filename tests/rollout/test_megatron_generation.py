@@ -52,6 +52,8 @@ def test_te_spec_generation_matches_transformers_without_masks(gpu_tp1, inputs):
     assert gpu_tp1["greedy_no_cache"] == gpu_tp1["greedy"]
     assert gpu_tp1["attention_masks_passed"] == 0
     assert gpu_tp1["megatron_attention_calls_cached"] == 0
+    # One host sync per decode step (the step's tokens and log-probs); None: the sample ended before 8 tokens.
+    assert gpu_tp1["host_syncs_per_decode_step"] is not None and gpu_tp1["host_syncs_per_decode_step"] <= 1
     assert max(gpu_tp1["logprob_error_t1"], gpu_tp1["logprob_error_t07"]) < 1e-3
 
 

@@ -47,6 +47,25 @@ def logprob_error(policy, requests, responses, temperature, pad_token_id):
     return (recomputed - expected).abs().max().item()
 
 
+def host_syncs_per_decode_step(backend, request):
+    """CUDA only: synchronising operations (torch's sync debug mode) per extra decode step, from two greedy
+    runs of the same prompt that differ only in their token budget (the prefill's syncs cancel out)."""
+    import warnings
+
+    counts, lengths = [], []
+    for budget in (8, 24):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                response = backend.generate([with_sampling(request, greedy=True, max_new_tokens=budget)])[0][0]
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+        lengths.append(len(response.token_ids))
+    return (counts[1] - counts[0]) / (lengths[1] - lengths[0]) if lengths[1] > lengths[0] else None
+
+
 def slot_counts(policy, backend, tp):
     """Slots for 64-token samples when the free memory is set to hold 10.5 slots at the default fraction (0.5),
     capped by ``max_batch_size`` or by the call's samples, and the error when not one slot fits. A slot's bytes
@@ -120,6 +139,8 @@ def main():
 
     greedy = [with_sampling(r, greedy=True, max_new_tokens=24) for r in (one_image, two_images, text_only)]
     result["greedy"] = tokens_of(backend.generate(greedy))
+    if torch.cuda.is_available():
+        result["host_syncs_per_decode_step"] = host_syncs_per_decode_step(backend, text_only)
     no_cache = MegatronGenerationBackend(policy, MegatronGenerationConfig(use_kv_cache=False))
     phase[0] = "no_cache"
     result["greedy_no_cache"] = tokens_of(no_cache.generate(greedy))
