@@ -8,8 +8,10 @@
 #   pip's isolated build environments, so no sdist build can pull in another torch.
 # - megatron-core and Megatron-Bridge are installed --no-deps (their declared deps include
 #   CUDA-only builds); requirements.txt lists the subset of their deps that their code imports.
-# - Never installs torchvision, transformer-engine or PyPI's unrelated `apex`; the check at the
-#   end fails the setup if any of them is importable.
+# - lmms-eval (nemo-viper eval) is installed --no-deps too, with the deps its code paths import; the only
+#   torchvision is 0.28.0, the build matching torch 2.13.0 (qwen-vl-utils needs it).
+# - Never installs transformer-engine or PyPI's unrelated `apex`; the check at the end fails the setup if
+#   either is importable, or if torchvision is not the build matching torch.
 # - Idempotent: a stamp with the hash of the dependency files makes a re-run a no-op (~1 s).
 #
 # GPU clusters use the NGC NeMo container instead: see scripts/install_in_container.sh.
@@ -54,12 +56,16 @@ PIP=("$VENV/bin/python" -m pip install --quiet)
 
 "$VENV/bin/python" - <<'PY'
 import importlib.util, sys
-forbidden = {"torchvision": "breaks transformers' Qwen2.5-VL imports on CPU",
-             "transformer_engine": "needs CUDA; CPU runs use the local layer spec",
+forbidden = {"transformer_engine": "needs CUDA; CPU runs use the local layer spec",
              "apex": "PyPI's `apex` is an unrelated package"}
 bad = [f"{m} ({why})" for m, why in forbidden.items() if importlib.util.find_spec(m) is not None]
 if bad:
     sys.exit("error: forbidden packages are installed in .venv: " + "; ".join(bad))
+from importlib.metadata import version
+pairs = {"2.13.0": "0.28.0"}  # torch -> the torchvision built against it
+torch_v, vision_v = version("torch").split("+")[0], version("torchvision").split("+")[0]
+if pairs.get(torch_v) != vision_v:
+    sys.exit(f"error: torchvision {vision_v} does not match torch {torch_v} (expected {pairs.get(torch_v)})")
 import nemo_viper  # noqa: F401
 print("nemo_viper: environment OK")
 PY
