@@ -27,8 +27,12 @@ def register_with_auto_processor() -> None:
 
 
 def load_processor(path: str | Path) -> ImageOnlyQwen25VLProcessor:
-    """Load tokenizer + image processor + chat template from a local HF checkpoint directory."""
-    return ImageOnlyQwen25VLProcessor.from_pretrained(str(path))
+    """Load tokenizer + image processor + chat template from a local HF checkpoint directory.
+
+    The image processor is always the PIL one (``Qwen2VLImageProcessorPil``, the reference of the DALI
+    preprocessor), whether or not torchvision is installed (transformers would then pick its torchvision one).
+    """
+    return ImageOnlyQwen25VLProcessor.from_pretrained(str(path), backend="pil")
 
 
 def prompt_token_ids(processor: Qwen2_5_VLProcessor, text: str, image_grid_thw: torch.Tensor | None) -> torch.Tensor:
