@@ -78,7 +78,7 @@ def cmd_train(args) -> None:
             temperature=args.temperature,
             dynamic_sampling=args.dynamic_sampling,
         ),
-        reward=RewardConfig(embedding_model=args.reward_model, mode=args.reward_mode),
+        reward=RewardConfig(embedding_model=args.reward_model, mode=args.reward_mode, threshold=args.reward_threshold),
         tensor_parallel=args.tp,
         pipeline_parallel=args.pp,
         precision=args.precision,
@@ -252,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dynamic-sampling", action="store_true", help="drop groups whose rewards are all equal")
     train.add_argument("--reward-model", default=None, help="sentence-transformers dir (default: packaged MiniLM)")
     train.add_argument("--reward-mode", default="precision", choices=("precision", "recall", "f1"))
+    train.add_argument("--reward-threshold", type=float, default=0.85, help="cosine above which a sentence is a hit")
     train.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp8"))
     train.add_argument("--save-every", type=int, default=50)
     train.add_argument("--image-backend", default="auto", choices=("auto", "dali", "pil"),

@@ -96,6 +96,7 @@ def read_record(path: str | Path) -> dict:
 def write_record(path: str | Path, key: str, value: dict) -> None:
     """Set ``key`` (``before`` / ``after``) in the stage's ``heldout.json``, atomically."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     record = read_record(path)
     record[key] = value
     tmp = path.with_name(f".{path.name}.tmp")

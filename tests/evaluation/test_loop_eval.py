@@ -1,5 +1,6 @@
 """The benchmark phases in the closed loop: plan, and the guard stopping later rounds (phases stubbed)."""
 
+import io
 import json
 import sys
 
@@ -52,3 +53,18 @@ def test_guard_stop_skips_later_rounds_and_still_exports(tmp_path, monkeypatch):
     ran.clear()
     orchestration.run_local(config)  # a rerun keeps the stop
     assert ran == []
+
+
+def test_slurm_dry_run_submits_one_gpu_job_per_benchmark_shard(tmp_path, monkeypatch):
+    from launcher.nemo_run_jobs import sbatch_scripts
+
+    monkeypatch.setattr("sys.stdin", io.StringIO())  # NeMo-Run's local tunnel (invoke) reads stdin
+    monkeypatch.setenv("NEMORUN_HOME", str(tmp_path / "nemorun"))
+    config = recipe("qwen25vl_7b", "eval.enabled=true", "eval.dataset_root=/data", "cluster.account=acct",
+                    f"run_dir={tmp_path}", "eval.num_shards=2")
+    scripts = sbatch_scripts(config)
+    shard = scripts["round1-eval-1"]
+    assert f"nemo_viper.cli eval --model {tmp_path}/round1/rl2" in shard and "--shard-index 1 --num-shards 2" in shard
+    assert "--gpus-per-node=1" in shard
+    collect = scripts["round1-eval_collect"]
+    assert "afterok" in collect and f"--collect {tmp_path}/eval/round1" in collect
