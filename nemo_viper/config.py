@@ -94,19 +94,43 @@ class RewardSection:
 
 
 @dataclass
+class PhaseTimes:
+    """Slurm time limit (``--time``) of each kind of phase job."""
+
+    prepare: str = "00:30:00"
+    synth: str = "04:00:00"  # one array task (one shard of a synthesis phase)
+    rl: str = "24:00:00"
+    export: str = "01:00:00"
+    eval: str = "08:00:00"  # one benchmark shard job (nemo-viper eval on some of the 7 tasks)
+    eval_data: str = "00:30:00"  # tiny benchmark copies (embedded default only)
+
+
+@dataclass
 class ClusterSection:
-    """Where jobs run: ``local`` or ``slurm`` (NeMo-Run ``SlurmExecutor`` with a pyxis container)."""
+    """Where jobs run: ``local`` or ``slurm`` (NeMo-Run ``SlurmExecutor``, the project image through pyxis).
+
+    ``code``: ``image`` runs the project installed in ``container_image`` (built from the repository's
+    ``Dockerfile``); ``package`` ships the repository's committed ``HEAD`` with every job (NeMo-Run's
+    ``GitArchivePackager``) and runs it on top of the image's environment. The jobs' container mounts are
+    derived from the config's paths (run dir, models, data); ``container_mounts`` adds more (``SRC:DST``).
+    """
 
     executor: str = "local"
     account: str = ""
     partition: str = ""
-    time: str = "04:00:00"
-    container_image: str = "nvcr.io/nvidia/nemo:26.08"
+    time: PhaseTimes = field(default_factory=PhaseTimes)
+    container_image: str = ""  # the project image: a squashfs file (enroot import) or a registry image
+    code: str = "image"  # image | package
     container_mounts: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=lambda: {"HF_HUB_OFFLINE": "1"})
     job_dir: str = ""  # where NeMo-Run keeps job files; default <run_dir>/nemo_run
-    repo_dir: str = "/opt/nemo_viper"  # the project inside the container
     synthesis_gpus_per_task: int = 1
+    synthesis_max_parallel: int = 0  # at most this many array tasks at once (sbatch --array=...%N); 0 = no limit
+    export_gpus: int = 1
+    requeue: bool = True  # a preempted job is requeued and resumes (RL: from its last checkpoint)
+    max_retries: int = 0  # requeue a job that failed this many times (NeMo-Run's TORCHX_MAX_RETRIES)
+    exclusive_rl: bool = True  # RL jobs take whole nodes (sbatch --exclusive)
+    min_free_disk_gb: float = 50.0  # preflight: free space the run dir needs
 
 
 @dataclass
@@ -249,9 +273,10 @@ def validate(config: ViperConfig, check_paths: bool = True) -> None:
     if config.rounds < 1:
         raise ConfigError(f"rounds={config.rounds} must be >= 1")
     _validate_synthesis(config.synthesis)
-    if config.cluster.executor == "slurm" and not config.cluster.account:
-        raise ConfigError("cluster.account is required with cluster.executor='slurm'")
     _validate_eval(config.eval, check_paths)
+    from nemo_viper.cluster import validate_cluster
+
+    validate_cluster(config, check_paths)
     if not check_paths:
         return
     from nemo_viper.models.hf_checkpoint import check_parallel_layout, read_qwen25_vl_config

@@ -190,3 +190,31 @@ def check_drop(previous: dict, current: dict, max_drop: float) -> float:
         raise EvalGuardStop(f"benchmark average dropped {previous['average']:.2f} -> {current['average']:.2f} "
                             f"({delta:+.2f} points, more than eval.guard_max_drop={max_drop}): stopping further rounds")
     return delta
+
+
+def eval_output_problem(kind: str, out: Path, args: tuple[str, ...]) -> str | None:
+    """What is missing from a loop phase's outputs (:func:`nemo_viper.run_state.output_problem`), or None.
+
+    ``eval_data``: a local copy of every benchmark under ``out``. ``eval``: with ``--tasks`` (shard jobs), a
+    result file per task; with ``--collect``, ``results.json`` covering the task files present.
+    """
+    from nemo_viper.errors import ConfigError
+    from nemo_viper.evaluation.benchmarks import check_datasets, parse_tasks
+
+    out = Path(out)
+    if not out.exists():
+        return "not started"
+    if kind == "eval_data":
+        try:
+            check_datasets(TASKS, out)
+        except ConfigError as exc:
+            return str(exc)
+        return None
+    if "--tasks" in args:
+        tasks = parse_tasks(args[args.index("--tasks") + 1])
+        missing = [t for t in tasks if not (out / "tasks" / f"{t}.json").is_file()]
+        return f"partial: no results yet for {', '.join(missing)}" if missing else None
+    if not (out / "results.json").is_file():
+        return f"{out}: no results.json"
+    done = {p.stem for p in (out / "tasks").glob("*.json")}
+    return None if set(load_summary(out)["scores"]) == done else f"{out}/results.json does not cover {sorted(done)}"
