@@ -315,6 +315,7 @@ def run_local(config: ViperConfig, on_phase=None, log_dir: Path | None = None, s
                 raise NemoViperError(f"phase {phase.name} failed (exit {result.returncode}); see {log}")
         verify_and_record(phase, phases, paths.root)
         if guard_stop:
+            (paths.root / "eval").mkdir(parents=True, exist_ok=True)
             _atomic_write(paths.root / "eval" / "stopped.json", json.dumps({"round": _round_of(phase) or 0}) + "\n")
         ran.append(phase.name)
         if on_phase:

@@ -36,6 +36,7 @@ def test_plan_shards_benchmarks_into_gpu_jobs_and_collects():
 
 
 def test_guard_stop_skips_later_rounds_and_still_exports(tmp_path, monkeypatch):
+    """Phases stubbed (commands, output verification, preflight): only the runner's guard logic is under test."""
     config = recipe("tiny", "eval.enabled=true", "rounds=3", "eval.guard_max_drop=1.0", f"run_dir={tmp_path}")
     ran = []
 
@@ -49,6 +50,7 @@ def test_guard_stop_skips_later_rounds_and_still_exports(tmp_path, monkeypatch):
                         lambda phase, phases, run_dir: RunState(run_dir).record_done(phase.name, "stub"))
     monkeypatch.setattr("nemo_viper.run_state.select_phases", lambda phases, run_dir, start: (
         [p for p in phases if p.name not in RunState(run_dir).read()["phases"]], {}))
+    monkeypatch.setattr("nemo_viper.run_state.clear_for_rerun", lambda selected, states, run_dir: [])
     monkeypatch.setattr("nemo_viper.doctor.check", lambda config, phase: [])
     orchestration.run_local(config)
     assert ran[-3:] == ["round2.rl2", "round2.eval", "export"] and not any(n.startswith("round3") for n in ran)
@@ -68,8 +70,10 @@ def test_slurm_dry_run_submits_one_gpu_job_per_benchmark_shard(tmp_path, monkeyp
     config = recipe("qwen25vl_7b", "eval.enabled=true", "eval.dataset_root=/data", "cluster.account=acct",
                     f"run_dir={tmp_path}", "eval.num_shards=2")
     scripts = sbatch_scripts(config)
-    shard = scripts["round1-eval-1"]
-    assert f"nemo_viper.cli eval --model {tmp_path}/round1/rl2" in shard and "--shard-index 1 --num-shards 2" in shard
-    assert "--gpus-per-node=1" in shard
+    shards = scripts["round1-eval"]  # one array job, one GPU per task (shard)
+    assert "#SBATCH --array=0-1" in shards and "#SBATCH --gpus-per-node=1" in shards
+    assert "#SBATCH --time=08:00:00" in shards
+    assert f"nemo_viper.cli eval --model {tmp_path}/round1/rl2" in shards and "--num-shards 2" in shards
     collect = scripts["round1-eval_collect"]
-    assert "afterok" in collect and f"--collect {tmp_path}/eval/round1" in collect
+    assert "afterok:<round1-eval>" in collect and f"--collect {tmp_path}/eval/round1" in collect
+    assert "afterok:<round1-eval_collect>" in scripts["export"]
