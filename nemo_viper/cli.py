@@ -86,6 +86,8 @@ def cmd_train(args) -> None:
         tensor_parallel=args.tp,
         pipeline_parallel=args.pp,
         precision=args.precision,
+        fp8_recipe=args.fp8_recipe,
+        layer_spec=args.layer_spec,
         image_backend=args.image_backend,
         prefetch_prompts=args.prefetch_prompts,
         heldout=HeldoutConfig(count=args.heldout_count, fraction=args.heldout_fraction, samples=args.heldout_samples),
@@ -329,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--reward-mode", default="precision", choices=("precision", "recall", "f1"))
     train.add_argument("--reward-threshold", type=float, default=0.85, help="cosine above which a sentence is a hit")
     train.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp8"))
+    train.add_argument("--fp8-recipe", default="blockwise", choices=("blockwise", "mxfp8", "tensorwise", "delayed"),
+                       help="FP8 scaling with --precision fp8: blockwise (Hopper), mxfp8 (Blackwell), tensorwise, delayed")
+    train.add_argument("--layer-spec", default="auto", choices=("auto", "transformer_engine", "local"),
+                       help="transformer layer implementation; auto = Transformer Engine on a GPU that has it")
     train.add_argument("--save-every", type=int, default=50)
     train.add_argument("--image-backend", default="auto", choices=("auto", "dali", "pil"),
                        help="image preprocessing: DALI (GPU decoder when CUDA is there) or the HF PIL processor; "

@@ -33,6 +33,7 @@ class ModelSection:
     tiny_warm_start_steps: int = 0  # with hf_path "tiny": see nemo_viper.models.tiny_warmstart
     precision: str = "bf16"  # fp32 | bf16 | fp8
     fp8_recipe: str = "blockwise"  # blockwise (Hopper) | mxfp8 (Blackwell) | tensorwise | delayed
+    layer_spec: str = "auto"  # auto (Transformer Engine on a GPU that has it) | transformer_engine | local
     freeze_vision_tower: bool = False
     freeze_projector: bool = False
 
@@ -127,7 +128,6 @@ class ClusterSection:
     synthesis_gpus_per_task: int = 1
     synthesis_max_parallel: int = 0  # at most this many array tasks at once (sbatch --array=...%N); 0 = no limit
     export_gpus: int = 1
-    requeue: bool = True  # a preempted job is requeued and resumes (RL: from its last checkpoint)
     max_retries: int = 0  # requeue a job that failed this many times (NeMo-Run's TORCHX_MAX_RETRIES)
     exclusive_rl: bool = True  # RL jobs take whole nodes (sbatch --exclusive)
     min_free_disk_gb: float = 50.0  # preflight: free space the run dir needs
@@ -203,6 +203,7 @@ def _one_line(exc: OmegaConfBaseException) -> str:
 CHOICES = {
     "model.precision": ("fp32", "bf16", "fp8"),
     "model.fp8_recipe": ("blockwise", "mxfp8", "tensorwise", "delayed"),
+    "model.layer_spec": ("auto", "transformer_engine", "local"),
     "rl.aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
     "rl.image_backend": ("auto", "dali", "pil"),
     "reward.mode": ("precision", "recall", "f1"),

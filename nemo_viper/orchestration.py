@@ -110,6 +110,7 @@ def _rl_args(config: ViperConfig) -> tuple[str, ...]:
         "--micro-batch-size", rl.micro_batch_size, "--aggregation", rl.aggregation, "--eps-low", rl.eps_low,
         "--eps-high", rl.eps_high, "--reward-mode", reward.mode, "--reward-threshold", reward.threshold,
         "--precision", config.model.precision,
+        "--fp8-recipe", config.model.fp8_recipe, "--layer-spec", config.model.layer_spec,
         "--save-every", rl.save_every, "--seed", rl.seed, "--tp", config.parallel.tensor,
         "--pp", config.parallel.pipeline, "--image-backend", rl.image_backend,
         "--prefetch-prompts", rl.prefetch_prompts,
@@ -245,7 +246,8 @@ def synthesis_settings(config: ViperConfig) -> dict:
     """What the synth jobs read from ``config/synthesis.yaml``."""
     synthesis = {k: v for k, v in config.synthesis.items() if k not in ("num_shards", "images")}
     vlm = dict(synthesis.get("vlm") or {})
-    vlm.setdefault("precision", config.model.precision)  # synthesis runs the policy like RL does
+    for key in ("precision", "fp8_recipe", "layer_spec"):  # synthesis runs the policy like RL does
+        vlm.setdefault(key, getattr(config.model, key))
     synthesis["vlm"] = vlm
     return synthesis
 

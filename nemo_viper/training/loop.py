@@ -25,6 +25,7 @@ import torch
 from nemo_viper.models.hf_checkpoint import text_config
 from nemo_viper.models.logprobs import PolicyBatch
 from nemo_viper.rewards import RewardBreakdown
+from nemo_viper.runtime import collectives
 from nemo_viper.rollout.interface import GenerationBackend, GenerationRequest, GenerationResponse, SamplingParams
 from nemo_viper.training.checkpointing import CheckpointManager
 from nemo_viper.training.metrics_log import MetricsLogger
@@ -186,8 +187,9 @@ def run_rl(
         logger.log(step, metrics)
         history.append(metrics)
         if step % config.save_every == 0 or step == config.steps:
-            prompt_states = [None] * parallel_state.get_data_parallel_world_size()
-            dist.all_gather_object(prompt_states, prompts.state_dict(), group=parallel_state.get_data_parallel_group())
+            prompt_states = collectives.all_gather_object(
+                prompts.state_dict(), group=parallel_state.get_data_parallel_group()
+            )
             checkpoints.save(trainer, step, {"prompts": prompt_states})
         if progress is not None:
             progress(step, metrics)

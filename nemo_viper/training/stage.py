@@ -38,6 +38,8 @@ class StageConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     precision: str = "bf16"
+    fp8_recipe: str = "blockwise"
+    layer_spec: str = "auto"
     generation_batch_size: int = 64
     image_backend: str = "auto"  # QwenImagePreprocessor backend: auto (DALI if importable), dali, pil
     prefetch_prompts: int = 16  # prompts prepared ahead of the loop (bounded host memory)
@@ -65,7 +67,9 @@ def run_stage(config: StageConfig) -> list[dict]:
     """Validate, build and run (or resume) one RL stage. Returns the metrics of the steps run now."""
     from nemo_viper.data.shards import ShardDataset
     from nemo_viper.models.checkpoint import read_checkpoint_metadata
+    from nemo_viper.models.policy import Accelerator, check_precision
 
+    check_precision(config.precision, config.fp8_recipe, config.layer_spec, Accelerator.detect())
     dataset = ShardDataset(config.data)
     expected = STAGE_TASKS[config.stage]
     if dataset.task != expected:
@@ -94,6 +98,8 @@ def run_stage(config: StageConfig) -> list[dict]:
         tensor_parallel=config.tensor_parallel,
         pipeline_parallel=config.pipeline_parallel,
         precision=config.precision,
+        fp8_recipe=config.fp8_recipe,
+        layer_spec=config.layer_spec,
     )
     trainer = build_trainer(policy_config, config.grpo, init_checkpoint=checkpoint)
     generator = MegatronGenerationBackend(

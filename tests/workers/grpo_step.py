@@ -61,6 +61,9 @@ def main():
     parser.add_argument("--out", required=True, help="prefix; writes PREFIX_mbs{N}.pt")
     parser.add_argument("--micro-batch-sizes", default="1,2,4")
     parser.add_argument("--aggregation", default="token-mean")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--fp8-recipe", default="blockwise")
+    parser.add_argument("--metrics-only", action="store_true", help="save no gradients (large models)")
     args = parser.parse_args()
 
     import torch.distributed as dist
@@ -72,14 +75,16 @@ def main():
             num_minibatches=1,
             micro_batch_size=mbs,
         )
-        trainer = build_trainer(PolicyConfig(hf_path=args.hf, precision="fp32"), config)
+        policy_config = PolicyConfig(hf_path=args.hf, precision=args.precision, fp8_recipe=args.fp8_recipe)
+        trainer = build_trainer(policy_config, config)
         world, rank = dist.get_world_size(), dist.get_rank()
         prompts = [0, 1] if world == 1 else [rank]
         batch = rollout_batch(args.hf, prompts)
         # Make the update off-policy so the clipped branch and the ratio matter.
         metrics = trainer.step(batch)
         (model,) = trainer.policy.chunks
-        grads = {name: p.main_grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+        grads = {} if args.metrics_only else {
+            name: p.main_grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
         if rank == 0:
             torch.save({"grads": grads, "metrics": metrics}, f"{args.out}_mbs{mbs}.pt")
             print(json.dumps(metrics))
