@@ -45,8 +45,9 @@ def cmd_convert_import(args) -> None:
 def cmd_convert_export(args) -> None:
     from nemo_viper.models.checkpoint import export_checkpoint
 
+    shard = {} if args.max_shard_mib is None else {"max_shard_bytes": int(args.max_shard_mib * 2**20)}
     with _single_writer(args.out):
-        out = export_checkpoint(args.ckpt, args.out, tensor_parallel=args.tp, pipeline_parallel=args.pp)
+        out = export_checkpoint(args.ckpt, args.out, tensor_parallel=args.tp, pipeline_parallel=args.pp, **shard)
     if _is_rank_zero():
         print(f"exported {args.ckpt} -> {out}")
 
@@ -56,6 +57,7 @@ def cmd_train(args) -> None:
     from nemo_viper.evaluation.heldout import HeldoutConfig
     from nemo_viper.rewards import RewardConfig
     from nemo_viper.rollout import SamplingParams
+    from nemo_viper.rollout.vllm_backend import VLLMGenerationConfig
     from nemo_viper.training.grpo import GRPOConfig, OptimizerSettings
     from nemo_viper.training.loop import RLConfig
     from nemo_viper.training.stage import StageConfig, run_stage
@@ -81,6 +83,7 @@ def cmd_train(args) -> None:
             micro_batch_size=args.micro_batch_size,
             temperature=args.temperature,
             dynamic_sampling=args.dynamic_sampling,
+            importance_sampling_cap=args.importance_sampling_cap,
         ),
         reward=RewardConfig(embedding_model=args.reward_model, mode=args.reward_mode, threshold=args.reward_threshold),
         tensor_parallel=args.tp,
@@ -90,6 +93,17 @@ def cmd_train(args) -> None:
         layer_spec=args.layer_spec,
         image_backend=args.image_backend,
         prefetch_prompts=args.prefetch_prompts,
+        **{k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v is not None},
+        recompute=args.recompute,
+        recompute_vision=args.recompute_vision,
+        generation_batch_size=args.generation_batch_size,
+        rollout_backend=args.rollout_backend,
+        vllm=VLLMGenerationConfig(
+            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+            cpu_kv_cache_gib=args.vllm_cpu_kv_cache_gib,
+            sleep_mode=args.vllm_sleep_mode,
+            seed=args.seed,
+        ),
         heldout=HeldoutConfig(count=args.heldout_count, fraction=args.heldout_fraction, samples=args.heldout_samples),
     )
     with _single_writer(args.out):
@@ -202,10 +216,23 @@ def cmd_run(args) -> None:
     console.print(f"run report: {report}")
 
 
+def cmd_plan(args) -> None:
+    from nemo_viper.planning.recipe import format_plan, plan_recipe
+    from recipes import recipe
+
+    config = recipe(args.recipe, *args.overrides)
+    print(format_plan(plan_recipe(config, args.gpu_memory), args.recipe))
+
+
 def cmd_launch(args) -> None:
     from launcher.nemo_run_jobs import launch
 
-    print(launch(_recipe_config(args), dry_run=args.dry_run, start=args.start))
+    config = _recipe_config(args)
+    if config.parallel.gpus_per_node and not args.ignore_memory_plan:
+        from nemo_viper.planning.recipe import refuse_if_not_fitting
+
+        refuse_if_not_fitting(config, args.gpu_memory)
+    print(launch(config, dry_run=args.dry_run, start=args.start))
 
 
 def cmd_status(args) -> None:
@@ -303,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=f"Megatron distributed checkpoint -> HF checkpoint dir. {CHECKPOINT_WARNING}")
     exp.add_argument("--ckpt", required=True, help="policy checkpoint directory")
     exp.add_argument("--out", required=True, help="output HF directory")
+    exp.add_argument("--max-shard-mib", type=float,
+                     help="MiB per safetensors shard (default 2048); each is written as soon as it is full")
     _add_layout_args(exp)
     _loads_checkpoints(exp)
     exp.set_defaults(func=cmd_convert_export)
@@ -341,6 +370,23 @@ def build_parser() -> argparse.ArgumentParser:
                        "auto = DALI if importable")
     train.add_argument("--prefetch-prompts", type=int, default=16,
                        help="prompts (images decoded) prepared ahead of the loop per rank")
+    train.add_argument("--min-pixels", type=int, help="pixel budget of every image: at least (default 56*56)")
+    train.add_argument("--max-pixels", type=int,
+                       help="pixel budget of every image: at most (default 1280*28*28, synthesis's cap), whatever "
+                       "the checkpoint's processor says")
+    train.add_argument("--recompute", default="none", choices=("none", "selective", "full"),
+                       help="activation recomputation of the language model")
+    train.add_argument("--recompute-vision", action="store_true", help="checkpoint every vision-tower block")
+    train.add_argument("--rollout-backend", default="megatron", choices=("megatron", "vllm"),
+                       help="generation engine: the policy itself (megatron) or a colocated vLLM engine refitted "
+                       "after every update (vllm; needs the vllm package)")
+    train.add_argument("--generation-batch-size", type=int, default=64, help="megatron backend: samples decoded together")
+    train.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.5)
+    train.add_argument("--vllm-cpu-kv-cache-gib", type=int, default=1, help="vllm backend on CPU: KV-cache size")
+    train.add_argument("--no-vllm-sleep-mode", dest="vllm_sleep_mode", action="store_false",
+                       help="keep the vLLM engine's weights and KV cache on the GPU between rollouts")
+    train.add_argument("--importance-sampling-cap", type=float, default=None,
+                       help="truncated importance-sampling correction of the sampler-vs-trainer mismatch (off)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--heldout-count", type=int, default=0,
                        help="held-out samples never trained on, scored before/after the stage (OUT/heldout.json)")
@@ -411,7 +457,16 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--executor", choices=("local", "slurm"), help="overrides cluster.executor")
             sub.add_argument("--dry-run", action="store_true",
                              help="show which phases would be submitted or skipped, and their sbatch scripts")
+            sub.add_argument("--gpu-memory", type=float, default=80, help="GiB per GPU the memory plan checks against")
+            sub.add_argument("--ignore-memory-plan", action="store_true",
+                             help="launch even if `nemo-viper plan` says a phase does not fit")
         sub.set_defaults(func=cmd_run if name == "run" else cmd_launch)
+
+    plan = commands.add_parser("plan", help="per-GPU memory of every phase of a recipe; verdict; what to change")
+    plan.add_argument("--recipe", required=True, help="tiny | qwen25vl_3b | qwen25vl_7b")
+    plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. rl.micro_batch_size=4")
+    plan.add_argument("--gpu-memory", type=float, default=80, help="GiB per GPU (default 80)")
+    plan.set_defaults(func=cmd_plan)
 
     status = commands.add_parser("status", help="each phase of a run: done or pending (and why), its Slurm job")
     status.add_argument("run_dir", metavar="RUN_DIR")

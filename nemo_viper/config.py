@@ -36,6 +36,8 @@ class ModelSection:
     layer_spec: str = "auto"  # auto (Transformer Engine on a GPU that has it) | transformer_engine | local
     freeze_vision_tower: bool = False
     freeze_projector: bool = False
+    recompute: str = "none"  # RL training, language model: none | selective (core attention) | full (layer inputs)
+    recompute_vision: bool = False  # RL training: checkpoint every vision-tower block
 
 
 @dataclass
@@ -80,6 +82,29 @@ class RLSection:
     seed: int = 0
     image_backend: str = "auto"  # auto (DALI if importable) | dali | pil
     prefetch_prompts: int = 16  # per data-parallel rank
+    # Pixel budget of every RL image (prompts and rollouts), whatever the checkpoint's processor says:
+    # Qwen's resize keeps each image's pixel count in [min_pixels, max_pixels] (default: synthesis's cap).
+    min_pixels: int = 56 * 56
+    max_pixels: int = 1280 * 28 * 28
+
+
+@dataclass
+class RolloutSection:
+    """The generation engine of the RL jobs (docs/architecture.md, "Choosing a rollout backend").
+
+    ``backend``: ``megatron`` (generates on the policy's own weights; no extra memory, slower) or ``vllm``
+    (a colocated vLLM engine per data-parallel rank, refitted after every update; needs ``vllm``).
+    ``megatron_batch_size``: samples the Megatron backend decodes together. The ``vllm_*`` keys are
+    :class:`~nemo_viper.rollout.vllm_backend.VLLMGenerationConfig`'s. ``importance_sampling_cap``: truncated
+    importance-sampling correction of the sampler-vs-trainer mismatch (``null`` = off).
+    """
+
+    backend: str = "megatron"
+    megatron_batch_size: int = 64
+    vllm_gpu_memory_utilization: float = 0.5
+    vllm_cpu_kv_cache_gib: int = 1
+    vllm_sleep_mode: bool = True
+    importance_sampling_cap: float | None = None
 
 
 @dataclass
@@ -167,6 +192,7 @@ class ViperConfig:
     model: ModelSection = field(default_factory=ModelSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     rl: RLSection = field(default_factory=RLSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
     reward: RewardSection = field(default_factory=RewardSection)
     synthesis: dict[str, Any] = field(default_factory=dict)  # nemo_viper.synthesis.config.SynthConfig keys
     cluster: ClusterSection = field(default_factory=ClusterSection)
@@ -203,9 +229,11 @@ def _one_line(exc: OmegaConfBaseException) -> str:
 CHOICES = {
     "model.precision": ("fp32", "bf16", "fp8"),
     "model.fp8_recipe": ("blockwise", "mxfp8", "tensorwise", "delayed"),
+    "model.recompute": ("none", "selective", "full"),
     "model.layer_spec": ("auto", "transformer_engine", "local"),
     "rl.aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
     "rl.image_backend": ("auto", "dali", "pil"),
+    "rollout.backend": ("megatron", "vllm"),
     "reward.mode": ("precision", "recall", "f1"),
     "cluster.executor": ("local", "slurm"),
     "eval.backend": ("qwen2_5_vl", "vllm"),
@@ -246,6 +274,29 @@ def _validate_eval(section: EvalSection, check_paths: bool) -> None:
             check_datasets(parse_tasks(section.tasks), section.dataset_root)
 
 
+def _validate_rollout(rollout: RolloutSection) -> None:
+    """The rollout settings against the backends' own checks (one-line errors naming the key)."""
+    if rollout.megatron_batch_size < 1:
+        raise ConfigError(f"rollout.megatron_batch_size={rollout.megatron_batch_size} must be >= 1")
+    if rollout.importance_sampling_cap is not None and not rollout.importance_sampling_cap > 0:
+        raise ConfigError(f"rollout.importance_sampling_cap={rollout.importance_sampling_cap} must be > 0 (or null)")
+    try:
+        vllm_settings(rollout)
+    except ConfigError as exc:
+        raise ConfigError(f"rollout.vllm_{exc}") from exc
+
+
+def vllm_settings(rollout: RolloutSection):
+    """The section's :class:`~nemo_viper.rollout.vllm_backend.VLLMGenerationConfig` (vllm itself not imported)."""
+    from nemo_viper.rollout.vllm_backend import VLLMGenerationConfig
+
+    return VLLMGenerationConfig(
+        gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
+        cpu_kv_cache_gib=rollout.vllm_cpu_kv_cache_gib,
+        sleep_mode=rollout.vllm_sleep_mode,
+    )
+
+
 def validate(config: ViperConfig, check_paths: bool = True) -> None:
     """Cross-field checks, before any work starts. Raises :class:`ConfigError` naming key and value."""
     for key, allowed in CHOICES.items():
@@ -269,6 +320,9 @@ def validate(config: ViperConfig, check_paths: bool = True) -> None:
         )
     if config.model.precision == "fp8" and parallel.gpus_per_node == 0:
         raise ConfigError("model.precision='fp8' needs GPUs (parallel.gpus_per_node > 0)")
+    if not 28 * 28 <= config.rl.min_pixels <= config.rl.max_pixels:
+        raise ConfigError(f"rl.min_pixels={config.rl.min_pixels} must be >= 784 and <= rl.max_pixels={config.rl.max_pixels}")
+    _validate_rollout(config.rollout)
     if config.rl.prefetch_prompts < 1:
         raise ConfigError(f"rl.prefetch_prompts={config.rl.prefetch_prompts} must be >= 1")
     if config.rounds < 1:

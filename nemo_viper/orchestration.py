@@ -101,7 +101,7 @@ class RunPaths:
 
 
 def _rl_args(config: ViperConfig) -> tuple[str, ...]:
-    rl = config.rl
+    rl, rollout = config.rl, config.rollout
     reward = config.reward
     args = [
         "--steps", rl.steps, "--prompts-per-step", rl.prompts_per_step // config.parallel.data_parallel,
@@ -113,8 +113,18 @@ def _rl_args(config: ViperConfig) -> tuple[str, ...]:
         "--fp8-recipe", config.model.fp8_recipe, "--layer-spec", config.model.layer_spec,
         "--save-every", rl.save_every, "--seed", rl.seed, "--tp", config.parallel.tensor,
         "--pp", config.parallel.pipeline, "--image-backend", rl.image_backend,
-        "--prefetch-prompts", rl.prefetch_prompts,
+        "--prefetch-prompts", rl.prefetch_prompts, "--min-pixels", rl.min_pixels, "--max-pixels", rl.max_pixels,
+        "--recompute", config.model.recompute,
+        "--rollout-backend", rollout.backend, "--generation-batch-size", rollout.megatron_batch_size,
+        "--vllm-gpu-memory-utilization", rollout.vllm_gpu_memory_utilization,
+        "--vllm-cpu-kv-cache-gib", rollout.vllm_cpu_kv_cache_gib,
     ]
+    if config.model.recompute_vision:
+        args.append("--recompute-vision")
+    if not rollout.vllm_sleep_mode:
+        args.append("--no-vllm-sleep-mode")
+    if rollout.importance_sampling_cap is not None:
+        args += ["--importance-sampling-cap", rollout.importance_sampling_cap]
     if reward.embedding_model:
         args += ["--reward-model", reward.embedding_model]
     if rl.dynamic_sampling:

@@ -1,10 +1,11 @@
 """The run report: ``run_dir/report/report.md`` with PNG plots, from the files the phases wrote.
 
 Per round: reward and its breakdown (format, correctness, recall) per step for both RL stages, response
-length, clip fractions; the synthesis manifests' counts (inputs, samples written, skipped and filtered
-by reason) and time per sub-step; the held-out self-evaluation of both stages (reward before/after,
-greedy and sampled, table + plot). With benchmark phases: the benchmark table of the base model and of
-every round side by side, with deltas and a plot (:mod:`nemo_viper.evaluation.results`).
+length, clip fractions, the samples each RL stage skipped (by reason); the synthesis manifests' counts
+(inputs, samples written, skipped and filtered by reason) and time per sub-step; the held-out
+self-evaluation of both stages (reward before/after, greedy and sampled, table + plot). With benchmark
+phases: the benchmark table of the base model and of every round side by side, with deltas and a plot
+(:mod:`nemo_viper.evaluation.results`).
 """
 
 from __future__ import annotations
@@ -67,6 +68,13 @@ def _plot_synthesis(manifests: dict[str, dict], out: Path) -> None:
     figure.tight_layout()
     figure.savefig(out, dpi=100)
     plt.close(figure)
+
+
+def _skipped(records: list[dict]) -> str:
+    """The run's skipped-sample total by reason, from its last metrics record (``data/skipped/<reason>``)."""
+    last = records[-1] if records else {}
+    reasons = {k.rsplit("/", 1)[1]: int(v) for k, v in last.items() if k.startswith("data/skipped/") and v}
+    return f"{int(last.get('data/skipped', 0))} {json.dumps(reasons)}" if "data/skipped" in last else "n/a"
 
 
 def _last(records: list[dict], key: str) -> str:
@@ -159,12 +167,13 @@ def write_report(run_dir: str | Path, rounds: int) -> Path:
                              f"{json.dumps(m.get('skipped') or {})} | {json.dumps(m.get('filtered') or {})} | {timings} |")
             lines += ["", f"![synthesis](round{r}_synthesis.png)", ""]
         if stages:
-            lines += ["| stage | steps | reward (last) | format | correctness | recall | response length |",
-                      "|---|---|---|---|---|---|---|"]
+            lines += ["| stage | steps | reward (last) | format | correctness | recall | response length | "
+                      "samples skipped |", "|---|---|---|---|---|---|---|---|"]
             for name, records in stages.items():
                 lines.append(f"| {name} | {len(records)} | {_last(records, 'reward/mean')} | "
                              f"{_last(records, 'reward/format')} | {_last(records, 'reward/correctness')} | "
-                             f"{_last(records, 'reward/recall')} | {_last(records, 'response_length/mean')} |")
+                             f"{_last(records, 'reward/recall')} | {_last(records, 'response_length/mean')} | "
+                             f"{_skipped(records)} |")
             lines.append("")
             for panel, keys in PANELS.items():
                 _plot(stages, keys, panel.replace("_", " "), out / f"round{r}_{panel}.png")

@@ -1,7 +1,7 @@
 """An image-only Qwen2.5-VL processor.
 
-The stock ``Qwen2_5_VLProcessor`` also builds a video processor, which needs torchvision (only the
-evaluation harness installs it, pinned to the build matching torch). ViPER only feeds images, so this
+The stock ``Qwen2_5_VLProcessor`` also builds a video processor, which needs torchvision (installed only
+as the build paired with torch, for vLLM and the evaluation harness). ViPER only feeds images, so this
 processor keeps the tokenizer, the image processor and the chat template and leaves the video
 processor out. It loads real Qwen2.5-VL checkpoints as well as the tiny offline one.
 """

@@ -5,6 +5,9 @@ One :meth:`GRPOTrainer.step` consumes a :class:`~nemo_viper.training.rollout_bat
 1. advantages per group (:func:`~nemo_viper.algorithms.group_advantages`), optional DAPO dynamic
    sampling (drop groups whose rewards are all equal) and overlong filtering (mask truncated responses);
 2. old log-probs: the policy before the update, via :func:`~nemo_viper.models.logprobs.compute_logprobs`;
+   when the rollout carries the generation backend's own log-probs, their mismatch with these is logged
+   (``rollout/logprob_diff_mean`` / ``_max``) and, with ``importance_sampling_cap``, corrected by truncated
+   importance sampling (:mod:`nemo_viper.algorithms.off_policy`);
 3. ``num_minibatches`` optimizer updates, each over one mini-batch of rows split into micro-batches and
    run through Megatron's pipeline schedule, then ``optimizer.step()`` (grad clipping, distributed
    optimizer, bf16 master weights as configured).
@@ -32,12 +35,15 @@ from nemo_viper.algorithms import (
     PolicyLossConfig,
     dynamic_sampling_keep,
     group_advantages,
+    logprob_mismatch,
     mask_truncated,
+    truncated_importance_weights,
 )
 from nemo_viper.errors import ConfigError
 from nemo_viper.models.logprobs import (
     PolicyBatch,
     compute_logprobs,
+    forward_micro_batch,
     vocab_parallel_token_entropy,
     vocab_parallel_token_logprobs,
 )
@@ -72,7 +78,12 @@ class OptimizerSettings:
 
 @dataclass(frozen=True)
 class GRPOConfig:
-    """Update settings. ``num_minibatches`` optimizer updates per rollout batch (SPEC: 512/128 = 4)."""
+    """Update settings. ``num_minibatches`` optimizer updates per rollout batch (SPEC: 512/128 = 4).
+
+    ``importance_sampling_cap``: ``None`` (default) trains on the samples as if ``pi_old`` drew them; a
+    value ``C`` weights each token's advantage by ``min(pi_old / pi_sampler, C)`` (truncated importance
+    sampling against the generation backend's log-probs; needs a backend that reports them).
+    """
 
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
@@ -82,6 +93,7 @@ class GRPOConfig:
     temperature: float = 1.0
     dynamic_sampling: bool = False
     overlong_filtering: bool = False
+    importance_sampling_cap: float | None = None
 
     def __post_init__(self):
         for key in ("num_minibatches", "micro_batch_size"):
@@ -89,6 +101,8 @@ class GRPOConfig:
                 raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
         if self.temperature <= 0:
             raise ConfigError(f"temperature={self.temperature} must be > 0")
+        if self.importance_sampling_cap is not None and not self.importance_sampling_cap > 0:
+            raise ConfigError(f"importance_sampling_cap={self.importance_sampling_cap} must be > 0 (or None: off)")
 
 
 def build_trainer(policy_config, config: GRPOConfig, init_checkpoint=None) -> GRPOTrainer:
@@ -182,6 +196,16 @@ class GRPOTrainer:
         started = time.perf_counter()
         old_logprobs = compute_logprobs(self.policy, sequences, cfg.micro_batch_size, cfg.temperature)
         times["logprob"] = time.perf_counter() - started
+        if batch.sampler_logprobs is not None:
+            mismatch = logprob_mismatch(old_logprobs, batch.sampler_logprobs, mask)
+            metrics.update({f"rollout/logprob_diff_{k}": v for k, v in mismatch.items()})
+            if cfg.importance_sampling_cap is not None:
+                weights = truncated_importance_weights(old_logprobs, batch.sampler_logprobs, mask,
+                                                       cfg.importance_sampling_cap)
+                metrics["rollout/importance_weight_mean"] = (weights.sum() / mask.sum().clamp(min=1)).item()
+                advantages = advantages[:, None] * weights  # per-token advantages: TIS-weighted loss terms
+        elif cfg.importance_sampling_cap is not None:
+            raise ValueError("importance_sampling_cap needs a rollout with the sampler's log-probs")
 
         started = time.perf_counter()
         update_metrics = []
@@ -228,7 +252,7 @@ class GRPOTrainer:
 
         def forward_step(data_iterator, model):
             batch, old, adv = next(data_iterator)
-            output = model(**batch.model_inputs(device, self.vision_start_token_id))
+            output = forward_micro_batch(model, batch, device, self.vision_start_token_id)
             return output, lambda logits: self._loss(logits, batch, old.to(device), adv.to(device), normalizer)
 
         losses = get_forward_backward_func()(

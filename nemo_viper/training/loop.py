@@ -47,11 +47,34 @@ class TaskPrompt:
 
 
 class PromptSource(Protocol):
+    """Prompts for the loop. A source that skips bad samples may also offer ``skipped_counts()`` (as
+    :class:`~nemo_viper.data.prompt_source.ShardPromptSource` does; see :func:`skipped_metrics`)."""
+
     def next_prompts(self, count: int) -> list[TaskPrompt]: ...
 
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+
+READ_SKIP_REASONS = ("corrupt_image",)
+"""Why a prompt source skips a sample while reading its share (the reasons it may count per rank)."""
+
+
+def skipped_metrics(prompts: PromptSource, dp_group) -> dict[str, float]:
+    """Samples skipped so far over the whole job, by reason (``data/skipped/<reason>``) and in total
+    (``data/skipped``): the dataset's index-time skips (the same on every rank) plus the sum over the
+    data-parallel ranks of the read-time skips. Collective over ``dp_group``; ``{}`` for a source that does not
+    count skips."""
+    if not hasattr(prompts, "skipped_counts"):
+        return {}
+    at_index, at_read = prompts.skipped_counts()
+    read = torch.tensor([float(at_read.get(reason, 0)) for reason in READ_SKIP_REASONS], dtype=torch.float64)
+    read = collectives.all_reduce(read, group=dp_group)
+    totals = dict(at_index)
+    for reason, count in zip(READ_SKIP_REASONS, read.tolist()):
+        totals[reason] = totals.get(reason, 0) + count
+    return {"data/skipped": float(sum(totals.values())), **{f"data/skipped/{k}": float(v) for k, v in totals.items()}}
 
 
 class RewardModel(Protocol):
@@ -105,9 +128,12 @@ def assemble_rollout(
     length = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     response_mask = torch.zeros((len(rows), length), dtype=torch.bool)
-    for i, (row, start) in enumerate(zip(rows, prompt_lengths)):
+    sampler_logprobs = torch.zeros((len(rows), length), dtype=torch.float32)
+    samples = [sample for group in responses for sample in group]
+    for i, (row, start, sample) in enumerate(zip(rows, prompt_lengths, samples)):
         input_ids[i, : len(row)] = row
         response_mask[i, start : len(row)] = True
+        sampler_logprobs[i, start : len(row)] = torch.tensor(sample.logprobs, dtype=torch.float32)
     sequences = PolicyBatch(input_ids, response_mask)
     if pixel_values:
         sequences = PolicyBatch(input_ids, response_mask, torch.cat(pixel_values), torch.cat(grids), torch.tensor(image_sets))
@@ -124,6 +150,7 @@ def assemble_rollout(
         sample_ids=row_ids,
         truncated=torch.tensor(truncated),
         reward_metrics=reward_metrics,
+        sampler_logprobs=sampler_logprobs,
     )
 
 
@@ -151,6 +178,7 @@ def run_rl(
     start = state["step"] if state else 0
     if state:
         prompts.load_state_dict(state["prompts"][parallel_state.get_data_parallel_rank()])
+        generator.weights_updated()  # the restored weights, not the initial ones
     is_logging_rank = dist.get_rank() == 0
     logger = MetricsLogger(run_dir, resume_step=start, enabled=is_logging_rank)
     pad_token_id = text_config(trainer.policy.hf_config).get("pad_token_id") or 0
@@ -183,7 +211,9 @@ def run_rl(
 
         rollout = assemble_rollout(requests, responses, rewards, [p.sample_id for p in batch_prompts], pad_token_id)
         metrics = trainer.step(rollout)
+        generator.weights_updated()
         metrics.update({"time/rollout": rollout_time, "time/reward": reward_time})
+        metrics.update(skipped_metrics(prompts, parallel_state.get_data_parallel_group()))
         logger.log(step, metrics)
         history.append(metrics)
         if step % config.save_every == 0 or step == config.steps:

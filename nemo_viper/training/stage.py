@@ -2,7 +2,8 @@
 
 Stage 1 trains on ``caption_refine`` shards, stage 2 on ``visual_op`` shards, with the same settings.
 Everything cheap is validated first (dataset manifest and task, policy path, layout, image processor
-settings); then the policy is built for training, the Megatron generator shares its weights, a
+settings); then the policy is built for training, the generator is set up (the Megatron backend shares the
+policy's weights; the vLLM backend, ``rollout_backend="vllm"``, is a colocated engine refitted from them), a
 :class:`~nemo_viper.data.prompt_source.ShardPromptSource` prepares each data-parallel rank's prompts ahead
 of the loop (images through DALI), the ViPER reward scores the rollouts, and
 :func:`~nemo_viper.training.loop.run_rl` runs or resumes the stage under ``out/``.
@@ -10,7 +11,8 @@ of the loop (images through DALI), the ViPER reward scores the rollouts, and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from nemo_viper.data.images import BACKENDS as IMAGE_BACKENDS
@@ -20,10 +22,14 @@ from nemo_viper.evaluation.heldout import HeldoutConfig
 from nemo_viper.models.checkpoint import METADATA_FILE, resolve_checkpoint
 from nemo_viper.models.hf_checkpoint import check_parallel_layout, read_qwen25_vl_config
 from nemo_viper.rewards import RewardConfig
+from nemo_viper.rollout.vllm_backend import VLLMGenerationConfig, require_vllm
 from nemo_viper.training.grpo import GRPOConfig
 from nemo_viper.training.loop import RLConfig
 
+log = logging.getLogger(__name__)
+
 STAGE_TASKS = {1: "caption_refine", 2: "visual_op"}
+ROLLOUT_BACKENDS = ("megatron", "vllm")
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,12 @@ class StageConfig:
     generation_batch_size: int = 64
     image_backend: str = "auto"  # QwenImagePreprocessor backend: auto (DALI if importable), dali, pil
     prefetch_prompts: int = 16  # prompts prepared ahead of the loop (bounded host memory)
+    min_pixels: int = ImageProcessingConfig.min_pixels  # pixel budget of every prompt image (both backends)
+    max_pixels: int = ImageProcessingConfig.max_pixels
+    recompute: str = "none"  # language model: none | selective | full (see PolicyConfig)
+    recompute_vision: bool = False
+    rollout_backend: str = "megatron"  # megatron | vllm (nemo_viper.rollout.vllm_backend)
+    vllm: VLLMGenerationConfig = field(default_factory=VLLMGenerationConfig)
     heldout: HeldoutConfig = field(default_factory=HeldoutConfig)  # self-evaluation split, scored before/after
 
     def __post_init__(self):
@@ -52,6 +64,8 @@ class StageConfig:
             raise ConfigError(f"image_backend={self.image_backend!r}, expected one of {IMAGE_BACKENDS}")
         if self.prefetch_prompts < 1:
             raise ConfigError(f"prefetch_prompts={self.prefetch_prompts} must be >= 1")
+        if self.rollout_backend not in ROLLOUT_BACKENDS:
+            raise ConfigError(f"rollout_backend={self.rollout_backend!r}, expected one of {ROLLOUT_BACKENDS}")
 
 
 def policy_paths(policy: str | Path) -> tuple[Path, Path | None]:
@@ -63,9 +77,16 @@ def policy_paths(policy: str | Path) -> tuple[Path, Path | None]:
     return policy, None
 
 
+def rl_image_config(hf_dir: str | Path, min_pixels: int, max_pixels: int) -> ImageProcessingConfig:
+    """The checkpoint's image processor settings with the run's pixel budget instead of the processor's own
+    (Qwen2.5-VL publishes ``max_pixels`` = 12,845,056: up to 16,384 tokens per image). The prompts' images
+    are prepared once with it, and rollouts and training reuse them: every phase sees the same budget."""
+    return replace(ImageProcessingConfig.from_pretrained(hf_dir), min_pixels=min_pixels, max_pixels=max_pixels)
+
+
 def run_stage(config: StageConfig) -> list[dict]:
     """Validate, build and run (or resume) one RL stage. Returns the metrics of the steps run now."""
-    from nemo_viper.data.shards import ShardDataset
+    from nemo_viper.data.shards import DatasetError, ShardDataset
     from nemo_viper.models.checkpoint import read_checkpoint_metadata
     from nemo_viper.models.policy import Accelerator, check_precision
 
@@ -74,12 +95,20 @@ def run_stage(config: StageConfig) -> list[dict]:
     expected = STAGE_TASKS[config.stage]
     if dataset.task != expected:
         raise ConfigError(f"stage {config.stage} trains on {expected!r} data but {config.data} holds {dataset.task!r}")
+    if len(dataset) == 0:
+        raise DatasetError(f"dataset {config.data} holds no usable sample (skipped when indexing: "
+                           f"{dict(dataset.skipped) or 'none'})")
+    if dataset.skipped:
+        log.warning("dataset %s: %d usable samples; %d skipped when indexing: %s", config.data, len(dataset),
+                    sum(dataset.skipped.values()), dict(dataset.skipped))
     hf_dir, checkpoint = policy_paths(config.policy)
     if checkpoint is not None:
         read_checkpoint_metadata(checkpoint)
     check_parallel_layout(read_qwen25_vl_config(hf_dir), config.tensor_parallel, config.pipeline_parallel)
-    image_config = ImageProcessingConfig.from_pretrained(hf_dir)
+    image_config = rl_image_config(hf_dir, config.min_pixels, config.max_pixels)
     image_backend = resolve_backend(config.image_backend)
+    if config.rollout_backend == "vllm":
+        require_vllm("rollout_backend")
 
     from megatron.core import parallel_state  # heavy imports only after the checks above
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -100,11 +129,18 @@ def run_stage(config: StageConfig) -> list[dict]:
         precision=config.precision,
         fp8_recipe=config.fp8_recipe,
         layer_spec=config.layer_spec,
+        recompute=config.recompute,
+        recompute_vision=config.recompute_vision,
     )
     trainer = build_trainer(policy_config, config.grpo, init_checkpoint=checkpoint)
-    generator = MegatronGenerationBackend(
-        trainer.policy, MegatronGenerationConfig(max_batch_size=config.generation_batch_size, seed=config.rl.seed)
-    )
+    if config.rollout_backend == "vllm":
+        from nemo_viper.rollout.vllm_backend import VLLMGenerationBackend
+
+        generator = VLLMGenerationBackend(trainer.policy, config.vllm)
+    else:
+        generator = MegatronGenerationBackend(
+            trainer.policy, MegatronGenerationConfig(max_batch_size=config.generation_batch_size, seed=config.rl.seed)
+        )
     preprocessor = QwenImagePreprocessor(image_config, image_backend)  # after build_trainer chose this rank's GPU
     heldout = heldout_indices([dataset.record(i).id for i in range(len(dataset))], config.heldout)
     prompts = ShardPromptSource(
@@ -131,7 +167,10 @@ def run_stage(config: StageConfig) -> list[dict]:
 
         history = run_rl(trainer, generator, reward, prompts, processor, config.rl, config.out, progress=advance)
         self_eval.record("after")
-        return history
+    skipped = {k: v for k, v in (history[-1] if history else {}).items() if k.startswith("data/skipped/") and v}
+    if skipped and show:
+        log.warning("RL stage %d skipped %d samples in total: %s", config.stage, sum(skipped.values()), skipped)
+    return history
 
 
 class _SelfEvaluation:
@@ -152,6 +191,7 @@ class _SelfEvaluation:
 
         from nemo_viper.evaluation.heldout import read_record, score_prompts, summarise_scores, write_record
         from nemo_viper.prompts import task_prompt
+        from nemo_viper.runtime.collectives import all_gather_object
 
         existing = read_record(self.path).get(when)
         if not self.heldout or (existing and (when == "before" or existing["step"] == self.config.rl.steps)):
@@ -165,8 +205,7 @@ class _SelfEvaluation:
         samples = self.config.heldout.samples or self.config.rl.n
         scores = score_prompts(self.generator, self.reward, self.processor, prompts, self.config.rl.sampling,
                                samples, seed=self.config.heldout.seed + rank)
-        pooled = [None] * world
-        dist.all_gather_object(pooled, scores, group=parallel_state.get_data_parallel_group())
+        pooled = all_gather_object(scores, group=parallel_state.get_data_parallel_group())
         if dist.get_rank() == 0:
             merged = {key: [r for part in pooled for r in part[key]] for key in ("greedy", "sampled")}
             step = 0 if when == "before" else self.config.rl.steps
