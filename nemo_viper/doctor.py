@@ -14,6 +14,7 @@
   a sentence-transformers directory, the diffusion models diffusers directories; a hub id where jobs run
   with ``HF_HUB_OFFLINE=1`` is a problem;
 - **inputs** of the phase: the phases it depends on are done (:mod:`nemo_viper.run_state`);
+- **harness** of a benchmark phase (``eval``): lmms-eval importable, and vLLM for ``eval.backend=vllm``;
 - **disk**: at least ``cluster.min_free_disk_gb`` free where the run dir lives.
 """
 
@@ -118,6 +119,17 @@ def _input_problems(config: ViperConfig, phase_name: str) -> list[str]:
             for dep in by_name[phase_name].depends_on if not states[dep].done]
 
 
+def _harness_problems(config: ViperConfig) -> list[str]:
+    from importlib.util import find_spec
+
+    problems = []
+    if find_spec("lmms_eval") is None:
+        problems.append("eval phases need lmms-eval, which is not installed (README: Installation, `nemo-viper eval`)")
+    if config.eval.backend == "vllm" and find_spec("vllm") is None:
+        problems.append("eval.backend=vllm but vLLM is not installed (eval.backend=qwen2_5_vl uses transformers)")
+    return problems
+
+
 def check(config: ViperConfig, phase_name: str | None = None, gpu: bool | None = None) -> list[str]:
     """One line per problem (see the module docstring); empty when the job can start.
 
@@ -132,6 +144,8 @@ def check(config: ViperConfig, phase_name: str | None = None, gpu: bool | None =
 
         phase = next((p for p in plan(config) if p.name == phase_name), None)
         problems += _input_problems(config, phase_name)
+        if phase is not None and phase.kind == "eval":
+            problems += _harness_problems(config)
     if gpu is None:
         if phase is not None:
             gpu = phase.gpus_per_node > 0

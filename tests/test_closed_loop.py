@@ -19,7 +19,7 @@ from launch import start_python
 from processes import session_processes
 
 pytestmark = pytest.mark.slow
-REDUCED = ["rl.steps=2", "rl.save_every=2", "eval.enabled=true"]
+REDUCED = ["rl.steps=2", "rl.save_every=2", "rl.n=4", "eval.enabled=true", "eval.limit=1"]
 
 
 def start(run_dir):

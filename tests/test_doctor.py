@@ -95,6 +95,18 @@ def test_phase_inputs_not_done(cluster):
     assert problems(cluster, "round1.rl1") == ["phase round1.rl1 needs round1.synth1, which is not done: not started"]
 
 
+def test_eval_phase_needs_the_harness(cluster, monkeypatch):
+    import importlib.util as util
+
+    real = util.find_spec
+    monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name in ("lmms_eval", "vllm") else real(name, *a))
+    found = problems([*cluster, "eval.enabled=true", "eval.dataset_root=tiny", "eval.backend=vllm"], "eval")
+    assert found == ["phase eval needs eval_data, which is not done: not started",
+                     "eval phases need lmms-eval, which is not installed (README: Installation, `nemo-viper eval`)",
+                     "eval.backend=vllm but vLLM is not installed (eval.backend=qwen2_5_vl uses transformers)"]
+    assert problems(cluster, "round1.rl1")[1:] == []  # other phases do not need it
+
+
 def test_fp8_capability_and_te(cluster, monkeypatch):
     import torch
 
