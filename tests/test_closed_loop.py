@@ -105,5 +105,7 @@ def test_run_killed_during_prepare_leaves_no_process_and_prepare_resumes(tmp_pat
     assert resumed_recipe["model"] == expected_recipe["model"] and resumed_recipe["warm_start"]["steps"] == 3
     resumed, expected = load_file(run_dir / "base_model" / "model.safetensors"), load_file(reference / "model.safetensors")
     assert resumed.keys() == expected.keys()
-    assert all(torch.allclose(resumed[k], expected[k], atol=1e-5) for k in expected)
+    # The reference runs in this process with another thread count: float summation order differs, and three Adam
+    # steps of lr 3e-3 (each weight moves ~1e-2) carry that to ~2e-5 (measured); a different warm start moves ~1e-2.
+    assert all(torch.allclose(resumed[k], expected[k], atol=1e-4) for k in expected)
     assert not (run_dir / ".base_model.partial").exists()
