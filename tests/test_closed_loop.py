@@ -18,6 +18,8 @@ import torch
 from launch import start_python
 from processes import session_processes
 
+from nemo_viper.evaluation.benchmarks import TASKS
+
 pytestmark = pytest.mark.slow
 REDUCED = ["rl.steps=2", "rl.save_every=2", "rl.n=4", "eval.enabled=true", "eval.limit=1"]
 
@@ -69,8 +71,12 @@ def test_tiny_loop_survives_a_kill_after_rl_stage1(tmp_path):
     report = (run_dir / "report" / "report.md").read_text()
     assert "rl1" in report and "rl2" in report and "synth2" in report
     assert "Held-out self-evaluation" in report and "## Benchmarks" in report and "| MMStar |" in report
-    for name in ("base", "round1"):
-        assert json.loads((run_dir / "eval" / name / "results.json").read_text())["complete"]
+    for name in ("base", "round1"):  # `nemo-viper eval` (lmms-eval's qwen2_5_vl model) on the tiny checkpoints
+        summary = json.loads((run_dir / "eval" / name / "results.json").read_text())
+        assert summary["complete"] and set(summary["scores"]) == set(TASKS)
+        assert all(0.0 <= score <= 100.0 for score in summary["scores"].values()), summary["scores"]
+        assert summary["runs"]["mmstar"]["max_new_tokens_cap"] == 8 and summary["runs"]["mmstar"]["limit"] == 1
+        assert "not comparable to full runs" in (run_dir / "eval" / name / "results.md").read_text()
     assert {p.name for p in (run_dir / "report").glob("*.png")} >= {
         "round1_reward.png", "round1_response_length.png", "round1_clip_fractions.png", "round1_synthesis.png",
         "round1_heldout.png", "benchmarks.png"}
