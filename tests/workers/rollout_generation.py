@@ -79,7 +79,7 @@ def slot_counts(policy, backend, tp):
     text = text_config(policy.hf_config)
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     kv_bytes = 2 * text["num_hidden_layers"] * (text["num_key_value_heads"] // tp) * head_dim * 64 * 4
-    per_slot = kv_bytes + 40 * backend._model.language_model.output_layer.weight.shape[0]
+    per_slot = kv_bytes + 40 * backend._shard.size
     available = psutil.virtual_memory
     counts = {}
     try:
