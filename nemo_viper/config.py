@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from nemo_viper.errors import ConfigError, NemoViperError
+from nemo_viper.evaluation.benchmarks import TASKS as BENCHMARK_TASKS
+from nemo_viper.evaluation.heldout import HeldoutConfig
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -125,6 +127,8 @@ class PhaseTimes:
     synth: str = "04:00:00"  # one array task (one shard of a synthesis phase)
     rl: str = "24:00:00"
     export: str = "01:00:00"
+    eval: str = "08:00:00"  # one benchmark shard job (nemo-viper eval on some of the 7 tasks)
+    eval_data: str = "00:30:00"  # tiny benchmark copies (embedded default only)
 
 
 @dataclass
@@ -155,6 +159,30 @@ class ClusterSection:
 
 
 @dataclass
+class EvalSection:
+    """Evaluation inside the loop (SPEC §10, docs/evaluation.md).
+
+    ``heldout``: the self-evaluation split of each stage's data, scored before/after every RL stage.
+    ``enabled``: the benchmark phases, ``nemo-viper eval`` of the base model once and of each round's
+    policy, on ``tasks`` from the local copies under ``dataset_root`` (``tiny``: tiny copies written into
+    the run dir), split into ``num_shards`` jobs; ``guard_max_drop`` (points of the average, None = off)
+    stops further rounds when a round's average falls by more than that against the previous one.
+    """
+
+    enabled: bool = False
+    dataset_root: str = ""
+    tasks: list[str] = field(default_factory=lambda: list(BENCHMARK_TASKS))
+    backend: str = "qwen2_5_vl"
+    model_args: dict[str, str] = field(default_factory=dict)
+    batch_size: int = 1
+    max_new_tokens: Optional[int] = None
+    limit: Optional[int] = None
+    num_shards: int = 1
+    guard_max_drop: Optional[float] = None
+    heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
+
+
+@dataclass
 class ViperConfig:
     """Everything the closed loop needs (SPEC §2): K rounds of synth 1 → RL 1 → synth 2 → RL 2."""
 
@@ -168,6 +196,7 @@ class ViperConfig:
     reward: RewardSection = field(default_factory=RewardSection)
     synthesis: dict[str, Any] = field(default_factory=dict)  # nemo_viper.synthesis.config.SynthConfig keys
     cluster: ClusterSection = field(default_factory=ClusterSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
 
 def _load_yaml(path: Path) -> dict:
@@ -207,6 +236,7 @@ CHOICES = {
     "rollout.backend": ("megatron", "vllm"),
     "reward.mode": ("precision", "recall", "f1"),
     "cluster.executor": ("local", "slurm"),
+    "eval.backend": ("qwen2_5_vl", "vllm"),
 }
 
 
@@ -218,6 +248,30 @@ def _validate_synthesis(synthesis: dict) -> None:
         OmegaConf.merge(OmegaConf.structured(SynthConfig), synthesis)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"synthesis: {_one_line(exc)}") from exc
+
+
+def _validate_eval(section: EvalSection, check_paths: bool) -> None:
+    from nemo_viper.evaluation.benchmarks import parse_tasks
+
+    try:
+        HeldoutConfig(**vars(section.heldout))
+        parse_tasks(section.tasks)
+    except ConfigError as exc:
+        key = "eval.tasks" if "tasks=" in str(exc) else "eval.heldout"
+        raise ConfigError(f"{key}: {exc}") from None
+    for key in ("batch_size", "num_shards", "max_new_tokens", "limit"):
+        value = getattr(section, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"eval.{key}={value} must be >= 1")
+    if section.guard_max_drop is not None and section.guard_max_drop < 0:
+        raise ConfigError(f"eval.guard_max_drop={section.guard_max_drop} must be >= 0 (or null: no guard)")
+    if section.enabled:
+        if not section.dataset_root:
+            raise ConfigError("eval.dataset_root is required with eval.enabled=true (local benchmark copies, or 'tiny')")
+        if section.dataset_root != "tiny" and check_paths:
+            from nemo_viper.evaluation.benchmarks import check_datasets
+
+            check_datasets(parse_tasks(section.tasks), section.dataset_root)
 
 
 def _validate_rollout(rollout: RolloutSection) -> None:
@@ -274,6 +328,7 @@ def validate(config: ViperConfig, check_paths: bool = True) -> None:
     if config.rounds < 1:
         raise ConfigError(f"rounds={config.rounds} must be >= 1")
     _validate_synthesis(config.synthesis)
+    _validate_eval(config.eval, check_paths)
     from nemo_viper.cluster import validate_cluster
 
     validate_cluster(config, check_paths)
