@@ -25,7 +25,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from nemo_viper.config import ViperConfig
+from nemo_viper.config import ViperConfig, synthesis_settings, to_yaml
 from nemo_viper.errors import NemoViperError
 
 
@@ -54,11 +54,13 @@ class Phase:
 @dataclass
 class RunPaths:
     root: Path
+    viper_config: Path = field(init=False)
     synthesis_config: Path = field(init=False)
     state: Path = field(init=False)
 
     def __post_init__(self):
         self.root = Path(self.root)
+        self.viper_config = self.root / "config" / "viper.yaml"
         self.synthesis_config = self.root / "config" / "synthesis.yaml"
         self.state = self.root / "state.json"
 
@@ -74,26 +76,6 @@ class RunPaths:
         return self.root / "final_hf"
 
 
-def _rl_args(config: ViperConfig) -> tuple[str, ...]:
-    rl = config.rl
-    reward = config.reward
-    args = [
-        "--steps", rl.steps, "--prompts-per-step", rl.prompts_per_step // config.parallel.data_parallel,
-        "--responses-per-prompt", rl.n, "--max-new-tokens", rl.max_new_tokens, "--temperature", rl.temperature,
-        "--top-p", rl.top_p, "--lr", rl.lr, "--num-minibatches", rl.num_minibatches,
-        "--micro-batch-size", rl.micro_batch_size, "--aggregation", rl.aggregation, "--eps-low", rl.eps_low,
-        "--eps-high", rl.eps_high, "--reward-mode", reward.mode, "--precision", config.model.precision,
-        "--save-every", rl.save_every, "--seed", rl.seed, "--tp", config.parallel.tensor,
-        "--pp", config.parallel.pipeline, "--image-backend", rl.image_backend,
-        "--prefetch-prompts", rl.prefetch_prompts,
-    ]
-    if reward.embedding_model:
-        args += ["--reward-model", reward.embedding_model]
-    if rl.dynamic_sampling:
-        args.append("--dynamic-sampling")
-    return tuple(str(a) for a in args)
-
-
 def plan(config: ViperConfig) -> list[Phase]:
     """The phases of ``config.rounds`` rounds, in an order that respects their dependencies."""
     paths = RunPaths(config.run_dir)
@@ -102,6 +84,7 @@ def plan(config: ViperConfig) -> list[Phase]:
     gpus = parallel.gpus_per_node
     rl_ranks = gpus if gpus else parallel.cpu_ranks
     synth_common = ("--config", str(paths.synthesis_config))
+    train_common = ("--config", str(paths.viper_config))
     synth_gpus = config.cluster.synthesis_gpus_per_task if gpus else 0
     phases: list[Phase] = []
     if config.model.hf_path == "tiny":
@@ -119,14 +102,14 @@ def plan(config: ViperConfig) -> list[Phase]:
                                             str(rd / "synth1"), *synth_common),
                        depends_on=deps, tasks=synth_tasks, gpus_per_node=synth_gpus)
         rl1 = Phase(f"round{r}.rl1", ("train", "--stage", "1", "--data", str(rd / "synth1"), "--policy", policy,
-                                      "--out", str(rd / "rl1"), *_rl_args(config)),
+                                      "--out", str(rd / "rl1"), *train_common),
                     depends_on=(synth1.name,), distributed=True, nodes=parallel.nodes, ranks_per_node=rl_ranks,
                     gpus_per_node=gpus)
         synth2 = Phase(f"round{r}.synth2", ("synth", "--stage", "2", "--policy", str(rd / "rl1"), "--stage1",
                                             str(rd / "synth1"), "--out", str(rd / "synth2"), *synth_common),
                        depends_on=(rl1.name,), tasks=synth_tasks, gpus_per_node=synth_gpus)
         rl2 = Phase(f"round{r}.rl2", ("train", "--stage", "2", "--data", str(rd / "synth2"), "--policy",
-                                      str(rd / "rl1"), "--out", str(rd / "rl2"), *_rl_args(config)),
+                                      str(rd / "rl1"), "--out", str(rd / "rl2"), *train_common),
                     depends_on=(synth2.name,), distributed=True, nodes=parallel.nodes, ranks_per_node=rl_ranks,
                     gpus_per_node=gpus)
         phases += [synth1, rl1, synth2, rl2]
@@ -140,12 +123,8 @@ def write_run_files(config: ViperConfig) -> RunPaths:
     """The run's resolved config (``config/viper.yaml``) and the synthesis part the synth jobs read."""
     paths = RunPaths(config.run_dir)
     paths.synthesis_config.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(paths.root / "config" / "viper.yaml", OmegaConf.to_yaml(config))
-    synthesis = {k: v for k, v in config.synthesis.items() if k not in ("num_shards", "images")}
-    vlm = dict(synthesis.get("vlm") or {})
-    vlm.setdefault("precision", config.model.precision)  # synthesis runs the policy like RL does
-    synthesis["vlm"] = vlm
-    _atomic_write(paths.synthesis_config, OmegaConf.to_yaml(OmegaConf.create(synthesis)))
+    _atomic_write(paths.viper_config, to_yaml(config))
+    _atomic_write(paths.synthesis_config, OmegaConf.to_yaml(OmegaConf.create(synthesis_settings(config))))
     return paths
 
 

@@ -46,7 +46,7 @@ def test_slurm_dry_run_7b(dry_run_7b, capsys):
     rl = scripts["round1-rl1"]
     assert "#SBATCH --nodes=2" in rl and "#SBATCH --gpus-per-node=8" in rl
     assert "torchrun" in rl and "--nnodes 2 --nproc-per-node 8" in rl  # world size 16
-    assert "--tp 2" in rl and "--prompts-per-step 64" in rl  # 512 prompts over DP = 16 / 2
+    assert f"--config {dry_run_7b.run_dir}/config/viper.yaml" in rl  # the job reads the run's resolved config
     assert "#SBATCH --dependency='afterok:<round1-synth1-0>:<round1-synth1-1>:<round1-synth1-2>'" in rl
     assert "#SBATCH --dependency='afterok:<round1-rl1>'" in scripts["round1-synth2-1"]
     assert "--shard-index 1 --num-shards 3" in scripts["round1-synth2-1"]
@@ -57,7 +57,21 @@ def test_3b_runs_rl_at_tp1_on_one_node(tmp_path):
     from launcher.nemo_run_jobs import sbatch_scripts
 
     rl = sbatch_scripts(recipe("qwen25vl_3b", f"run_dir={tmp_path}", "synthesis.num_shards=1"))["round1-rl1"]
-    assert "#SBATCH --nodes=1" in rl and "--nnodes 1 --nproc-per-node 8" in rl and "--tp 1" in rl
+    assert "#SBATCH --nodes=1" in rl and "--nnodes 1 --nproc-per-node 8" in rl
+
+
+@pytest.mark.parametrize("name,tensor,per_rank", [("qwen25vl_3b", 1, 64), ("qwen25vl_7b", 2, 64)])
+def test_rl_job_reads_the_layout_and_batch_from_the_run_config(name, tensor, per_rank, tmp_path):
+    """The RL phase's command line, parsed as the job parses it, yields the recipe's layout and batch."""
+    from nemo_viper.cli import build_parser, train_config
+    from nemo_viper.orchestration import write_run_files
+
+    config = recipe(name, f"run_dir={tmp_path}")
+    write_run_files(config)
+    rl1 = next(p for p in plan(config) if p.name == "round1.rl1")
+    job = train_config(build_parser().parse_args(list(rl1.args)))
+    assert (job.tensor_parallel, job.rl.prompts_per_step) == (tensor, 512)
+    assert job.rl.prompts_per_rank(rl1.nodes * rl1.ranks_per_node // tensor) == per_rank
 
 
 def test_config_error_before_any_work(capsys, tmp_path):

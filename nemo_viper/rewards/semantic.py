@@ -105,17 +105,17 @@ class RewardConfig:
         for name in ("format_weight", "correctness_weight"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"RewardConfig.{name} must be a finite number >= 0, got {value}")
+                raise ConfigError(f"{name}={value} must be a finite number >= 0")
         if not -1.0 <= self.threshold <= 1.0:
-            raise ConfigError(f"RewardConfig.threshold must lie in [-1, 1], got {self.threshold}")
+            raise ConfigError(f"threshold={self.threshold} must lie in [-1, 1] (a cosine)")
         if self.mode not in MODES:
-            raise ConfigError(f"RewardConfig.mode={self.mode!r} is not one of {MODES}")
+            raise ConfigError(f"mode={self.mode!r} is not one of {MODES}")
         if self.min_sentence_chars < 1:
-            raise ConfigError(f"RewardConfig.min_sentence_chars must be >= 1, got {self.min_sentence_chars}")
+            raise ConfigError(f"min_sentence_chars={self.min_sentence_chars} must be >= 1")
         if self.batch_size < 1:
-            raise ConfigError(f"RewardConfig.batch_size must be >= 1, got {self.batch_size}")
+            raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
         if self.gt_cache_size < 0:
-            raise ConfigError(f"RewardConfig.gt_cache_size must be >= 0, got {self.gt_cache_size}")
+            raise ConfigError(f"gt_cache_size={self.gt_cache_size} must be >= 0 (0 = no cache)")
 
     def embedding_model_path(self) -> Path:
         """The model directory to load: ``embedding_model`` or the packaged MiniLM."""

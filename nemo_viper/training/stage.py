@@ -10,16 +10,17 @@ of the loop (images through DALI), the ViPER reward scores the rollouts, and
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nemo_viper.data.images import BACKENDS as IMAGE_BACKENDS
 from nemo_viper.data.images import ImageProcessingConfig, QwenImagePreprocessor, resolve_backend
 from nemo_viper.errors import ConfigError
 from nemo_viper.models.checkpoint import METADATA_FILE, resolve_checkpoint
 from nemo_viper.models.hf_checkpoint import check_parallel_layout, read_qwen25_vl_config
+from nemo_viper.runtime.distributed import ParallelLayout
+from nemo_viper.models.policy import PolicyOptions
 from nemo_viper.rewards import RewardConfig
-from nemo_viper.training.grpo import GRPOConfig
 from nemo_viper.training.loop import RLConfig
 
 STAGE_TASKS = {1: "caption_refine", 2: "visual_op"}
@@ -27,27 +28,22 @@ STAGE_TASKS = {1: "caption_refine", 2: "visual_op"}
 
 @dataclass(frozen=True)
 class StageConfig:
+    """One ``train`` job: which stage, data, starting policy and output, and the run config's sections it
+    reads (``model`` options, ``parallel.tensor``/``pipeline``, ``rl``, ``reward``), unchanged."""
+
     stage: int
     data: str
     policy: str  # a policy checkpoint dir (nemo_viper) or a Hugging Face Qwen2.5-VL dir
     out: str
-    rl: RLConfig
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    model: PolicyOptions = field(default_factory=PolicyOptions)
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
-    precision: str = "bf16"
-    generation_batch_size: int = 64
-    image_backend: str = "auto"  # QwenImagePreprocessor backend: auto (DALI if importable), dali, pil
-    prefetch_prompts: int = 16  # prompts prepared ahead of the loop (bounded host memory)
 
     def __post_init__(self):
         if self.stage not in STAGE_TASKS:
             raise ConfigError(f"stage={self.stage} must be 1 or 2")
-        if self.image_backend not in IMAGE_BACKENDS:
-            raise ConfigError(f"image_backend={self.image_backend!r}, expected one of {IMAGE_BACKENDS}")
-        if self.prefetch_prompts < 1:
-            raise ConfigError(f"prefetch_prompts={self.prefetch_prompts} must be >= 1")
 
 
 def policy_paths(policy: str | Path) -> tuple[Path, Path | None]:
@@ -72,8 +68,10 @@ def run_stage(config: StageConfig) -> list[dict]:
     if checkpoint is not None:
         read_checkpoint_metadata(checkpoint)
     check_parallel_layout(read_qwen25_vl_config(hf_dir), config.tensor_parallel, config.pipeline_parallel)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    config.rl.prompts_per_rank(ParallelLayout(config.tensor_parallel, config.pipeline_parallel).data_parallel(world))
     image_config = ImageProcessingConfig.from_pretrained(hf_dir)
-    image_backend = resolve_backend(config.image_backend)
+    image_backend = resolve_backend(config.rl.image_backend)
 
     from megatron.core import parallel_state  # heavy imports only after the checks above
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -86,23 +84,20 @@ def run_stage(config: StageConfig) -> list[dict]:
     from nemo_viper.training.grpo import build_trainer
     from nemo_viper.training.loop import run_rl
 
-    policy_config = PolicyConfig(
-        hf_path=str(hf_dir),
-        tensor_parallel=config.tensor_parallel,
-        pipeline_parallel=config.pipeline_parallel,
-        precision=config.precision,
-    )
-    trainer = build_trainer(policy_config, config.grpo, init_checkpoint=checkpoint)
+    policy_config = PolicyConfig(hf_path=str(hf_dir), tensor_parallel=config.tensor_parallel,
+                                 pipeline_parallel=config.pipeline_parallel, **config.model.options())
+    rl = config.rl
+    trainer = build_trainer(policy_config, rl.grpo, rl.sampling, init_checkpoint=checkpoint)
     generator = MegatronGenerationBackend(
-        trainer.policy, MegatronGenerationConfig(max_batch_size=config.generation_batch_size, seed=config.rl.seed)
+        trainer.policy, MegatronGenerationConfig(max_batch_size=rl.generation_batch_size, seed=rl.sampling.seed)
     )
     prompts = ShardPromptSource(
         dataset,
         QwenImagePreprocessor(image_config, image_backend),  # after build_trainer chose this rank's GPU
-        seed=config.rl.seed,
+        seed=rl.sampling.seed,
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_world=parallel_state.get_data_parallel_world_size(),
-        prefetch=config.prefetch_prompts,
+        prefetch=rl.prefetch_prompts,
     )
     columns = (TextColumn(f"RL stage {config.stage}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("reward {task.fields[reward]:.3f}"), TimeRemainingColumn())
