@@ -14,6 +14,9 @@ ground-truth item split the same way, deduplicated), with ``e(·)`` an L2-normal
     R_correct  = precision | recall | f1                 (RewardConfig.mode; precision is the paper's)
     R          = w_f·R_format + w_c·R_correct            (w_f = 0.05, w_c = 0.95)
 
+Cosines are computed in float64 from the embeddings and compared with τ in float64 by both matching
+rules, so a cosine exactly at τ is a miss in both.
+
 ``one_to_one`` replaces the two indicator lines by a greedy matching: pairs with ``c_ij > τ`` are taken
 in descending order of similarity, skipping a pair whose answer sentence or ground-truth item is
 already matched; ``hit_i`` / ``covered_j`` mark the matched ones. A ground-truth item can then be
@@ -328,7 +331,7 @@ class ViperReward:
         if not answers:
             return []
         pred, pred_mask, gt, gt_mask = self._embed(answers, sample_ids, gt_sentences)
-        sim = torch.bmm(pred, gt.transpose(1, 2))  # [n, S, G] cosines
+        sim = torch.bmm(pred.double(), gt.double().transpose(1, 2))  # [n, S, G] cosines, float64 like τ
         sim = sim.masked_fill(~(pred_mask[:, :, None] & gt_mask[:, None, :]), float("-inf")).cpu()
 
         tau = self.config.threshold
