@@ -1,107 +1,268 @@
 """The closed loop's phases (:func:`nemo_viper.orchestration.plan`) as NeMo-Run jobs.
 
-Every phase task becomes one NeMo-Run task with its own executor:
+Only the phases that are not done are submitted (:func:`nemo_viper.run_state.select_phases`; ``start``
+forces a restart point), each with ``afterok`` dependencies on the submitted phases it needs:
 
-- ``slurm``: a ``SlurmExecutor`` with the account/partition/time of ``cluster``, the NGC NeMo container
-  through pyxis (``container_image``, ``container_mounts``), the environment of ``cluster.env``. RL phases
-  run as one multi-node ``torchrun`` job (``nodes`` x ``gpus_per_node`` ranks); each synthesis shard task
-  is its own single-node job; every job depends (``afterok``) on the tasks of the phases before it.
-- ``local``: a ``LocalExecutor`` (``torchrun`` for RL phases), the same graph run in order.
+- ``slurm``: a ``SlurmExecutor`` per phase with the project image through pyxis (``cluster.container_image``),
+  container mounts derived from the config's paths (:func:`nemo_viper.cluster.container_mounts`), the code
+  of the image or shipped with the job (``cluster.code``), ``cluster.env``, the phase kind's time limit
+  (``cluster.time.<kind>``) and GPUs, ``--requeue`` (a requeued job resumes: RL from its last checkpoint,
+  synthesis from its committed chunks), ``--exclusive`` for RL, job names ``<name>.<phase>`` and logs in
+  ``run_dir/logs/<phase>/``. A synthesis phase is **one job array** (``--array=0-(N-1)[%max_parallel]``),
+  each task running ``--shard-index $SLURM_ARRAY_TASK_ID``; the RL job after it depends on the whole array.
+  RL phases are one multi-node ``torchrun`` job.
+- ``local``: a ``LocalExecutor`` per task (``torchrun`` for RL), run one after the other.
 
-``--dry-run`` renders every sbatch script without a cluster; dependencies on jobs not yet submitted are
-shown as ``<task name>`` placeholders where Slurm job ids will be.
+Every job runs :func:`task_script`: the preflight (``nemo-viper doctor``), the phase, then ``nemo-viper
+mark-done`` (verifies the outputs and records the phase in ``state.json``). Every argument is
+``shlex``-quoted; the strings a tool pastes into a shell unquoted are validated by
+:mod:`nemo_viper.cluster`. ``dry_run`` renders the sbatch scripts without a cluster; dependencies on
+jobs not yet submitted are shown as ``<task name>`` placeholders.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import replace
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
+from nemo_viper.cluster import container_mounts
 from nemo_viper.config import ViperConfig
-from nemo_viper.orchestration import Phase, plan, write_run_files
+from nemo_viper.errors import NemoViperError
+from nemo_viper.orchestration import Phase, RunPaths, plan, write_run_files
+from nemo_viper.run_state import PhaseState, RunState, clear_for_rerun, select_phases
+
+REPO = Path(__file__).resolve().parents[1]
+CONTAINER_PYTHON = "python"  # the image's interpreter; local jobs use this process's
+ARRAY_INDEX = '"$SLURM_ARRAY_TASK_ID"'
+ACTIVE_SLURM_STATES = ("PENDING", "RUNNING", "REQUEUED", "SUSPENDED", "CONFIGURING", "COMPLETING", "RESIZING",
+                       "REQUEUE_HOLD", "REQUEUE_FED")
 
 
-def _task_name(phase: Phase, index: int) -> str:
+def task_name(phase: Phase, index: int | None = None) -> str:
     name = phase.name.replace(".", "-")
-    return f"{name}-{index}" if phase.tasks > 1 else name
+    return f"{name}-{index}" if index is not None else name
 
 
-def _script(config: ViperConfig, phase: Phase, index: int):
+def task_script(config: ViperConfig, phase: Phase, shard: int | None = None) -> str:
+    """The job's shell script: preflight, the phase (shard ``shard``, or the array task's), record.
+
+    For a multi-task phase, ``shard=None`` means "this Slurm array task"; ``mark-done`` then accepts that
+    the dataset is not complete yet (the last task to finish writes the manifest and records the phase).
+    """
+    run_dir = str(Path(config.run_dir).absolute())
+    cli = (CONTAINER_PYTHON if config.cluster.executor == "slurm" else sys.executable, "-m", "nemo_viper.cli")
+    work = shlex.join([*cli, *phase.args])
+    if phase.tasks > 1:
+        index = ARRAY_INDEX if shard is None else str(shard)
+        work += f" --shard-index {index} --num-shards {phase.tasks}"
+    mark = [*cli, "mark-done", "--run-dir", run_dir, "--phase", phase.name]
+    return "\n".join([
+        "set -euo pipefail",
+        shlex.join([*cli, "doctor", "--run-dir", run_dir, "--phase", phase.name]),
+        work,
+        shlex.join(mark + (["--partial-ok"] if phase.tasks > 1 else [])),
+    ]) + "\n"
+
+
+def _job_dir(config: ViperConfig) -> Path:
+    return Path(config.cluster.job_dir or Path(config.run_dir).absolute() / "nemo_run")
+
+
+def _slurm_executor(config: ViperConfig, phase: Phase):
     import nemo_run as run
-
-    if config.cluster.executor == "slurm":  # torchrun (RL phases) starts this script once per rank
-        command = " ".join(["cd", config.cluster.repo_dir, "&&", "python", "-m", "nemo_viper.cli", *phase.task_args(index)])
-        return run.Script(inline=command)
-    return run.Script(path="nemo_viper.cli", args=list(phase.task_args(index)), entrypoint="python", m=True)
-
-
-def _executor(config: ViperConfig, phase: Phase, job_dir: Path):
-    import nemo_run as run
+    from nemo_run.core.execution.slurm import SlurmJobDetails
 
     cluster = config.cluster
-    launcher = "torchrun" if phase.distributed else None
-    if cluster.executor == "local":
-        return run.LocalExecutor(ntasks_per_node=phase.ranks_per_node if phase.distributed else 1, launcher=launcher)
-    return run.SlurmExecutor(
+    packager = (run.GitArchivePackager(basepath=str(REPO), check_uncommitted_changes=True)
+                if cluster.code == "package" else run.Packager())
+    executor = run.SlurmExecutor(
         account=cluster.account,
         partition=cluster.partition or None,
-        time=cluster.time,
+        job_name_prefix=f"{config.name}.",
+        time=getattr(cluster.time, phase.kind),
         nodes=phase.nodes,
         ntasks_per_node=phase.ranks_per_node if phase.distributed else 1,
         gpus_per_node=phase.gpus_per_node or None,
+        exclusive=True if phase.kind == "rl" and cluster.exclusive_rl else None,
+        array=(f"0-{phase.tasks - 1}" + (f"%{cluster.synthesis_max_parallel}" if cluster.synthesis_max_parallel else "")
+               if phase.tasks > 1 else None),
         container_image=cluster.container_image,
-        container_mounts=list(cluster.container_mounts),
-        env_vars=dict(cluster.env),
-        tunnel=run.LocalTunnel(job_dir=str(job_dir)),
-        packager=run.Packager(),
-        launcher=launcher,
+        container_mounts=container_mounts(config),
+        env_vars={name: shlex.quote(value) for name, value in cluster.env.items()},  # pasted into `export K=V`
+        additional_parameters={"requeue": True},
+        tunnel=run.LocalTunnel(job_dir=str(_job_dir(config) / "experiments")),  # = the experiment's own dir
+        packager=packager,
+        launcher="torchrun" if phase.distributed else None,
+        retries=cluster.max_retries,
+        poll_estimated_start_time=False,
     )
+    executor.job_details = SlurmJobDetails(folder=str(Path(config.run_dir).absolute() / "logs" / phase.name))
+    return executor
 
 
-def sbatch_scripts(config: ViperConfig) -> dict[str, str]:
+def _local_executor(phase: Phase):
+    import nemo_run as run
+
+    launcher = "torchrun" if phase.distributed else None
+    return run.LocalExecutor(ntasks_per_node=phase.ranks_per_node if phase.distributed else 1, launcher=launcher)
+
+
+def _script(text: str):
+    import nemo_run as run
+
+    return run.Script(inline=text)
+
+
+def slurm_job_states(job_ids: list[str]) -> dict[str, list[str]]:
+    """Slurm job id -> the states of its tasks (``sacct``); empty when Slurm is not reachable from here."""
+    if not job_ids or shutil.which("sacct") is None:
+        return {}
+    result = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)],
+                            capture_output=True, text=True)
+    states: dict[str, list[str]] = {}
+    for line in result.stdout.splitlines():
+        job, _, state = line.partition("|")
+        states.setdefault(job.split("_")[0].split(".")[0], []).append(state.split()[0] if state else "UNKNOWN")
+    return states
+
+
+def _refuse_in_flight(selected: list[Phase], run_dir: Path) -> None:
+    jobs = RunState(run_dir).read()["jobs"]
+    pending = {p.name: jobs[p.name]["job_id"] for p in selected if p.name in jobs}
+    states = slurm_job_states(list(pending.values()))
+    busy = [f"{name} (job {job_id}: {', '.join(sorted(set(states[job_id])))})" for name, job_id in pending.items()
+            if any(s in ACTIVE_SLURM_STATES for s in states.get(job_id, []))]
+    if busy:
+        raise NemoViperError(f"phases still queued or running on Slurm: {'; '.join(busy)}: wait for them, or "
+                             "scancel them, before launching again")
+
+
+def _describe(phases: list[Phase], states: dict[str, PhaseState], selected: list[Phase]) -> str:
+    lines = []
+    for phase in phases:
+        action = "submit" if phase in selected else "skip"
+        lines.append(f"{action:<7}{phase.name:<16}{states[phase.name].detail}")
+    return "\n".join(lines)
+
+
+def sbatch_scripts(config: ViperConfig, phases: list[Phase] | None = None) -> dict[str, str]:
     """Task name -> the sbatch script Slurm would get, followed by the task script it runs (no cluster needed)."""
     from nemo_run.run.torchx_backend.packaging import package
     from nemo_run.run.torchx_backend.schedulers.slurm import SlurmTunnelScheduler
 
-    job_dir = Path(config.cluster.job_dir or Path(config.run_dir) / "nemo_run")
+    phases = plan(config) if phases is None else phases
+    submitted = {p.name for p in phases}
     scheduler = SlurmTunnelScheduler(session_name="nemo_viper_dryrun")
-    tasks_of = {}
     scripts = {}
-    for phase in plan(config):
-        names = [_task_name(phase, i) for i in range(phase.tasks)]
-        tasks_of[phase.name] = names
-        for index, name in enumerate(names):
-            executor = _executor(config, phase, job_dir)
-            executor.dependencies = [f"dryrun:///<{dep}>" for d in phase.depends_on for dep in tasks_of[d]]
-            executor.assign(exp_id=config.name, exp_dir=str(job_dir), task_id=name, task_dir=name)
-            script = _script(config, phase, index)
-            app = package(name=name, fn_or_script=script, executor=executor)
-            sbatch = scheduler._submit_dryrun(app, executor).request.materialize()
-            scripts[name] = f"{sbatch}\n# --- task script ({name}.sh) ---\n{script.inline}\n"
+    job_dir = str(_job_dir(config))
+    with tempfile.TemporaryDirectory() as scratch:  # NeMo-Run writes the rendered files there, not in the run
+        for phase in phases:
+            name = task_name(phase)
+            executor = _slurm_executor(config, phase)
+            executor.tunnel.job_dir = scratch
+            executor.dependencies = [f"dryrun:///<{task_name(p)}>" for p in plan(config)
+                                     if p.name in phase.depends_on and p.name in submitted]
+            executor.assign(exp_id=config.name, exp_dir=scratch, task_id=name, task_dir=name)
+            text = task_script(config, phase)
+            app = package(name=name, fn_or_script=_script(text), executor=executor)
+            sbatch = scheduler._submit_dryrun(app, executor).request.materialize().replace(scratch, job_dir)
+            scripts[name] = f"{sbatch}\n# --- task script ({name}.sh) ---\n{text}"
     return scripts
 
 
-def launch(config: ViperConfig, dry_run: bool = False) -> dict[str, str] | None:
-    """Submit (or, with ``dry_run``, render) the whole loop as one NeMo-Run experiment."""
-    if dry_run and config.cluster.executor == "slurm":
-        return sbatch_scripts(config)
+def launch(config: ViperConfig, dry_run: bool = False, start: str | None = None) -> str:
+    """Submit (or, with ``dry_run``, render) the phases that are not done. Returns what was (or would be)
+    done: one line per phase (submit/skip and why), then, for a Slurm dry run, every sbatch script."""
+    phases = plan(config)
+    run_dir = Path(config.run_dir).absolute()
+    selected, states = select_phases(phases, run_dir, start)
+    report = _describe(phases, states, selected)
+    if dry_run:
+        if config.cluster.executor == "slurm":
+            report += "".join(f"\n######## {name}\n{text}" for name, text in sbatch_scripts(config, selected).items())
+        return report
+    if not selected:
+        return report + "\nnothing to submit: every phase is done"
+    _refuse_in_flight(selected, run_dir)
+    revision = _packaged_revision() if config.cluster.executor == "slurm" and config.cluster.code == "package" else None
+    write_run_files(config)
+    moved = clear_for_rerun(selected, states, run_dir)
+    for phase in selected:
+        (run_dir / "logs" / phase.name).mkdir(parents=True, exist_ok=True)
+    jobs = _submit(config, selected)
+    for job in jobs.values():
+        job["code"] = f"package {revision}" if revision else "image"
+    if jobs:
+        RunState(run_dir).record_jobs(jobs)
+    lines = [report, *moved] + [f"{name}: Slurm job {job['job_id']}" for name, job in jobs.items()]
+    return "\n".join(lines)
+
+
+def _packaged_revision() -> str:
+    """The commit ``cluster.code=package`` ships (NeMo-Run archives ``HEAD``): refused with uncommitted changes."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+
+    if git("rev-parse", "--git-dir").returncode != 0:
+        raise NemoViperError(f"cluster.code=package ships the git HEAD of {REPO}, which is not a git checkout")
+    if git("diff", "--quiet", "HEAD", "--").returncode != 0:
+        raise NemoViperError(f"cluster.code=package ships the committed HEAD of {REPO}, which has uncommitted "
+                             "changes: commit them (or use cluster.code=image)")
+    return git("rev-parse", "HEAD").stdout.strip()
+
+
+def _submit(config: ViperConfig, selected: list[Phase]) -> dict[str, dict]:
     import nemo_run as run
 
-    write_run_files(config)
-    job_dir = Path(config.cluster.job_dir or Path(config.run_dir) / "nemo_run")
-    os.environ.setdefault("NEMORUN_HOME", str(job_dir / "home"))
-    with run.Experiment(config.name, executor=_executor(config, replace(plan(config)[0]), job_dir)) as experiment:
-        handles: dict[str, list[str]] = {}
-        for phase in plan(config):
-            dependencies = [h for d in phase.depends_on for h in handles[d]]
-            handles[phase.name] = [
-                experiment.add(_script(config, phase, i), executor=_executor(config, phase, job_dir),
-                               name=_task_name(phase, i), dependencies=dependencies or None)
-                for i in range(phase.tasks)
-            ]
-        if dry_run:
-            experiment.dryrun()
-        else:
-            experiment.run(sequential=config.cluster.executor == "local", detach=config.cluster.executor == "slurm")
-    return None
+    slurm = config.cluster.executor == "slurm"
+    submitted = {p.name for p in selected}
+    with run.Experiment(config.name, base_dir=str(_job_dir(config)), log_level="WARN") as experiment:
+        ids: dict[str, list[str]] = {}
+        for phase in selected:
+            if slurm:
+                deps = [i for d in phase.depends_on if d in submitted for i in ids[d]]
+                ids[phase.name] = [experiment.add(_script(task_script(config, phase)), executor=_slurm_executor(
+                    config, phase), name=task_name(phase), dependencies=deps or None)]
+            else:
+                shards = range(phase.tasks) if phase.tasks > 1 else [None]
+                ids[phase.name] = [experiment.add(_script(task_script(config, phase, shard)),
+                                                  executor=_local_executor(phase), name=task_name(phase, shard))
+                                   for shard in shards]
+        experiment.run(sequential=not slurm, detach=slurm)
+        if not slurm:
+            return {}
+        handles = {job.id: job.handle for job in experiment.jobs}
+    jobs = {}
+    for phase in selected:
+        handle = handles.get(ids[phase.name][0], "")
+        jobs[phase.name] = {"job_id": handle.partition("://")[2].split("/")[1] if "://" in handle else handle,
+                            **({"array": f"0-{phase.tasks - 1}"} if phase.tasks > 1 else {})}
+    return jobs
+
+
+def status(run_dir: str | Path) -> str:
+    """``nemo-viper status RUN_DIR``: each phase's state, why, and its Slurm job (with ``sacct``'s states)."""
+    from nemo_viper.orchestration import load_run_config
+    from nemo_viper.run_state import phase_states
+
+    config = load_run_config(run_dir)
+    phases = plan(config)
+    states = phase_states(phases, RunPaths(config.run_dir).root)
+    jobs = RunState(config.run_dir).read()["jobs"]
+    slurm = slurm_job_states([j["job_id"] for j in jobs.values()])
+    rows = [("phase", "state", "slurm job", "detail")]
+    for phase in phases:
+        state = states[phase.name]
+        job = jobs.get(phase.name)
+        job_text = ""
+        if job:
+            counts = slurm.get(job["job_id"], [])
+            summary = ",".join(f"{s}:{counts.count(s)}" if len(counts) > 1 else s for s in sorted(set(counts)))
+            job_text = job["job_id"] + (f" {summary}" if summary else "")
+        rows.append((phase.name, "done" if state.done else "pending", job_text, state.detail))
+    widths = [max(len(row[i]) for row in rows) + 2 for i in range(3)]
+    return "\n".join("".join(cell.ljust(w) for cell, w in zip(row, widths)) + row[3] for row in rows)

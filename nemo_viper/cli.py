@@ -141,7 +141,7 @@ def cmd_synth(args) -> None:
                   f"in {len(manifest['shards'])} shards -> {args.out}")
 
 
-def _recipe_config(args):
+def _recipe_config(args, check_paths: bool | None = None):
     from nemo_viper.config import validate
     from recipes import recipe
 
@@ -149,7 +149,8 @@ def _recipe_config(args):
     if getattr(args, "executor", None):
         overrides.append(f"cluster.executor={args.executor}")
     config = recipe(args.recipe, *overrides)
-    validate(config, check_paths=not getattr(args, "dry_run", False))
+    validate(config, check_paths=not getattr(args, "dry_run", False) if check_paths is None else check_paths)
+    config.run_dir = os.path.abspath(config.run_dir)  # jobs run elsewhere (containers, other nodes)
     return config
 
 
@@ -173,7 +174,7 @@ def cmd_run(args) -> None:
             progress.advance(bar)
             console.print(f"{phase.name:<16} {'already done' if status == 'skip' else 'done'}")
 
-        run_local(config, on_phase=show)
+        run_local(config, on_phase=show, start=args.start)
     report = write_report(config.run_dir, config.rounds)
     console.print(f"run report: {report}")
 
@@ -181,10 +182,47 @@ def cmd_run(args) -> None:
 def cmd_launch(args) -> None:
     from launcher.nemo_run_jobs import launch
 
-    config = _recipe_config(args)
-    scripts = launch(config, dry_run=args.dry_run)
-    for name, text in (scripts or {}).items():
-        print(f"######## {name}\n{text}")
+    print(launch(_recipe_config(args), dry_run=args.dry_run, start=args.start))
+
+
+def cmd_status(args) -> None:
+    from launcher.nemo_run_jobs import status
+
+    print(status(args.run_dir))
+
+
+def cmd_doctor(args) -> int:
+    from nemo_viper import doctor
+    from nemo_viper.orchestration import load_run_config
+
+    if bool(args.run_dir) == bool(args.recipe):
+        raise NemoViperError("doctor: give --run-dir DIR (a launched run) or --recipe NAME [key=value ...]")
+    config = load_run_config(args.run_dir) if args.run_dir else _recipe_config(args, check_paths=False)
+    print(doctor.summary())
+    problems = doctor.check(config, args.phase, gpu=args.gpu)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        return 2
+    print(f"preflight ok{f' for {args.phase}' if args.phase else ''}")
+    return 0
+
+
+def cmd_mark_done(args) -> None:
+    from nemo_viper.orchestration import load_run_config, plan
+    from nemo_viper.run_state import output_problem, verify_and_record
+
+    if not _is_rank_zero():
+        return
+    phases = plan(load_run_config(args.run_dir))
+    phase = next((p for p in phases if p.name == args.phase), None)
+    if phase is None:
+        raise NemoViperError(f"phase {args.phase!r} is not in the plan of {args.run_dir}")
+    if args.partial_ok and output_problem(phase) is not None:
+        print(f"{phase.name}: this task is done; the phase is recorded when its last task finishes")
+        return
+    verify_and_record(phase, phases, args.run_dir)
+    print(f"{phase.name}: outputs verified, recorded done in {args.run_dir}/state.json")
 
 
 def _is_rank_zero() -> bool:
@@ -254,10 +292,34 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--recipe", required=True, help="tiny | qwen25vl_3b | qwen25vl_7b")
         sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. rl.steps=20")
+        sub.add_argument("--from", dest="start", metavar="PHASE",
+                         help="re-run PHASE and every phase after it (their outputs are moved aside), done or not")
         if name == "launch":
             sub.add_argument("--executor", choices=("local", "slurm"), help="overrides cluster.executor")
-            sub.add_argument("--dry-run", action="store_true", help="print the sbatch scripts, submit nothing")
+            sub.add_argument("--dry-run", action="store_true",
+                             help="show which phases would be submitted or skipped, and their sbatch scripts")
         sub.set_defaults(func=cmd_run if name == "run" else cmd_launch)
+
+    status = commands.add_parser("status", help="each phase of a run: done or pending (and why), its Slurm job")
+    status.add_argument("run_dir", metavar="RUN_DIR")
+    status.set_defaults(func=cmd_status)
+
+    doctor = commands.add_parser("doctor", help="preflight: versions, GPU/FP8/NCCL, paths, model dirs, disk "
+                                 "(first command of every job; one line per problem, exit 2)")
+    doctor.add_argument("--run-dir", help="a launched run (its config/viper.yaml)")
+    doctor.add_argument("--recipe", help="or a recipe: tiny | qwen25vl_3b | qwen25vl_7b")
+    doctor.add_argument("--phase", help="check for this phase (its GPUs, the phases it needs)")
+    doctor.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
+                        help="check the GPU (default: when the phase uses GPUs, or a GPU is visible)")
+    doctor.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (with --recipe)")
+    doctor.set_defaults(func=cmd_doctor)
+
+    mark = commands.add_parser("mark-done", help="verify a phase's outputs and record it done (last command of a job)")
+    mark.add_argument("--run-dir", required=True)
+    mark.add_argument("--phase", required=True)
+    mark.add_argument("--partial-ok", action="store_true",
+                      help="a shard task of an array: incomplete outputs are not an error")
+    mark.set_defaults(func=cmd_mark_done)
     return parser
 
 
@@ -265,11 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        args.func(args)
+        return args.func(args) or 0
     except NemoViperError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

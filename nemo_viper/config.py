@@ -92,19 +92,41 @@ class ParallelSection:
 
 
 @dataclass
+class PhaseTimes:
+    """Slurm time limit (``--time``) of each kind of phase job."""
+
+    prepare: str = "00:30:00"
+    synth: str = "04:00:00"  # one array task (one shard of a synthesis phase)
+    rl: str = "24:00:00"
+    export: str = "01:00:00"
+
+
+@dataclass
 class ClusterSection:
-    """Where jobs run: ``local`` or ``slurm`` (NeMo-Run ``SlurmExecutor`` with a pyxis container)."""
+    """Where jobs run: ``local`` or ``slurm`` (NeMo-Run ``SlurmExecutor``, the project image through pyxis).
+
+    ``code``: ``image`` runs the project installed in ``container_image`` (built from the repository's
+    ``Dockerfile``); ``package`` ships the repository's committed ``HEAD`` with every job (NeMo-Run's
+    ``GitArchivePackager``) and runs it on top of the image's environment. The jobs' container mounts are
+    derived from the config's paths (run dir, models, data); ``container_mounts`` adds more (``SRC:DST``).
+    """
 
     executor: str = "local"
     account: str = ""
     partition: str = ""
-    time: str = "04:00:00"
-    container_image: str = "nvcr.io/nvidia/nemo:26.08"
+    time: PhaseTimes = field(default_factory=PhaseTimes)
+    container_image: str = ""  # the project image: a squashfs file (enroot import) or a registry image
+    code: str = "image"  # image | package
     container_mounts: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=lambda: {"HF_HUB_OFFLINE": "1"})
     job_dir: str = ""  # where NeMo-Run keeps job files; default <run_dir>/nemo_run
-    repo_dir: str = "/opt/nemo_viper"  # the project inside the container
     synthesis_gpus_per_task: int = 1
+    synthesis_max_parallel: int = 0  # at most this many array tasks at once (sbatch --array=...%N); 0 = no limit
+    export_gpus: int = 1
+    requeue: bool = True  # a preempted job is requeued and resumes (RL: from its last checkpoint)
+    max_retries: int = 0  # requeue a job that failed this many times (NeMo-Run's TORCHX_MAX_RETRIES)
+    exclusive_rl: bool = True  # RL jobs take whole nodes (sbatch --exclusive)
+    min_free_disk_gb: float = 50.0  # preflight: free space the run dir needs
 
     def __post_init__(self):
         if self.executor not in EXECUTORS:
@@ -232,6 +254,13 @@ def synthesis_settings(config: ViperConfig) -> dict:
     return settings
 
 
+def rl_job_settings(config: ViperConfig) -> dict:
+    """What an RL (``train``) job reads from the run config file (see ``cli.train_config``), as plain data."""
+    return {"model": asdict(PolicyOptions(**config.model.options())),
+            "parallel": {"tensor": config.parallel.tensor, "pipeline": config.parallel.pipeline},
+            "rl": asdict(config.rl), "reward": asdict(config.reward)}
+
+
 # SynthConfig keys the plan sets for each synth job (from its phase), so the synthesis section may not.
 SYNTHESIS_PLAN_KEYS = ("stage", "out", "stage1", "shard_index", "vlm.policy")
 
@@ -253,7 +282,8 @@ def _validate_synthesis(config: ViperConfig) -> None:
             load_config(None, [], **settings, stage=stage, out="<out>", stage1="<stage1>" if stage == 2 else None,
                         images=config.synthesis.get("images"), num_shards=num_shards, shard_index=num_shards - 1)
         except ConfigError as exc:
-            raise ConfigError(f"synthesis: {exc}".replace("synthesis: synthesis config: ", "synthesis: ")) from exc
+            message = " ".join(str(exc).split()).removeprefix("synthesis config: ")
+            raise ConfigError(f"synthesis: {message}") from exc
 
 
 def validate(config: ViperConfig, check_paths: bool = True) -> None:
@@ -277,9 +307,10 @@ def validate(config: ViperConfig, check_paths: bool = True) -> None:
                           f"pipeline {parallel.pipeline}))") from exc
     if config.model.precision == "fp8" and parallel.gpus_per_node == 0:
         raise ConfigError("model.precision='fp8' needs GPUs (parallel.gpus_per_node > 0)")
+    from nemo_viper.cluster import validate_cluster
+
+    validate_cluster(config, check_paths)  # first: strings that must be shell-safe paths are refused as such
     _validate_synthesis(config)
-    if config.cluster.executor == "slurm" and not config.cluster.account:
-        raise ConfigError("cluster.account is required with cluster.executor='slurm'")
     if not check_paths:
         return
     _check_paths(config)

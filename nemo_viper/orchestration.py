@@ -9,14 +9,15 @@ and writes files under ``run_dir``::
 Round r synthesises stage-1 data with the checkpoint of round r-1 (the base model for r = 1), trains
 stage 1 from it, synthesises stage-2 data with the stage-1 checkpoint, and trains stage 2 from that.
 The same plan feeds the NeMo-Run launcher (``launcher/``). :func:`run_local` executes it phase by phase
-as subprocesses (``torchrun`` for the RL phases) and records each finished phase in
-``run_dir/state.json`` (written atomically); a rerun skips recorded phases and continues with the first
-unfinished one, whose own resume logic (synthesis chunks, RL checkpoints) picks up partial work.
+as subprocesses (``torchrun`` for the RL phases) and records each finished phase, once its outputs
+verify, with its configuration's fingerprint in ``run_dir/state.json`` (:mod:`nemo_viper.run_state`); a
+rerun skips done phases and continues with the first pending one, whose own resume logic (synthesis
+chunks, RL checkpoints) picks up partial work.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import subprocess
 import sys
@@ -25,8 +26,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from nemo_viper.config import ViperConfig, synthesis_settings, to_yaml
+from nemo_viper.config import ViperConfig, compose, rl_job_settings, synthesis_settings, to_yaml
 from nemo_viper.errors import NemoViperError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,9 @@ class Phase:
     """One job: ``nemo-viper <args>`` on ``nodes`` x ``ranks_per_node`` processes (torchrun if ``distributed``).
 
     ``tasks`` independent copies run with ``--shard-index i --num-shards tasks`` appended (synthesis).
+    ``kind`` (prepare, synth, rl, export), ``out`` and ``steps`` (RL) say what its finished outputs are
+    (:func:`nemo_viper.run_state.output_problem`); ``settings`` is the configuration it reads from files
+    (part of its fingerprint).
     """
 
     name: str
@@ -44,6 +50,10 @@ class Phase:
     ranks_per_node: int = 1
     gpus_per_node: int = 0
     tasks: int = 1
+    kind: str = ""
+    out: str = ""
+    steps: int = 0
+    settings: str = ""
 
     def task_args(self, index: int) -> tuple[str, ...]:
         if self.tasks == 1:
@@ -54,15 +64,13 @@ class Phase:
 @dataclass
 class RunPaths:
     root: Path
-    viper_config: Path = field(init=False)
+    config: Path = field(init=False)
     synthesis_config: Path = field(init=False)
-    state: Path = field(init=False)
 
     def __post_init__(self):
         self.root = Path(self.root)
-        self.viper_config = self.root / "config" / "viper.yaml"
+        self.config = self.root / "config" / "viper.yaml"
         self.synthesis_config = self.root / "config" / "synthesis.yaml"
-        self.state = self.root / "state.json"
 
     def round_dir(self, r: int) -> Path:
         return self.root / f"round{r}"
@@ -84,12 +92,15 @@ def plan(config: ViperConfig) -> list[Phase]:
     gpus = parallel.gpus_per_node
     rl_ranks = gpus if gpus else parallel.cpu_ranks
     synth_common = ("--config", str(paths.synthesis_config))
-    train_common = ("--config", str(paths.viper_config))
+    train_common = ("--config", str(paths.config))
+    train_settings = OmegaConf.to_yaml(OmegaConf.create(rl_job_settings(config)))
     synth_gpus = config.cluster.synthesis_gpus_per_task if gpus else 0
+    synth_settings = OmegaConf.to_yaml(OmegaConf.create(synthesis_settings(config)))
     phases: list[Phase] = []
     if config.model.hf_path == "tiny":
         phases.append(Phase("prepare", ("tiny-model", "--out", str(paths.base_model), "--warm-start-steps",
-                                        str(config.model.tiny_warm_start_steps))))
+                                        str(config.model.tiny_warm_start_steps)),
+                            kind="prepare", out=str(paths.base_model)))
         policy = str(paths.base_model)
     else:
         policy = config.model.hf_path
@@ -100,22 +111,27 @@ def plan(config: ViperConfig) -> list[Phase]:
         synth1 = Phase(f"round{r}.synth1", ("synth", "--stage", "1", "--policy", policy, "--images",
                                             str(config.synthesis.get("images", "skimage")), "--out",
                                             str(rd / "synth1"), *synth_common),
-                       depends_on=deps, tasks=synth_tasks, gpus_per_node=synth_gpus)
+                       depends_on=deps, tasks=synth_tasks, gpus_per_node=synth_gpus, kind="synth",
+                       out=str(rd / "synth1"), settings=synth_settings)
         rl1 = Phase(f"round{r}.rl1", ("train", "--stage", "1", "--data", str(rd / "synth1"), "--policy", policy,
                                       "--out", str(rd / "rl1"), *train_common),
                     depends_on=(synth1.name,), distributed=True, nodes=parallel.nodes, ranks_per_node=rl_ranks,
-                    gpus_per_node=gpus)
+                    gpus_per_node=gpus, kind="rl", out=str(rd / "rl1"), steps=config.rl.steps,
+                    settings=train_settings)
         synth2 = Phase(f"round{r}.synth2", ("synth", "--stage", "2", "--policy", str(rd / "rl1"), "--stage1",
                                             str(rd / "synth1"), "--out", str(rd / "synth2"), *synth_common),
-                       depends_on=(rl1.name,), tasks=synth_tasks, gpus_per_node=synth_gpus)
+                       depends_on=(rl1.name,), tasks=synth_tasks, gpus_per_node=synth_gpus, kind="synth",
+                       out=str(rd / "synth2"), settings=synth_settings)
         rl2 = Phase(f"round{r}.rl2", ("train", "--stage", "2", "--data", str(rd / "synth2"), "--policy",
                                       str(rd / "rl1"), "--out", str(rd / "rl2"), *train_common),
                     depends_on=(synth2.name,), distributed=True, nodes=parallel.nodes, ranks_per_node=rl_ranks,
-                    gpus_per_node=gpus)
+                    gpus_per_node=gpus, kind="rl", out=str(rd / "rl2"), steps=config.rl.steps,
+                    settings=train_settings)
         phases += [synth1, rl1, synth2, rl2]
         policy, previous = str(rd / "rl2"), rl2.name
     phases.append(Phase("export", ("convert", "export", "--ckpt", policy, "--out", str(paths.final_hf)),
-                        depends_on=(previous,)))
+                        depends_on=(previous,), kind="export", out=str(paths.final_hf),
+                        gpus_per_node=config.cluster.export_gpus if gpus else 0))
     return phases
 
 
@@ -123,24 +139,27 @@ def write_run_files(config: ViperConfig) -> RunPaths:
     """The run's resolved config (``config/viper.yaml``) and the synthesis part the synth jobs read."""
     paths = RunPaths(config.run_dir)
     paths.synthesis_config.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(paths.viper_config, to_yaml(config))
+    _atomic_write(paths.config, to_yaml(config))
     _atomic_write(paths.synthesis_config, OmegaConf.to_yaml(OmegaConf.create(synthesis_settings(config))))
     return paths
+
+
+def load_run_config(run_dir: str | Path) -> ViperConfig:
+    """The resolved config a run was started with (``run_dir/config/viper.yaml``), with ``run_dir`` as given."""
+    path = RunPaths(run_dir).config
+    if not path.is_file():
+        raise NemoViperError(f"{path} not found: not a run directory (or nothing was run or launched in it yet)")
+    config = compose(path)
+    if Path(config.run_dir).absolute() != Path(run_dir).absolute():
+        raise NemoViperError(f"{path} belongs to run_dir={config.run_dir}, not {run_dir} (moved? launch it again "
+                             f"with run_dir={Path(run_dir).absolute()})")
+    return config
 
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def finished_phases(paths: RunPaths) -> list[str]:
-    return json.loads(paths.state.read_text())["finished"] if paths.state.is_file() else []
-
-
-def _mark_finished(paths: RunPaths, name: str) -> None:
-    done = finished_phases(paths) + [name]
-    _atomic_write(paths.state, json.dumps({"finished": done}, indent=2) + "\n")
 
 
 def phase_command(phase: Phase, index: int = 0) -> list[str]:
@@ -151,30 +170,39 @@ def phase_command(phase: Phase, index: int = 0) -> list[str]:
     return [sys.executable, "-m", "nemo_viper.cli", *phase.task_args(index)]
 
 
-def run_local(config: ViperConfig, on_phase=None, log_dir: Path | None = None) -> list[str]:
-    """Run the plan here, skipping phases recorded as finished. Returns the phases run now.
+def run_local(config: ViperConfig, on_phase=None, log_dir: Path | None = None, start: str | None = None) -> list[str]:
+    """Run the pending phases here (:func:`nemo_viper.run_state.select_phases`). Returns the phases run now.
 
-    Each task's output goes to ``run_dir/logs/<phase>[.<i>].log``. ``on_phase(phase, status)`` reports
-    ``"start"`` / ``"done"`` / ``"skip"``.
+    Each task's output goes to ``run_dir/logs/<phase>[.<i>].log``. Before a phase runs, the preflight
+    (:mod:`nemo_viper.doctor`) checks what it needs; after it, its outputs are verified and it is recorded
+    done in ``state.json``. ``on_phase(phase, status)`` reports ``"start"`` / ``"done"`` / ``"skip"``.
     """
+    from nemo_viper import doctor
+    from nemo_viper.run_state import clear_for_rerun, select_phases, verify_and_record
+
     paths = write_run_files(config)
     log_dir = Path(log_dir or paths.root / "logs")
     log_dir.mkdir(parents=True, exist_ok=True)
+    phases = plan(config)
+    selected, states = select_phases(phases, paths.root, start)
+    for line in clear_for_rerun(selected, states, paths.root):
+        logger.warning(line)
     ran = []
-    for phase in plan(config):
-        if phase.name in finished_phases(paths):
+    for phase in phases:
+        if phase not in selected:
             if on_phase:
                 on_phase(phase, "skip")
             continue
         if on_phase:
             on_phase(phase, "start")
+        doctor.raise_problems(doctor.check(config, phase.name))
         for index in range(phase.tasks):
             log = log_dir / (f"{phase.name}.{index}.log" if phase.tasks > 1 else f"{phase.name}.log")
             with log.open("w") as out:
                 result = subprocess.run(phase_command(phase, index), stdout=out, stderr=subprocess.STDOUT)
             if result.returncode != 0:
                 raise NemoViperError(f"phase {phase.name} failed (exit {result.returncode}); see {log}")
-        _mark_finished(paths, phase.name)
+        verify_and_record(phase, phases, paths.root)
         ran.append(phase.name)
         if on_phase:
             on_phase(phase, "done")

@@ -12,7 +12,7 @@
 #   end fails the setup if any of them is importable.
 # - Idempotent: a stamp with the hash of the dependency files makes a re-run a no-op (~1 s).
 #
-# GPU clusters use the NGC NeMo container instead: see scripts/install_in_container.sh.
+# GPU clusters use the project image (./Dockerfile, on the NGC NeMo container) instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD

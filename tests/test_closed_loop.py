@@ -1,7 +1,7 @@
 """The main job: one round of the closed loop on the tiny recipe, killed after RL stage 1 and resumed.
 
 The first run is killed (SIGKILL to its whole process group) as soon as ``state.json`` records
-``round1.rl1``; the rerun must skip every finished phase, continue with stage-2 synthesis, and leave the
+``round1.rl1`` done; the rerun must skip every finished phase, continue with stage-2 synthesis, and leave the
 full set of outputs: both datasets, both RL runs with checkpoints, the HF export and the run report.
 """
 
@@ -28,7 +28,7 @@ def start(run_dir):
 
 def finished(run_dir):
     state = run_dir / "state.json"
-    return json.loads(state.read_text())["finished"] if state.is_file() else []
+    return list(json.loads(state.read_text())["phases"]) if state.is_file() else []
 
 
 def test_tiny_loop_survives_a_kill_after_rl_stage1(tmp_path):

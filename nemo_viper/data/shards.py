@@ -338,6 +338,11 @@ class ShardDataset:
         return _Sample(shard_index, key, record_span, tuple(spans), tuple(record.images))
 
 
+def read_manifest(directory: str | Path) -> dict:
+    """The checked manifest of the dataset ``directory`` (shards are not opened); :class:`DatasetError` if invalid."""
+    return _read_manifest(Path(directory) / MANIFEST_NAME)
+
+
 def _read_manifest(path: Path) -> dict:
     """Load and check the manifest's layout fields; :class:`DatasetError` naming ``path`` otherwise."""
     if not path.is_file():
