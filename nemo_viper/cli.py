@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+from contextlib import contextmanager
 
 from nemo_viper.errors import NemoViperError
 
@@ -20,13 +21,14 @@ def _add_layout_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_tiny_model(args) -> None:
-    from nemo_viper.models.tiny import TinyModelConfig, write_tiny_checkpoint
+    from nemo_viper.models.tiny import TinyModelConfig, read_tiny_recipe, write_tiny_checkpoint
+    from nemo_viper.models.tiny_warmstart import WarmStartConfig
 
-    out = write_tiny_checkpoint(args.out, TinyModelConfig(seed=args.seed))
-    if args.warm_start_steps:
-        from nemo_viper.models.tiny_warmstart import WarmStartConfig, warm_start
-
-        loss = warm_start(out, WarmStartConfig(steps=args.warm_start_steps, seed=args.seed))
+    warm = WarmStartConfig(steps=args.warm_start_steps, seed=args.seed) if args.warm_start_steps else None
+    with _single_writer(args.out):
+        out = write_tiny_checkpoint(args.out, TinyModelConfig(seed=args.seed), warm_start=warm)
+    if warm:
+        loss = read_tiny_recipe(out)["warm_start_final_loss"]
         print(f"warm-started on the prompt formats for {args.warm_start_steps} steps (final loss {loss:.3f})")
     print(f"tiny Qwen2.5-VL checkpoint written to {out}")
 
@@ -34,7 +36,8 @@ def cmd_tiny_model(args) -> None:
 def cmd_convert_import(args) -> None:
     from nemo_viper.models.checkpoint import import_hf
 
-    out = import_hf(args.hf, args.out, tensor_parallel=args.tp, pipeline_parallel=args.pp)
+    with _single_writer(args.out):
+        out = import_hf(args.hf, args.out, tensor_parallel=args.tp, pipeline_parallel=args.pp)
     if _is_rank_zero():
         print(f"imported {args.hf} -> {out}")
 
@@ -42,7 +45,8 @@ def cmd_convert_import(args) -> None:
 def cmd_convert_export(args) -> None:
     from nemo_viper.models.checkpoint import export_checkpoint
 
-    out = export_checkpoint(args.ckpt, args.out, tensor_parallel=args.tp, pipeline_parallel=args.pp)
+    with _single_writer(args.out):
+        out = export_checkpoint(args.ckpt, args.out, tensor_parallel=args.tp, pipeline_parallel=args.pp)
     if _is_rank_zero():
         print(f"exported {args.ckpt} -> {out}")
 
@@ -105,7 +109,9 @@ def _dest(flag: str) -> str:
 def cmd_train(args) -> None:
     from nemo_viper.training.stage import run_stage
 
-    run_stage(train_config(args))
+    config = train_config(args)
+    with _single_writer(args.out):
+        run_stage(config)
     if _is_rank_zero():
         print(f"RL stage {args.stage} finished: {args.out}/checkpoints/latest")
 
@@ -131,7 +137,8 @@ def cmd_synth(args) -> None:
     from nemo_viper.synthesis.run import run_synthesis
 
     config = synth_config(args)
-    manifest = run_synthesis(config)
+    with _single_writer(args.out, part=f"task{config.shard_index}"):
+        manifest = run_synthesis(config)
     if _is_rank_zero():
         if manifest is None:
             print(f"synthesis stage {args.stage}: this task's chunks are done; {args.out}/manifest.json is written "
@@ -229,6 +236,34 @@ def _is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+@contextmanager
+def _single_writer(out: str, part: str | None = None):
+    """Hold ``out``'s writer lock (:mod:`nemo_viper.runtime.locks`) for the job: its first rank takes it,
+    so a second job writing the same directory fails at once."""
+    if not _is_rank_zero():
+        yield
+        return
+    from nemo_viper.runtime.locks import exclusive_writer
+
+    with exclusive_writer(out, part):
+        yield
+
+
+CHECKPOINT_WARNING = (
+    "Checkpoints are code: loading a Megatron checkpoint unpickles parts of it, so a crafted one runs arbitrary "
+    "code. Load only checkpoints you trust. Checkpoints written by nemo_viper carry a manifest of file hashes "
+    "that is checked before loading; a checkpoint that fails the check or has no manifest is refused unless "
+    "--trust-checkpoint is given."
+)
+
+
+def _loads_checkpoints(parser: argparse.ArgumentParser) -> None:
+    """The trust switch of a command that loads a Megatron checkpoint (see :data:`CHECKPOINT_WARNING`)."""
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load a checkpoint without a matching file manifest (tampered, foreign or older): "
+                        "only for checkpoints from a source you trust")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nemo-viper", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -248,13 +283,16 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", required=True, help="output checkpoint directory")
     _add_layout_args(imp)
     imp.set_defaults(func=cmd_convert_import)
-    exp = directions.add_parser("export", help="Megatron distributed checkpoint -> HF checkpoint dir")
+    exp = directions.add_parser("export", help="Megatron distributed checkpoint -> HF checkpoint dir",
+                                description=f"Megatron distributed checkpoint -> HF checkpoint dir. {CHECKPOINT_WARNING}")
     exp.add_argument("--ckpt", required=True, help="policy checkpoint directory")
     exp.add_argument("--out", required=True, help="output HF directory")
     _add_layout_args(exp)
+    _loads_checkpoints(exp)
     exp.set_defaults(func=cmd_convert_export)
 
-    train = commands.add_parser("train", help="one RL stage on synthesised shards -> checkpoints")
+    train = commands.add_parser("train", help="one RL stage on synthesised shards -> checkpoints",
+                                description=f"One RL stage on synthesised shards -> checkpoints. {CHECKPOINT_WARNING}")
     train.add_argument("--stage", type=int, choices=(1, 2), required=True, help="1: caption_refine, 2: visual_op")
     train.add_argument("--data", required=True, help="dataset directory (shards + manifest.json)")
     train.add_argument("--policy", required=True, help="policy checkpoint or HF Qwen2.5-VL directory to start from")
@@ -267,9 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_argument(flag, action="store_true", help=f"sets {key if '=' in key else key + '=true'}")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="run config overrides, e.g. rl.grpo.loss.dual_clip_c=3 reward.mode=f1")
+    _loads_checkpoints(train)
     train.set_defaults(func=cmd_train)
 
-    synth = commands.add_parser("synth", help="one synthesis stage (or one shard task of it) -> shards + manifest")
+    synth = commands.add_parser("synth", help="one synthesis stage (or one shard task of it) -> shards + manifest",
+                                description="One synthesis stage (or one shard task of it) -> shards + manifest. "
+                                f"{CHECKPOINT_WARNING}")
     synth.add_argument("--stage", type=int, choices=(1, 2), required=True, help="1: caption_refine, 2: visual_op")
     synth.add_argument("--policy", required=True, help="policy checkpoint or HF Qwen2.5-VL directory that synthesises")
     synth.add_argument("--out", required=True, help="dataset directory (a rerun resumes it)")
@@ -281,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--config", help="YAML file with synthesis settings (see docs/synthesis.md)")
     synth.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="config overrides, e.g. vlm.precision=fp32 redraw.call_kwargs.num_inference_steps=28")
+    _loads_checkpoints(synth)
     synth.set_defaults(func=cmd_synth)
 
     tiny_diffusion = commands.add_parser("tiny-diffusion", help="write the offline tiny random diffusers pipelines")
@@ -327,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if getattr(args, "trust_checkpoint", False):
+            from nemo_viper.models.checkpoint import trust_unverified_checkpoints
+
+            trust_unverified_checkpoints()
         return args.func(args) or 0
     except NemoViperError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -9,25 +9,27 @@ and writes files under ``run_dir``::
 Round r synthesises stage-1 data with the checkpoint of round r-1 (the base model for r = 1), trains
 stage 1 from it, synthesises stage-2 data with the stage-1 checkpoint, and trains stage 2 from that.
 The same plan feeds the NeMo-Run launcher (``launcher/``). :func:`run_local` executes it phase by phase
-as subprocesses (``torchrun`` for the RL phases) and records each finished phase, once its outputs
-verify, with its configuration's fingerprint in ``run_dir/state.json`` (:mod:`nemo_viper.run_state`); a
-rerun skips done phases and continues with the first pending one, whose own resume logic (synthesis
-chunks, RL checkpoints) picks up partial work.
+as subprocesses (``torchrun`` for the RL phases; each in its own process group, killed with ``run``:
+:mod:`nemo_viper.runtime.lifetime`) and records each finished phase, once its outputs verify, with its
+configuration's fingerprint in ``run_dir/state.json`` (:mod:`nemo_viper.run_state`); a rerun skips done
+phases and continues with the first pending one, whose own resume logic (synthesis chunks, RL
+checkpoints) picks up partial work.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from subprocess import STDOUT
 
 from omegaconf import OmegaConf
 
 from nemo_viper.config import ViperConfig, compose, rl_job_settings, synthesis_settings, to_yaml
 from nemo_viper.errors import NemoViperError
+from nemo_viper.runtime.lifetime import run_job
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +201,7 @@ def run_local(config: ViperConfig, on_phase=None, log_dir: Path | None = None, s
         for index in range(phase.tasks):
             log = log_dir / (f"{phase.name}.{index}.log" if phase.tasks > 1 else f"{phase.name}.log")
             with log.open("w") as out:
-                result = subprocess.run(phase_command(phase, index), stdout=out, stderr=subprocess.STDOUT)
+                result = run_job(phase_command(phase, index), stdout=out, stderr=STDOUT)
             if result.returncode != 0:
                 raise NemoViperError(f"phase {phase.name} failed (exit {result.returncode}); see {log}")
         verify_and_record(phase, phases, paths.root)

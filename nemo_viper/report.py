@@ -12,6 +12,8 @@ from pathlib import Path
 
 import matplotlib
 
+from nemo_viper.training.metrics_log import read_metrics
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -24,8 +26,7 @@ PANELS = {
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return [record for _, record in read_metrics(run_dir / "metrics.jsonl")]
 
 
 def _manifest(dataset: Path) -> dict | None:

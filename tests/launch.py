@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from nemo_viper.runtime.lifetime import run_job, start_job
+
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).resolve().parent / "workers"
 
@@ -21,9 +23,18 @@ def run_ranks(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                f"--master-port={_free_port()}", *args]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    result = run_job(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
     return result
+
+
+def start_python(*args: str, **popen_kwargs) -> subprocess.Popen:
+    """``python <args>`` (a worker script or ``-m nemo_viper.cli ...``) in the repo, output captured as text; the
+    process and its children die with the test process (:func:`nemo_viper.runtime.lifetime.start_job`)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    popen_kwargs.setdefault("stdout", subprocess.PIPE)
+    popen_kwargs.setdefault("stderr", subprocess.PIPE)
+    return start_job([sys.executable, *args], env=env, cwd=REPO, text=True, **popen_kwargs)
 
 
 def run_worker(name: str, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:

@@ -9,21 +9,20 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-from launch import REPO
+import torch
+from launch import start_python
+from processes import session_processes
 
 pytestmark = pytest.mark.slow
 REDUCED = ["rl.steps=2", "rl.save_every=2"]
 
 
 def start(run_dir):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "nemo_viper.cli", "run", "--recipe", "tiny", f"run_dir={run_dir}", *REDUCED]
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return start_python("-m", "nemo_viper.cli", "run", "--recipe", "tiny", f"run_dir={run_dir}", *REDUCED,
+                        stderr=subprocess.STDOUT)
 
 
 def finished(run_dir):
@@ -66,3 +65,45 @@ def test_tiny_loop_survives_a_kill_after_rl_stage1(tmp_path):
     assert "rl1" in report and "rl2" in report and "synth2" in report
     assert {p.name for p in (run_dir / "report").glob("*.png")} >= {
         "round1_reward.png", "round1_response_length.png", "round1_clip_fractions.png", "round1_synthesis.png"}
+
+
+def test_run_killed_during_prepare_leaves_no_process_and_prepare_resumes(tmp_path):
+    """kill -9 of ``run`` while ``tiny-model`` warm-starts: the phase dies with it, nothing is published under
+    ``base_model``, and the phase's command reruns to the same checkpoint an uninterrupted job writes."""
+    from recipes import recipe
+    from safetensors.torch import load_file
+
+    from nemo_viper.models.tiny import TinyModelConfig, read_tiny_recipe, write_tiny_checkpoint
+    from nemo_viper.models.tiny_warmstart import WarmStartConfig
+    from nemo_viper.orchestration import phase_command, plan
+
+    run_dir = tmp_path / "tiny"
+    overrides = [f"run_dir={run_dir}", "model.tiny_warm_start_steps=3"]
+    first = start_python("-m", "nemo_viper.cli", "run", "--recipe", "tiny", *overrides, stderr=subprocess.STDOUT)
+    partial = run_dir / ".base_model.partial" / "model.safetensors"  # written just before the warm start
+    deadline = time.time() + 300
+    while not partial.exists():
+        assert first.poll() is None, first.communicate()[0][-4000:]
+        assert time.time() < deadline, "prepare did not reach its warm start within 5 minutes"
+        time.sleep(0.05)
+    phase = [pid for pid, (_, command) in session_processes().items() if "tiny-model" in command]
+    assert phase, "the prepare phase's process was not found"
+    os.kill(first.pid, signal.SIGKILL)  # the run only: its phase must follow by itself
+    first.wait()
+    deadline = time.time() + 30
+    while any(pid in session_processes() for pid in phase):
+        assert time.time() < deadline, "the prepare phase outlived the killed run"
+        time.sleep(0.1)
+    assert not (run_dir / "base_model").exists()
+
+    (prepare, *_) = plan(recipe("tiny", *overrides))
+    rerun = start_python(*phase_command(prepare)[1:])
+    _, stderr = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, stderr[-4000:]
+    reference = write_tiny_checkpoint(tmp_path / "reference", TinyModelConfig(), WarmStartConfig(steps=3))
+    resumed_recipe, expected_recipe = read_tiny_recipe(run_dir / "base_model"), read_tiny_recipe(reference)
+    assert resumed_recipe["model"] == expected_recipe["model"] and resumed_recipe["warm_start"]["steps"] == 3
+    resumed, expected = load_file(run_dir / "base_model" / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert resumed.keys() == expected.keys()
+    assert all(torch.allclose(resumed[k], expected[k], atol=1e-5) for k in expected)
+    assert not (run_dir / ".base_model.partial").exists()

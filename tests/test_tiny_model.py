@@ -49,9 +49,14 @@ def test_same_seed_same_weights(tmp_path):
     assert all(torch.equal(first[name], second[name]) for name in first)
 
 
-def test_cli_writes_checkpoint_and_refuses_non_empty_dir(tmp_path, capsys):
+def test_cli_writes_checkpoint_skips_it_when_done_and_refuses_another(tmp_path, capsys):
     assert main(["tiny-model", "--out", str(tmp_path / "tiny")]) == 0
     assert (tmp_path / "tiny" / "model.safetensors").is_file()
-    assert not list(tmp_path.glob(".tiny.*")), "temporary directory left behind"
-    with pytest.raises(FileExistsError):
-        main(["tiny-model", "--out", str(tmp_path / "tiny")])
+    assert not (tmp_path / ".tiny.partial").exists(), "temporary directory left behind"
+    written = (tmp_path / "tiny" / "model.safetensors").stat().st_mtime_ns
+    assert main(["tiny-model", "--out", str(tmp_path / "tiny")]) == 0  # a rerun of a finished job: nothing to do
+    assert (tmp_path / "tiny" / "model.safetensors").stat().st_mtime_ns == written
+    capsys.readouterr()
+    assert main(["tiny-model", "--out", str(tmp_path / "tiny"), "--seed", "1"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'tiny'} exists and is not the tiny checkpoint "
+                                               "this command writes; choose another --out or remove it")

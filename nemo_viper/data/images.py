@@ -4,8 +4,10 @@
 :meth:`~nemo_viper.data.shards.ShardDataset.image_bytes`) into what the HF Qwen2.5-VL image processor
 (``Qwen2VLImageProcessorPil``) returns for each prompt's images:
 
-1. decode to RGB (greyscale, palette and alpha images as PIL's ``convert("RGB")``: alpha dropped; EXIF
-   orientation ignored, as PIL does);
+1. decode to RGB under the project's one decoding rule (:mod:`nemo_viper.data.decoding`: EXIF orientation
+   applied, 16-bit samples to 8 bits, CMYK/palette/alpha as PIL's ``convert("RGB")``): a plain image (8-bit
+   RGB or greyscale PNG/JPEG, upright) goes to the decoder as it is, anything else is first re-encoded as the
+   PNG of the rule's result, so both backends see the same pixels;
 2. resize with Qwen's rule (transformers' ``smart_resize``: sides multiples of ``patch_size * merge_size``,
    pixel count inside ``[min_pixels, max_pixels]``, aspect ratio kept), bicubic with antialiasing;
 3. rescale by ``rescale_factor`` (1/255) and normalise with ``image_mean`` / ``image_std``;
@@ -26,8 +28,8 @@ in the outermost 2 rows/columns, where the resize kernel overhangs the edge (PIL
 repeats the edge pixel; grows with the downscale factor); mean abs diff <= 3e-4. Pillow resizes one axis at
 a time and rounds the intermediate image to uint8; the pipeline reproduces that with two DALI resizes that
 each change one axis, in Pillow's order (:meth:`Resize.first_pass`). A single 2-D DALI resize keeps a float
-intermediate and is off by up to 16 levels at sharp edges. Not matched: 16-bit PNGs (PIL's conversion to RGB
-clips them, DALI scales them). The GPU pipeline (nvJPEG, GPU resize) has not been compared yet. On CPU,
+intermediate and is off by up to 16 levels at sharp edges. 16-bit, CMYK, palette and EXIF-rotated inputs
+are normalised first (step 1) and match like any plain image (``tests/data/test_decoding.py``). The GPU pipeline (nvJPEG, GPU resize) has not been compared yet. On CPU,
 DALI's resize is slower than Pillow's (``docs/benchmarks.md``): the pipeline is built for the GPU.
 
 **Once per prompt.** A call returns one :class:`PromptImages` per prompt; the ``n`` rollouts of a prompt
@@ -68,6 +70,7 @@ from transformers import Qwen2VLImageProcessorPil
 from transformers.image_utils import PILImageResampling
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
+from nemo_viper.data.decoding import plain_bytes
 from nemo_viper.errors import ConfigError, NemoViperError
 
 log = logging.getLogger(__name__)
@@ -287,11 +290,12 @@ class QwenImagePreprocessor:
         """Per image its patches and ``(t, h, w)`` grid, or why it cannot be preprocessed."""
         processed: list[tuple[torch.Tensor, tuple[int, int, int]] | str] = [""] * len(encoded)
         todo: list[tuple[int, Resize]] = []
+        encoded = list(encoded)
         for k, data in enumerate(encoded):
             try:
-                height, width = _encoded_size(data)
+                encoded[k], height, width = _plain_with_size(data)
                 todo.append((k, Resize(height, width, *self.config.resized_size(height, width))))
-            except ValueError as e:  # an unreadable header or an aspect ratio Qwen's rule rejects
+            except ValueError as e:  # an unreadable image or an aspect ratio Qwen's rule rejects
                 processed[k] = str(e)
         p = self.config.patch_size
         for start in range(0, len(todo), self.max_batch_size):
@@ -325,15 +329,17 @@ def dali_importable() -> bool:
     return True
 
 
-def _encoded_size(data: bytes) -> tuple[int, int]:
-    """``(height, width)`` from the image header (as PIL, hence the HF processor, sees the image)."""
+def _plain_with_size(data: bytes) -> tuple[bytes, int, int]:
+    """``(bytes, height, width)``: ``data``, or the PNG that :func:`~nemo_viper.data.decoding.plain_bytes` makes
+    of a non-plain image, and the size of the image they decode to."""
     try:
+        data = plain_bytes(data)
         with Image.open(io.BytesIO(data)) as image:
-            return image.height, image.width
+            return data, image.height, image.width
     except Image.UnidentifiedImageError:
         raise ValueError("unknown image format or damaged header") from None
     except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"unreadable image header: {e}") from e
+        raise ValueError(f"unreadable image: {e}") from e
 
 
 class _DaliBackend:

@@ -34,6 +34,7 @@ from typing import BinaryIO, NamedTuple, Sequence
 
 from PIL import Image
 
+from nemo_viper.data.decoding import decode_rgb
 from nemo_viper.data.records import (
     RECORD_TYPES,
     SCHEMA_VERSION,
@@ -241,12 +242,11 @@ class ShardDataset:
         return self._read(sample, sample.images)
 
     def images(self, i: int) -> list[Image.Image]:
-        """The decoded RGB images of sample ``i``; raises :class:`CorruptImageError` if one does not decode."""
+        """The decoded RGB images of sample ``i`` (:func:`~nemo_viper.data.decoding.decode_rgb`); raises :class:`CorruptImageError` if one does not decode."""
         decoded = []
         for position, data in enumerate(self.image_bytes(i)):
             try:
-                with Image.open(io.BytesIO(data)) as image:
-                    decoded.append(image.convert("RGB"))
+                decoded.append(decode_rgb(data))
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
                 raise self.corrupt_image_error(i, position, str(e) or type(e).__name__) from e
         return decoded

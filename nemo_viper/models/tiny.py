@@ -18,11 +18,16 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+from nemo_viper.errors import NemoViperError
+
+if TYPE_CHECKING:
+    from nemo_viper.models.tiny_warmstart import WarmStartConfig
 
 QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -189,18 +194,32 @@ def build_hf_config(config: TinyModelConfig, tokenizer):
     )
 
 
-def write_tiny_checkpoint(out_dir: str | Path, config: TinyModelConfig = TinyModelConfig()) -> Path:
-    """Write the tiny checkpoint to ``out_dir`` atomically (temp dir + rename). Returns the path.
+RECIPE_FILE = "nemo_viper_tiny.json"
 
-    Raises ``FileExistsError`` if ``out_dir`` exists and is not empty.
+
+def write_tiny_checkpoint(
+    out_dir: str | Path, config: TinyModelConfig = TinyModelConfig(), warm_start: WarmStartConfig | None = None
+) -> Path:
+    """Write the tiny checkpoint (warm-started if ``warm_start``) to ``out_dir``; returns the path.
+
+    Everything, warm start included, happens in ``.<name>.partial`` next to ``out_dir``, which is renamed
+    to ``out_dir`` only when complete (``nemo_viper_tiny.json``, the recipe, written last): a job killed at
+    any moment leaves either nothing under ``out_dir`` or the complete checkpoint, and a rerun redoes the
+    partial directory. An existing ``out_dir`` written with the same recipe is returned as it is; a
+    non-empty one holding anything else is a :class:`~nemo_viper.errors.NemoViperError`.
     """
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
     from nemo_viper.models.processor import ImageOnlyQwen25VLProcessor
 
     out = Path(out_dir)
+    recipe = {"model": asdict(config), "warm_start": asdict(warm_start) if warm_start else None}
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose another --out or remove it")
+        written = read_tiny_recipe(out)
+        if written is not None and {key: written.get(key) for key in recipe} == recipe:
+            return out
+        raise NemoViperError(f"{out} exists and is not the tiny checkpoint this command writes; choose another "
+                             "--out or remove it")
     tokenizer = build_tokenizer(config.vocab_size)
     hf_config = build_hf_config(config, tokenizer)
     with torch.random.fork_rng():
@@ -222,17 +241,29 @@ def write_tiny_checkpoint(out_dir: str | Path, config: TinyModelConfig = TinyMod
         do_sample=False,
     )
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        generation_config.save_pretrained(tmp)
-        (tmp / "nemo_viper_tiny.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # what a killed attempt left
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    generation_config.save_pretrained(tmp)
+    del model
+    final_loss = None
+    if warm_start is not None:
+        from nemo_viper.models.tiny_warmstart import warm_start as run_warm_start
+
+        final_loss = run_warm_start(tmp, warm_start)
+    (tmp / RECIPE_FILE).write_text(json.dumps({**recipe, "warm_start_final_loss": final_loss}, indent=2) + "\n")
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
     return out
+
+
+def read_tiny_recipe(directory: str | Path) -> dict | None:
+    """What :func:`write_tiny_checkpoint` recorded in ``directory`` (``model``, ``warm_start``,
+    ``warm_start_final_loss``), or ``None``."""
+    try:
+        return json.loads((Path(directory) / RECIPE_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None

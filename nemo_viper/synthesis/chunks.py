@@ -10,7 +10,7 @@ ranks split the work without talking to each other. A chunk is the unit of atomi
    atomically. The marker is the commit: a chunk without one is redone from scratch on a rerun (its
    staging directory and any of its shards already renamed are removed first), a chunk with one is
    skipped. A process killed at any moment therefore loses at most its unfinished chunks, and a rerun
-   neither loses nor duplicates a sample.
+   neither loses nor duplicates a sample (nor leaves a temporary file of the killed attempt behind).
 3. When every chunk has a marker, :meth:`ChunkStore.merge` writes ``manifest.json`` over all of them
    (shards in chunk order, counts summed), under a file lock so concurrent workers cannot interleave.
 
@@ -137,7 +137,8 @@ class ChunkStore:
         """A fresh writer for ``chunk``, after removing what an interrupted attempt left behind."""
         staging = self.staging / f"c{chunk.index:06d}"
         shutil.rmtree(staging, ignore_errors=True)
-        for stale in self.out.glob(f"{self._prefix(chunk)}-*.tar"):
+        for stale in (*self.out.glob(f"{self._prefix(chunk)}-*.tar"),
+                      *self.markers.glob(f".{self._marker(chunk).name}.*.partial")):  # (_write_json_atomically)
             stale.unlink()
         return ShardWriter(staging, self._prefix(chunk), self.samples_per_shard, task=self.task)
 

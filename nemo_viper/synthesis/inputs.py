@@ -17,6 +17,7 @@ missing, empty or does not decode is skipped and counted later (:func:`load_imag
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import io
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from nemo_viper.data.decoding import is_plain, to_rgb8
 from nemo_viper.errors import NemoViperError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -63,7 +65,8 @@ class InputItem:
 
 @dataclass(frozen=True)
 class LoadedImage:
-    """A decoded RGB image and the bytes to store: the original PNG/JPEG bytes, or ``None`` (store as PNG)."""
+    """A decoded RGB image (:mod:`nemo_viper.data.decoding`'s rule) and the bytes to store: the original bytes
+    of a plain image, or ``None``: store ``image`` as PNG, so training decodes the pixels synthesis saw."""
 
     image: Image.Image
     encoded: bytes | None
@@ -102,26 +105,28 @@ def fingerprint(items: list[InputItem]) -> str:
 
 
 def load_image(item: InputItem) -> LoadedImage | str:
-    """The decoded image, or the skip reason: ``missing_file``, ``empty_file``, ``corrupt_image`` (does not
-    decode completely, e.g. a truncated JPEG) or ``image_too_large`` (PIL's decompression-bomb limit)."""
+    """The decoded image, or the skip reason: ``missing_file`` (also a dangling symlink), ``symlink_loop``,
+    ``unreadable_file`` (exists but cannot be read: permissions, a directory named like an image, an I/O
+    error), ``empty_file``, ``corrupt_image`` (does not decode completely, e.g. a truncated JPEG) or
+    ``image_too_large`` (PIL's decompression-bomb limit)."""
     try:
         data = item.read()
     except FileNotFoundError:
         return "missing_file"
-    except OSError:
-        return "unreadable_file"
+    except OSError as e:
+        return "symlink_loop" if e.errno == errno.ELOOP else "unreadable_file"
     if not data:
         return "empty_file"
     try:
         with Image.open(io.BytesIO(data)) as opened:
+            plain = is_plain(opened)
             opened.load()
-            image = opened.convert("RGB")
-            keep = opened.format in ("PNG", "JPEG")
+            image = to_rgb8(opened)
     except Image.DecompressionBombError:
         return "image_too_large"
     except (OSError, SyntaxError, ValueError):
         return "corrupt_image"
-    return LoadedImage(image, data if keep else None)
+    return LoadedImage(image, data if plain else None)
 
 
 def _skimage_pool() -> list[InputItem]:
@@ -132,7 +137,10 @@ def _skimage_pool() -> list[InputItem]:
 
 
 def _directory_items(root: Path) -> list[InputItem]:
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Image files at any depth; symlinks with an image suffix are listed even when they lead nowhere (a loop,
+    a dangling link), so that loading skips and counts them (directory symlinks are not followed)."""
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                   and (p.is_file() or (p.is_symlink() and not p.is_dir())))
     if files:
         return [InputItem(p.relative_to(root).as_posix(), str(p)) for p in files]
     return [item for shard in sorted(root.glob("*.tar")) for item in _tar_items(shard)]

@@ -3,7 +3,9 @@
 ``ROOT/step_0000010/`` are policy checkpoints (:mod:`nemo_viper.models.checkpoint`) with the optimizer
 state and ``trainer_state.json``; ``ROOT/latest`` names the newest complete one and is replaced
 atomically after the checkpoint itself has been renamed into place, so a job killed at any moment
-resumes from a complete checkpoint. Older checkpoints beyond ``keep_last`` are deleted.
+resumes from a complete checkpoint. If ``latest`` names no complete checkpoint (deleted, or a torn pointer),
+the newest complete ``step_N`` is used, with a warning, never a silent restart from step 0.
+Older checkpoints beyond ``keep_last`` are deleted.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from nemo_viper.models.checkpoint import load_training_state, save_policy
+from nemo_viper.models.checkpoint import LATEST_POINTER, latest_checkpoint, load_training_state, save_policy
 
 
 class CheckpointManager:
@@ -27,12 +29,9 @@ class CheckpointManager:
         return f"step_{step:07d}"
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint, or ``None`` when there is none yet."""
-        pointer = self.root / "latest"
-        if not pointer.is_file():
-            return None
-        path = self.root / pointer.read_text().strip()
-        return path if path.is_dir() else None
+        """The checkpoint ``latest`` names or, if that is not complete, the newest complete one (with a
+        warning); ``None`` when there is none yet."""
+        return latest_checkpoint(self.root)
 
     def save(self, trainer, step: int, trainer_state: dict) -> Path:
         """Save ``trainer``'s policy and optimizer at ``step`` (collective)."""
@@ -44,9 +43,9 @@ class CheckpointManager:
             trainer_state={"step": step, **trainer_state},
         )
         if not dist.is_initialized() or dist.get_rank() == 0:
-            tmp = self.root / "latest.tmp"
+            tmp = self.root / f"{LATEST_POINTER}.tmp"
             tmp.write_text(path.name + "\n")
-            os.replace(tmp, self.root / "latest")
+            os.replace(tmp, self.root / LATEST_POINTER)
             self._prune(keep=path.name)
         if dist.is_initialized():
             dist.barrier()

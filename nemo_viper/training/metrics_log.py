@@ -2,14 +2,42 @@
 
 On resume from step ``s``, records of steps after ``s`` (written before the interruption, after the
 last checkpoint) are dropped from the JSONL file and purged from TensorBoard, so every step appears once.
+A torn last line (the job died, or its node crashed, in the middle of appending it) is dropped with a
+warning; a damaged line before the last one is an error naming the file and line.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
+
+from nemo_viper.errors import NemoViperError
+
+log = logging.getLogger(__name__)
+
+
+def read_metrics(path: str | Path) -> list[tuple[str, dict]]:
+    """``(line, record)`` of every complete record of a ``metrics.jsonl``; a torn last line is left out
+    (with a warning). A line before the last that is not a JSON record is a :class:`NemoViperError`."""
+    path = Path(path)
+    text = path.read_text(errors="replace") if path.is_file() else ""
+    lines = text.split("\n")
+    complete, tail = lines[:-1], lines[-1]  # tail: what follows the last newline ("" when none)
+    records = []
+    for number, line in enumerate(complete, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise NemoViperError(f"{path}:{number} is not a metrics record: {line[:80]!r}")
+        records.append((line, record))
+    if tail:
+        log.warning("%s ends with a torn line (%d bytes: %r...), left out", path, len(tail), tail[:40])
+    return records
 
 
 class MetricsLogger:
@@ -21,7 +49,7 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            kept = [line for line, record in read_metrics(self.path) if record["step"] <= resume_step]
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.path)

@@ -230,3 +230,77 @@ def test_gpu_pipeline_matches_the_hf_processor(hf_processor, photo_arrays):
         assert out.pixel_values.is_cuda
         on_cpu = PromptImages(out.pixel_values.cpu(), out.image_grid_thw.cpu())
         assert_close_to(on_cpu, reference(hf_processor, [data]), "GPU pipeline")
+
+
+def png16(pixels: np.ndarray) -> bytes:
+    """A 16-bit PNG (greyscale ``[H, W]`` or RGB ``[H, W, 3]`` uint16), written by hand: PIL cannot write 16-bit RGB."""
+    import struct
+    import zlib
+
+    height, width = pixels.shape[:2]
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels.reshape(height, -1))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2 if pixels.ndim == 3 else 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def odd_images() -> dict[str, tuple[bytes, np.ndarray]]:
+    """Encoded images that decoders disagree on, with the RGB pixels the decoding rule gives, computed
+    independently of nemo_viper.data.decoding."""
+    rng = np.random.default_rng(0)
+    photo = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((96, 72)))
+    grey = np.asarray(Image.fromarray(skimage.data.camera()).resize((96, 72)))
+    cases = {}
+    # 16 bits: high byte v, any low byte -> v (PIL's convert("RGB") made the greyscale one almost white)
+    cases["grey16"] = (png16(grey.astype(np.uint16) * 256 + rng.integers(0, 256, grey.shape, dtype=np.uint16)),
+                       np.repeat(grey[..., None], 3, -1))
+    cases["rgb16"] = (png16(photo.astype(np.uint16) * 256 + rng.integers(0, 256, photo.shape, dtype=np.uint16)),
+                      photo)
+    buffer = io.BytesIO()
+    Image.fromarray(photo).convert("CMYK").save(buffer, format="JPEG", quality=95)
+    cases["cmyk"] = (buffer.getvalue(), np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")))
+    palette_image = Image.fromarray(photo).quantize(32)
+    buffer = io.BytesIO()
+    palette_image.save(buffer, format="PNG", transparency=0)  # entry 0 transparent: alpha is dropped
+    palette = np.asarray(palette_image.getpalette()[: 32 * 3], dtype=np.uint8).reshape(-1, 3)
+    cases["palette"] = (buffer.getvalue(), palette[np.asarray(palette_image)])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: viewers turn it 90 degrees clockwise
+    buffer = io.BytesIO()
+    Image.fromarray(photo).save(buffer, format="JPEG", quality=95, exif=exif.tobytes())
+    stored = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+    cases["exif_rotated"] = (buffer.getvalue(), np.ascontiguousarray(np.rot90(stored, k=-1)))
+    cases["plain"] = (encode(photo, "PNG"), photo)
+    return cases
+
+
+@pytest.mark.parametrize("name", ["grey16", "rgb16", "cmyk", "palette", "exif_rotated", "plain"])
+def test_one_decoding_rule_on_every_path(name, dali, hf_processor, tmp_path):
+    """Synthesis (decoded and stored image), the shard reader, the PIL and the DALI backends all see the rule's
+    pixels; the stored bytes decode to them in any decoder."""
+    from nemo_viper.synthesis.inputs import InputItem, load_image
+
+    data, expected = odd_images()[name]
+    path = tmp_path / f"{name}.img"
+    path.write_bytes(data)
+    loaded = load_image(InputItem(name, str(path)))
+    assert np.array_equal(np.asarray(loaded.image), expected), "synthesis decodes other pixels"
+    if loaded.encoded is None:  # stored as PNG of the decoded image (ShardWriter)
+        buffer = io.BytesIO()
+        loaded.image.save(buffer, format="PNG")
+        stored = buffer.getvalue()
+    else:
+        assert name == "plain" and loaded.encoded == data
+        stored = data
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(stored)).convert("RGB")), expected), "stored pixels"
+
+    reference = hf_processor([Image.fromarray(expected)], return_tensors="pt")
+    pil = QwenImagePreprocessor(CONFIG, backend="pil")
+    for what, encoded in (("original", data), ("stored", stored)):
+        (from_pil,) = pil([[encoded]])
+        assert torch.equal(from_pil.pixel_values, reference["pixel_values"]), f"PIL backend, {what} bytes"
+        (from_dali,) = dali([[encoded]])
+        assert_close_to(from_dali, reference, f"DALI backend, {what} bytes")

@@ -46,9 +46,11 @@ def test_commit_merge_and_cleanup_of_an_interrupted_attempt(tmp_path):
         writer.write(record(i), [Image.new("RGB", (8, 8))])
     stale = tmp_path / "caption_refine-c000001-000000.tar"
     (writer.out_dir / stale.name).rename(stale)
-    # ... the rerun starts the chunk again: the stale shard and the staging directory are removed.
+    # (or killed while writing its marker, which leaves the marker's temporary file)
+    (tmp_path / "chunks" / ".c000001.json.4242.partial").write_text('{"chunk": 1')
+    # ... the rerun starts the chunk again: the stale shard, marker and the staging directory are removed.
     commit(store, chunks[1], [4, 6])
-    assert not list(tmp_path.glob(".staging/*/*.partial"))
+    assert not list(tmp_path.glob(".staging/*/*.partial")) and not list(tmp_path.glob("chunks/.*.partial"))
 
     manifest = store.merge(chunks, {"stage": 1})
     assert manifest["total_samples"] == 5 and manifest["chunks"] == 2 and manifest["stage"] == 1

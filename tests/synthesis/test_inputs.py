@@ -31,6 +31,17 @@ def test_directory_lists_image_files_sorted_and_broken_ones_are_skip_reasons(mix
     assert loaded[0].image.mode == "RGB"
 
 
+def test_symlink_loops_and_dangling_links_are_listed_and_counted_not_dropped(mixed_dir):
+    (mixed_dir / "loop.png").symlink_to("loop.png")
+    (mixed_dir / "dangling.jpg").symlink_to("nowhere.jpg")
+    (mixed_dir / "sub" / "up").symlink_to("..")  # a directory loop: not followed
+    items = {i.source: i for i in list_inputs(str(mixed_dir))}
+    assert set(items) == {"00_astronaut.png", "01_coffee.jpg", "broken.jpg", "empty.png", "sub/02_rocket.png",
+                          "loop.png", "dangling.jpg"}
+    assert load_image(items["loop.png"]) == "symlink_loop"
+    assert load_image(items["dangling.jpg"]) == "missing_file"
+
+
 def test_text_and_jsonl_lists(mixed_dir, tmp_path):
     (tmp_path / "list.txt").write_text(f"# photos\n{mixed_dir}/00_astronaut.png\n\nimages/01_coffee.jpg\nmissing.png\n")
     items = list_inputs(str(tmp_path / "list.txt"))

@@ -2,12 +2,10 @@
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
-from launch import REPO, WORKERS
+from launch import WORKERS, start_python
 
 from nemo_viper.data import ShardDataset
 from nemo_viper.synthesis.config import load_config
@@ -15,10 +13,8 @@ from nemo_viper.synthesis.run import run_synthesis
 
 
 def worker(hf, images, out, delay=0.0):
-    command = [sys.executable, str(WORKERS / "synth_resumable.py"), "--hf", str(hf), "--images", str(images),
-               "--out", str(out), "--delay", str(delay)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_python(str(WORKERS / "synth_resumable.py"), "--hf", str(hf), "--images", str(images),
+                        "--out", str(out), "--delay", str(delay))
 
 
 def finish(process):

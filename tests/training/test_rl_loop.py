@@ -1,29 +1,27 @@
 """The RL loop learns a verifiable toy task on the tiny Megatron policy, and survives a SIGKILL.
 
 One run of tests/workers/rl_learning.py (the real loop, Megatron generator, GRPO trainer, checkpoints)
-is killed right after its step-10 checkpoint and rerun: it must resume from that checkpoint, log every
-step exactly once, and raise the mean reward from <= 0.2 to >= 0.6.
+is killed right after its step-10 checkpoint; its ``metrics.jsonl`` then gets a torn last line (what a node
+crash mid-append leaves) and ``checkpoints/latest`` is pointed at a missing directory. The rerun must warn
+about both, resume from the newest complete checkpoint (step 10), log every step exactly once, and raise
+the mean reward from <= 0.2 to >= 0.6.
 """
 
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
-from launch import REPO, WORKERS
+from launch import WORKERS, start_python
 
 pytestmark = pytest.mark.slow
 STEPS = 25
 
 
 def start(tiny_hf_dir, run_dir):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    command = [sys.executable, str(WORKERS / "rl_learning.py"), "--hf", str(tiny_hf_dir), "--run-dir", str(run_dir),
-               "--steps", str(STEPS), "--lr", "1e-2"]
-    return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_python(str(WORKERS / "rl_learning.py"), "--hf", str(tiny_hf_dir), "--run-dir", str(run_dir),
+                        "--steps", str(STEPS), "--lr", "1e-2")
 
 
 def test_learns_toy_task_and_resumes_after_sigkill(tiny_hf_dir, tmp_path):
@@ -37,10 +35,16 @@ def test_learns_toy_task_and_resumes_after_sigkill(tiny_hf_dir, tmp_path):
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000010"
+    with open(run_dir / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"step": 12, "time": 1.0, "reward/me')
+    (run_dir / "checkpoints" / "latest").write_text("step_0000099\n")
 
     second = start(tiny_hf_dir, run_dir)
     stdout, stderr = second.communicate(timeout=300)
     assert second.returncode == 0, stderr[-4000:]
+    logged = stdout + stderr  # (a library of the worker sends log records to stdout)
+    assert "metrics.jsonl ends with a torn line" in logged
+    assert "names 'step_0000099', which is not a complete checkpoint; using the newest complete one" in logged
     resumed_steps = [json.loads(line)["step"] for line in stdout.splitlines() if line.startswith("{")]
     assert resumed_steps == list(range(11, STEPS + 1)), "must resume right after the step-10 checkpoint"
 
