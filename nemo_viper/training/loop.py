@@ -158,9 +158,11 @@ def assemble_rollout(
     reward_metrics = {
         "format": sum(r.format for r in rewards) / len(rewards),
         "correctness": sum(r.correctness for r in rewards) / len(rewards),
+        "precision": sum(r.precision for r in rewards) / len(rewards),
         "recall": sum(r.recall for r in rewards) / len(rewards),
         "answer_sentences": sum(r.num_answer_sentences for r in rewards) / len(rewards),
     }
+    reward_metrics["precision_recall_gap"] = reward_metrics["precision"] - reward_metrics["recall"]
     return RolloutBatch(
         sequences=sequences,
         group_index=torch.tensor(groups),
