@@ -93,7 +93,7 @@ def _slurm_executor(config: ViperConfig, phase: Phase):
         container_image=cluster.container_image,
         container_mounts=container_mounts(config),
         env_vars={name: shlex.quote(value) for name, value in cluster.env.items()},  # pasted into `export K=V`
-        additional_parameters={"requeue": True},
+        additional_parameters={"requeue": True},  # NeMo-Run's sbatch command line has it too; shown here
         tunnel=run.LocalTunnel(job_dir=str(_job_dir(config) / "experiments")),  # = the experiment's own dir
         packager=packager,
         launcher="torchrun" if phase.distributed else None,

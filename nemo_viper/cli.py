@@ -74,6 +74,8 @@ TRAIN_FLAGS = {
     "--reward-model": "reward.embedding_model",
     "--reward-mode": "reward.mode",
     "--precision": "model.precision",
+    "--fp8-recipe": "model.fp8_recipe",
+    "--layer-spec": "model.layer_spec",
     "--tp": "parallel.tensor",
     "--pp": "parallel.pipeline",
 }

@@ -123,7 +123,6 @@ class ClusterSection:
     synthesis_gpus_per_task: int = 1
     synthesis_max_parallel: int = 0  # at most this many array tasks at once (sbatch --array=...%N); 0 = no limit
     export_gpus: int = 1
-    requeue: bool = True  # a preempted job is requeued and resumes (RL: from its last checkpoint)
     max_retries: int = 0  # requeue a job that failed this many times (NeMo-Run's TORCHX_MAX_RETRIES)
     exclusive_rl: bool = True  # RL jobs take whole nodes (sbatch --exclusive)
     min_free_disk_gb: float = 50.0  # preflight: free space the run dir needs
@@ -247,10 +246,11 @@ def _one_line(exc: OmegaConfBaseException) -> str:
 
 def synthesis_settings(config: ViperConfig) -> dict:
     """The synthesis keys every synth job reads from ``run_dir/config/synthesis.yaml``: the ``synthesis``
-    section without the keys the plan passes as flags (``images``, ``num_shards``), with the policy run at
-    the run's precision unless ``synthesis.vlm.precision`` says otherwise."""
+    section without the keys the plan passes as flags (``images``, ``num_shards``), with the policy built
+    as the run's ``model`` says (precision, FP8 recipe, layer spec) unless ``synthesis.vlm`` says otherwise."""
     settings = {k: copy.deepcopy(v) for k, v in config.synthesis.items() if k not in ("num_shards", "images")}
-    settings["vlm"] = {"precision": config.model.precision, **(settings.get("vlm") or {})}
+    policy = {key: getattr(config.model, key) for key in ("precision", "fp8_recipe", "layer_spec")}
+    settings["vlm"] = {**policy, **(settings.get("vlm") or {})}  # synthesis runs the policy like RL does
     return settings
 
 

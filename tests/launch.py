@@ -18,11 +18,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_ranks(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run --nproc-per-node nproc <args>``; fails the test on a non-zero exit."""
+def run_ranks(args: list[str], nproc: int = 1, timeout: int = 300, gpu: bool = False) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc-per-node nproc <args>``; fails the test on a non-zero exit.
+
+    Without ``gpu`` the ranks see no GPU (conftest hides it from every subprocess): the CPU suite runs the
+    same gloo / CPU-mode path on a GPU machine as in CI (and any number of ranks fits on one GPU)."""
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                f"--master-port={_free_port()}", *args]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    if gpu:
+        env["CUDA_VISIBLE_DEVICES"] = os.environ.get("NEMO_VIPER_TEST_GPUS", "")
     result = run_job(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
     return result
@@ -37,8 +42,8 @@ def start_python(*args: str, **popen_kwargs) -> subprocess.Popen:
     return start_job([sys.executable, *args], env=env, cwd=REPO, text=True, **popen_kwargs)
 
 
-def run_worker(name: str, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:
-    return run_ranks([str(WORKERS / name), *args], nproc=nproc)
+def run_worker(name: str, *args: str, nproc: int = 1, gpu: bool = False, timeout: int = 300):
+    return run_ranks([str(WORKERS / name), *args], nproc=nproc, gpu=gpu, timeout=timeout)
 
 
 def run_cli(*args: str, nproc: int = 1) -> subprocess.CompletedProcess:

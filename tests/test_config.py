@@ -40,6 +40,7 @@ def test_yaml_form_round_trips(tmp_path):
         (["synthesis.images=/no/such/images"], "synthesis.images='/no/such/images' does not exist"),
         (["model.hf_path=/no/such/model"], "model.hf_path: Hugging Face checkpoint directory not found: /no/such/model"),
         (["model.precision=fp4"], "model.precision='fp4' is not one of"),
+        (["model.layer_spec=te"], "model.layer_spec='te' is not one of"),
         (["synthesis.vlm.bogus=1"], "synthesis: vlm.bogus: Key 'bogus' not in 'VLMConfig'"),
         (["rl.prompts_per_step=3", "parallel.cpu_ranks=2"], "rl.prompts_per_step=3 is not divisible"),
         # The hostile-input probe of issue 16: each value fails validation, naming its key, before any work.

@@ -21,6 +21,8 @@ from nemo_viper.config import ViperConfig, compose, validate
 from nemo_viper.errors import ConfigError
 from recipes import recipe
 
+pytestmark = pytest.mark.slow  # real NeMo-Run submissions and executed scripts
+
 
 def hostile_values(trap):
     return [f"/tmp/x/my runs;touch {trap}/PWNED1;#",

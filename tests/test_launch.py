@@ -28,6 +28,25 @@ def test_plan_chains_the_loop():
     assert phases["export"].depends_on == ("round2.rl2",)
 
 
+def test_policy_building_settings_reach_rl_and_synthesis(tmp_path):
+    """model.precision / fp8_recipe / layer_spec reach the train job (as it reads its command line and the run
+    config) and the synthesis VLM config."""
+    from omegaconf import OmegaConf
+
+    from nemo_viper.cli import build_parser, train_config
+    from nemo_viper.orchestration import write_run_files
+    from nemo_viper.synthesis.config import VLMConfig
+
+    config = recipe("tiny", f"run_dir={tmp_path}", "model.layer_spec=local", "model.fp8_recipe=mxfp8")
+    paths = write_run_files(config)
+    args = {p.name: p for p in plan(config)}["round1.rl1"].args
+    model = train_config(build_parser().parse_args(list(args))).model
+    assert (model.layer_spec, model.fp8_recipe, model.precision) == ("local", "mxfp8", "fp32")
+    vlm = OmegaConf.load(paths.synthesis_config).vlm
+    assert (vlm.layer_spec, vlm.fp8_recipe, vlm.precision) == ("local", "mxfp8", "fp32")
+    assert VLMConfig(**vlm).layer_spec == "local"
+
+
 @pytest.fixture(autouse=True)
 def no_stdin(monkeypatch, tmp_path):
     """NeMo-Run's local tunnel (invoke) reads stdin; pytest's capture forbids that."""
@@ -49,7 +68,7 @@ def _task_commands(script: str) -> list[list[str]]:
 def test_slurm_dry_run(name, nodes, tensor, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(["launch", "--recipe", name, "--executor", "slurm", "--dry-run", f"run_dir={run_dir}",
-                 "synthesis.num_shards=3", "cluster.synthesis_max_parallel=2", *MODELS]) == 0
+                 "synthesis.num_shards=3", "cluster.synthesis_max_parallel=2", "cluster.max_retries=2", *MODELS]) == 0
     output = capsys.readouterr().out
     scripts = _scripts(output)
     assert sorted(scripts) == ["export", "round1-rl1", "round1-rl2", "round1-synth1", "round1-synth2"]
@@ -60,6 +79,7 @@ def test_slurm_dry_run(name, nodes, tensor, tmp_path, capsys):
         phase = task.replace("round1-", "round1.")
         assert "--container-image /lustre/containers/nemo_viper.sqsh" in text and "#SBATCH --account=my_account" in text
         assert f"#SBATCH --job-name={name}.{task}\n" in text and "#SBATCH --requeue" in text
+        assert "export TORCHX_MAX_RETRIES=2" in text  # requeued after a failure up to twice
         assert f"#SBATCH --output={run_dir}/logs/{phase}/sbatch_" in text
         job_mounts = re.search(r"--container-mounts (\S+)", text).group(1).split(",")
         assert {m.split(":")[0] for m in job_mounts} >= mounts

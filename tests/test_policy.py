@@ -99,3 +99,14 @@ def test_freeze_options_and_bf16(tiny_hf_dir, reference):
     assert report["freeze_language_model"] == {"vision_tower": True, "projector": True, "language_model": False}
     assert report["bf16_param_dtype"] == "torch.bfloat16"
     assert 0 < report["bf16_max_logprob_diff"] < 0.1, report
+
+
+def test_fp8_token_alignment_padding_changes_nothing(tiny_hf_dir, reference):
+    """Micro-batches padded to 128 (blockwise), 32 (mxfp8), 16 columns: same log-probs, same loss gradient."""
+    result = run_worker("token_alignment.py", "--hf", str(tiny_hf_dir), "--inputs", str(reference["path"]))
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    columns = report["columns"]
+    for recipe, multiple in (("blockwise", 128), ("mxfp8", 32), ("tensorwise", 16)):
+        assert report["forward_columns"][recipe] == [columns + (-columns % multiple)], report
+        assert report["logprob_diff"][recipe] < 1e-5, report
+        assert report["grad_diff"][recipe] < 1e-5, report

@@ -13,6 +13,8 @@ from test_launch import fake_dataset, record
 from nemo_viper.cli import main
 from recipes import recipe
 
+pytestmark = pytest.mark.slow  # real NeMo-Run submissions and executed scripts
+
 
 @pytest.fixture
 def slurm(tmp_path, monkeypatch):

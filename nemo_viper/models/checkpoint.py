@@ -39,6 +39,7 @@ import torch.distributed as dist
 from nemo_viper.errors import CheckpointError
 from nemo_viper.models.hf_checkpoint import read_qwen25_vl_config
 from nemo_viper.models.policy import MegatronPolicy, PolicyConfig, build_policy
+from nemo_viper.runtime import collectives
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,6 @@ def _copy_hf_assets(src: Path, dst: Path) -> None:
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 # Optimizer state saved fully reshardable: a training checkpoint resumes at another TP/PP/DP layout.
@@ -126,12 +122,12 @@ def save_policy(
         if optimizer is not None:
             (tmp / "optimizer").mkdir()
         _copy_hf_assets(Path(policy.config.hf_path), tmp / "hf")
-    _barrier()
+    collectives.barrier()
     dist_checkpointing.save(_model_state_dict(policy), str(tmp / "model"), async_sharded_save=False)
     if optimizer is not None:
         optimizer_state = _optimizer_state_dict(policy, optimizer, is_loading=False)
         dist_checkpointing.save(optimizer_state, str(tmp / "optimizer"), async_sharded_save=False)
-    _barrier()
+    collectives.barrier()
     if _rank() == 0:
         record = {
             "format": FORMAT,
@@ -139,6 +135,7 @@ def save_policy(
                 "tensor_parallel": policy.config.tensor_parallel,
                 "pipeline_parallel": policy.config.pipeline_parallel,
                 "precision": policy.config.precision,
+                "layer_spec": policy.layer_spec,
             },
             **(metadata or {}),
         }
@@ -149,7 +146,7 @@ def save_policy(
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
-    _barrier()
+    collectives.barrier()
     return out
 
 
@@ -161,9 +158,15 @@ def load_training_state(policy: MegatronPolicy, optimizer, ckpt_dir: str | Path)
     from megatron.core import dist_checkpointing
 
     ckpt = Path(ckpt_dir)
-    read_checkpoint_metadata(ckpt)
+    saved_spec = read_checkpoint_metadata(ckpt)["saved_with"].get("layer_spec", "local")
     if not (ckpt / "optimizer").is_dir() or not (ckpt / TRAINER_STATE_FILE).is_file():
         raise CheckpointError(f"{ckpt} is not a training checkpoint (no optimizer/ or {TRAINER_STATE_FILE})")
+    if saved_spec != policy.layer_spec:
+        raise CheckpointError(
+            f"{ckpt}: training state saved with layer_spec={saved_spec!r} cannot resume with {policy.layer_spec!r} "
+            f"(optimizer state is per spec): set layer_spec={saved_spec!r}, or start a new run from this checkpoint "
+            "(its weights load with either spec)"
+        )
     load_model_weights(policy, ckpt)
     optimizer_state = _optimizer_state_dict(policy, optimizer, is_loading=True)
     optimizer.load_state_dict(dist_checkpointing.load(optimizer_state, str(ckpt / "optimizer")))
@@ -288,13 +291,56 @@ def load_policy(ckpt_dir: str | Path, **policy_overrides) -> MegatronPolicy:
     return policy
 
 
+_EXTRA_STATE = "_extra_state"
+
+
+def match_checkpoint_keys(sharded_state_dict: dict, checkpoint_keys: set[str], ckpt_dir) -> set[str]:
+    """Make a model's sharded state dict loadable from a checkpoint saved with either layer spec.
+
+    Both specs save the same tensor keys (megatron-core's local spec maps its separate RMSNorm modules
+    onto the Transformer Engine names ``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight``,
+    and its linears save empty ``_extra_state`` objects under TE's keys); they differ in the
+    ``_extra_state`` of TE-only modules, e.g. ``self_attention.core_attention._extra_state`` (FP8 state of
+    TE's attention). Those a checkpoint lacks (saved with the local spec, e.g. imported on CPU) are
+    removed from ``sharded_state_dict`` and returned by state-dict name: TE starts them fresh, as for a
+    new model. Those a checkpoint has and the model does
+    not (saved with TE, loaded with the local spec) are simply not read. Any other absent key is a
+    one-line :class:`CheckpointError`. ``checkpoint_keys``: the checkpoint's tensor and object keys
+    (objects without their ``/shard_...`` suffix)."""
+    fresh, missing = set(), []
+    for name, entry in list(sharded_state_dict.items()):
+        if entry.key in checkpoint_keys:
+            continue
+        if entry.key.endswith(_EXTRA_STATE):
+            fresh.add(name)
+            del sharded_state_dict[name]
+        else:
+            missing.append(entry.key)
+    if missing:
+        raise CheckpointError(
+            f"{ckpt_dir}: the checkpoint has no {missing[0]!r} ({len(missing)} model keys missing): it was not "
+            "saved from this architecture; import the HF checkpoint again (nemo-viper convert import)"
+        )
+    return fresh
+
+
 def load_model_weights(policy: MegatronPolicy, ckpt_dir: str | Path) -> None:
-    """Load a policy checkpoint's weights into an already built policy (any layout). Collective."""
+    """Load a policy checkpoint's weights into an already built policy (any layout, either layer spec:
+    a checkpoint imported on CPU with the local spec loads into the Transformer Engine spec and back,
+    see :func:`match_checkpoint_keys`). Collective."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
     read_checkpoint_metadata(ckpt_dir)  # verified before anything is unpickled
     model = _bare_model(policy)
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(Path(ckpt_dir) / "model")))
+    directory = str(Path(ckpt_dir) / "model")
+    checkpoint_keys = {key.split("/shard_")[0] for key in load_sharded_metadata(directory)}
+    sharded = model.sharded_state_dict()
+    fresh = match_checkpoint_keys(sharded, checkpoint_keys, ckpt_dir)
+    result = model.load_state_dict(dist_checkpointing.load(sharded, directory), strict=not fresh)
+    if fresh and (set(result.missing_keys) - fresh or result.unexpected_keys):
+        raise CheckpointError(f"{ckpt_dir}: state-dict mismatch after loading: missing {result.missing_keys[:3]}, "
+                              f"unexpected {result.unexpected_keys[:3]}")
 
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path, **policy_overrides) -> Path:
@@ -355,7 +401,7 @@ def export_hf(policy: MegatronPolicy, out_dir: str | Path, max_shard_bytes: int 
     else:
         for _ in weights:  # every rank takes part in the gathers
             pass
-    _barrier()
+    collectives.barrier()
     return out
 
 

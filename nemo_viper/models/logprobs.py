@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from nemo_viper.runtime import collectives
+
 
 @dataclass
 class PolicyBatch:
@@ -81,6 +83,17 @@ class PolicyBatch:
         pixel_values, grid = self._gather(order, set_sizes)
         image_sets = torch.where(selected >= 0, renumber[selected.clamp(min=0)], -1)
         return PolicyBatch(input_ids, response_mask, pixel_values, grid, image_sets)
+
+    def pad_columns(self, multiple: int, pad_token_id: int = 0) -> PolicyBatch:
+        """This batch with its token dimension right-padded to a multiple of ``multiple`` (pad tokens, response
+        mask 0): Transformer Engine's FP8 GEMMs need aligned token counts. Under causal attention padding
+        after a row's tokens changes none of their outputs, and the mask keeps it out of log-probs and loss."""
+        missing = -self.input_ids.shape[1] % multiple
+        if missing == 0:
+            return self
+        ids = torch.nn.functional.pad(self.input_ids, (0, missing), value=pad_token_id)
+        mask = torch.nn.functional.pad(self.response_mask, (0, missing))
+        return PolicyBatch(ids, mask, self.pixel_values, self.image_grid_thw, self.image_sets)
 
     def split(self, micro_batch_size: int, vision_start_token_id: int) -> list[PolicyBatch]:
         """Consecutive micro-batches of ``micro_batch_size`` samples (the last may be smaller)."""
@@ -174,8 +187,10 @@ def run_forward(policy, batch: PolicyBatch, per_micro_batch, micro_batch_size: i
     """Run ``batch`` forward through the pipeline schedule in micro-batches.
 
     ``per_micro_batch(output, micro_batch)`` maps the model output of a micro-batch (on the last
-    pipeline stage: vocab-sharded logits [b, S, V/TP]) to a tensor with one row per sample. Returns
+    pipeline stage: vocab-sharded logits [b, S', V/TP]) to a tensor with one row per sample. Returns
     those tensors concatenated over the batch on the last pipeline stage, ``None`` on other stages.
+    Micro-batches are padded to ``policy.config.token_alignment`` columns (FP8), ``S' >= S``; a
+    per-sample output of more than one dimension is cut back to its first ``S`` columns of dim 1.
     """
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -188,7 +203,10 @@ def run_forward(policy, batch: PolicyBatch, per_micro_batch, micro_batch_size: i
     micro_batch_size = min(micro_batch_size, batch_size)
     vision_start_token_id = policy.provider.vision_start_token_id
     micro_batches = batch.split(micro_batch_size, vision_start_token_id)
-    micro_batches = [_pad_rows(mb, micro_batch_size, pad_token_id) for mb in micro_batches]
+    micro_batches = [
+        _pad_rows(mb, micro_batch_size, pad_token_id).pad_columns(policy.config.token_alignment, pad_token_id)
+        for mb in micro_batches
+    ]
 
     def forward_step(data_iterator, model):
         micro_batch = next(data_iterator)
@@ -200,14 +218,15 @@ def run_forward(policy, batch: PolicyBatch, per_micro_batch, micro_batch_size: i
         data_iterator=iter(micro_batches),
         model=chunks[0],
         num_microbatches=len(micro_batches),
-        seq_length=seq_length,
+        seq_length=micro_batches[0].input_ids.shape[1],
         micro_batch_size=micro_batch_size,
         forward_only=True,
         collect_non_loss_data=True,
     )
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
-    return torch.cat(outputs, dim=0)[:batch_size]
+    result = torch.cat(outputs, dim=0)[:batch_size]
+    return result[:, :seq_length] if result.dim() > 1 else result
 
 
 def compute_logprobs(
@@ -230,9 +249,8 @@ def compute_logprobs(
         if result is None:
             device = next(policy.chunks[0].parameters()).device
             result = torch.empty(batch.input_ids.shape, dtype=torch.float32, device=device)
-        result = result.float().contiguous()
-        torch.distributed.broadcast(
-            result,
+        result = collectives.broadcast(
+            result.float(),
             src=parallel_state.get_pipeline_model_parallel_last_rank(),
             group=parallel_state.get_pipeline_model_parallel_group(),
         )
@@ -251,10 +269,10 @@ def vocab_parallel_token_entropy(logits: Tensor, temperature: float = 1.0, tp_gr
     group = tp_group or parallel_state.get_tensor_model_parallel_group()
     z = logits[:, :-1].float() / temperature
     z_max = z.max(dim=-1).values
-    torch.distributed.all_reduce(z_max, op=torch.distributed.ReduceOp.MAX, group=group)
+    z_max = collectives.all_reduce(z_max, collectives.ReduceOp.MAX, group)
     shifted = z - z_max[..., None]
     exp = shifted.exp()
     sums = torch.stack([exp.sum(dim=-1), (exp * shifted).sum(dim=-1)])
-    torch.distributed.all_reduce(sums, group=group)
+    sums = collectives.all_reduce(sums, group=group)
     entropy = sums[0].log() - sums[1] / sums[0]
     return torch.cat([entropy.new_zeros(entropy.shape[0], 1), entropy], dim=1)

@@ -87,8 +87,25 @@ class PolicyConfig(PolicyOptions):
                               f"{self.pipeline_parallel} must be >= 1")
 
     @property
+    def token_alignment(self) -> int:
+        """Multiple the token count of every forward pass is padded to (1 unless FP8)."""
+        return FP8_TOKEN_ALIGNMENT[self.fp8_recipe] if self.precision == "fp8" else 1
+
+    @property
     def layout(self) -> ParallelLayout:
         return ParallelLayout(self.tensor_parallel, self.pipeline_parallel)
+
+
+# Token-count multiple the FP8 GEMMs of each recipe need (Transformer Engine): rows of the [tokens, hidden]
+# activations; micro-batches are padded to it (nemo_viper.models.logprobs.pad_to_multiple).
+FP8_TOKEN_ALIGNMENT = {"blockwise": 128, "mxfp8": 32, "tensorwise": 16, "delayed": 16}
+# Compute capabilities each FP8 recipe runs on (Transformer Engine 2.x).
+_FP8_ARCHITECTURES = {
+    "blockwise": ((9, 0), (9, 9), "Hopper (sm90)"),
+    "mxfp8": ((10, 0), (99, 9), "Blackwell (sm100+)"),
+    "tensorwise": ((8, 9), (99, 9), "Ada, Hopper or Blackwell (sm89+)"),
+    "delayed": ((8, 9), (99, 9), "Ada, Hopper or Blackwell (sm89+)"),
+}
 
 
 def transformer_engine_available() -> bool:
@@ -101,13 +118,94 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def resolve_layer_spec(requested: str, cuda_available: bool, te_available: bool) -> str:
+@dataclass(frozen=True)
+class Accelerator:
+    """What this process can run the policy on: a CUDA device, Transformer Engine, the GPU's compute capability."""
+
+    cuda: bool
+    transformer_engine: bool
+    compute_capability: tuple[int, int] | None = None
+    name: str = "CPU"
+
+    @classmethod
+    def detect(cls) -> Accelerator:
+        if not torch.cuda.is_available():
+            return cls(cuda=False, transformer_engine=transformer_engine_available())
+        return cls(
+            cuda=True,
+            transformer_engine=transformer_engine_available(),
+            compute_capability=tuple(torch.cuda.get_device_capability()),
+            name=torch.cuda.get_device_name(),
+        )
+
+
+def resolve_layer_spec(requested: str, accelerator: Accelerator) -> str:
     """``auto`` picks Transformer Engine on a GPU that has it, the local (pure PyTorch) spec otherwise."""
+    has_te = accelerator.cuda and accelerator.transformer_engine
     if requested == "auto":
-        return "transformer_engine" if cuda_available and te_available else "local"
-    if requested == "transformer_engine" and not (cuda_available and te_available):
+        return "transformer_engine" if has_te else "local"
+    if requested == "transformer_engine" and not has_te:
         raise ConfigError("layer_spec='transformer_engine' needs a CUDA GPU with Transformer Engine installed")
     return requested
+
+
+def check_precision(precision: str, fp8_recipe: str, layer_spec: str, accelerator: Accelerator) -> str:
+    """Validate precision x FP8 recipe x GPU architecture x layer spec before any work; returns the resolved
+    layer spec. Each failure is a one-line :class:`ConfigError` naming the keys and what to change."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r} is not one of {PRECISIONS}")
+    if fp8_recipe not in FP8_RECIPES:
+        raise ConfigError(f"fp8_recipe={fp8_recipe!r} is not one of {tuple(FP8_RECIPES)}")
+    if layer_spec not in LAYER_SPECS:
+        raise ConfigError(f"layer_spec={layer_spec!r} is not one of {LAYER_SPECS}")
+    resolved = resolve_layer_spec(layer_spec, accelerator)
+    capability = accelerator.compute_capability
+    if precision == "bf16" and accelerator.cuda and capability is not None and capability < (8, 0):
+        raise ConfigError(f"precision='bf16' needs an Ampere or newer GPU (sm80+); {accelerator.name} is "
+                          f"sm{capability[0]}{capability[1]}: use precision='fp32'")
+    if precision != "fp8":
+        return resolved
+    if not accelerator.cuda:
+        raise ConfigError("precision='fp8' needs a CUDA GPU with Transformer Engine; use fp32 or bf16 on CPU")
+    if resolved != "transformer_engine":
+        raise ConfigError(f"precision='fp8' needs layer_spec='transformer_engine' (or 'auto' with Transformer "
+                          f"Engine installed), got layer_spec={layer_spec!r} -> {resolved!r}")
+    low, high, needs = _FP8_ARCHITECTURES[fp8_recipe]
+    if capability is None or not low <= capability <= high:
+        arch = "an unknown GPU" if capability is None else f"sm{capability[0]}{capability[1]} ({accelerator.name})"
+        fits = [r for r, (lo, hi, _) in _FP8_ARCHITECTURES.items() if capability and lo <= capability <= hi]
+        raise ConfigError(f"fp8_recipe={fp8_recipe!r} needs {needs}, this is {arch}: use fp8_recipe in {fits} "
+                          "or precision='bf16'")
+    return resolved
+
+
+def mixed_precision_preset(config: PolicyConfig):
+    """Megatron-Bridge's finalized mixed-precision preset for ``config`` (``None`` for fp32)."""
+    if config.precision == "fp32":
+        return None
+    from megatron.bridge.training.mixed_precision import get_mixed_precision_config
+
+    preset = get_mixed_precision_config(FP8_RECIPES[config.fp8_recipe] if config.precision == "fp8" else "bf16_mixed")
+    preset.finalize()
+    return preset
+
+
+def apply_precision(config: PolicyConfig, model_config=None, ddp_config=None, optimizer_config=None) -> None:
+    """Apply ``config.precision`` to the model provider, the DDP config and the optimizer config, as
+    Megatron-Bridge's own training setup does (e.g. ``fp8_param_gather`` for mxfp8/tensorwise/delayed,
+    ``grad_reduce_in_fp32``, bf16 ``params_dtype``); fp32 keeps every parameter and gradient in float32."""
+    preset = mixed_precision_preset(config)
+    if preset is None:
+        for target in (model_config, optimizer_config):
+            if target is not None:
+                target.bf16 = target.fp16 = False
+                target.params_dtype = torch.float32
+        if model_config is not None:
+            model_config.pipeline_dtype = torch.float32
+        return
+    preset.setup(model_config, optimizer_config=optimizer_config, ddp_config=ddp_config)
+    if model_config is not None:
+        model_config.pipeline_dtype = preset.pipeline_dtype or torch.bfloat16
 
 
 @dataclass
@@ -119,10 +217,21 @@ class MegatronPolicy:
     provider: object  # Qwen25VLModelProvider
     chunks: list  # [Qwen25VLModel] (one per virtual pipeline stage)
     hf_config: dict
+    layer_spec: str  # the resolved spec: transformer_engine | local
 
 
-def _configure_provider(provider, config: PolicyConfig, hf_config: dict, layer_spec: str) -> None:
-    from megatron.bridge.models.gpt_provider import local_layer_spec
+def configure_provider(provider, config: PolicyConfig, hf_config: dict, layer_spec: str, cuda: bool) -> None:
+    """Apply ``config`` (layout, freezing, resolved ``layer_spec``, precision) to Bridge's provider, as for a
+    machine with (``cuda=True``) or without a GPU.
+
+    Attention masks: the project never hands the model an explicit attention mask. Training batches are
+    right-padded (padding only ever follows a row's real tokens, which causal attention never lets
+    them see) and generation has no padding at all (:mod:`nemo_viper.rollout.megatron_model`), so every
+    attention kernel (TE flash/fused attention, megatron's fused causal softmax) computes the exact
+    result. On the local spec the fused masked softmax is still switched off, so that a mask, should one
+    ever be passed, cannot be ignored by its causal kernel (which never reads the mask).
+    """
+    from megatron.bridge.models.gpt_provider import local_layer_spec, transformer_engine_layer_spec
 
     provider.tensor_model_parallel_size = config.tensor_parallel
     provider.pipeline_model_parallel_size = config.pipeline_parallel
@@ -130,26 +239,13 @@ def _configure_provider(provider, config: PolicyConfig, hf_config: dict, layer_s
     provider.freeze_vision_model = config.freeze_vision_tower
     provider.freeze_vision_projection = config.freeze_projector
     provider.freeze_language_model = config.freeze_language_model
+    provider.transformer_layer_spec = local_layer_spec if layer_spec == "local" else transformer_engine_layer_spec
     if layer_spec == "local":
-        provider.transformer_layer_spec = local_layer_spec
-    if not torch.cuda.is_available():
+        provider.masked_softmax_fusion = False
+    if not cuda:
         for flag in _CPU_UNFUSED:
             setattr(provider, flag, False)
-
-    if config.precision == "fp32":
-        provider.bf16 = provider.fp16 = False
-        provider.params_dtype = torch.float32
-        provider.pipeline_dtype = torch.float32
-    else:
-        if config.precision == "fp8" and layer_spec != "transformer_engine":
-            raise ConfigError("precision='fp8' needs the Transformer Engine layer spec (a CUDA GPU with TE)")
-        from megatron.bridge.training.mixed_precision import get_mixed_precision_config
-
-        preset = FP8_RECIPES[config.fp8_recipe] if config.precision == "fp8" else "bf16_mixed"
-        mixed = get_mixed_precision_config(preset)
-        mixed.finalize()
-        mixed.setup(provider)
-        provider.pipeline_dtype = torch.bfloat16
+    apply_precision(config, model_config=provider)
 
 
 def build_policy(config: PolicyConfig, load_weights: bool = True, wrap_with_ddp: bool = False, ddp_config=None):
@@ -163,9 +259,8 @@ def build_policy(config: PolicyConfig, load_weights: bool = True, wrap_with_ddp:
     """
     hf_config = read_qwen25_vl_config(config.hf_path)
     check_parallel_layout(hf_config, config.tensor_parallel, config.pipeline_parallel)
-    layer_spec = resolve_layer_spec(config.layer_spec, torch.cuda.is_available(), transformer_engine_available())
-    if config.precision == "fp8" and not torch.cuda.is_available():
-        raise ConfigError("precision='fp8' needs a CUDA GPU with Transformer Engine; use fp32 or bf16 on CPU")
+    accelerator = Accelerator.detect()
+    layer_spec = check_precision(config.precision, config.fp8_recipe, config.layer_spec, accelerator)
     init_model_parallel(config.layout, config.seed)
 
     from megatron.bridge import AutoBridge
@@ -177,13 +272,15 @@ def build_policy(config: PolicyConfig, load_weights: bool = True, wrap_with_ddp:
     else:
         bridge = AutoBridge.from_hf_config(AutoConfig.from_pretrained(path))
     provider = bridge.to_megatron_provider(load_weights=load_weights)
-    _configure_provider(provider, config, hf_config, layer_spec)
+    configure_provider(provider, config, hf_config, layer_spec, accelerator.cuda)
+    if ddp_config is not None:
+        apply_precision(config, ddp_config=ddp_config)
     provider.calculate_per_token_loss = wrap_with_ddp
     provider.finalize()
     chunks = provider.provide_distributed_model(
         wrap_with_ddp=wrap_with_ddp,
         ddp_config=ddp_config,
-        use_cpu_initialization=not torch.cuda.is_available(),
+        use_cpu_initialization=not accelerator.cuda,
     )
     log.info(
         "policy built: TP=%d PP=%d precision=%s layer_spec=%s",
@@ -192,4 +289,5 @@ def build_policy(config: PolicyConfig, load_weights: bool = True, wrap_with_ddp:
         config.precision,
         layer_spec,
     )
-    return MegatronPolicy(config=config, bridge=bridge, provider=provider, chunks=chunks, hf_config=hf_config)
+    return MegatronPolicy(config=config, bridge=bridge, provider=provider, chunks=chunks, hf_config=hf_config,
+                          layer_spec=layer_spec)

@@ -1,23 +1,32 @@
 """The default generation backend: batched, KV-cached sampling on the Megatron policy itself.
 
-How a call to :meth:`MegatronGenerationBackend.generate` runs (per batch of at most
-``max_batch_size`` samples; a request's samples may be split over batches):
+How a call to :meth:`MegatronGenerationBackend.generate` runs (requests sorted by prompt length, then
+packed into batches of at most ``max_batch_size`` samples; a request's samples may be split over batches):
 
-1. **Prefill once per prompt.** Prompts are left-padded; each prompt's images go through the vision
-   tower once and the prompt's prefill fills a megatron-core ``StaticInferenceContext`` (the KV cache)
-   once. Its cache rows, logits and positions are then repeated for the prompt's ``n`` samples.
-2. **Decode.** One token per step for every unfinished sample: the new token's embedding runs through
-   the decoder against the cache. M-RoPE positions of generated tokens continue from the prompt's
-   largest position + 1, equal on the three axes (transformers' ``rope_deltas`` rule).
-3. **Sample** with :func:`nemo_viper.rollout.sampling.sample_tokens` (vocab-parallel, seeded per sample).
+1. **Prefill once per prompt.** Prompts are right-padded; each prompt's images go through the vision
+   tower once, and the columns all prompts of the batch have (the shortest prompt's length) fill a
+   megatron-core ``StaticInferenceContext`` (the KV cache) once per prompt. Its cache rows, logits and
+   positions are then repeated for the prompt's ``n`` samples.
+2. **Step.** One column per step for every unfinished sample: a row whose prompt is longer is fed its
+   next prompt token (with its image features and M-RoPE position), the others their last sampled
+   token, against the cache. No row ever has a padding column, so attention needs no mask and is exact
+   on every layer spec (local or Transformer Engine; see :mod:`nemo_viper.rollout.megatron_model`).
+   M-RoPE positions of generated tokens continue from the prompt's largest position + 1, equal on the
+   three axes (transformers' ``rope_deltas`` rule). The cost of a batch's prompt-length spread is one
+   extra single-token step per column; sorting by length keeps it small.
+3. **Sample** with :func:`nemo_viper.rollout.sampling.sample_tokens` (vocab-parallel, seeded per sample
+   and generation step, so a sample does not depend on its batch).
 4. **Stop** a sample at an EOS token, a stop string, ``max_new_tokens`` or the end of the context;
    finished samples leave the batch (their cache rows are dropped), so long samples do not pay for
    short ones.
 
+Precision: bf16 or fp32 as the policy; an FP8-trained policy generates with bf16 GEMMs
+(:func:`~nemo_viper.rollout.megatron_model.without_fp8`).
+
 Tensor parallelism: every rank of the TP group calls ``generate`` with the same requests and returns
 the same responses (logits stay vocab-sharded, see :mod:`nemo_viper.rollout.sampling`). Data-parallel
-ranks generate independently. Pipeline parallelism, sequence parallelism and Transformer Engine
-attention are not supported (``ConfigError`` at construction).
+ranks generate independently. Pipeline and sequence parallelism are not supported (``ConfigError`` at
+construction).
 
 ``use_kv_cache=False`` re-runs the decoder over the whole sequence at every step (the prompt's image
 features are still computed once): a reference for tests and benchmarks, not for production.
@@ -27,7 +36,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -40,8 +49,9 @@ from nemo_viper.rollout.megatron_model import (
     encode_prompts,
     generation_model,
     last_logits,
-    left_pad,
+    right_pad,
     select_cache_rows,
+    without_fp8,
 )
 from nemo_viper.rollout.sampling import SamplingControls, VocabShard, sample_tokens
 from nemo_viper.rollout.stopping import SampleLog
@@ -169,12 +179,16 @@ class MegatronGenerationBackend:
         responses: list[list[GenerationResponse | None]] = [[None] * r.n for r in requests]
         was_training = self._model.training
         self._model.eval()
+        # Batches of similar prompt lengths: a batch advances one column per step from its shortest prompt.
+        order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt_ids))
         try:
-            for pieces in plan_batches([r.n for r in requests], self.config.max_batch_size):
-                generated = iter(self._generate_batch(requests, pieces, seeds))
-                for piece in pieces:
-                    for sample in range(piece.first, piece.first + piece.count):
-                        responses[piece.request][sample] = next(generated)
+            with without_fp8(self._model):
+                for planned in plan_batches([requests[i].n for i in order], self.config.max_batch_size):
+                    pieces = [replace(piece, request=order[piece.request]) for piece in planned]
+                    generated = iter(self._generate_batch(requests, pieces, seeds))
+                    for piece in pieces:
+                        for sample in range(piece.first, piece.first + piece.count):
+                            responses[piece.request][sample] = next(generated)
         finally:
             self._model.train(was_training)
         return responses
@@ -220,10 +234,9 @@ class MegatronGenerationBackend:
 
         device, model, language_model = self._device, self._model, self._model.language_model
         row_prompt, params, controls, max_new = self._rows(requests, pieces, seeds)
-        steps = int(max_new.max())
         prompts = [requests[p.request] for p in pieces]
         with_images = [r for r in prompts if r.pixel_values is not None]
-        ids, prompt_padding = left_pad([r.prompt_ids for r in prompts], self._pad_token_id)
+        ids, prompt_padding = right_pad([r.prompt_ids for r in prompts], self._pad_token_id)
         encoded = encode_prompts(
             model,
             ids,
@@ -231,52 +244,65 @@ class MegatronGenerationBackend:
             torch.cat([r.pixel_values for r in with_images]) if with_images else None,
             torch.cat([r.image_grid_thw for r in with_images]) if with_images else None,
         )
+        ids = ids.to(device)
 
-        # Positions and padding of every column a sample will have: its prompt's, then generated tokens'.
-        prompt_columns = ids.shape[1]
-        generated_positions = encoded.next_position[:, None] + torch.arange(steps, device=device)
-        positions = torch.cat([encoded.positions, generated_positions[None].expand(3, -1, -1)], dim=2)[:, row_prompt]
-        padding = torch.cat([encoded.padding, encoded.padding.new_zeros(len(pieces), steps)], dim=1)[row_prompt]
+        # Column c of a row: its prompt's token c while c < its prompt length L, else generated token c - L.
+        row_length = encoded.lengths[row_prompt]
+        columns = int((row_length.cpu() + max_new).max())
+        column = torch.arange(columns, device=device)
+        prompt_positions = torch.nn.functional.pad(encoded.positions, (0, columns - ids.shape[1]))[:, row_prompt]
+        generated_positions = encoded.next_position[row_prompt, None] + column - row_length[:, None]
+        positions = torch.where(column < row_length[:, None], prompt_positions, generated_positions[None])
+        prompt_ids = torch.nn.functional.pad(ids, (0, columns - ids.shape[1]))[row_prompt]
 
-        # Prefill each prompt once, then repeat its cache rows (or embeddings) for its samples.
+        # Prefill the columns every prompt has, once per prompt; repeat its cache rows for its samples.
+        first = int(encoded.lengths.min())
+        prefix = encoded.embeddings[:first]
         if self.config.use_kv_cache:
-            context = StaticInferenceContext(len(pieces), prompt_columns + steps)
-            logits = last_logits(language_model, encoded.embeddings, encoded.positions, encoded.padding, context)
-            context.increment_sequence_len_offset(prompt_columns)
+            context = StaticInferenceContext(len(pieces), columns)
+            logits = last_logits(language_model, prefix, encoded.positions[..., :first], context)
+            context.increment_sequence_len_offset(first)
             select_cache_rows(context, row_prompt)
             history = None
         else:
             context = None
-            logits = last_logits(language_model, encoded.embeddings, encoded.positions, encoded.padding)
-            history = encoded.embeddings[:, row_prompt]
+            logits = last_logits(language_model, prefix, encoded.positions[..., :first])
+            history = prefix[:, row_prompt]
         logits = logits[row_prompt]
 
         log = SampleLog(params, max_new, self._eos_token_ids, self.tokenizer)
-        active = torch.arange(len(params))
-        for step in range(steps):
-            tokens, logprobs = sample_tokens(
-                logits, controls, step, self._shard, self._suppressed, self.config.top_p_candidates
-            )
-            finished = log.record(step, active, tokens, logprobs)
-            if bool(finished.all()):
-                break
-            if bool(finished.any()):  # drop finished samples from the batch and the cache
-                kept = (~finished).nonzero()[:, 0]
-                kept_device = kept.to(device)
-                active, tokens = active[kept], tokens[kept_device]
-                controls = controls.select(kept_device)
-                positions, padding = positions[:, kept_device], padding[kept_device]
-                if context is not None:
-                    select_cache_rows(context, kept_device)
-                else:
-                    history = history[:, kept_device]
+        active = torch.arange(len(params))  # rows still in the batch (SampleLog row ids)
+        for at in range(first, columns):  # ``logits`` predict column ``at`` of the active rows
+            generating = row_length <= at
+            tokens = prompt_ids[:, at].clone()  # the rest of a longer prompt is fed, not sampled
+            if bool(generating.any()):
+                rows = generating.nonzero()[:, 0]
+                sampled, logprobs = sample_tokens(
+                    logits[rows], controls.select(rows), at - row_length[rows], self._shard, self._suppressed,
+                    self.config.top_p_candidates,
+                )
+                tokens[rows] = sampled
+                finished = torch.zeros_like(generating)
+                finished[rows] = log.record(at - row_length[rows], active[rows.cpu()], sampled, logprobs).to(device)
+                if bool(finished.all()):
+                    break
+                if bool(finished.any()):  # drop finished samples from the batch and the cache
+                    kept = (~finished).nonzero()[:, 0]
+                    active, tokens, generating = active[kept.cpu()], tokens[kept], generating[kept]
+                    controls, row_length, row_prompt = controls.select(kept), row_length[kept], row_prompt[kept]
+                    positions, prompt_ids = positions[:, kept], prompt_ids[kept]
+                    if context is not None:
+                        select_cache_rows(context, kept)
+                    else:
+                        history = history[:, kept]
 
-            columns = prompt_columns + step + 1
             embedded = language_model.embedding(input_ids=tokens[:, None], position_ids=None)  # [1, B, H]
+            from_prompt = encoded.embeddings[min(at, ids.shape[1] - 1), row_prompt][None]  # image features too
+            embedded = torch.where(generating[None, :, None], embedded, from_prompt)
             if context is not None:
-                logits = last_logits(language_model, embedded, positions[..., :columns], padding[:, :columns], context)
+                logits = last_logits(language_model, embedded, positions[..., : at + 1], context)
                 context.increment_sequence_len_offset(1)
             else:
                 history = torch.cat([history, embedded])
-                logits = last_logits(language_model, history, positions[..., :columns], padding[:, :columns])
+                logits = last_logits(language_model, history, positions[..., : at + 1])
         return log.responses()

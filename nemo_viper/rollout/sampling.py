@@ -30,10 +30,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from nemo_viper.rollout.interface import SamplingParams
+from nemo_viper.runtime import collectives
+from nemo_viper.runtime.collectives import ReduceOp
 
 _MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B1
@@ -50,7 +51,7 @@ class VocabShard:
 
     @property
     def world_size(self) -> int:
-        return 1 if self.group is None else dist.get_world_size(self.group)
+        return 1 if self.group is None else collectives.world_size(self.group)
 
 
 @dataclass
@@ -136,15 +137,11 @@ def _all_gather(tensor: Tensor, shard: VocabShard) -> Tensor:
     """[W, *shape]: every rank's ``tensor``, in rank (= vocabulary) order."""
     if shard.world_size == 1:
         return tensor[None]
-    parts = [torch.empty_like(tensor) for _ in range(shard.world_size)]
-    dist.all_gather(parts, tensor.contiguous(), group=shard.group)
-    return torch.stack(parts)
+    return collectives.all_gather(tensor, shard.group)
 
 
 def _all_reduce(tensor: Tensor, op, shard: VocabShard) -> Tensor:
-    if shard.world_size > 1:
-        dist.all_reduce(tensor, op=op, group=shard.group)
-    return tensor
+    return tensor if shard.world_size == 1 else collectives.all_reduce(tensor, op, shard.group)
 
 
 def _parallel_argmax(scores: Tensor, shard: VocabShard) -> Tensor:
@@ -158,7 +155,7 @@ def _parallel_argmax(scores: Tensor, shard: VocabShard) -> Tensor:
 def _parallel_sample(log_weights: Tensor, uniform: Tensor, shard: VocabShard) -> Tensor:
     """Global token id drawn with probability proportional to ``exp(log_weights)`` (sharded [B, V/TP], -inf
     allowed) at quantile ``uniform`` [B] of the CDF in global vocabulary order."""
-    top = _all_reduce(log_weights.max(dim=-1).values, dist.ReduceOp.MAX, shard)
+    top = _all_reduce(log_weights.max(dim=-1).values, ReduceOp.MAX, shard)
     cdf = torch.exp(log_weights - top[:, None]).double().cumsum(dim=-1)
     masses = _all_gather(cdf[:, -1].contiguous(), shard)  # [W, B], rank = vocabulary order
     ends = masses.cumsum(dim=0)
@@ -167,23 +164,23 @@ def _parallel_sample(log_weights: Tensor, uniform: Tensor, shard: VocabShard) ->
     owner = torch.minimum((ends <= target).sum(dim=0), last_nonempty)
     local = _inverse_cdf(cdf, target - (ends - masses).gather(0, owner[None])[0])
     rank = shard.start // shard.size
-    return _all_reduce(torch.where(owner == rank, local + shard.start, 0), dist.ReduceOp.SUM, shard)
+    return _all_reduce(torch.where(owner == rank, local + shard.start, 0), ReduceOp.SUM, shard)
 
 
 def _parallel_logsumexp(scores: Tensor, shard: VocabShard) -> Tensor:
-    top = _all_reduce(scores.max(dim=-1).values, dist.ReduceOp.MAX, shard)
-    total = _all_reduce(torch.exp(scores - top[:, None]).sum(dim=-1), dist.ReduceOp.SUM, shard)
+    top = _all_reduce(scores.max(dim=-1).values, ReduceOp.MAX, shard)
+    total = _all_reduce(torch.exp(scores - top[:, None]).sum(dim=-1), ReduceOp.SUM, shard)
     return top + torch.log(total)
 
 
 def token_logprobs(scaled: Tensor, tokens: Tensor, shard: VocabShard) -> Tensor:
     """``log softmax(scaled)[tokens]`` [B] from sharded ``scaled`` logits [B, V/TP] (two all-reduces)."""
-    top = _all_reduce(scaled.max(dim=-1).values, dist.ReduceOp.MAX, shard)
+    top = _all_reduce(scaled.max(dim=-1).values, ReduceOp.MAX, shard)
     local = tokens - shard.start
     owned = (local >= 0) & (local < shard.size)
     chosen = scaled.gather(-1, local.clamp(0, shard.size - 1)[:, None])[:, 0] - top
     sums = torch.stack([torch.exp(scaled - top[:, None]).sum(dim=-1), torch.where(owned, chosen, 0.0)])
-    total, chosen = _all_reduce(sums, dist.ReduceOp.SUM, shard)
+    total, chosen = _all_reduce(sums, ReduceOp.SUM, shard)
     return chosen - torch.log(total)
 
 
@@ -221,12 +218,13 @@ def _truncated_draw(
 def sample_tokens(
     logits: Tensor,
     controls: SamplingControls,
-    step: int,
+    step: int | Tensor,
     shard: VocabShard,
     suppressed: Tensor,
     top_p_candidates: int = 64,
 ) -> tuple[Tensor, Tensor]:
-    """Draw one token per row from vocab-sharded ``logits`` [B, V/TP] at decoding ``step``.
+    """Draw one token per row from vocab-sharded ``logits`` [B, V/TP] at decoding ``step`` (one for all rows,
+    or [B] long: each row's own step).
 
     ``suppressed`` [V/TP] (bool) marks this rank's tokens that rows with ``controls.suppress`` never
     draw. Returns ``(tokens [B] long, logprobs [B] float32)``, identical on every rank of the TP group
@@ -236,7 +234,8 @@ def sample_tokens(
     scaled = logits / controls.temperature[:, None]
     ranking = torch.where(controls.greedy[:, None], logits, scaled)
     ranking = ranking.masked_fill(controls.suppress[:, None] & suppressed[None], float("-inf"))
-    uniform = controls.uniform[:, step]
+    steps = torch.as_tensor(step, device=controls.uniform.device).long().expand(len(logits))
+    uniform = controls.uniform.gather(1, steps[:, None])[:, 0]
 
     # Every rank takes the same branches: they depend on the controls only.
     truncating = ~controls.greedy & ((controls.top_k > 0) | (controls.top_p < 1))

@@ -59,20 +59,22 @@ class SampleLog:
         self.has_stop_strings = torch.tensor([bool(p.stop_strings) for p in params])
         self.window = stop_window([s for p in params for s in p.stop_strings])
 
-    def record(self, step: int, rows: Tensor, tokens: Tensor, logprobs: Tensor) -> Tensor:
-        """Store step ``step``'s ``tokens`` / ``logprobs`` of ``rows`` (CPU long); returns which of them stop."""
-        self.tokens[rows, step], self.logprobs[rows, step] = tokens.cpu(), logprobs.cpu()
+    def record(self, step: int | Tensor, rows: Tensor, tokens: Tensor, logprobs: Tensor) -> Tensor:
+        """Store the ``tokens`` / ``logprobs`` of ``rows`` (CPU long) at generation step ``step`` (one for all
+        rows, or one per row); returns which of them stop."""
+        steps = torch.as_tensor(step).cpu().long().expand(len(rows))
+        self.tokens[rows, steps], self.logprobs[rows, steps] = tokens.cpu(), logprobs.cpu()
         code = torch.where(torch.isin(tokens, self.eos_token_ids).cpu(), EOS, RUNNING)
-        code = torch.where((code == RUNNING) & (step + 1 >= self.max_new_tokens[rows]), LENGTH, code)
+        code = torch.where((code == RUNNING) & (steps + 1 >= self.max_new_tokens[rows]), LENGTH, code)
         check = (self.has_stop_strings[rows] & (code != EOS)).nonzero()[:, 0]
         if len(check):
-            checked_rows = rows[check].tolist()
-            tails = [self.tokens[row, max(0, step + 1 - self.window) : step + 1].tolist() for row in checked_rows]
-            hits = find_stop_strings(self.tokenizer, tails, [self.params[row].stop_strings for row in checked_rows])
+            checked = list(zip(rows[check].tolist(), steps[check].tolist()))
+            tails = [self.tokens[row, max(0, at + 1 - self.window) : at + 1].tolist() for row, at in checked]
+            hits = find_stop_strings(self.tokenizer, tails, [self.params[row].stop_strings for row, _ in checked])
             code[check[torch.tensor(hits, dtype=torch.bool)]] = STOP
         finished = code != RUNNING
         self.reasons[rows[finished]] = code[finished]
-        self.lengths[rows[finished]] = step + 1
+        self.lengths[rows[finished]] = steps[finished] + 1
         return finished
 
     def responses(self) -> list[GenerationResponse]:

@@ -77,7 +77,9 @@ class VLMConfig:
     """
 
     policy: str = ""
-    precision: str = "bf16"
+    precision: str = "bf16"  # fp32 | bf16 | fp8 (generation itself runs bf16 GEMMs, see rollout.megatron_model)
+    fp8_recipe: str = "blockwise"
+    layer_spec: str = "auto"  # auto | transformer_engine | local
     tensor_parallel: int = 1
     max_batch_size: int = 64
     max_pixels: int | None = 1280 * 28 * 28

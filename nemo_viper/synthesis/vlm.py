@@ -73,11 +73,14 @@ class VLM:
 def check_policy(config: VLMConfig) -> tuple[Path, Path | None]:
     """``(hf_dir, policy checkpoint or None)`` of ``config.policy``, validated without building anything: a
     one-line :class:`~nemo_viper.errors.CheckpointError` for a missing or wrong directory, a
-    :class:`~nemo_viper.errors.ConfigError` for a tensor-parallel size the model does not divide."""
+    :class:`~nemo_viper.errors.ConfigError` for a tensor-parallel size the model does not divide or a
+    precision / FP8 recipe / layer spec this machine cannot run."""
     from nemo_viper.models.checkpoint import read_checkpoint_metadata
     from nemo_viper.models.hf_checkpoint import check_parallel_layout, read_qwen25_vl_config
+    from nemo_viper.models.policy import Accelerator, check_precision
     from nemo_viper.training.stage import policy_paths
 
+    check_precision(config.precision, config.fp8_recipe, config.layer_spec, Accelerator.detect())
     hf_dir, checkpoint = policy_paths(config.policy)
     if checkpoint is not None:
         read_checkpoint_metadata(checkpoint)
@@ -94,7 +97,8 @@ def load_megatron_vlm(config: VLMConfig, seed: int) -> VLM:
     from nemo_viper.rollout.megatron_backend import MegatronGenerationBackend, MegatronGenerationConfig
 
     hf_dir, checkpoint = check_policy(config)
-    layout = dict(tensor_parallel=config.tensor_parallel, precision=config.precision)
+    layout = dict(tensor_parallel=config.tensor_parallel, precision=config.precision, fp8_recipe=config.fp8_recipe,
+                  layer_spec=config.layer_spec)
     if checkpoint is not None:
         policy = load_policy(checkpoint, **layout)
     else:

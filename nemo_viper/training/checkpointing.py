@@ -17,6 +17,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from nemo_viper.models.checkpoint import LATEST_POINTER, latest_checkpoint, load_training_state, save_policy
+from nemo_viper.runtime import collectives
 
 
 class CheckpointManager:
@@ -47,8 +48,7 @@ class CheckpointManager:
             tmp.write_text(path.name + "\n")
             os.replace(tmp, self.root / LATEST_POINTER)
             self._prune(keep=path.name)
-        if dist.is_initialized():
-            dist.barrier()
+        collectives.barrier()
         return path
 
     def restore(self, trainer) -> dict | None:

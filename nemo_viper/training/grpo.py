@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass, field, replace
 
 import torch
-import torch.distributed as dist
 
 from nemo_viper.algorithms import (
     AdvantageConfig,
@@ -44,8 +43,10 @@ from nemo_viper.models.logprobs import (
     vocab_parallel_token_entropy,
     vocab_parallel_token_logprobs,
 )
-from nemo_viper.models.policy import MegatronPolicy
+from nemo_viper.models.policy import MegatronPolicy, apply_precision
 from nemo_viper.rollout.interface import SamplingParams
+from nemo_viper.runtime import collectives
+from nemo_viper.runtime.collectives import ReduceOp
 from nemo_viper.training.rollout_batch import RolloutBatch
 
 
@@ -179,23 +180,19 @@ class GRPOTrainer:
             raise ValueError("the policy must be built with calculate_per_token_loss=True (build_policy does this)")
         model_config.finalize_model_grads_func = finalize_model_grads
         opt = config.optimizer
-        bf16 = bool(model_config.bf16)
-        self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(
-                optimizer="adam",
-                lr=opt.lr,
-                min_lr=opt.lr,
-                weight_decay=opt.weight_decay,
-                adam_beta1=opt.adam_beta1,
-                adam_beta2=opt.adam_beta2,
-                adam_eps=opt.adam_eps,
-                clip_grad=opt.clip_grad,
-                bf16=bf16,
-                params_dtype=torch.bfloat16 if bf16 else torch.float32,
-                use_distributed_optimizer=opt.use_distributed_optimizer,
-            ),
-            policy.chunks,
+        optimizer_config = OptimizerConfig(
+            optimizer="adam",
+            lr=opt.lr,
+            min_lr=opt.lr,
+            weight_decay=opt.weight_decay,
+            adam_beta1=opt.adam_beta1,
+            adam_beta2=opt.adam_beta2,
+            adam_eps=opt.adam_eps,
+            clip_grad=opt.clip_grad,
+            use_distributed_optimizer=opt.use_distributed_optimizer,
         )
+        apply_precision(policy.config, optimizer_config=optimizer_config)  # bf16 / FP8 preset, as Bridge does
+        self.optimizer = get_megatron_optimizer(optimizer_config, policy.chunks)
         self.vision_start_token_id = policy.provider.vision_start_token_id
 
     # ------------------------------------------------------------------ step
@@ -278,9 +275,13 @@ class GRPOTrainer:
             return None
         mbs = min(cfg.micro_batch_size, minibatch.input_ids.shape[0])
         starts = range(0, minibatch.input_ids.shape[0], mbs)
+        alignment = self.policy.config.token_alignment  # FP8 GEMMs: padded columns are masked out of the loss
         micro_batches = [
-            (minibatch.select(slice(s, s + mbs), self.vision_start_token_id), old_logprobs[s : s + mbs],
-             advantages[s : s + mbs], None if ref_logprobs is None else ref_logprobs[s : s + mbs])
+            (minibatch.select(slice(s, s + mbs), self.vision_start_token_id).pad_columns(alignment),
+             torch.nn.functional.pad(old_logprobs[s : s + mbs], (0, -minibatch.input_ids.shape[1] % alignment)),
+             advantages[s : s + mbs],
+             None if ref_logprobs is None else
+             torch.nn.functional.pad(ref_logprobs[s : s + mbs], (0, -minibatch.input_ids.shape[1] % alignment)))
             for s in starts
         ]
         device = next(model.parameters()).device
@@ -296,7 +297,7 @@ class GRPOTrainer:
             data_iterator=iter(micro_batches),
             model=model,
             num_microbatches=len(micro_batches),
-            seq_length=minibatch.input_ids.shape[1],
+            seq_length=micro_batches[0][0].input_ids.shape[1],
             micro_batch_size=mbs,
             forward_only=False,
         )
@@ -331,7 +332,7 @@ def _global_normalizer(mask: torch.Tensor) -> LossNormalizer | None:
 
     counts = torch.tensor([mask.sum(), (mask.sum(dim=1) > 0).sum()], dtype=torch.float64)
     if parallel_state.get_data_parallel_world_size() > 1:
-        dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+        counts = collectives.all_reduce(counts, group=parallel_state.get_data_parallel_group())
     if counts[0] == 0:
         return None
     return LossNormalizer(num_tokens=int(counts[0]), num_sequences=int(counts[1]))
@@ -350,13 +351,12 @@ def _reduce_over_data_parallel(metrics: dict[str, float], additive: bool = False
     result = {k: v for k, v in metrics.items() if k == "train/grad_norm"}
     keys = sorted(k for k in metrics if k not in result)
     for op, selected in (
-        (dist.ReduceOp.MAX, [k for k in keys if k.endswith(("_max", "/max"))]),
-        (dist.ReduceOp.MIN, [k for k in keys if k.endswith("/min")]),
-        (dist.ReduceOp.SUM, [k for k in keys if not k.endswith(("_max", "/max", "/min"))]),
+        (ReduceOp.MAX, [k for k in keys if k.endswith(("_max", "/max"))]),
+        (ReduceOp.MIN, [k for k in keys if k.endswith("/min")]),
+        (ReduceOp.SUM, [k for k in keys if not k.endswith(("_max", "/max", "/min"))]),
     ):
-        values = torch.tensor([metrics[k] for k in selected], dtype=torch.float64)
-        dist.all_reduce(values, op=op, group=group)
-        if op == dist.ReduceOp.SUM and not additive:
+        values = collectives.all_reduce(torch.tensor([metrics[k] for k in selected], dtype=torch.float64), op, group)
+        if op == ReduceOp.SUM and not additive:
             values /= world
         result.update(zip(selected, values.tolist()))
     return result
@@ -365,10 +365,8 @@ def _reduce_over_data_parallel(metrics: dict[str, float], additive: bool = False
 def _from_last_pipeline_stage(metrics: dict[str, float]) -> dict[str, float]:
     from megatron.core import parallel_state
 
-    payload = [metrics if parallel_state.is_pipeline_last_stage(ignore_virtual=True) else None]
-    dist.broadcast_object_list(
-        payload,
+    return collectives.broadcast_object(
+        metrics if parallel_state.is_pipeline_last_stage(ignore_virtual=True) else None,
         src=parallel_state.get_pipeline_model_parallel_last_rank(),
         group=parallel_state.get_pipeline_model_parallel_group(),
     )
-    return payload[0]

@@ -30,6 +30,7 @@ from nemo_viper.errors import ConfigError
 from nemo_viper.models.hf_checkpoint import text_config
 from nemo_viper.models.logprobs import PolicyBatch
 from nemo_viper.rewards import RewardBreakdown
+from nemo_viper.runtime import collectives
 from nemo_viper.rollout.interface import GenerationBackend, GenerationRequest, GenerationResponse, SamplingParams
 from nemo_viper.training.checkpointing import CheckpointManager
 from nemo_viper.training.grpo import GRPOConfig
@@ -285,9 +286,7 @@ def run_rl(
     dp_world = parallel_state.get_data_parallel_world_size()
 
     def min_over_ranks(count: int) -> int:  # over the whole world: model-parallel peers hold the same count
-        value = torch.tensor([count], dtype=torch.int64)
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
-        return int(value)
+        return int(collectives.all_reduce(torch.tensor([count], dtype=torch.int64), op=collectives.ReduceOp.MIN)[0])
 
     history = []
     for step in range(start + 1, config.steps + 1):
@@ -301,8 +300,9 @@ def run_rl(
         metrics_log.log(step, metrics)
         history.append(metrics)
         if step % config.save_every == 0 or step == config.steps:
-            prompt_states = [None] * dp_world
-            dist.all_gather_object(prompt_states, prompts.state_dict(), group=parallel_state.get_data_parallel_group())
+            prompt_states = collectives.all_gather_object(
+                prompts.state_dict(), group=parallel_state.get_data_parallel_group()
+            )
             checkpoints.save(trainer, step, {"prompts": prompt_states})
         if progress is not None:
             progress(step, metrics)

@@ -59,7 +59,9 @@ def run_stage(config: StageConfig) -> list[dict]:
     """Validate, build and run (or resume) one RL stage. Returns the metrics of the steps run now."""
     from nemo_viper.data.shards import ShardDataset
     from nemo_viper.models.checkpoint import read_checkpoint_metadata
+    from nemo_viper.models.policy import Accelerator, check_precision
 
+    check_precision(config.model.precision, config.model.fp8_recipe, config.model.layer_spec, Accelerator.detect())
     dataset = ShardDataset(config.data)
     expected = STAGE_TASKS[config.stage]
     if dataset.task != expected:

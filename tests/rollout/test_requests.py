@@ -8,7 +8,7 @@ from nemo_viper.errors import ConfigError
 from nemo_viper.models.processor import load_processor
 from nemo_viper.rollout import GenerationRequest, SamplingParams
 from nemo_viper.rollout.megatron_backend import plan_batches
-from nemo_viper.rollout.megatron_model import attention_mask, left_pad
+from nemo_viper.rollout.megatron_model import right_pad
 from nemo_viper.rollout.stopping import cut_at_stop_string, find_stop_strings, stop_window
 
 
@@ -96,16 +96,10 @@ def test_plan_batches_splits_requests_in_order():
     ]
 
 
-def test_left_padding_and_attention_masks():
-    ids, padding = left_pad([torch.tensor([5, 6, 7]), torch.tensor([8])], pad_token_id=0)
-    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
-    assert padding.tolist() == [[False, False, False], [True, True, False]]
-    prefill = attention_mask(padding, queries=3)  # True = masked
-    assert prefill.shape == (2, 1, 3, 3)
-    assert prefill[0, 0].tolist() == [[False, True, True], [False, False, True], [False, False, False]]
-    assert prefill[1, 0, 2].tolist() == [True, True, False]
-    decode = attention_mask(torch.cat([padding, torch.zeros(2, 1, dtype=torch.bool)], 1), queries=1)
-    assert decode[:, 0, 0].tolist() == [[False] * 4, [True, True, False, False]]
+def test_right_padding():
+    ids, padding = right_pad([torch.tensor([5, 6, 7]), torch.tensor([8])], pad_token_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert padding.tolist() == [[False, False, False], [False, True, True]]
 
 
 def test_stop_strings(processor):

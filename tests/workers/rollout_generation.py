@@ -61,6 +61,13 @@ def main():
 
     one_image, two_images, text_only = torch.load(args.inputs, weights_only=False)["requests"]
     backend = MegatronGenerationBackend(policy)
+    masks_seen = []  # the attention mask every core-attention call receives during generation
+
+    def record_mask(module, args, kwargs):
+        masks_seen.append(args[3] if len(args) > 3 else kwargs.get("attention_mask"))
+
+    for layer in backend._model.language_model.decoder.layers:
+        layer.self_attention.core_attention.register_forward_pre_hook(record_mask, with_kwargs=True)
     pad = backend.tokenizer.pad_token_id
     result = {}
 
@@ -119,6 +126,8 @@ def main():
         except PromptTooLongError as error:
             result["too_long_error"] = str(error)
 
+    result["attention_calls"] = len(masks_seen)
+    result["attention_masks_passed"] = sum(mask is not None for mask in masks_seen)
     rank = parallel_state.get_tensor_model_parallel_rank()
     torch.save(result, f"{args.out}.rank{rank}")
 
