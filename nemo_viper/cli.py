@@ -45,8 +45,9 @@ def cmd_convert_import(args) -> None:
 def cmd_convert_export(args) -> None:
     from nemo_viper.models.checkpoint import export_checkpoint
 
+    shard = {} if args.max_shard_mib is None else {"max_shard_bytes": int(args.max_shard_mib * 2**20)}
     with _single_writer(args.out):
-        out = export_checkpoint(args.ckpt, args.out, tensor_parallel=args.tp, pipeline_parallel=args.pp)
+        out = export_checkpoint(args.ckpt, args.out, tensor_parallel=args.tp, pipeline_parallel=args.pp, **shard)
     if _is_rank_zero():
         print(f"exported {args.ckpt} -> {out}")
 
@@ -71,16 +72,25 @@ TRAIN_FLAGS = {
     "--save-every": "rl.save_every",
     "--image-backend": "rl.image_backend",
     "--prefetch-prompts": "rl.prefetch_prompts",
+    "--min-pixels": "rl.min_pixels",
+    "--max-pixels": "rl.max_pixels",
+    "--importance-sampling-cap": "rl.grpo.importance_sampling_cap",
+    "--rollout-backend": "rollout.backend",
+    "--generation-batch-size": "rollout.megatron_batch_size",
+    "--vllm-gpu-memory-utilization": "rollout.vllm_gpu_memory_utilization",
+    "--vllm-cpu-kv-cache-gib": "rollout.vllm_cpu_kv_cache_gib",
     "--reward-model": "reward.embedding_model",
     "--reward-mode": "reward.mode",
     "--precision": "model.precision",
     "--fp8-recipe": "model.fp8_recipe",
     "--layer-spec": "model.layer_spec",
+    "--recompute": "model.recompute",
     "--tp": "parallel.tensor",
     "--pp": "parallel.pipeline",
 }
 TRAIN_SWITCHES = {"--dynamic-sampling": "rl.grpo.dynamic_sampling", "--overlong-filtering": "rl.grpo.overlong_filtering",
-                  "--no-std": "rl.grpo.advantage.normalize_by_std=false"}
+                  "--no-std": "rl.grpo.advantage.normalize_by_std=false", "--recompute-vision": "model.recompute_vision",
+                  "--no-vllm-sleep-mode": "rollout.vllm_sleep_mode=false"}
 
 
 def train_config(args):
@@ -100,8 +110,8 @@ def train_config(args):
             overrides.append(key if "=" in key else f"{key}=true")
     config = compose(args.config, overrides)
     return StageConfig(stage=args.stage, data=args.data, policy=args.policy, out=args.out, rl=config.rl,
-                       reward=config.reward, model=PolicyOptions(**config.model.options()), tensor_parallel=config.parallel.tensor,
-                       pipeline_parallel=config.parallel.pipeline)
+                       rollout=config.rollout, reward=config.reward, model=PolicyOptions(**config.model.options()),
+                       tensor_parallel=config.parallel.tensor, pipeline_parallel=config.parallel.pipeline)
 
 
 def _dest(flag: str) -> str:
@@ -188,10 +198,23 @@ def cmd_run(args) -> None:
     console.print(f"run report: {report}")
 
 
+def cmd_plan(args) -> None:
+    from nemo_viper.planning.recipe import format_plan, plan_recipe
+    from recipes import recipe
+
+    config = recipe(args.recipe, *args.overrides)
+    print(format_plan(plan_recipe(config, args.gpu_memory), args.recipe))
+
+
 def cmd_launch(args) -> None:
     from launcher.nemo_run_jobs import launch
 
-    print(launch(_recipe_config(args), dry_run=args.dry_run, start=args.start))
+    config = _recipe_config(args)
+    if config.parallel.gpus_per_node and not args.ignore_memory_plan:
+        from nemo_viper.planning.recipe import refuse_if_not_fitting
+
+        refuse_if_not_fitting(config, args.gpu_memory)
+    print(launch(config, dry_run=args.dry_run, start=args.start))
 
 
 def cmd_status(args) -> None:
@@ -289,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=f"Megatron distributed checkpoint -> HF checkpoint dir. {CHECKPOINT_WARNING}")
     exp.add_argument("--ckpt", required=True, help="policy checkpoint directory")
     exp.add_argument("--out", required=True, help="output HF directory")
+    exp.add_argument("--max-shard-mib", type=float,
+                     help="MiB per safetensors shard (default 2048); each is written as soon as it is full")
     _add_layout_args(exp)
     _loads_checkpoints(exp)
     exp.set_defaults(func=cmd_convert_export)
@@ -342,7 +367,16 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--executor", choices=("local", "slurm"), help="overrides cluster.executor")
             sub.add_argument("--dry-run", action="store_true",
                              help="show which phases would be submitted or skipped, and their sbatch scripts")
+            sub.add_argument("--gpu-memory", type=float, default=80, help="GiB per GPU the memory plan checks against")
+            sub.add_argument("--ignore-memory-plan", action="store_true",
+                             help="launch even if `nemo-viper plan` says a phase does not fit")
         sub.set_defaults(func=cmd_run if name == "run" else cmd_launch)
+
+    plan = commands.add_parser("plan", help="per-GPU memory of every phase of a recipe; verdict; what to change")
+    plan.add_argument("--recipe", required=True, help="tiny | qwen25vl_3b | qwen25vl_7b")
+    plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. rl.grpo.micro_batch_size=4")
+    plan.add_argument("--gpu-memory", type=float, default=80, help="GiB per GPU (default 80)")
+    plan.set_defaults(func=cmd_plan)
 
     status = commands.add_parser("status", help="each phase of a run: done or pending (and why), its Slurm job")
     status.add_argument("run_dir", metavar="RUN_DIR")

@@ -10,6 +10,8 @@ default and every allowed value is written once, in that dataclass:
 ``rl``          :class:`~nemo_viper.training.loop.RLConfig`: steps, batch, ``rl.sampling``
                 (:class:`~nemo_viper.rollout.SamplingParams`), ``rl.grpo``
                 (:class:`~nemo_viper.training.grpo.GRPOConfig`: ``advantage``, ``loss``, ``optimizer``)
+``rollout``     :class:`~nemo_viper.training.stage.RolloutConfig`: the RL jobs' generation engine
+                (``megatron`` or ``vllm``) and its settings
 ``reward``      :class:`~nemo_viper.rewards.RewardConfig`
 ``synthesis``   keys of :class:`~nemo_viper.synthesis.config.SynthConfig` (partial: its presets apply first)
 ``cluster``     :class:`ClusterSection`: where jobs run
@@ -43,6 +45,7 @@ from nemo_viper.errors import ConfigError, NemoViperError
 from nemo_viper.models.policy import PolicyOptions
 from nemo_viper.rewards import RewardConfig
 from nemo_viper.training.loop import RLConfig
+from nemo_viper.training.stage import RolloutConfig
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 EXECUTORS = ("local", "slurm")
@@ -144,6 +147,7 @@ class ViperConfig:
     model: ModelSection = field(default_factory=ModelSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     rl: RLConfig = field(default_factory=RLConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     synthesis: dict[str, Any] = field(default_factory=dict)  # nemo_viper.synthesis.config.SynthConfig keys
     cluster: ClusterSection = field(default_factory=ClusterSection)
@@ -258,7 +262,7 @@ def rl_job_settings(config: ViperConfig) -> dict:
     """What an RL (``train``) job reads from the run config file (see ``cli.train_config``), as plain data."""
     return {"model": asdict(PolicyOptions(**config.model.options())),
             "parallel": {"tensor": config.parallel.tensor, "pipeline": config.parallel.pipeline},
-            "rl": asdict(config.rl), "reward": asdict(config.reward)}
+            "rl": asdict(config.rl), "rollout": asdict(config.rollout), "reward": asdict(config.reward)}
 
 
 # SynthConfig keys the plan sets for each synth job (from its phase), so the synthesis section may not.

@@ -2,8 +2,9 @@
 
 Per round: reward and its breakdown (format, correctness, recall) per step for both RL stages, precision
 against recall and answer-sentence counts (with an alert line where mean precision exceeds mean recall by
-more than the run's ``reward.alert_gap``: answers that state few, safe facts), response length, clip fractions; the synthesis manifests' counts (inputs, samples written, skipped and filtered
-by reason) and time per sub-step.
+more than the run's ``reward.alert_gap``: answers that state few, safe facts), response length, clip
+fractions, the samples each RL stage skipped (by reason); the synthesis manifests' counts (inputs, samples
+written, skipped and filtered by reason) and time per sub-step.
 """
 
 from __future__ import annotations
@@ -70,6 +71,13 @@ def _plot_synthesis(manifests: dict[str, dict], out: Path) -> None:
     plt.close(figure)
 
 
+def _skipped(records: list[dict]) -> str:
+    """The run's skipped-sample total by reason, from its last metrics record (``data/skipped/<reason>``)."""
+    last = records[-1] if records else {}
+    reasons = {k.rsplit("/", 1)[1]: int(v) for k, v in last.items() if k.startswith("data/skipped/") and v}
+    return f"{int(last.get('data/skipped', 0))} {json.dumps(reasons)}" if "data/skipped" in last else "n/a"
+
+
 def _last(records: list[dict], key: str) -> str:
     return f"{records[-1][key]:.3f}" if records and key in records[-1] else "n/a"
 
@@ -98,12 +106,13 @@ def write_report(run_dir: str | Path, rounds: int, alert_gap: float) -> Path:
                              f"{json.dumps(m.get('skipped') or {})} | {json.dumps(m.get('filtered') or {})} | {timings} |")
             lines += ["", f"![synthesis](round{r}_synthesis.png)", ""]
         if stages:
-            lines += ["| stage | steps | reward (last) | format | correctness | recall | response length |",
-                      "|---|---|---|---|---|---|---|"]
+            lines += ["| stage | steps | reward (last) | format | correctness | recall | response length | "
+                      "samples skipped |", "|---|---|---|---|---|---|---|---|"]
             for name, records in stages.items():
                 lines.append(f"| {name} | {len(records)} | {_last(records, 'reward/mean')} | "
                              f"{_last(records, 'reward/format')} | {_last(records, 'reward/correctness')} | "
-                             f"{_last(records, 'reward/recall')} | {_last(records, 'response_length/mean')} |")
+                             f"{_last(records, 'reward/recall')} | {_last(records, 'response_length/mean')} | "
+                             f"{_skipped(records)} |")
             lines.append("")
             for name, records in stages.items():
                 flagged = [r["step"] for r in records if r.get("reward/precision_recall_gap", 0.0) > alert_gap]

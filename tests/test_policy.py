@@ -101,6 +101,69 @@ def test_freeze_options_and_bf16(tiny_hf_dir, reference):
     assert 0 < report["bf16_max_logprob_diff"] < 0.1, report
 
 
+def test_streaming_export_of_a_bf16_checkpoint_in_many_shards(tiny_hf_dir, tmp_path):
+    """A bf16 checkpoint exported at TP=2 in ~0.1 MiB shards: HF's sharded layout, every tensor bit-exact."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    bf16_hf = tmp_path / "bf16_hf"
+    shutil.copytree(tiny_hf_dir, bf16_hf)
+    original = {k: v.to(torch.bfloat16) for k, v in load_file(tiny_hf_dir / "model.safetensors").items()}
+    save_file(original, bf16_hf / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((bf16_hf / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    (bf16_hf / "config.json").write_text(json.dumps(config))
+
+    ckpt, exported = tmp_path / "ckpt", tmp_path / "exported"
+    run_cli("convert", "import", "--hf", str(bf16_hf), "--out", str(ckpt))
+    run_cli("convert", "export", "--ckpt", str(ckpt), "--out", str(exported), "--tp", "2", "--max-shard-mib", "0.1",
+            nproc=2)
+    index = json.loads((exported / "model.safetensors.index.json").read_text())
+    shards = sorted(exported.glob("model-*.safetensors"))
+    assert len(shards) > 3 and set(index["weight_map"].values()) == {s.name for s in shards}
+    assert not list(exported.glob("*.partial"))
+    roundtrip = {}
+    for shard in shards:
+        tensors = load_file(shard)
+        assert sum(t.nbytes for t in tensors.values()) <= 0.1 * 2**20 or len(tensors) == 1
+        roundtrip.update(tensors)
+    assert sorted(roundtrip) == sorted(original) and index["metadata"]["total_size"] == sum(
+        t.nbytes for t in original.values())
+    for name, tensor in original.items():
+        assert roundtrip[name].dtype == torch.bfloat16 and torch.equal(roundtrip[name], tensor), name
+    Qwen2_5_VLForConditionalGeneration.from_pretrained(exported)
+
+
+def test_shards_are_written_as_soon_as_they_are_full(tmp_path):
+    """At most one shard's tensors (plus the one that overflows it) are alive while the exporter writes."""
+    import gc
+    import weakref
+
+    from safetensors.torch import load_file
+
+    from nemo_viper.models.checkpoint import _write_safetensors_shards
+
+    alive = weakref.WeakSet()
+    peak = 0
+
+    def tensors():
+        nonlocal peak
+        for i in range(20):
+            gc.collect()
+            peak = max(peak, len(alive))
+            tensor = torch.full((256,), float(i))  # 1 KiB
+            alive.add(tensor)
+            yield f"w{i}", tensor
+
+    _write_safetensors_shards(tensors(), tmp_path, max_shard_bytes=4 * 1024)
+    assert peak <= 4 + 1
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [f"model-0000{i}-of-00005.safetensors"
+                                                                        for i in range(1, 6)]
+    assert torch.equal(load_file(tmp_path / "model-00005-of-00005.safetensors")["w19"], torch.full((256,), 19.0))
+
+
 def test_fp8_token_alignment_padding_changes_nothing(tiny_hf_dir, reference):
     """Micro-batches padded to 128 (blockwise), 32 (mxfp8), 16 columns: same log-probs, same loss gradient."""
     result = run_worker("token_alignment.py", "--hf", str(tiny_hf_dir), "--inputs", str(reference["path"]))

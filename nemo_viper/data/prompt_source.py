@@ -21,8 +21,9 @@ prepares the prefetched ones again).
 
 **Corrupt images.** A sample with an image the preprocessor cannot decode is skipped, logged with shard,
 key and image entry, and counted in ``skipped["corrupt_image"]`` when the loop's position passes it (once
-per sample); later epochs skip it without decoding it again. Records missing a field are dropped (and
-counted) earlier, when :class:`ShardDataset` indexes the shards.
+per sample, also across a resume: the counted samples are part of the state); later epochs skip it without
+decoding it again. Records missing a field are dropped (and counted) earlier, when :class:`ShardDataset`
+indexes the shards; :meth:`ShardPromptSource.skipped_counts` reports both.
 """
 
 from __future__ import annotations
@@ -129,10 +130,16 @@ class ShardPromptSource:
                 log.warning("skipping sample: %s", item.corrupt)
         return prompts
 
+    def skipped_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Samples skipped so far by reason: ``(when the dataset was indexed, the same on every rank; when this
+        rank's share was read)``."""
+        return dict(self.dataset.skipped), dict(self.skipped)
+
     def state_dict(self) -> dict:
         return {
             "epoch": self._epoch,
             "position": self._position,
+            "skipped_samples": sorted(self._reported),
             "seed": self.seed,
             "dp_rank": self.dp_rank,
             "dp_world": self.dp_world,
@@ -151,6 +158,8 @@ class ShardPromptSource:
         self.close()  # prefetched prompts belong to the old position
         self._epoch = state["epoch"]
         self._position = state["position"]
+        self._reported = set(state.get("skipped_samples", ()))  # (absent in checkpoints of older versions)
+        self.skipped = Counter({"corrupt_image": len(self._reported)} if self._reported else {})
 
     def close(self) -> None:
         """Stop the prefetch thread and drop what it prepared; :meth:`next_prompts` restarts it."""

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "nemo_viper.policy/1"
 METADATA_FILE = "nemo_viper_checkpoint.json"
+DEFAULT_SHARD_BYTES = 2 * 2**30  # HF export: bytes per safetensors shard (bounds the exporter's host memory)
 TRAINER_STATE_FILE = "trainer_state.json"
 # Files of an HF checkpoint dir that are not weights; copied into CKPT/hf and back out on export.
 HF_ASSET_PATTERNS = (
@@ -216,7 +217,7 @@ def trust_unverified_checkpoints() -> None:
 
 
 def file_hashes(ckpt_dir: Path) -> dict[str, str]:
-    """sha256 of every file under ``ckpt_dir`` but the metadata file, by relative path (hashed in parallel)."""
+    """sha256 of every file under ``ckpt_dir`` but the metadata file, by relative path (up to 8 threads)."""
     from concurrent.futures import ThreadPoolExecutor
 
     files = sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and p.name != METADATA_FILE)
@@ -232,10 +233,10 @@ def file_hashes(ckpt_dir: Path) -> dict[str, str]:
         return dict(zip((p.relative_to(ckpt_dir).as_posix() for p in files), pool.map(digest, files)))
 
 
-def verify_checkpoint_files(ckpt: Path, metadata: dict) -> None:
-    """Refuse a checkpoint whose files differ from its manifest (tampered, truncated, foreign files) or that has
-    none (not written by this project): loading it would unpickle its contents. ``--trust-checkpoint`` skips
-    this (:func:`trust_unverified_checkpoints`)."""
+def _check_manifest(ckpt: Path, metadata: dict) -> None:
+    """Refuse a checkpoint that has no file manifest (not written by this project) or whose files differ from
+    it (tampered, truncated, foreign files): loading it would unpickle its contents. ``--trust-checkpoint``
+    skips this (:func:`trust_unverified_checkpoints`). Every rank checks for itself (no collective)."""
     if _trust_unverified:
         return
     expected = metadata.get(FILES_KEY)
@@ -255,8 +256,9 @@ def verify_checkpoint_files(ckpt: Path, metadata: dict) -> None:
 
 
 def read_checkpoint_metadata(ckpt_dir: str | Path) -> dict:
-    """Metadata of a policy checkpoint whose files match its manifest (:func:`verify_checkpoint_files`; once
-    per process and directory), or a one-line error naming what is missing or wrong."""
+    """Metadata of a policy checkpoint whose files match its manifest (:func:`_check_manifest`; once per
+    process and directory), or a one-line error naming what is missing or wrong. Every load calls this
+    before unpickling anything."""
     ckpt = Path(ckpt_dir)
     if ckpt.resolve() in _verified:
         return _verified[ckpt.resolve()]
@@ -274,7 +276,7 @@ def read_checkpoint_metadata(ckpt_dir: str | Path) -> dict:
         raise CheckpointError(f"{meta_file}: unsupported format {metadata.get('format')!r} (expected {FORMAT!r})")
     if not (ckpt / "model").is_dir():
         raise CheckpointError(f"{ckpt} has no model/ directory (incomplete checkpoint)")
-    verify_checkpoint_files(ckpt, metadata)
+    _check_manifest(ckpt, metadata)
     read_qwen25_vl_config(ckpt / "hf")
     _verified[ckpt.resolve()] = metadata
     return metadata
@@ -355,35 +357,51 @@ def _hf_weight_dtype(hf_config: dict) -> torch.dtype:
 
 
 def _write_safetensors_shards(tensors, out: Path, max_shard_bytes: int) -> None:
-    """Write (name, tensor) pairs as HF-style safetensors shards plus ``model.safetensors.index.json``."""
+    """Write (name, tensor) pairs as HF-style safetensors shards plus ``model.safetensors.index.json``.
+
+    Streaming: a shard is written as soon as it is full and its tensors are released, so host memory
+    holds at most one shard (plus the tensor that overflows it). Shards are numbered as they are written;
+    once the count is known they are renamed to HF's ``model-0000i-of-0000n.safetensors`` (a single
+    shard: ``model.safetensors``) and the index is written.
+    """
     from safetensors.torch import save_file
 
-    shards, current, current_bytes = [], {}, 0
+    written: list[tuple[Path, list[str]]] = []
+    current, current_bytes, total = {}, 0, 0
+
+    def flush():
+        path = out / f"shard-{len(written) + 1:05d}.safetensors.partial"
+        save_file(current, path, metadata={"format": "pt"})
+        written.append((path, list(current)))
+
     for name, tensor in tensors:
         if current and current_bytes + tensor.nbytes > max_shard_bytes:
-            shards.append(current)
+            flush()
             current, current_bytes = {}, 0
         current[name] = tensor.contiguous()
         current_bytes += tensor.nbytes
-    shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], out / "model.safetensors", metadata={"format": "pt"})
+        total += tensor.nbytes
+    flush()
+    current = {}
+    if len(written) == 1:
+        written[0][0].rename(out / "model.safetensors")
         return
     weight_map = {}
-    for index, shard in enumerate(shards, start=1):
-        file_name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, out / file_name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, file_name))
-    total = sum(t.nbytes for shard in shards for t in shard.values())
+    for index, (path, names) in enumerate(written, start=1):
+        file_name = f"model-{index:05d}-of-{len(written):05d}.safetensors"
+        path.rename(out / file_name)
+        weight_map.update(dict.fromkeys(names, file_name))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def export_hf(policy: MegatronPolicy, out_dir: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
+def export_hf(policy: MegatronPolicy, out_dir: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write ``policy`` as an HF checkpoint dir (weights + config + tokenizer/processor). Collective.
 
     Megatron-Bridge streams the weights back to HF names and layouts (gathering TP shards and PP
-    stages); they are cast to the dtype recorded in the HF config and written by rank 0.
+    stages); they are cast to the dtype recorded in the HF config and written by rank 0, one shard of at
+    most ``max_shard_bytes`` at a time (see :func:`_write_safetensors_shards`): host memory beyond the
+    model's own weights is bounded by about one shard.
     """
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.partial")
@@ -405,8 +423,13 @@ def export_hf(policy: MegatronPolicy, out_dir: str | Path, max_shard_bytes: int 
     return out
 
 
-def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, **policy_overrides) -> Path:
-    """Policy checkpoint -> HF checkpoint dir loadable by ``transformers``."""
-    policy_overrides.setdefault("precision", "fp32")
-    return export_hf(load_policy(ckpt_dir, **policy_overrides), out_dir)
+def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                      **policy_overrides) -> Path:
+    """Policy checkpoint -> HF checkpoint dir loadable by ``transformers``. The policy is loaded in the
+    dtype the HF weights are written in (bf16 for a bf16 checkpoint), not wider."""
+    ckpt = resolve_checkpoint(ckpt_dir)
+    read_checkpoint_metadata(ckpt)
+    hf_dtype = _hf_weight_dtype(read_qwen25_vl_config(ckpt / "hf"))
+    policy_overrides.setdefault("precision", "bf16" if hf_dtype == torch.bfloat16 else "fp32")
+    return export_hf(load_policy(ckpt, **policy_overrides), out_dir, max_shard_bytes)
 

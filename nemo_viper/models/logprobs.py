@@ -35,8 +35,9 @@ class PolicyBatch:
       rollout stores a prompt's images once for its ``n`` responses this way.
 
     A row's image count is the number of ``<|vision_start|>`` tokens in it. :meth:`select` keeps the
-    layout (shared sets are gathered once, not per row); :meth:`model_inputs` expands the images to the
-    per-row form the model takes, for one micro-batch at a time.
+    layout (shared sets are gathered once, not per row). :func:`forward_micro_batch` runs the vision tower
+    once per stored image and scatters the features into every row that shows it; :meth:`model_inputs`
+    is the per-row form of the same inputs (each row's own copy of its images).
     """
 
     input_ids: Tensor  # [B, S] long, right-padded
@@ -135,11 +136,16 @@ class PolicyBatch:
             )
         return sets, set_sizes
 
+    def _image_index(self, sets: Tensor, set_sizes: Tensor) -> Tensor:
+        """Indices of the stored images shown by ``sets`` (image set ids, in order, repeats allowed; ``-1``
+        skipped): the stored images each row shows, in row order."""
+        sets = sets[sets >= 0]
+        return _ranges(torch.cumsum(set_sizes, 0) - set_sizes, set_sizes, sets)
+
     def _gather(self, sets: Tensor, set_sizes: Tensor) -> tuple[Tensor, Tensor]:
         """The images of ``sets`` (image set ids, in order, repeats allowed; ``-1`` skipped), concatenated."""
-        sets = sets[sets >= 0]
         patches_per_image = self.image_grid_thw.prod(dim=-1).cpu()
-        image_index = _ranges(torch.cumsum(set_sizes, 0) - set_sizes, set_sizes, sets)
+        image_index = self._image_index(sets, set_sizes)
         patch_index = _ranges(torch.cumsum(patches_per_image, 0) - patches_per_image, patches_per_image, image_index)
         return (self.pixel_values[patch_index.to(self.pixel_values.device)],
                 self.image_grid_thw[image_index.to(self.image_grid_thw.device)])
@@ -150,6 +156,45 @@ def _ranges(starts: Tensor, counts: Tensor, items: Tensor) -> Tensor:
     counts = counts[items]
     offsets = torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
     return torch.repeat_interleave(starts[items], counts) + offsets
+
+
+def forward_micro_batch(model, batch: PolicyBatch, device: torch.device, vision_start_token_id: int):
+    """``model(...)`` on one micro-batch: the output of the Megatron Qwen2.5-VL ``model`` (possibly wrapped).
+
+    Shared image sets (``batch.image_sets``) pass the vision tower once per stored image, however many rows
+    show them; the features are copied into the image slots of each such row. The result, and the gradients
+    (the copies' gradients add up in the shared features), equal those of the per-row layout, where every
+    row runs its own copy of the images through the tower: the tower's saved activations shrink by the
+    number of rows per image set (``n`` for a GRPO rollout).
+    """
+    if batch.image_sets is None or batch.image_grid_thw is None:
+        return model(**batch.model_inputs(device, vision_start_token_id))
+    from megatron.core.utils import unwrap_model
+
+    sets, set_sizes = batch._image_sets(vision_start_token_id)
+    image_index = batch._image_index(sets, set_sizes).to(device)
+    input_ids, grid = batch.input_ids.to(device), batch.image_grid_thw.to(device)
+    inputs = {"input_ids": input_ids, "position_ids": None, "attention_mask": None,
+              "image_grid_thw": grid[image_index]}  # per row: the multimodal RoPE positions need it
+    core = unwrap_model(model)
+    if core.pre_process:  # later pipeline stages only need the positions
+        inputs["inputs_embeds"] = _embed_with_shared_images(
+            core, input_ids, batch.pixel_values.to(device), grid, image_index)
+    return model(**inputs)
+
+
+def _embed_with_shared_images(core, input_ids: Tensor, pixel_values: Tensor, grid: Tensor, image_index: Tensor):
+    """Token embeddings [B, S, H] with the features of stored image ``image_index[k]`` in the k-th image's
+    slots (row order); each stored image runs through the vision tower once."""
+    embeddings = core.language_model.embedding(input_ids=input_ids, position_ids=None).transpose(0, 1)
+    features = core.get_image_features(pixel_values, grid, return_dict=True).pooler_output  # one per image
+    tokens = torch.tensor([len(f) for f in features])
+    token_index = _ranges(torch.cumsum(tokens, 0) - tokens, tokens, image_index.cpu())
+    row_features = torch.cat(features)[token_index.to(input_ids.device)].to(embeddings.dtype)
+    slots = input_ids == core.config.image_token_id
+    if int(slots.sum()) != row_features.shape[0]:
+        raise ValueError(f"input_ids hold {int(slots.sum())} image tokens but the images give {row_features.shape[0]} features")
+    return embeddings.masked_scatter(slots[..., None].expand_as(embeddings), row_features)
 
 
 def vocab_parallel_token_logprobs(
@@ -210,7 +255,7 @@ def run_forward(policy, batch: PolicyBatch, per_micro_batch, micro_batch_size: i
 
     def forward_step(data_iterator, model):
         micro_batch = next(data_iterator)
-        output = model(**micro_batch.model_inputs(device, vision_start_token_id))
+        output = forward_micro_batch(model, micro_batch, device, vision_start_token_id)
         return output, lambda output_tensor, non_loss_data=True: per_micro_batch(output_tensor, micro_batch)
 
     outputs = get_forward_backward_func()(
@@ -257,22 +302,34 @@ def compute_logprobs(
     return result.float().cpu()
 
 
+ENTROPY_CHUNK_ROWS = 1024  # positions per float32 chunk of the entropy metric
+
+
 @torch.no_grad()
-def vocab_parallel_token_entropy(logits: Tensor, temperature: float = 1.0, tp_group=None) -> Tensor:
+def vocab_parallel_token_entropy(logits: Tensor, temperature: float = 1.0, tp_group=None,
+                                 chunk_rows: int = ENTROPY_CHUNK_ROWS) -> Tensor:
     """Entropy [B, S] of ``softmax(logits / T)`` at the positions that predict ``x_t`` (column 0 is 0).
 
-    ``H = log Z + max − Σ_v e^{z_v − max} z_v / Z`` with ``Z = Σ_v e^{z_v − max}``: three [B, S]
-    all-reduces over the TP group, no full-vocabulary gather. Metrics only (no gradient).
+    ``H = log Z + max − Σ_v e^{z_v − max} z_v / Z`` with ``Z = Σ_v e^{z_v − max}``, ``z = logits / T``:
+    two [B, S] all-reduces over the TP group, no full-vocabulary gather. The float32 work runs over
+    ``chunk_rows`` positions at a time, so its temporaries are ``chunk_rows x V/TP`` floats, not
+    ``B x S x V/TP``. Metrics only (no gradient).
     """
     from megatron.core import parallel_state
 
     group = tp_group or parallel_state.get_tensor_model_parallel_group()
-    z = logits[:, :-1].float() / temperature
-    z_max = z.max(dim=-1).values
+    shard = logits[:, :-1]  # a view: no copy of the logits
+    # max(z) = max(logits) / T exactly (division by T > 0 is monotonic, also after rounding)
+    z_max = shard.max(dim=-1).values.float() / temperature
     z_max = collectives.all_reduce(z_max, collectives.ReduceOp.MAX, group)
-    shifted = z - z_max[..., None]
-    exp = shifted.exp()
-    sums = torch.stack([exp.sum(dim=-1), (exp * shifted).sum(dim=-1)])
+    sums = z_max.new_empty(2, *z_max.shape)
+    for row in range(shard.shape[0]):
+        for start in range(0, shard.shape[1], chunk_rows):
+            span = slice(start, start + chunk_rows)
+            shifted = shard[row, span].float() / temperature - z_max[row, span, None]
+            exp = shifted.exp()
+            sums[0, row, span] = exp.sum(dim=-1)
+            sums[1, row, span] = (exp * shifted).sum(dim=-1)
     sums = collectives.all_reduce(sums, group=group)
     entropy = sums[0].log() - sums[1] / sums[0]
     return torch.cat([entropy.new_zeros(entropy.shape[0], 1), entropy], dim=1)

@@ -31,6 +31,7 @@ FP8_RECIPES = {
     "delayed": "bf16_with_fp8_delayed_scaling_mixed",
 }
 LAYER_SPECS = ("auto", "transformer_engine", "local")
+RECOMPUTE = ("none", "selective", "full")
 _CPU_UNFUSED = (
     "gradient_accumulation_fusion",
     "bias_activation_fusion",
@@ -57,6 +58,8 @@ class PolicyOptions:
     freeze_vision_tower: bool = False
     freeze_projector: bool = False
     freeze_language_model: bool = False
+    recompute: str = "none"  # LM activations: none | selective (core attention) | full (each layer's input only)
+    recompute_vision: bool = False  # checkpoint every vision-tower block (recomputed in the backward pass)
     seed: int = 1234
 
     def __post_init__(self):
@@ -66,6 +69,8 @@ class PolicyOptions:
             raise ConfigError(f"fp8_recipe={self.fp8_recipe!r} is not one of {tuple(FP8_RECIPES)}")
         if self.layer_spec not in LAYER_SPECS:
             raise ConfigError(f"layer_spec={self.layer_spec!r} is not one of {LAYER_SPECS}")
+        if self.recompute not in RECOMPUTE:
+            raise ConfigError(f"recompute={self.recompute!r} is not one of {RECOMPUTE}")
 
     def options(self) -> dict:
         """The :class:`PolicyOptions` fields of this object (e.g. of a subclass) as keyword arguments."""
@@ -242,6 +247,10 @@ def configure_provider(provider, config: PolicyConfig, hf_config: dict, layer_sp
     provider.transformer_layer_spec = local_layer_spec if layer_spec == "local" else transformer_engine_layer_spec
     if layer_spec == "local":
         provider.masked_softmax_fusion = False
+    if config.recompute != "none":  # megatron-core: selective = the core attention ("core_attn") only
+        provider.recompute_granularity = config.recompute
+        if config.recompute == "full":
+            provider.recompute_method, provider.recompute_num_layers = "uniform", 1
     if not cuda:
         for flag in _CPU_UNFUSED:
             setattr(provider, flag, False)
@@ -282,6 +291,13 @@ def build_policy(config: PolicyConfig, load_weights: bool = True, wrap_with_ddp:
         ddp_config=ddp_config,
         use_cpu_initialization=not accelerator.cuda,
     )
+    if config.recompute_vision:
+        from megatron.core.utils import unwrap_model
+
+        for chunk in chunks:
+            visual = getattr(unwrap_model(chunk), "visual", None)  # first pipeline stage only
+            if visual is not None:
+                visual.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     log.info(
         "policy built: TP=%d PP=%d precision=%s layer_spec=%s",
         config.tensor_parallel,

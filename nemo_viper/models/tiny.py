@@ -4,7 +4,9 @@ No model hub is reachable from CI, so the embedded default policy is made here f
 
 - a byte-level BPE tokenizer trained in well under a second on a small built-in corpus of
   image-description sentences, wrapped as ``Qwen2Tokenizer`` with Qwen's special tokens;
-- ``Qwen2VLImageProcessor`` settings (patch 14, merge 2, temporal patch 2) with a small pixel budget;
+- ``Qwen2VLImageProcessor`` settings (patch 14, merge 2, temporal patch 2) with a small pixel budget, and
+  the matching ``Qwen2VLVideoProcessor`` (``video_preprocessor_config.json``, as real checkpoints have;
+  vLLM loads the full processor);
 - a Qwen2.5-VL chat template (system/user/assistant turns, images as
   ``<|vision_start|><|image_pad|><|vision_end|>``);
 - a ``Qwen2_5_VLConfig`` (with ``architectures``) and random weights from a fixed seed.
@@ -90,11 +92,12 @@ def training_corpus() -> list[str]:
 
 @dataclass(frozen=True)
 class TinyModelConfig:
-    """Sizes of the tiny policy. Defaults: ~0.3 M parameters, TP=2 and PP=2 compatible."""
+    """Sizes of the tiny policy. Defaults: ~0.6 M parameters, TP=2 and PP=2 compatible, grouped-query
+    attention, head dim 32 (the smallest vLLM's CPU attention kernels support)."""
 
     vocab_size: int = 1024
-    hidden_size: int = 64
-    intermediate_size: int = 128
+    hidden_size: int = 128
+    intermediate_size: int = 256
     num_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
@@ -194,6 +197,29 @@ def build_hf_config(config: TinyModelConfig, tokenizer):
     )
 
 
+def video_processor_config(config: TinyModelConfig) -> dict:
+    """``video_preprocessor_config.json`` of ``Qwen2VLVideoProcessor`` with the image settings (written as
+    JSON: building the processor object needs torchvision, reading the file does not)."""
+    return {
+        "video_processor_type": "Qwen2VLVideoProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "do_rescale": True,
+        "do_normalize": True,
+        "do_sample_frames": False,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "rescale_factor": 1 / 255,
+        "resample": 3,
+        "patch_size": 14,
+        "merge_size": 2,
+        "temporal_patch_size": 2,
+        "min_frames": 4,
+        "max_frames": 768,
+        "size": {"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels},
+    }
+
+
 RECIPE_FILE = "nemo_viper_tiny.json"
 
 
@@ -246,6 +272,7 @@ def write_tiny_checkpoint(
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
+    (tmp / "video_preprocessor_config.json").write_text(json.dumps(video_processor_config(config), indent=2) + "\n")
     generation_config.save_pretrained(tmp)
     del model
     final_loss = None

@@ -1,4 +1,4 @@
-"""What a generation backend takes and returns; every backend (Megatron, and GPU engines later) implements it.
+"""What a generation backend takes and returns; every backend (Megatron, vLLM) implements it.
 
 A :class:`GenerationRequest` is one prompt (token ids with its images already processed) plus ``n`` and
 its :class:`SamplingParams`; :meth:`GenerationBackend.generate` returns, per request and in request
@@ -157,6 +157,13 @@ class GenerationResponse:
 
 
 class GenerationBackend(Protocol):
-    """Anything that turns requests into samples: ``generate(requests)[i][j]`` is sample ``j`` of request ``i``."""
+    """Anything that turns requests into samples: ``generate(requests)[i][j]`` is sample ``j`` of request ``i``.
+
+    ``weights_updated()`` tells the backend that the policy's weights changed (after an optimizer step or
+    a checkpoint load): the next ``generate`` samples from the new weights. A backend that generates from
+    the policy's own parameters (Megatron) has nothing to do; one with its own copy (vLLM) refits it.
+    """
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[GenerationResponse]]: ...
+
+    def weights_updated(self) -> None: ...

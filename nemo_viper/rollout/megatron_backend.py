@@ -166,6 +166,9 @@ class MegatronGenerationBackend:
             config.seed * 1_000_003 + parallel_state.get_data_parallel_rank()
         )
 
+    def weights_updated(self) -> None:
+        """Nothing to do: generation always reads the policy's current weights."""
+
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[GenerationResponse]]:
         """Sample ``request.n`` responses for every request (in eval mode; the model's mode is restored)."""
         for index, request in enumerate(requests):

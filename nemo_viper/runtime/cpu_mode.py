@@ -128,6 +128,10 @@ def _seed_cpu_generator(seed: int) -> None:
     torch.default_generator.manual_seed(int(seed))
 
 
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, device="cpu"), diagonal=1).bool()
+
+
 def activate() -> None:
     """Install the CPU shims for this process (idempotent)."""
     global _ACTIVE_MODE
@@ -150,6 +154,12 @@ def activate() -> None:
 
     megatron_random._get_cuda_rng_state = _cpu_rng_state
     megatron_random._set_cuda_rng_state = _set_cpu_rng_state
+    # A torch-function mode is off inside its own handler, so the backward pass (entered through
+    # ``Tensor.backward``) runs without it: the causal mask that activation recomputation rebuilds there
+    # must not ask for "cuda".
+    import megatron.core.fusions.fused_softmax as fused_softmax
+
+    fused_softmax.get_default_causal_mask = _cpu_causal_mask
 
     mode = CudaToCpuMode()
     mode.__enter__()  # process-wide for the main thread; never exited

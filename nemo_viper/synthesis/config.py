@@ -25,6 +25,7 @@ from nemo_viper.synthesis.tiny_diffusion import TINY_PIPELINES
 STAGES = (1, 2)
 PRESETS = ("auto", "qwen", "tiny")
 ENTITY_SOURCES = ("policy", "caption", "both")
+RESIDENCY = ("together", "alternate")
 
 # Diffusion presets, applied before the user's YAML and overrides. ``qwen`` is the paper's setting on GPUs;
 # ``tiny`` is the embedded default on CPUs: random 64x64 pipelines built offline (see tiny_diffusion.py).
@@ -73,10 +74,14 @@ class VLMConfig:
     ``policy``: a policy checkpoint (``nemo_viper_checkpoint.json``) or a Hugging Face Qwen2.5-VL dir.
     ``temperature`` 0 decodes greedily (SPEC §3: captions greedy); > 0 samples with a seed per sample and
     step. ``max_pixels`` downscales images (aspect kept) before the processor; ``None`` leaves it to the
-    processor's own budget. ``*_tokens`` bound each step's answer.
+    processor's own budget. ``*_tokens`` bound each step's answer. ``backend``: ``megatron`` generates on
+    the policy itself, ``vllm`` on a vLLM engine loaded once from the policy's weights (Megatron-Bridge's HF
+    export, streamed; no refit afterwards: synthesis never updates the policy), each step's prompts of a
+    chunk in one continuously batched call (:mod:`nemo_viper.rollout.vllm_backend`; needs ``vllm``).
     """
 
     policy: str = ""
+    backend: str = "megatron"
     precision: str = "bf16"  # fp32 | bf16 | fp8 (generation itself runs bf16 GEMMs, see rollout.megatron_model)
     fp8_recipe: str = "blockwise"
     layer_spec: str = "auto"  # auto | transformer_engine | local
@@ -95,6 +100,8 @@ class VLMConfig:
     def __post_init__(self):
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ConfigError(f"vlm.temperature={self.temperature} must be >= 0 and vlm.top_p={self.top_p} in (0, 1]")
+        if self.backend not in ("megatron", "vllm"):
+            raise ConfigError(f"vlm.backend={self.backend!r} is not one of ('megatron', 'vllm')")
         if self.max_pixels is not None and self.max_pixels < 28 * 28:
             raise ConfigError(f"vlm.max_pixels={self.max_pixels} must be at least 28*28 (or null)")
         tokens = {k: v for k, v in vars(self).items() if k.endswith("_tokens")}
@@ -197,6 +204,9 @@ class SynthConfig:
     - ``batch_size``: images per step batch (each sub-step makes one batched call per batch).
     - ``seed``: base of every per-sample seed (redraw, edit, sampled VLM answers).
     - ``keep_redraw``: store the stage-1 redraw as the optional debug image ``recon``.
+    - ``residency``: ``together`` keeps the policy and the diffusion pipeline on the GPU for the whole job;
+      ``alternate`` never holds both: a chunk's captions (and critiques, rewrites, operations) are done by
+      the policy on the GPU with the pipeline in host memory, then the two swap for the chunk's drawing.
     """
 
     stage: int = 1
@@ -210,6 +220,7 @@ class SynthConfig:
     batch_size: int = 8
     seed: int = 0
     keep_redraw: bool = False
+    residency: str = "together"
     diffusion_preset: str = "auto"
     vlm: VLMConfig = field(default_factory=VLMConfig)
     redraw: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -227,6 +238,8 @@ class SynthConfig:
             raise ConfigError("vlm.policy: the policy checkpoint (or HF Qwen2.5-VL directory) is required")
         if not 0 <= self.shard_index < self.num_shards:
             raise ConfigError(f"shard_index={self.shard_index} must be in [0, num_shards={self.num_shards})")
+        if self.residency not in RESIDENCY:
+            raise ConfigError(f"residency={self.residency!r} must be one of {RESIDENCY}")
         for name in ("chunk_size", "samples_per_shard", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
@@ -285,13 +298,14 @@ def config_hash(config: SynthConfig, input_fingerprint: str) -> str:
     """16 hex digits over the sample-relevant config and the inputs' fingerprint (see the module docstring).
 
     Left out: the output path, the work split (shard index/count), the input's path (its fingerprint counts)
-    and batch sizes (seeds are per sample), so a resumed job may change them.
+    batch sizes (seeds are per sample) and the VLM's generation engine, so a resumed job may change them.
     """
     relevant = asdict(config)
-    for placement in ("out", "shard_index", "num_shards", "images", "stage1", "batch_size",
+    for placement in ("out", "shard_index", "num_shards", "images", "stage1", "batch_size", "residency",
                       "edit" if config.stage == 1 else "redraw"):
         relevant.pop(placement)
     relevant["vlm"].pop("max_batch_size")
+    relevant["vlm"].pop("backend")  # the same model's samples; a resumed job may switch engines
     relevant["redraw" if config.stage == 1 else "edit"].pop("batch_size")
     relevant["vlm"]["policy"] = resolved_policy(config)
     relevant["inputs"] = input_fingerprint

@@ -59,15 +59,35 @@ class Placement:
 
 
 def build_components(config: SynthConfig) -> Components:
-    """The Megatron policy and this stage's diffusers pipeline, from the configuration."""
+    """The Megatron policy and this stage's diffusers pipeline, from the configuration; with
+    ``residency: alternate`` both wrapped so that only the one being called is on the GPU."""
     from nemo_viper.synthesis.diffusion import DiffusersEditor, DiffusersTextToImage
     from nemo_viper.synthesis.vlm import load_megatron_vlm
 
-    vlm = load_megatron_vlm(config.vlm, config.seed)
     tiny_root = Path(config.out) / "tiny_diffusion"
+    pipeline = DiffusersTextToImage(config.redraw, tiny_root) if config.stage == 1 else DiffusersEditor(
+        config.edit, tiny_root)
+    if config.residency == "alternate" and not pipeline.config.cpu_offload:
+        pipeline.pipe.to("cpu")  # before the policy arrives
+    vlm = load_megatron_vlm(config.vlm, config.seed)
+    if config.residency == "alternate":
+        vlm, pipeline = alternate_residency(vlm, pipeline)
     if config.stage == 1:
-        return Components(vlm, painter=DiffusersTextToImage(config.redraw, tiny_root))
-    return Components(vlm, editor=DiffusersEditor(config.edit, tiny_root))
+        return Components(vlm, painter=pipeline)
+    return Components(vlm, editor=pipeline)
+
+
+def alternate_residency(vlm, pipeline):
+    """``(vlm, pipeline)`` wrapped in one :class:`~nemo_viper.synthesis.residency.GpuResidency`, the policy
+    resident; the pipeline's own model offload (``cpu_offload``) already keeps it off the GPU between calls."""
+    from nemo_viper.synthesis.residency import GpuResidency, Resident, move_modules
+
+    device = next(vlm.modules[0].parameters()).device
+    residency = GpuResidency(device)
+    residency.register("policy", move_modules(vlm.modules))
+    residency.register("pipeline", (lambda _: None) if pipeline.config.cpu_offload else pipeline.pipe.to)
+    residency.activate("policy")
+    return Resident(vlm, residency, "policy"), Resident(pipeline, residency, "pipeline")
 
 
 def run_synthesis(config: SynthConfig, components: Components | None = None) -> dict | None:

@@ -6,7 +6,10 @@ One :meth:`GRPOTrainer.step` consumes a :class:`~nemo_viper.training.rollout_bat
    DAPO dynamic sampling (mask groups whose rewards are all equal; the loop has refilled the batch) and
    overlong filtering (mask truncated responses);
 2. old log-probs: the policy before the update, via :func:`~nemo_viper.models.logprobs.compute_logprobs`, and
-   with ``loss.kl_beta > 0`` the frozen reference policy's log-probs through the same function;
+   with ``loss.kl_beta > 0`` the frozen reference policy's log-probs through the same function; when the
+   rollout carries the generation backend's own log-probs, their mismatch with the old ones is logged
+   (``rollout/logprob_diff_mean`` / ``_max``) and, with ``importance_sampling_cap``, corrected by truncated
+   importance sampling (:mod:`nemo_viper.algorithms.off_policy`);
 3. ``num_minibatches`` optimizer updates, each over one mini-batch of rows split into micro-batches and
    run through Megatron's pipeline schedule, then ``optimizer.step()`` (grad clipping, distributed
    optimizer, bf16 master weights as configured).
@@ -34,12 +37,15 @@ from nemo_viper.algorithms import (
     PolicyLossConfig,
     dynamic_sampling_keep,
     group_advantages,
+    logprob_mismatch,
     mask_truncated,
+    truncated_importance_weights,
 )
 from nemo_viper.errors import ConfigError
 from nemo_viper.models.logprobs import (
     PolicyBatch,
     compute_logprobs,
+    forward_micro_batch,
     vocab_parallel_token_entropy,
     vocab_parallel_token_logprobs,
 )
@@ -95,6 +101,9 @@ class GRPOConfig:
     ``overlong_filtering`` (DAPO) masks out responses cut at the length limit. ``advantage.normalize_by_std
     = false`` is Dr.GRPO; ``loss.dual_clip_c`` the dual clip; ``loss.kl_beta > 0`` adds the KL penalty to a
     frozen reference policy, which is then loaded (the starting policy of the stage).
+    ``importance_sampling_cap``: ``None`` (default) trains on the samples as if ``pi_old`` drew them; a
+    value ``C`` weights each token's advantage by ``min(pi_old / pi_sampler, C)`` (truncated importance
+    sampling against the generation backend's log-probs, e.g. vLLM's).
     """
 
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
@@ -104,11 +113,14 @@ class GRPOConfig:
     micro_batch_size: int = 4
     dynamic_sampling: bool = False
     overlong_filtering: bool = False
+    importance_sampling_cap: float | None = None
 
     def __post_init__(self):
         for key in ("num_minibatches", "micro_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
+        if self.importance_sampling_cap is not None and not self.importance_sampling_cap > 0:
+            raise ConfigError(f"importance_sampling_cap={self.importance_sampling_cap} must be > 0 (or None: off)")
 
 
 def build_trainer(policy_config, config: GRPOConfig, sampling: SamplingParams = SamplingParams(),
@@ -233,6 +245,16 @@ class GRPOTrainer:
             started = time.perf_counter()
             ref_logprobs = compute_logprobs(self.reference, sequences, cfg.micro_batch_size, self.temperature)
             times["ref_logprob"] = time.perf_counter() - started
+        if rollout.sampler_logprobs is not None:
+            mismatch = logprob_mismatch(old_logprobs, rollout.sampler_logprobs, mask)
+            metrics.update({f"rollout/logprob_diff_{k}": v for k, v in mismatch.items()})
+            if cfg.importance_sampling_cap is not None:
+                weights = truncated_importance_weights(old_logprobs, rollout.sampler_logprobs, mask,
+                                                       cfg.importance_sampling_cap)
+                metrics["rollout/importance_weight_mean"] = (weights.sum() / mask.sum().clamp(min=1)).item()
+                advantages = advantages[:, None] * weights  # per-token advantages: TIS-weighted loss terms
+        elif cfg.importance_sampling_cap is not None:
+            raise ValueError("importance_sampling_cap needs a rollout with the sampler's log-probs")
 
         started = time.perf_counter()
         update_metrics = []
@@ -276,19 +298,23 @@ class GRPOTrainer:
         mbs = min(cfg.micro_batch_size, minibatch.input_ids.shape[0])
         starts = range(0, minibatch.input_ids.shape[0], mbs)
         alignment = self.policy.config.token_alignment  # FP8 GEMMs: padded columns are masked out of the loss
+        padding = (0, -minibatch.input_ids.shape[1] % alignment)
+
+        def per_token(values: torch.Tensor) -> torch.Tensor:  # [rows, tokens] -> padded like the micro-batch
+            return torch.nn.functional.pad(values, padding)
+
         micro_batches = [
             (minibatch.select(slice(s, s + mbs), self.vision_start_token_id).pad_columns(alignment),
-             torch.nn.functional.pad(old_logprobs[s : s + mbs], (0, -minibatch.input_ids.shape[1] % alignment)),
-             advantages[s : s + mbs],
-             None if ref_logprobs is None else
-             torch.nn.functional.pad(ref_logprobs[s : s + mbs], (0, -minibatch.input_ids.shape[1] % alignment)))
+             per_token(old_logprobs[s : s + mbs]),
+             per_token(advantages[s : s + mbs]) if advantages.dim() == 2 else advantages[s : s + mbs],
+             None if ref_logprobs is None else per_token(ref_logprobs[s : s + mbs]))
             for s in starts
         ]
         device = next(model.parameters()).device
 
         def forward_step(data_iterator, model):
             batch, old, adv, ref = next(data_iterator)
-            output = model(**batch.model_inputs(device, self.vision_start_token_id))
+            output = forward_micro_batch(model, batch, device, self.vision_start_token_id)
             ref = None if ref is None else ref.to(device)
             return output, lambda logits: self._loss(logits, batch, old.to(device), adv.to(device), normalizer, ref)
 

@@ -26,6 +26,7 @@ import torch
 
 from nemo_viper.algorithms import dynamic_sampling_keep
 from nemo_viper.data.images import BACKENDS as IMAGE_BACKENDS
+from nemo_viper.data.images import ImageProcessingConfig
 from nemo_viper.errors import ConfigError
 from nemo_viper.models.hf_checkpoint import text_config
 from nemo_viper.models.logprobs import PolicyBatch
@@ -55,6 +56,9 @@ class TaskPrompt:
 
 
 class PromptSource(Protocol):
+    """Prompts for the loop. A source that skips bad samples may also offer ``skipped_counts()`` (as
+    :class:`~nemo_viper.data.prompt_source.ShardPromptSource` does; see :func:`skipped_metrics`)."""
+
     def next_prompts(self, count: int) -> list[TaskPrompt]: ...
 
     def state_dict(self) -> dict: ...
@@ -62,11 +66,35 @@ class PromptSource(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+READ_SKIP_REASONS = ("corrupt_image",)
+"""Why a prompt source skips a sample while reading its share (the reasons it may count per rank)."""
+
+
+def skipped_metrics(prompts: PromptSource, dp_group) -> dict[str, float]:
+    """Samples skipped so far over the whole job, by reason (``data/skipped/<reason>``) and in total
+    (``data/skipped``): the dataset's index-time skips (the same on every rank) plus the sum over the
+    data-parallel ranks of the read-time skips. Collective over ``dp_group``; ``{}`` for a source that does not
+    count skips."""
+    if not hasattr(prompts, "skipped_counts"):
+        return {}
+    at_index, at_read = prompts.skipped_counts()
+    read = torch.tensor([float(at_read.get(reason, 0)) for reason in READ_SKIP_REASONS], dtype=torch.float64)
+    read = collectives.all_reduce(read, group=dp_group)
+    totals = dict(at_index)
+    for reason, count in zip(READ_SKIP_REASONS, read.tolist()):
+        totals[reason] = totals.get(reason, 0) + count
+    return {"data/skipped": float(sum(totals.values())), **{f"data/skipped/{k}": float(v) for k, v in totals.items()}}
+
+
 class RewardModel(Protocol):
     def score(
         self, responses: Sequence[str], ground_truths: Sequence[Sequence[str]], sample_ids: Sequence[str],
         truncated: Sequence[bool] | None = None,
     ) -> list[RewardBreakdown]: ...
+
+
+MIN_IMAGE_PIXELS = 28 * 28
+"""The smallest pixel budget of an image: one merged 2 x 2 block of Qwen's 14-pixel patches."""
 
 
 @dataclass(frozen=True)
@@ -83,8 +111,11 @@ class RLConfig:
       of prompts again (refill); what is still missing after the last round is filled with equal-reward
       groups, which the update masks out.
     - ``save_every``/``keep_last``: checkpoint period and how many checkpoints are kept.
-    - ``image_backend``, ``prefetch_prompts``, ``generation_batch_size``: the stage's data path (image
-      preprocessing backend, prompts prepared ahead per rank) and samples decoded together.
+    - ``image_backend``, ``prefetch_prompts``: the stage's data path (image preprocessing backend, prompts
+      prepared ahead per rank).
+    - ``min_pixels``/``max_pixels``: the pixel budget of every RL image (prompts, rollouts and training),
+      whatever the checkpoint's processor says: Qwen's resize keeps each image's pixel count in this range
+      (defaults: :class:`~nemo_viper.data.images.ImageProcessingConfig`'s, synthesis's cap).
     """
 
     steps: int = 200
@@ -95,13 +126,13 @@ class RLConfig:
     max_sampling_tries: int = 3
     image_backend: str = "auto"
     prefetch_prompts: int = 16
-    generation_batch_size: int = 64
+    min_pixels: int = ImageProcessingConfig.min_pixels
+    max_pixels: int = ImageProcessingConfig.max_pixels
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=1.0, max_new_tokens=1024, seed=0))
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
     def __post_init__(self):
-        for key in ("steps", "prompts_per_step", "save_every", "keep_last", "max_sampling_tries", "prefetch_prompts",
-                    "generation_batch_size"):
+        for key in ("steps", "prompts_per_step", "save_every", "keep_last", "max_sampling_tries", "prefetch_prompts"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
         if self.n < 2:
@@ -110,6 +141,9 @@ class RLConfig:
             raise ConfigError("sampling.seed=None: an RL stage needs a seed (it seeds requests and prompt order)")
         if self.image_backend not in IMAGE_BACKENDS:
             raise ConfigError(f"image_backend={self.image_backend!r} is not one of {IMAGE_BACKENDS}")
+        if not MIN_IMAGE_PIXELS <= self.min_pixels <= self.max_pixels:
+            raise ConfigError(f"min_pixels={self.min_pixels} must be >= {MIN_IMAGE_PIXELS} and <= max_pixels="
+                              f"{self.max_pixels}")
 
     def prompts_per_rank(self, data_parallel: int) -> int:
         """Each data-parallel rank's share of ``prompts_per_step``."""
@@ -150,9 +184,12 @@ def assemble_rollout(
     length = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     response_mask = torch.zeros((len(rows), length), dtype=torch.bool)
-    for i, (row, start) in enumerate(zip(rows, prompt_lengths)):
+    sampler_logprobs = torch.zeros((len(rows), length), dtype=torch.float32)
+    samples = [sample for group in responses for sample in group]
+    for i, (row, start, sample) in enumerate(zip(rows, prompt_lengths, samples)):
         input_ids[i, : len(row)] = row
         response_mask[i, start : len(row)] = True
+        sampler_logprobs[i, start : len(row)] = torch.tensor(sample.logprobs, dtype=torch.float32)
     sequences = PolicyBatch(input_ids, response_mask)
     if pixel_values:
         sequences = PolicyBatch(input_ids, response_mask, torch.cat(pixel_values), torch.cat(grids), torch.tensor(image_sets))
@@ -171,6 +208,7 @@ def assemble_rollout(
         sample_ids=row_ids,
         truncated=torch.tensor(truncated),
         reward_metrics=reward_metrics,
+        sampler_logprobs=sampler_logprobs,
     )
 
 
@@ -279,6 +317,7 @@ def run_rl(
     start = state["step"] if state else 0
     if state:
         prompts.load_state_dict(state["prompts"][parallel_state.get_data_parallel_rank()])
+        generator.weights_updated()  # the restored weights, not the initial ones
     is_logging_rank = dist.get_rank() == 0
     metrics_log = MetricsLogger(run_dir, resume_step=start, enabled=is_logging_rank)
     pad_token_id = text_config(trainer.policy.hf_config).get("pad_token_id") or 0
@@ -296,7 +335,9 @@ def run_rl(
                                    [r for g in groups for r in g.rewards], [g.prompt.sample_id for g in groups],
                                    pad_token_id)
         metrics = trainer.step(rollout)
+        generator.weights_updated()
         metrics.update(sampling_metrics)
+        metrics.update(skipped_metrics(prompts, parallel_state.get_data_parallel_group()))
         metrics_log.log(step, metrics)
         history.append(metrics)
         if step % config.save_every == 0 or step == config.steps:

@@ -16,6 +16,8 @@ class RolloutBatch:
     ``group_index[i]`` is the prompt of row ``i`` (its GRPO group); ``sample_ids[i]`` names that prompt's
     data sample (used in error messages); ``truncated[i]`` marks a response cut at the length limit.
     ``reward_metrics`` carries batch means of the reward breakdown (format, correctness, recall, ...).
+    ``sampler_logprobs`` [rows, columns] holds the generation backend's log-prob of each response token
+    (0 elsewhere), for the sampler-vs-trainer mismatch metric and its correction; ``None`` if not kept.
     """
 
     sequences: PolicyBatch
@@ -24,6 +26,7 @@ class RolloutBatch:
     sample_ids: list[str]
     truncated: Tensor
     reward_metrics: dict[str, float] = field(default_factory=dict)
+    sampler_logprobs: Tensor | None = None
 
     def __post_init__(self):
         rows = self.sequences.input_ids.shape[0]
@@ -50,4 +53,5 @@ class RolloutBatch:
             sample_ids=[self.sample_ids[i] for i in rows.tolist()],
             truncated=self.truncated[rows],
             reward_metrics=self.reward_metrics,
+            sampler_logprobs=None if self.sampler_logprobs is None else self.sampler_logprobs[rows],
         )

@@ -2,7 +2,8 @@
 
 Stage 1 trains on ``caption_refine`` shards, stage 2 on ``visual_op`` shards, with the same settings.
 Everything cheap is validated first (dataset manifest and task, policy path, layout, image processor
-settings); then the policy is built for training, the Megatron generator shares its weights, a
+settings); then the policy is built for training, the generator is set up (the Megatron backend shares the
+policy's weights; the vLLM backend, ``rollout.backend: vllm``, is a colocated engine refitted from them), a
 :class:`~nemo_viper.data.prompt_source.ShardPromptSource` prepares each data-parallel rank's prompts ahead
 of the loop (images through DALI), the ViPER reward scores the rollouts, and
 :func:`~nemo_viper.training.loop.run_rl` runs or resumes the stage under ``out/``.
@@ -10,8 +11,9 @@ of the loop (images through DALI), the ViPER reward scores the rollouts, and
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from nemo_viper.data.images import ImageProcessingConfig, QwenImagePreprocessor, resolve_backend
@@ -21,15 +23,57 @@ from nemo_viper.models.hf_checkpoint import check_parallel_layout, read_qwen25_v
 from nemo_viper.runtime.distributed import ParallelLayout
 from nemo_viper.models.policy import PolicyOptions
 from nemo_viper.rewards import RewardConfig
+from nemo_viper.rollout.megatron_backend import MegatronGenerationConfig
+from nemo_viper.rollout.vllm_backend import VLLMGenerationConfig, require_vllm
 from nemo_viper.training.loop import RLConfig
 
+log = logging.getLogger(__name__)
+
 STAGE_TASKS = {1: "caption_refine", 2: "visual_op"}
+ROLLOUT_BACKENDS = ("megatron", "vllm")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """The RL stage's generation engine: the run config's ``rollout`` section (docs/architecture.md,
+    "Choosing a rollout backend").
+
+    ``backend``: ``megatron`` (generates on the policy's own weights; no extra memory, slower) or ``vllm`` (a
+    colocated vLLM engine per data-parallel rank, refitted after every update; needs ``vllm``).
+    ``megatron_batch_size`` is :class:`MegatronGenerationConfig`'s ``max_batch_size``; the ``vllm_*`` keys are
+    :class:`VLLMGenerationConfig`'s fields of the same name (defaults from those classes). Both engines are
+    seeded with the stage's ``rl.sampling.seed``.
+    """
+
+    backend: str = "megatron"
+    megatron_batch_size: int = MegatronGenerationConfig.max_batch_size
+    vllm_gpu_memory_utilization: float = VLLMGenerationConfig.gpu_memory_utilization
+    vllm_cpu_kv_cache_gib: int = VLLMGenerationConfig.cpu_kv_cache_gib
+    vllm_sleep_mode: bool = VLLMGenerationConfig.sleep_mode
+
+    def __post_init__(self):
+        if self.backend not in ROLLOUT_BACKENDS:
+            raise ConfigError(f"backend={self.backend!r} is not one of {ROLLOUT_BACKENDS}")
+        if self.megatron_batch_size < 1:
+            raise ConfigError(f"megatron_batch_size={self.megatron_batch_size} must be >= 1")
+        try:
+            self.vllm(seed=0)
+        except ConfigError as exc:
+            raise ConfigError(f"vllm_{exc}") from None
+
+    def megatron(self, seed: int) -> MegatronGenerationConfig:
+        return MegatronGenerationConfig(max_batch_size=self.megatron_batch_size, seed=seed)
+
+    def vllm(self, seed: int) -> VLLMGenerationConfig:
+        return VLLMGenerationConfig(gpu_memory_utilization=self.vllm_gpu_memory_utilization,
+                                    cpu_kv_cache_gib=self.vllm_cpu_kv_cache_gib, sleep_mode=self.vllm_sleep_mode,
+                                    seed=seed)
 
 
 @dataclass(frozen=True)
 class StageConfig:
     """One ``train`` job: which stage, data, starting policy and output, and the run config's sections it
-    reads (``model`` options, ``parallel.tensor``/``pipeline``, ``rl``, ``reward``), unchanged."""
+    reads (``model`` options, ``parallel.tensor``/``pipeline``, ``rl``, ``rollout``, ``reward``), unchanged."""
 
     stage: int
     data: str
@@ -40,6 +84,7 @@ class StageConfig:
     model: PolicyOptions = field(default_factory=PolicyOptions)
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
     def __post_init__(self):
         if self.stage not in STAGE_TASKS:
@@ -55,9 +100,16 @@ def policy_paths(policy: str | Path) -> tuple[Path, Path | None]:
     return policy, None
 
 
+def rl_image_config(hf_dir: str | Path, min_pixels: int, max_pixels: int) -> ImageProcessingConfig:
+    """The checkpoint's image processor settings with the run's pixel budget instead of the processor's own
+    (Qwen2.5-VL publishes ``max_pixels`` = 12,845,056: up to 16,384 tokens per image). The prompts' images
+    are prepared once with it, and rollouts and training reuse them: every phase sees the same budget."""
+    return replace(ImageProcessingConfig.from_pretrained(hf_dir), min_pixels=min_pixels, max_pixels=max_pixels)
+
+
 def run_stage(config: StageConfig) -> list[dict]:
     """Validate, build and run (or resume) one RL stage. Returns the metrics of the steps run now."""
-    from nemo_viper.data.shards import ShardDataset
+    from nemo_viper.data.shards import DatasetError, ShardDataset
     from nemo_viper.models.checkpoint import read_checkpoint_metadata
     from nemo_viper.models.policy import Accelerator, check_precision
 
@@ -66,14 +118,22 @@ def run_stage(config: StageConfig) -> list[dict]:
     expected = STAGE_TASKS[config.stage]
     if dataset.task != expected:
         raise ConfigError(f"stage {config.stage} trains on {expected!r} data but {config.data} holds {dataset.task!r}")
+    if len(dataset) == 0:
+        raise DatasetError(f"dataset {config.data} holds no usable sample (skipped when indexing: "
+                           f"{dict(dataset.skipped) or 'none'})")
+    if dataset.skipped:
+        log.warning("dataset %s: %d usable samples; %d skipped when indexing: %s", config.data, len(dataset),
+                    sum(dataset.skipped.values()), dict(dataset.skipped))
     hf_dir, checkpoint = policy_paths(config.policy)
     if checkpoint is not None:
         read_checkpoint_metadata(checkpoint)
     check_parallel_layout(read_qwen25_vl_config(hf_dir), config.tensor_parallel, config.pipeline_parallel)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     config.rl.prompts_per_rank(ParallelLayout(config.tensor_parallel, config.pipeline_parallel).data_parallel(world))
-    image_config = ImageProcessingConfig.from_pretrained(hf_dir)
+    image_config = rl_image_config(hf_dir, config.rl.min_pixels, config.rl.max_pixels)
     image_backend = resolve_backend(config.rl.image_backend)
+    if config.rollout.backend == "vllm":
+        require_vllm("rollout.backend")
 
     from megatron.core import parallel_state  # heavy imports only after the checks above
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -82,7 +142,7 @@ def run_stage(config: StageConfig) -> list[dict]:
     from nemo_viper.models.policy import PolicyConfig
     from nemo_viper.models.processor import load_processor
     from nemo_viper.rewards import ViperReward
-    from nemo_viper.rollout.megatron_backend import MegatronGenerationBackend, MegatronGenerationConfig
+    from nemo_viper.rollout.megatron_backend import MegatronGenerationBackend
     from nemo_viper.training.grpo import build_trainer
     from nemo_viper.training.loop import run_rl
 
@@ -90,9 +150,12 @@ def run_stage(config: StageConfig) -> list[dict]:
                                  pipeline_parallel=config.pipeline_parallel, **config.model.options())
     rl = config.rl
     trainer = build_trainer(policy_config, rl.grpo, rl.sampling, init_checkpoint=checkpoint)
-    generator = MegatronGenerationBackend(
-        trainer.policy, MegatronGenerationConfig(max_batch_size=rl.generation_batch_size, seed=rl.sampling.seed)
-    )
+    if config.rollout.backend == "vllm":
+        from nemo_viper.rollout.vllm_backend import VLLMGenerationBackend
+
+        generator = VLLMGenerationBackend(trainer.policy, config.rollout.vllm(rl.sampling.seed))
+    else:
+        generator = MegatronGenerationBackend(trainer.policy, config.rollout.megatron(rl.sampling.seed))
     prompts = ShardPromptSource(
         dataset,
         QwenImagePreprocessor(image_config, image_backend),  # after build_trainer chose this rank's GPU
@@ -110,5 +173,9 @@ def run_stage(config: StageConfig) -> list[dict]:
         def advance(step: int, metrics: dict) -> None:
             progress.update(task, completed=step, reward=metrics["reward/mean"])
 
-        return run_rl(trainer, generator, ViperReward(config.reward), prompts, load_processor(hf_dir), config.rl,
-                      config.out, progress=advance)
+        history = run_rl(trainer, generator, ViperReward(config.reward), prompts, load_processor(hf_dir), config.rl,
+                         config.out, progress=advance)
+    skipped = {k: v for k, v in (history[-1] if history else {}).items() if k.startswith("data/skipped/") and v}
+    if skipped and show:
+        log.warning("RL stage %d skipped %d samples in total: %s", config.stage, sum(skipped.values()), skipped)
+    return history

@@ -221,7 +221,7 @@ def test_without_dali_auto_falls_back_to_pil_with_a_warning(monkeypatch, caplog)
         QwenImagePreprocessor(CONFIG, backend="dali")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (mixed decoder)")
+@pytest.mark.gpu  # DALI's mixed (nvJPEG) decoder
 def test_gpu_pipeline_matches_the_hf_processor(hf_processor, photo_arrays):
     """Not yet run: no GPU was available when it was written; nvJPEG may need a looser bound for JPEG."""
     gpu = QwenImagePreprocessor(CONFIG, backend="dali", device="cuda")

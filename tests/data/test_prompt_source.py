@@ -167,6 +167,11 @@ def test_corrupt_image_is_skipped_counted_once_and_named(tmp_path, photos, make_
     assert source.skipped == {"corrupt_image": 1}
     assert caplog.text.count("skipping sample") == 1
     assert "corrupt image 'img0.png' of sample '000000_000002' in shard mixed-000000.tar" in caplog.text
+    assert source.skipped_counts() == ({}, {"corrupt_image": 1})
+    with source_for(dataset, preprocessor) as resumed:  # a resume counts the sample once, not again
+        resumed.load_state_dict(source.state_dict())
+        ids(resumed, 6)
+        assert resumed.skipped_counts() == ({}, {"corrupt_image": 1})
 
 
 def test_the_pil_fallback_serves_the_same_prompts(dataset, preprocessor):
@@ -224,3 +229,15 @@ def test_resident_memory_stays_bounded_over_many_epochs():
     growth = measured["rss_peak"] - measured["rss_after_first_step"]
     assert measured["served_pixel_bytes"] > 4 * ceiling  # accumulating the prompts would break the ceiling
     assert growth < ceiling, f"resident memory grew by {growth / 2**20:.0f} MiB while streaming"
+
+
+def test_skipped_totals_add_index_time_and_read_time_skips():
+    from nemo_viper.training.loop import skipped_metrics
+
+    class Source:
+        def skipped_counts(self):
+            return {"invalid_json": 2, "corrupt_image": 1}, {"corrupt_image": 3}
+
+    assert skipped_metrics(Source(), None) == {"data/skipped": 6.0, "data/skipped/invalid_json": 2.0,
+                                               "data/skipped/corrupt_image": 4.0}
+    assert skipped_metrics(object(), None) == {}

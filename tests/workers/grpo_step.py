@@ -104,6 +104,9 @@ def main():
                         help="every GRPO option on: Dr.GRPO (no std), dual clip 1.5, k3 KL (beta 0.5, frozen "
                         "reference), overlong filtering (one response flagged truncated)")
     parser.add_argument("--reference", action="store_true", help="also save the plain-autograd gradient")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--fp8-recipe", default="blockwise")
+    parser.add_argument("--metrics-only", action="store_true", help="save no gradients (large models)")
     args = parser.parse_args()
 
     import torch.distributed as dist
@@ -123,14 +126,15 @@ def main():
             micro_batch_size=mbs,
             **options,
         )
-        trainer = build_trainer(PolicyConfig(hf_path=args.hf, precision="fp32"), config)
+        policy_config = PolicyConfig(hf_path=args.hf, precision=args.precision, fp8_recipe=args.fp8_recipe)
+        trainer = build_trainer(policy_config, config)
         world, rank = dist.get_world_size(), dist.get_rank()
         prompts = [0, 1] if world == 1 else [rank]
         batch = rollout_batch(args.hf, prompts, args.minibatches, truncated)
         metrics = trainer.step(batch)
         (model,) = trainer.policy.chunks
-        grads = {name.removeprefix("module."): p.main_grad.detach().clone()
-                 for name, p in model.named_parameters() if p.requires_grad}
+        grads = {} if args.metrics_only else {name.removeprefix("module."): p.main_grad.detach().clone()
+                                              for name, p in model.named_parameters() if p.requires_grad}
         result = {"grads": grads, "metrics": metrics, "reference_loaded": trainer.reference is not None}
         if args.reference:
             result["reference_grads"] = reference_gradients(args.hf, config, batch)

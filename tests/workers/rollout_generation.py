@@ -109,7 +109,9 @@ def main():
         eos_backend = MegatronGenerationBackend(policy, MegatronGenerationConfig(eos_token_ids=(eos_token,)))
         result["eos"] = {"token": eos_token, "response": eos_backend.generate(greedy[:1])[0][0]}
         after_two_tokens = len(backend.tokenizer.decode(reference[:2], skip_special_tokens=True))
-        stop = next(text[i : i + 3] for i in range(after_two_tokens, len(text)) if text[i : i + 3].isalpha())
+        # the first 3-character window without whitespace that first occurs after the first two tokens
+        windows = (text[i : i + 3] for i in range(after_two_tokens, len(text) - 2))
+        stop = next(w for w in windows if not any(c.isspace() for c in w) and text.index(w) >= after_two_tokens)
         result["stop_string"] = stop
         for include in (False, True):
             request = with_sampling(

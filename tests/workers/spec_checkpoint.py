@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from nemo_viper.errors import CheckpointError
-from nemo_viper.models.checkpoint import load_model_weights, match_checkpoint_keys, save_policy
+from nemo_viper.models.checkpoint import (FILES_KEY, METADATA_FILE, file_hashes, load_model_weights,
+                                         match_checkpoint_keys, save_policy)
 from nemo_viper.models.policy import PolicyConfig, build_policy
 
 EXTRA = "language_model.decoder.layers.self_attention.core_attention._extra_state"
@@ -54,6 +55,9 @@ def main():
     layers = len(policy.chunks[0].language_model.decoder.layers)
     dist_checkpointing.save(te_layout(policy.chunks[0].sharded_state_dict(), layers), str(model_dir),
                             async_sharded_save=False)
+    metadata = json.loads((te_ckpt / METADATA_FILE).read_text())  # the manifest a TE-spec save would write
+    metadata[FILES_KEY] = file_hashes(te_ckpt)
+    (te_ckpt / METADATA_FILE).write_text(json.dumps(metadata))
     te_keys = {k.split("/shard_")[0] for k in load_sharded_metadata(str(model_dir))}
     local_keys = {k.split("/shard_")[0] for k in load_sharded_metadata(str(local_ckpt / "model"))}
 

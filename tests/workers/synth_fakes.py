@@ -28,11 +28,16 @@ CAPTIONS = (
 )
 
 
+CAPTION_SALT = b"46"
+"""Salt of the per-image hash, chosen so that with the tiny processor and ``conftest.PHOTOS`` the first two
+photos get the unusable captions and the other four the usable ones (pick another if the processor changes)."""
+
+
 def _key(request) -> int:
-    """A per-image number: the caption variant of this image."""
+    """A per-image number: the caption variant of this image (pixels rounded to 0.01, robust to float noise)."""
     if request.pixel_values is None:
         return 0
-    digest = hashlib.sha256(request.pixel_values.float().numpy().round(3).tobytes()).digest()
+    digest = hashlib.sha256(CAPTION_SALT + request.pixel_values.float().numpy().round(2).tobytes()).digest()
     return digest[0]
 
 

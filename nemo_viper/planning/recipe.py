@@ -1,0 +1,217 @@
+"""``nemo-viper plan``: the memory plan of a recipe (adapter from :class:`~nemo_viper.config.ViperConfig` to
+:mod:`nemo_viper.planning.memory`), its verdict for a GPU size, and the smallest change that fits.
+
+The architecture comes from ``model.hf_path``'s ``config.json`` when the directory exists here, else from
+the published config of the Qwen2.5-VL checkpoint its name matches (the recipes' paths are cluster paths).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from nemo_viper.errors import ConfigError
+from nemo_viper.planning.memory import (
+    GIB,
+    Architecture,
+    Layout,
+    Plan,
+    SynthesisShape,
+    TrainingShape,
+    plan_memory,
+    training_changes,
+)
+
+# The published config.json values the plan needs (huggingface.co/Qwen/Qwen2.5-VL-{3B,7B}-Instruct).
+_VISION = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "patch_size": 14,
+           "spatial_merge_size": 2, "temporal_patch_size": 2}
+PUBLISHED = {
+    "Qwen2.5-VL-3B": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+                      "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936,
+                      "tie_word_embeddings": True, "vision_config": _VISION},
+    "Qwen2.5-VL-7B": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                      "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+                      "tie_word_embeddings": False, "vision_config": _VISION},
+}
+# Parameters of the diffusion pipelines of the presets: (all components, largest component, transformer
+# hidden size, latent tokens per 1024^2 image). Qwen-Image: 20.4B MMDiT + Qwen2.5-VL-7B text encoder + VAE.
+PIPELINES = {"Qwen/Qwen-Image": (28.85e9, 20.43e9, 3072, 4096), "Qwen/Qwen-Image-Edit": (28.85e9, 20.43e9, 3072, 8192)}
+# Reward embedding models: parameters (float32 on the GPU).
+REWARD_MODELS = {"bge-m3": 568e6, "": 22.7e6}  # "" = the packaged all-MiniLM-L6-v2
+PROMPT_TEMPLATE_TOKENS = 160  # chat template + task text of the RL prompts (nemo_viper.prompts), rounded up
+DEFAULT_MARGIN = 0.15  # kept free: the estimator measured up to 10 % low on CPU (docs/benchmarks.md) + CUDA context
+
+
+def architecture(hf_path: str) -> tuple[Architecture, str]:
+    """The checkpoint's sizes and where they came from."""
+    if hf_path == "tiny":
+        from nemo_viper.models.tiny import TinyModelConfig, build_hf_config, build_tokenizer
+
+        config = TinyModelConfig()
+        hf_config = build_hf_config(config, build_tokenizer(config.vocab_size)).to_dict()
+        return Architecture.from_hf_config(hf_config), "the tiny model"
+    path = Path(hf_path) / "config.json"
+    if path.is_file():
+        return Architecture.from_hf_config(json.loads(path.read_text())), str(path)
+    for name, config in PUBLISHED.items():
+        if name.lower() in hf_path.lower():
+            return Architecture.from_hf_config(config), f"published {name}-Instruct config ({hf_path} is not here)"
+    raise ConfigError(f"model.hf_path={hf_path!r}: no config.json here and not a published Qwen2.5-VL-3B/7B name")
+
+
+def _reward_params(embedding_model: str) -> float:
+    for name, params in REWARD_MODELS.items():
+        if name and name in embedding_model.lower():
+            return params
+    if embedding_model and Path(embedding_model).is_dir():
+        return sum(f.stat().st_size for f in Path(embedding_model).rglob("*.safetensors")) / 4
+    return REWARD_MODELS[""]
+
+
+def training_shapes(config) -> dict[str, TrainingShape]:
+    """The two RL stages' shapes: stage 1 shows one image and a synthesised caption, stage 2 two images."""
+    from nemo_viper.synthesis.config import VLMConfig
+
+    rl, parallel = config.rl, config.parallel
+    caption_tokens = config.synthesis.get("vlm", {}).get("caption_tokens", VLMConfig.caption_tokens)
+    rows_per_rank = rl.prompts_per_step * rl.n // (rl.grpo.num_minibatches * parallel.data_parallel)
+    base = TrainingShape(
+        micro_batch_size=rl.grpo.micro_batch_size,
+        responses_per_prompt=rl.n,
+        micro_batches_per_minibatch=max(1, rows_per_rank // rl.grpo.micro_batch_size),
+        max_pixels=rl.max_pixels,
+        max_new_tokens=rl.sampling.max_new_tokens,
+        generation_batch_size=config.rollout.megatron_batch_size,
+        precision=config.model.precision,
+        recompute=config.model.recompute,
+        recompute_vision=config.model.recompute_vision,
+        reward_params=int(_reward_params(config.reward.embedding_model)),
+    )
+    return {"RL stage 1": replace(base, prompt_text_tokens=PROMPT_TEMPLATE_TOKENS + caption_tokens),
+            "RL stage 2": replace(base, prompt_text_tokens=PROMPT_TEMPLATE_TOKENS, images_per_prompt=2)}
+
+
+def synthesis_shape(config) -> SynthesisShape | None:
+    """The heavier of the two synthesis stages' pipelines with the policy; ``None`` for pipelines the plan
+    does not know (the tiny ones: a few MB)."""
+    from omegaconf import OmegaConf
+
+    from nemo_viper.synthesis.config import DIFFUSION_PRESETS, SynthConfig, resolve_preset
+
+    preset = resolve_preset(config.synthesis.get("diffusion_preset", "auto"), cuda_available=True)
+    merged = OmegaConf.merge(OmegaConf.structured(SynthConfig), DIFFUSION_PRESETS[preset], config.synthesis,
+                             {"out": "plan", "vlm": {"policy": config.model.hf_path}})
+    synth = OmegaConf.to_object(merged)
+    known = [(PIPELINES[d.model], d) for d in (synth.redraw, synth.edit) if d.model in PIPELINES]
+    if not known:
+        return None
+    (total, largest, hidden, tokens), diffusion = max(known, key=lambda item: item[0][3])
+    return SynthesisShape(
+        vlm_batch_size=synth.vlm.max_batch_size,
+        vlm_tokens=max(synth.vlm.caption_tokens, synth.vlm.critique_tokens) + PROMPT_TEMPLATE_TOKENS,
+        vlm_pixels=synth.vlm.max_pixels or config.rl.max_pixels,
+        pipeline_params=int(total), largest_component_params=int(largest), pipeline_hidden=hidden,
+        pipeline_tokens=tokens, pipeline_batch_size=diffusion.batch_size, cpu_offload=diffusion.cpu_offload,
+        residency=synth.residency,
+    )
+
+
+@dataclass
+class RecipePlan:
+    plan: Plan
+    architecture: Architecture
+    source: str
+    layout: Layout
+    suggestion: str | None  # the smallest change that makes every phase fit, when some phase does not
+
+
+def plan_recipe(config, gpu_gib: float = 80, margin: float = DEFAULT_MARGIN) -> RecipePlan:
+    arch, source = architecture(config.model.hf_path)
+    parallel = config.parallel
+    gpus = parallel.world_size
+    layout = Layout(parallel.tensor, parallel.pipeline, parallel.data_parallel,
+                    distributed_optimizer=parallel.gpus_per_node > 0)
+    shapes, synth = training_shapes(config), synthesis_shape(config)
+    plan = plan_memory(arch, layout, shapes, synth, gpu_gib * GIB, margin)
+    suggestion = None if plan.all_fit else _smallest_change(arch, layout, shapes, synth, plan, gpus)
+    return RecipePlan(plan, arch, source, layout, suggestion)
+
+
+def _smallest_change(arch, layout, shapes, synth, plan: Plan, gpus: int) -> str:
+    """The synthesis switches the synthesis phase needs, then the first RL candidate (in order of cost)
+    that makes every phase fit alone, else the RL candidates applied one after another until they do."""
+    changes, fits = [], False
+    if synth is not None and not plan.fits(plan.phases[0]):
+        for key, value in (("residency", "alternate"), ("cpu_offload", True)):
+            synth = replace(synth, **{key: value})
+            changes.append(f"synthesis.{key}={str(value).lower()}")
+            if plan_memory(arch, layout, {}, synth, plan.gpu_bytes, plan.margin).all_fit:
+                break
+
+    def fit(candidate_shapes, candidate_layout):
+        return plan_memory(arch, candidate_layout, candidate_shapes, synth, plan.gpu_bytes, plan.margin).all_fit
+
+    base = next(iter(shapes.values()))
+    if fit(shapes, layout):
+        return " ".join(changes)
+    candidates = list(training_changes(base, layout, arch, gpus))
+    for description, candidate, candidate_layout in candidates:
+        if fit({k: _apply(s, candidate, base) for k, s in shapes.items()}, candidate_layout):
+            return " ".join([*changes, _as_key(description)])
+    current = dict(shapes)
+    for description, candidate, candidate_layout in candidates:
+        current = {k: _apply(s, candidate, base) for k, s in current.items()}
+        layout = candidate_layout if candidate_layout != layout else layout
+        changes.append(_as_key(description))
+        if fit(current, layout):
+            return " ".join(changes)
+    return "no change found: " + " ".join(changes) + " still does not fit"
+
+
+def _apply(stage_shape: TrainingShape, candidate: TrainingShape, base: TrainingShape) -> TrainingShape:
+    """``stage_shape`` with the fields that ``candidate`` changed relative to ``base``."""
+    changed = {k: v for k, v in vars(candidate).items() if getattr(base, k) != v}
+    return replace(stage_shape, **changed)
+
+
+_KEYS = {"recompute": "model.recompute", "recompute_vision": "model.recompute_vision",
+         "micro_batch_size": "rl.grpo.micro_batch_size", "generation_batch_size": "rollout.megatron_batch_size"}
+
+
+def _as_key(description: str) -> str:
+    key, _, value = description.partition("=")
+    return f"{_KEYS.get(key, key)}={value}"
+
+
+def refuse_if_not_fitting(config, gpu_gib: float = 80) -> None:
+    """``ConfigError`` (one line) naming the phases that do not fit and the smallest change that does."""
+    result = plan_recipe(config, gpu_gib)
+    if result.plan.all_fit:
+        return
+    failing = ", ".join(f"{p.name} {p.total / GIB:.0f} GiB" for p in result.plan.phases if not result.plan.fits(p))
+    raise ConfigError(f"memory plan: {failing} do not fit {gpu_gib:g} GiB GPUs (nemo-viper plan --recipe "
+                      f"{config.name}); try {result.suggestion}; or launch with --ignore-memory-plan")
+
+
+def format_plan(result: RecipePlan, name: str) -> str:
+    """The table printed by ``nemo-viper plan``: one column per phase, GiB per term, totals and verdicts."""
+    plan, layout = result.plan, result.layout
+    terms = list(dict.fromkeys(t for p in plan.phases for t in p.terms))
+    width = max(len(t) for t in terms + ["total"]) + 2
+    header = f"{'':<{width}}" + "".join(f"{p.name:>26}" for p in plan.phases)
+    lines = [f"memory plan of recipe {name}: {result.architecture.total_params / 1e9:.2f}B parameters "
+             f"({result.source}); TP={layout.tensor} PP={layout.pipeline} DP={layout.data}; "
+             f"GPU {plan.gpu_bytes / GIB:.0f} GiB, {plan.margin:.0%} kept free", "", header]
+    for term in terms:
+        cells = "".join(f"{p.terms[term] / GIB:>26.2f}" if term in p.terms else f"{'-':>26}" for p in plan.phases)
+        lines.append(f"{term:<{width}}{cells}")
+    lines.append(f"{'total (GiB)':<{width}}" + "".join(f"{p.total / GIB:>26.2f}" for p in plan.phases))
+    lines.append(f"{'verdict':<{width}}" + "".join(f"{'fits' if plan.fits(p) else 'DOES NOT FIT':>26}"
+                                                  for p in plan.phases))
+    lines.append("")
+    if plan.all_fit:
+        lines.append(f"every phase fits {plan.gpu_bytes / GIB:.0f} GiB")
+    else:
+        lines.append(f"does not fit {plan.gpu_bytes / GIB:.0f} GiB; smallest change that fits: {result.suggestion}")
+    return "\n".join(lines)

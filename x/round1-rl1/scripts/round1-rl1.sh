@@ -1,2 +1,0 @@
-#!/usr/bin/bash
-cd /opt/nemo_viper && python -m nemo_viper.cli train --stage 1 --data /tmp/pytest-of-root/pytest-74/test_every_leaf_key_reaches_a_0/run_cluster.job_dir/round1/synth1 --policy /tmp/pytest-of-root/pytest-74/test_every_leaf_key_reaches_a_0/run_cluster.job_dir/base_model --out /tmp/pytest-of-root/pytest-74/test_every_leaf_key_reaches_a_0/run_cluster.job_dir/round1/rl1 --config /tmp/pytest-of-root/pytest-74/test_every_leaf_key_reaches_a_0/run_cluster.job_dir/config/viper.yaml
