@@ -12,7 +12,7 @@ import os
 import sys
 from contextlib import contextmanager
 
-from nemo_viper.errors import NemoViperError
+from nemo_viper.errors import EvalGuardStop, NemoViperError
 
 
 def _add_layout_args(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +81,10 @@ TRAIN_FLAGS = {
     "--vllm-cpu-kv-cache-gib": "rollout.vllm_cpu_kv_cache_gib",
     "--reward-model": "reward.embedding_model",
     "--reward-mode": "reward.mode",
+    "--reward-threshold": "reward.threshold",
+    "--heldout-count": "eval.heldout.count",
+    "--heldout-fraction": "eval.heldout.fraction",
+    "--heldout-samples": "eval.heldout.samples",
     "--precision": "model.precision",
     "--fp8-recipe": "model.fp8_recipe",
     "--layer-spec": "model.layer_spec",
@@ -111,7 +115,8 @@ def train_config(args):
     config = compose(args.config, overrides)
     return StageConfig(stage=args.stage, data=args.data, policy=args.policy, out=args.out, rl=config.rl,
                        rollout=config.rollout, reward=config.reward, model=PolicyOptions(**config.model.options()),
-                       tensor_parallel=config.parallel.tensor, pipeline_parallel=config.parallel.pipeline)
+                       tensor_parallel=config.parallel.tensor, pipeline_parallel=config.parallel.pipeline,
+                       heldout=config.eval.heldout)
 
 
 def _dest(flag: str) -> str:
@@ -158,6 +163,46 @@ def cmd_synth(args) -> None:
         else:
             print(f"synthesis stage {args.stage}: {manifest['total_samples']} samples of {manifest['inputs']} inputs "
                   f"in {len(manifest['shards'])} shards -> {args.out}")
+
+
+def cmd_eval(args) -> None:
+    from nemo_viper.evaluation.benchmarks import parse_tasks
+    from nemo_viper.evaluation.harness import EvalConfig, collect, evaluate
+    from nemo_viper.evaluation.results import load_summary, write_comparison
+
+    if args.compare:
+        labels = args.labels or [os.path.basename(os.path.normpath(p)) for p in args.compare]
+        if len(labels) != len(args.compare):
+            raise NemoViperError(f"--labels has {len(labels)} names for {len(args.compare)} --compare results")
+        out = write_comparison([(l, load_summary(p)) for l, p in zip(labels, args.compare)], args.out or "eval_compare")
+        print(out.read_text())
+        return
+    if args.collect:
+        summary = collect(args.collect)
+    else:
+        if not args.model or not args.dataset_root:
+            raise NemoViperError("eval needs --model and --dataset-root (or --compare / --collect)")
+        tasks = parse_tasks(args.tasks)
+        if args.num_shards:
+            if not 0 <= (args.shard_index or 0) < args.num_shards:
+                raise NemoViperError(f"--shard-index {args.shard_index} is not in [0, {args.num_shards})")
+            tasks = tasks[args.shard_index or 0::args.num_shards]
+        model_args = dict(item.split("=", 1) for item in args.model_args.split(",")) if args.model_args else {}
+        config = EvalConfig(model=args.model, out=args.out or "eval_results", dataset_root=args.dataset_root,
+                            tasks=tasks, backend=args.backend, model_args=model_args, batch_size=args.batch_size,
+                            max_new_tokens=args.max_new_tokens, limit=args.limit, device=args.device)
+        summary = evaluate(config)
+    print(open(os.path.join(args.collect or args.out or "eval_results", "results.md")).read())
+    if args.guard_against:
+        from nemo_viper.evaluation.results import check_drop
+
+        check_drop(load_summary(args.guard_against), summary, args.max_drop)
+
+
+def cmd_tiny_eval_data(args) -> None:
+    from nemo_viper.evaluation.tiny_datasets import write_tiny_datasets
+
+    print(f"tiny benchmark datasets written to {write_tiny_datasets(args.out)}")
 
 
 def _recipe_config(args, check_paths: bool | None = None):
@@ -356,6 +401,34 @@ def build_parser() -> argparse.ArgumentParser:
     tiny_diffusion.add_argument("--out", required=True, help="output directory (one sub-directory per pipeline)")
     tiny_diffusion.set_defaults(func=cmd_tiny_diffusion)
 
+    ev = commands.add_parser("eval", help="the paper's 7 benchmarks through lmms-eval; --compare: side by side")
+    ev.add_argument("--model", help="HF Qwen2.5-VL dir, policy checkpoint or RL run dir (exported to OUT/hf_model)")
+    ev.add_argument("--tasks", help="comma-separated lmms-eval tasks (default: all 7: mmstar,realworldqa,"
+                                    "mmerealworld,blink,mantis,hallusion_bench_image,crpe_relation)")
+    ev.add_argument("--out", help="output dir: results.json, results.md, tasks/ (default eval_results; "
+                                  "with --compare: eval_compare)")
+    ev.add_argument("--dataset-root", help="root of the local dataset copies (layout: docs/evaluation.md)")
+    ev.add_argument("--backend", default="qwen2_5_vl", choices=("qwen2_5_vl", "vllm"),
+                    help="lmms-eval model: qwen2_5_vl (transformers; CPU or GPU) or vllm (GPU)")
+    ev.add_argument("--model-args", help="extra lmms-eval model args, e.g. max_pixels=1003520,attn_implementation=sdpa")
+    ev.add_argument("--batch-size", type=int, default=1)
+    ev.add_argument("--max-new-tokens", type=int, help="cap every task's generation budget (smoke runs; recorded)")
+    ev.add_argument("--limit", type=int, help="first N documents per task (smoke runs; recorded)")
+    ev.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
+    ev.add_argument("--shard-index", type=int, help="evaluate tasks[shard_index::num_shards] (one job per shard)")
+    ev.add_argument("--num-shards", type=int)
+    ev.add_argument("--collect", metavar="OUT", help="rewrite OUT/results.{json,md} from the shard jobs' task files")
+    ev.add_argument("--compare", nargs="+", metavar="RESULTS", help="eval output dirs side by side, deltas to the first")
+    ev.add_argument("--labels", nargs="+", help="column names for --compare (default: the dir names)")
+    ev.add_argument("--guard-against", metavar="RESULTS",
+                    help="exit with status 3 if the average dropped by more than --max-drop points against RESULTS")
+    ev.add_argument("--max-drop", type=float, default=1.0, help="points of average score (default 1.0)")
+    ev.set_defaults(func=cmd_eval)
+
+    tiny_eval = commands.add_parser("tiny-eval-data", help="write tiny offline copies of the 7 benchmarks")
+    tiny_eval.add_argument("--out", required=True, help="dataset root to write")
+    tiny_eval.set_defaults(func=cmd_tiny_eval_data)
+
     for name, help_text in (("run", "the closed loop, locally (resumes an interrupted run)"),
                             ("launch", "the closed loop as NeMo-Run jobs (local or Slurm)")):
         sub = commands.add_parser(name, help=help_text)
@@ -410,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
 
             trust_unverified_checkpoints()
         return args.func(args) or 0
+    except EvalGuardStop as exc:
+        print(f"stop: {exc}", file=sys.stderr)
+        return 3
     except NemoViperError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -15,6 +15,8 @@ default and every allowed value is written once, in that dataclass:
 ``reward``      :class:`~nemo_viper.rewards.RewardConfig`
 ``synthesis``   keys of :class:`~nemo_viper.synthesis.config.SynthConfig` (partial: its presets apply first)
 ``cluster``     :class:`ClusterSection`: where jobs run
+``eval``        :class:`EvalSection`: benchmark phases and ``eval.heldout``
+                (:class:`~nemo_viper.evaluation.heldout.HeldoutConfig`, read by the RL jobs)
 ==============  ==============================================================================
 
 A recipe YAML (``conf/recipes/NAME.yaml``) lists the parts it is made of under ``defaults`` (e.g.
@@ -36,12 +38,16 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, get_origin, get_type_hints
+from typing import Any, Optional, get_origin, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from nemo_viper.errors import ConfigError, NemoViperError
+from nemo_viper.evaluation.benchmarks import TASKS as BENCHMARK_TASKS
+from nemo_viper.evaluation.benchmarks import parse_tasks
+from nemo_viper.evaluation.harness import MODEL_BACKENDS, EvalConfig
+from nemo_viper.evaluation.heldout import HeldoutConfig
 from nemo_viper.models.policy import PolicyOptions
 from nemo_viper.rewards import RewardConfig
 from nemo_viper.training.loop import RLConfig
@@ -102,6 +108,8 @@ class PhaseTimes:
     synth: str = "04:00:00"  # one array task (one shard of a synthesis phase)
     rl: str = "24:00:00"
     export: str = "01:00:00"
+    eval: str = "08:00:00"  # one benchmark shard job (nemo-viper eval on some of the 7 tasks)
+    eval_data: str = "00:30:00"  # tiny benchmark copies (embedded default only)
 
 
 @dataclass
@@ -138,6 +146,45 @@ class ClusterSection:
 
 
 @dataclass
+class EvalSection:
+    """Evaluation inside the loop (SPEC §10, docs/evaluation.md).
+
+    ``heldout``: the self-evaluation split of each stage's data (:class:`HeldoutConfig`), scored before/after
+    every RL stage by the RL job itself. ``enabled``: the benchmark phases, ``nemo-viper eval`` of the base
+    model once and of each round's policy, on ``tasks`` from the local copies under ``dataset_root``
+    (``tiny``: tiny copies written into the run dir), split into ``num_shards`` jobs; ``backend``,
+    ``model_args``, ``batch_size``, ``max_new_tokens``, ``limit`` are the eval job's
+    (:class:`~nemo_viper.evaluation.harness.EvalConfig`); ``guard_max_drop`` (points of the average, None =
+    off) stops further rounds when a round's average falls by more than that against the previous one.
+    """
+
+    enabled: bool = False
+    dataset_root: str = ""
+    tasks: list[str] = field(default_factory=lambda: list(BENCHMARK_TASKS))
+    backend: str = EvalConfig.backend
+    model_args: dict[str, str] = field(default_factory=dict)
+    batch_size: int = EvalConfig.batch_size
+    max_new_tokens: Optional[int] = None
+    limit: Optional[int] = None
+    num_shards: int = 1
+    guard_max_drop: Optional[float] = None
+    heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
+
+    def __post_init__(self):
+        parse_tasks(self.tasks)
+        if self.backend not in MODEL_BACKENDS:
+            raise ConfigError(f"backend={self.backend!r} is not one of {MODEL_BACKENDS}")
+        for key in ("batch_size", "num_shards", "max_new_tokens", "limit"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{key}={value} must be >= 1")
+        if self.guard_max_drop is not None and self.guard_max_drop < 0:
+            raise ConfigError(f"guard_max_drop={self.guard_max_drop} must be >= 0 (or null: no guard)")
+        if self.enabled and not self.dataset_root:
+            raise ConfigError("dataset_root is required with enabled=true (local benchmark copies, or 'tiny')")
+
+
+@dataclass
 class ViperConfig:
     """Everything the closed loop needs (SPEC §2): K rounds of synth 1 → RL 1 → synth 2 → RL 2."""
 
@@ -151,6 +198,7 @@ class ViperConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     synthesis: dict[str, Any] = field(default_factory=dict)  # nemo_viper.synthesis.config.SynthConfig keys
     cluster: ClusterSection = field(default_factory=ClusterSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
     def __post_init__(self):
         if self.rounds < 1:
@@ -262,7 +310,8 @@ def rl_job_settings(config: ViperConfig) -> dict:
     """What an RL (``train``) job reads from the run config file (see ``cli.train_config``), as plain data."""
     return {"model": asdict(PolicyOptions(**config.model.options())),
             "parallel": {"tensor": config.parallel.tensor, "pipeline": config.parallel.pipeline},
-            "rl": asdict(config.rl), "rollout": asdict(config.rollout), "reward": asdict(config.reward)}
+            "rl": asdict(config.rl), "rollout": asdict(config.rollout), "reward": asdict(config.reward),
+            "eval": {"heldout": asdict(config.eval.heldout)}}
 
 
 # SynthConfig keys the plan sets for each synth job (from its phase), so the synthesis section may not.
@@ -311,6 +360,10 @@ def validate(config: ViperConfig, check_paths: bool = True) -> None:
                           f"pipeline {parallel.pipeline}))") from exc
     if config.model.precision == "fp8" and parallel.gpus_per_node == 0:
         raise ConfigError("model.precision='fp8' needs GPUs (parallel.gpus_per_node > 0)")
+    if config.eval.enabled and config.eval.dataset_root != "tiny" and check_paths:
+        from nemo_viper.evaluation.benchmarks import check_datasets
+
+        check_datasets(parse_tasks(config.eval.tasks), config.eval.dataset_root)  # names the task and the path
     from nemo_viper.cluster import validate_cluster
 
     validate_cluster(config, check_paths)  # first: strings that must be shell-safe paths are refused as such

@@ -6,14 +6,14 @@
   (:mod:`nemo_viper.environment`);
 - **GPU** (when the phase, or the config, uses GPUs): CUDA visible with enough devices for the ranks of
   this node, NCCL available, DALI installed unless ``rl.image_backend=pil`` (``auto`` would otherwise fall
-  back to PIL silently), and for ``model.precision=fp8`` Transformer Engine importable and a GPU that
-  has the FP8 recipe (``blockwise``/``tensorwise``/``delayed``: compute capability >= 9.0 (Hopper);
-  ``mxfp8``: >= 10.0 (Blackwell));
+  back to PIL silently), and ``model.precision`` x ``fp8_recipe`` x ``layer_spec`` possible on this GPU (the
+  rule the policy applies when it is built, :func:`nemo_viper.models.policy.check_precision`);
 - **paths**: every configured path a job reads exists and is readable; the run dir is writable;
 - **models**: the policy's HF directory complete (config, weights, tokenizer, processor), the reward model
   a sentence-transformers directory, the diffusion models diffusers directories; a hub id where jobs run
   with ``HF_HUB_OFFLINE=1`` is a problem;
 - **inputs** of the phase: the phases it depends on are done (:mod:`nemo_viper.run_state`);
+- **harness** of a benchmark phase (``eval``): lmms-eval importable, and vLLM for ``eval.backend=vllm``;
 - **disk**: at least ``cluster.min_free_disk_gb`` free where the run dir lives.
 """
 
@@ -26,10 +26,9 @@ from pathlib import Path
 from nemo_viper.cluster import hub_offline, job_paths, model_sources
 from nemo_viper.config import ViperConfig
 from nemo_viper.environment import build_info, installed_versions, version_problems
-from nemo_viper.errors import NemoViperError
+from nemo_viper.errors import ConfigError, NemoViperError
 from nemo_viper.run_state import hf_model_problem, phase_states
 
-FP8_CAPABILITY = {"blockwise": (9, 0), "tensorwise": (9, 0), "delayed": (9, 0), "mxfp8": (10, 0)}
 # Files that mark a model directory of each library (any one of them).
 LIBRARY_FILES = {
     "reward.embedding_model": ("modules.json", "config_sentence_transformers.json", "config.json"),
@@ -94,15 +93,16 @@ def _gpu_problems(config: ViperConfig, ranks_per_node: int, kind: str | None) ->
     if kind in (None, "rl") and config.rl.image_backend in ("auto", "dali") and find_spec("nvidia.dali") is None:
         problems.append(f"rl.image_backend={config.rl.image_backend} but NVIDIA DALI is not installed (the project "
                         "image installs it from container/requirements.lock; rl.image_backend=pil to use PIL)")
-    if config.model.precision == "fp8":
-        need = FP8_CAPABILITY[config.model.fp8_recipe]
-        device = int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1)
-        have = torch.cuda.get_device_capability(device)
-        if find_spec("transformer_engine") is None:
-            problems.append("model.precision=fp8 needs Transformer Engine, which is not installed")
-        if have < need:
-            problems.append(f"model.fp8_recipe={config.model.fp8_recipe} needs compute capability "
-                            f"{need[0]}.{need[1]}+, GPU {device} ({torch.cuda.get_device_name(device)}) is {have[0]}.{have[1]}")
+    from nemo_viper.models.policy import Accelerator, check_precision, transformer_engine_available
+
+    device = int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1)
+    accelerator = Accelerator(cuda=True, transformer_engine=transformer_engine_available(),
+                              compute_capability=tuple(torch.cuda.get_device_capability(device)),
+                              name=f"GPU {device} ({torch.cuda.get_device_name(device)})")
+    try:  # the rule the policy applies when it is built: precision x FP8 recipe x GPU x layer spec
+        check_precision(config.model.precision, config.model.fp8_recipe, config.model.layer_spec, accelerator)
+    except ConfigError as error:
+        problems.append(f"model: {error}")
     return problems
 
 
@@ -116,6 +116,17 @@ def _input_problems(config: ViperConfig, phase_name: str) -> list[str]:
     states = phase_states(phases, config.run_dir)
     return [f"phase {phase_name} needs {dep}, which is not done: {states[dep].detail}"
             for dep in by_name[phase_name].depends_on if not states[dep].done]
+
+
+def _harness_problems(config: ViperConfig) -> list[str]:
+    from importlib.util import find_spec
+
+    problems = []
+    if find_spec("lmms_eval") is None:
+        problems.append("eval phases need lmms-eval, which is not installed (README: Installation, `nemo-viper eval`)")
+    if config.eval.backend == "vllm" and find_spec("vllm") is None:
+        problems.append("eval.backend=vllm but vLLM is not installed (eval.backend=qwen2_5_vl uses transformers)")
+    return problems
 
 
 def check(config: ViperConfig, phase_name: str | None = None, gpu: bool | None = None) -> list[str]:
@@ -132,6 +143,8 @@ def check(config: ViperConfig, phase_name: str | None = None, gpu: bool | None =
 
         phase = next((p for p in plan(config) if p.name == phase_name), None)
         problems += _input_problems(config, phase_name)
+        if phase is not None and phase.kind == "eval":
+            problems += _harness_problems(config)
     if gpu is None:
         if phase is not None:
             gpu = phase.gpus_per_node > 0

@@ -14,3 +14,7 @@ class ConfigError(NemoViperError, ValueError):
 
 class CheckpointError(NemoViperError):
     """A missing, incomplete or incompatible checkpoint directory; the message names the path."""
+
+
+class EvalGuardStop(NemoViperError):
+    """The benchmark average dropped by more than the configured threshold: stop further rounds (exit 3)."""

@@ -3,8 +3,13 @@
 :func:`plan` turns a :class:`~nemo_viper.config.ViperConfig` into phases, each a separate job that reads
 and writes files under ``run_dir``::
 
-    prepare (tiny only)  ->  round r:  synth1 (N shard tasks) -> rl1 -> synth2 (N shard tasks) -> rl2
-                                       -> export (last round): HF checkpoint of the final policy
+    prepare (tiny only) [-> eval_data (tiny copies) -> eval (base model)]
+        ->  round r:  synth1 (N shard tasks) -> rl1 -> synth2 (N shard tasks) -> rl2 [-> round r.eval]
+        ->  export (last round): HF checkpoint of the final policy
+
+The bracketed benchmark phases run with ``eval.enabled`` (``nemo-viper eval``, ``eval.num_shards`` jobs,
+then a collect job); the next round waits for them, so the guard (``eval.guard_max_drop``) can stop it.
+Each RL stage scores its held-out split before and after training (``eval.heldout``).
 
 Round r synthesises stage-1 data with the checkpoint of round r-1 (the base model for r = 1), trains
 stage 1 from it, synthesises stage-2 data with the stage-1 checkpoint, and trains stage 2 from that.
@@ -18,6 +23,7 @@ checkpoints) picks up partial work.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -77,6 +83,14 @@ class RunPaths:
     def round_dir(self, r: int) -> Path:
         return self.root / f"round{r}"
 
+    def eval_dir(self, name: str) -> Path:
+        """Benchmark results of ``base`` or ``round<r>`` (``nemo-viper eval --out``)."""
+        return self.root / "eval" / name
+
+    @property
+    def eval_data(self) -> Path:
+        return self.root / "eval_data"
+
     @property
     def base_model(self) -> Path:
         return self.root / "base_model"
@@ -84,6 +98,35 @@ class RunPaths:
     @property
     def final_hf(self) -> Path:
         return self.root / "final_hf"
+
+
+def _eval_phases(config: ViperConfig, name: str, model: str, previous: str | None, after: str | None) -> list[Phase]:
+    """Benchmark phases of one checkpoint: ``eval.num_shards`` shard jobs (one GPU each on a cluster), then,
+    with several shards, a collect job. The last one applies the guard against ``previous``'s results."""
+    section = config.eval
+    paths = RunPaths(config.run_dir)
+    out = str(paths.eval_dir(name))
+    root = str(paths.eval_data) if section.dataset_root == "tiny" else section.dataset_root
+    guard = ()
+    if previous is not None and section.guard_max_drop is not None:
+        guard = ("--guard-against", str(paths.eval_dir(previous)), "--max-drop", str(section.guard_max_drop))
+    args = ["eval", "--model", model, "--out", out, "--dataset-root", root, "--tasks", ",".join(section.tasks),
+            "--backend", section.backend, "--batch-size", str(section.batch_size)]
+    if section.model_args:
+        args += ["--model-args", ",".join(f"{k}={v}" for k, v in section.model_args.items())]
+    for key in ("max_new_tokens", "limit"):
+        if getattr(section, key) is not None:
+            args += [f"--{key.replace('_', '-')}", str(getattr(section, key))]
+    gpus = 1 if config.parallel.gpus_per_node else 0
+    depends_on = (after,) if after else ()
+    prefix = f"{name}." if name != "base" else ""
+    if section.num_shards == 1:
+        return [Phase(f"{prefix}eval", (*args, *guard), depends_on=depends_on, gpus_per_node=gpus, kind="eval",
+                      out=out)]
+    shards = Phase(f"{prefix}eval", tuple(args), depends_on=depends_on, tasks=section.num_shards,
+                   gpus_per_node=gpus, kind="eval", out=out)
+    return [shards, Phase(f"{prefix}eval_collect", ("eval", "--collect", out, *guard), depends_on=(shards.name,),
+                          kind="eval", out=out)]
 
 
 def plan(config: ViperConfig) -> list[Phase]:
@@ -107,6 +150,16 @@ def plan(config: ViperConfig) -> list[Phase]:
     else:
         policy = config.model.hf_path
     previous = phases[-1].name if phases else None
+    evaluated = None  # the checkpoint whose benchmark results the next evaluation is guarded against
+    if config.eval.enabled:
+        if config.eval.dataset_root == "tiny":
+            phases.append(Phase("eval_data", ("tiny-eval-data", "--out", str(paths.eval_data)),
+                                depends_on=(previous,) if previous else (), kind="eval_data",
+                                out=str(paths.eval_data)))
+            previous = phases[-1].name
+        base = policy if config.model.hf_path == "tiny" else config.model.hf_path
+        phases += _eval_phases(config, "base", base, None, previous)
+        previous, evaluated = phases[-1].name, "base"
     for r in range(1, config.rounds + 1):
         rd = paths.round_dir(r)
         deps = (previous,) if previous else ()
@@ -131,6 +184,9 @@ def plan(config: ViperConfig) -> list[Phase]:
                     settings=train_settings)
         phases += [synth1, rl1, synth2, rl2]
         policy, previous = str(rd / "rl2"), rl2.name
+        if config.eval.enabled:  # the next round waits for the guard
+            phases += _eval_phases(config, f"round{r}", policy, evaluated, rl2.name)
+            previous, evaluated = phases[-1].name, f"round{r}"
     phases.append(Phase("export", ("convert", "export", "--ckpt", policy, "--out", str(paths.final_hf)),
                         depends_on=(previous,), kind="export", out=str(paths.final_hf),
                         gpus_per_node=config.cluster.export_gpus if gpus else 0))
@@ -164,6 +220,20 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+GUARD_STOP_EXIT = 3  # ``nemo-viper eval --guard-against``: the benchmark average dropped too far
+
+
+def stopped_after_round(run_dir: str | Path) -> int | None:
+    """The round whose benchmark guard stopped the loop (``run_dir/eval/stopped.json``), or None."""
+    path = Path(run_dir) / "eval" / "stopped.json"
+    return json.loads(path.read_text())["round"] if path.is_file() else None
+
+
+def _round_of(phase: Phase) -> int | None:
+    head = phase.name.split(".")[0]
+    return int(head[5:]) if head.startswith("round") and head[5:].isdigit() else None
+
+
 def phase_command(phase: Phase, index: int = 0) -> list[str]:
     """The local command of one task of ``phase`` (torchrun for distributed phases)."""
     if phase.distributed:
@@ -178,6 +248,8 @@ def run_local(config: ViperConfig, on_phase=None, log_dir: Path | None = None, s
     Each task's output goes to ``run_dir/logs/<phase>[.<i>].log``. Before a phase runs, the preflight
     (:mod:`nemo_viper.doctor`) checks what it needs; after it, its outputs are verified and it is recorded
     done in ``state.json``. ``on_phase(phase, status)`` reports ``"start"`` / ``"done"`` / ``"skip"``.
+    An eval phase that exits with :data:`GUARD_STOP_EXIT` (the benchmark guard) is done and stops the loop:
+    the phases of later rounds are skipped (``run_dir/eval/stopped.json``); the export still runs.
     """
     from nemo_viper import doctor
     from nemo_viper.run_state import clear_for_rerun, select_phases, verify_and_record
@@ -191,7 +263,9 @@ def run_local(config: ViperConfig, on_phase=None, log_dir: Path | None = None, s
         logger.warning(line)
     ran = []
     for phase in phases:
-        if phase not in selected:
+        stopped = stopped_after_round(paths.root)
+        later_round = stopped is not None and (_round_of(phase) or 0) > stopped
+        if phase not in selected or later_round:
             if on_phase:
                 on_phase(phase, "skip")
             continue
@@ -202,9 +276,13 @@ def run_local(config: ViperConfig, on_phase=None, log_dir: Path | None = None, s
             log = log_dir / (f"{phase.name}.{index}.log" if phase.tasks > 1 else f"{phase.name}.log")
             with log.open("w") as out:
                 result = run_job(phase_command(phase, index), stdout=out, stderr=STDOUT)
-            if result.returncode != 0:
+            guard_stop = result.returncode == GUARD_STOP_EXIT and phase.args[0] == "eval"
+            if result.returncode != 0 and not guard_stop:
                 raise NemoViperError(f"phase {phase.name} failed (exit {result.returncode}); see {log}")
         verify_and_record(phase, phases, paths.root)
+        if guard_stop:
+            (paths.root / "eval").mkdir(parents=True, exist_ok=True)
+            _atomic_write(paths.root / "eval" / "stopped.json", json.dumps({"round": _round_of(phase) or 0}) + "\n")
         ran.append(phase.name)
         if on_phase:
             on_phase(phase, "done")

@@ -4,7 +4,9 @@ Per round: reward and its breakdown (format, correctness, recall) per step for b
 against recall and answer-sentence counts (with an alert line where mean precision exceeds mean recall by
 more than the run's ``reward.alert_gap``: answers that state few, safe facts), response length, clip
 fractions, the samples each RL stage skipped (by reason); the synthesis manifests' counts (inputs, samples
-written, skipped and filtered by reason) and time per sub-step.
+written, skipped and filtered by reason) and time per sub-step; the held-out self-evaluation of both stages
+(reward before/after, greedy and sampled, table + plot). With benchmark phases: the benchmark table of the
+base model and of every round side by side, with deltas and a plot (:mod:`nemo_viper.evaluation.results`).
 """
 
 from __future__ import annotations
@@ -82,6 +84,67 @@ def _last(records: list[dict], key: str) -> str:
     return f"{records[-1][key]:.3f}" if records and key in records[-1] else "n/a"
 
 
+def _heldout(round_dir: Path) -> dict[str, dict]:
+    from nemo_viper.evaluation.heldout import read_record
+
+    records = {name: read_record(round_dir / name / "heldout.json") for name in ("rl1", "rl2")}
+    return {name: r for name, r in records.items() if "before" in r and "after" in r}
+
+
+def _plot_heldout(records: dict[str, dict], out: Path) -> None:
+    figure, axis = plt.subplots(figsize=(6, 3.2))
+    labels = [f"{stage} {kind}" for stage in records for kind in ("greedy", "sampled")]
+    for offset, when in ((-0.2, "before"), (0.2, "after")):
+        values = [records[stage][when][kind]["total"] for stage in records for kind in ("greedy", "sampled")]
+        axis.bar([i + offset for i in range(len(labels))], values, 0.4, label=when)
+    axis.set_xticks(range(len(labels)), labels, fontsize=8)
+    axis.set_ylabel("held-out reward")
+    axis.set_title("held-out self-evaluation")
+    axis.legend(fontsize=8)
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+
+
+def _heldout_section(records: dict[str, dict], r: int, out: Path) -> list[str]:
+    lines = ["Held-out self-evaluation (ViPER reward on each stage's held-out split, never trained on):", "",
+             "| stage | prompts | greedy before | greedy after | Δ | sampled before | sampled after | Δ | "
+             "correctness before → after (sampled) |", "|---|---|---|---|---|---|---|---|---|"]
+    for stage, rec in records.items():
+        b, a = rec["before"], rec["after"]
+        lines.append(
+            f"| {stage} | {a['prompts']} | {b['greedy']['total']:.3f} | {a['greedy']['total']:.3f} | "
+            f"{a['greedy']['total'] - b['greedy']['total']:+.3f} | {b['sampled']['total']:.3f} | "
+            f"{a['sampled']['total']:.3f} | {a['sampled']['total'] - b['sampled']['total']:+.3f} | "
+            f"{b['sampled']['correctness']:.3f} → {a['sampled']['correctness']:.3f} |")
+    _plot_heldout(records, out / f"round{r}_heldout.png")
+    return lines + ["", f"![held-out](round{r}_heldout.png)", ""]
+
+
+def _benchmark_section(run_dir: Path, rounds: int, out: Path) -> list[str]:
+    from nemo_viper.evaluation.results import comparison_markdown, load_summary, plot_comparison
+
+    names = ["base"] + [f"round{r}" for r in range(1, rounds + 1)]
+    summaries = [(n, load_summary(run_dir / "eval" / n)) for n in names if (run_dir / "eval" / n / "results.json").is_file()]
+    if not summaries:
+        return []
+    plot_comparison(summaries, out / "benchmarks.png")
+    lines = ["## Benchmarks", "", comparison_markdown(summaries), "![benchmarks](benchmarks.png)", ""]
+    notes = {note for _, s in summaries for note in s["notes"].values()}
+    capped = [n for n, s in summaries if any(r.get("max_new_tokens_cap") or r.get("limit") for r in s["runs"].values())]
+    lines += [f"- {note}" for note in sorted(notes)]
+    if capped:
+        lines.append(f"- {', '.join(capped)}: run with a max_new_tokens cap or a document limit (not comparable to "
+                     "full runs)")
+    from nemo_viper.orchestration import stopped_after_round
+
+    if stopped_after_round(run_dir) is not None:
+        lines.append(f"- the benchmark guard (eval.guard_max_drop) stopped the loop after round "
+                     f"{stopped_after_round(run_dir)}")
+    return lines + [""]
+
+
 def write_report(run_dir: str | Path, rounds: int, alert_gap: float) -> Path:
     """Write the report for ``rounds`` rounds of the run in ``run_dir``; returns ``report.md``'s path.
 
@@ -97,6 +160,9 @@ def write_report(run_dir: str | Path, rounds: int, alert_gap: float) -> Path:
         manifests = {name: _manifest(round_dir / name) for name in ("synth1", "synth2")}
         manifests = {name: m for name, m in manifests.items() if m}
         lines += [f"## Round {r}", ""]
+        heldout = _heldout(round_dir)
+        if heldout:
+            lines += _heldout_section(heldout, r, out)
         if manifests:
             _plot_synthesis(manifests, out / f"round{r}_synthesis.png")
             lines += ["| dataset | inputs | samples | skipped | filtered | time per sub-step (s) |", "|---|---|---|---|---|---|"]
@@ -123,6 +189,7 @@ def write_report(run_dir: str | Path, rounds: int, alert_gap: float) -> Path:
             for panel, keys in PANELS.items():
                 _plot(stages, keys, panel.replace("_", " "), out / f"round{r}_{panel}.png")
                 lines += [f"![{panel}](round{r}_{panel}.png)", ""]
+    lines += _benchmark_section(run_dir, rounds, out)
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report

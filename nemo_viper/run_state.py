@@ -10,7 +10,8 @@ A phase is **done** only when both hold:
 
 1. its outputs exist and verify (:func:`output_problem`): a complete HF directory (``prepare``, ``export``),
    a dataset manifest whose shards are all present and that holds samples (synthesis), an RL run whose
-   ``checkpoints/latest`` is a complete checkpoint of the configured final step;
+   ``checkpoints/latest`` is a complete checkpoint of the configured final step; benchmark results of every
+   task asked for (``eval``), or local copies of every benchmark (``eval_data``);
 2. the state file records it with the **fingerprint** the current configuration gives it: a hash of the
    phase's command, the configuration it reads from files, and the fingerprints of the phases it depends
    on (:func:`fingerprints`). Changing a value therefore re-runs the phase it affects and everything
@@ -114,6 +115,10 @@ def output_problem(phase: Phase) -> str | None:
         return _dataset_problem(out) if out.exists() else "not started"
     if phase.kind == "rl":
         return _rl_problem(out, phase.steps)
+    if phase.kind in ("eval", "eval_data"):
+        from nemo_viper.evaluation.results import eval_output_problem
+
+        return eval_output_problem(phase.kind, out, phase.args)
     raise ValueError(f"unknown phase kind {phase.kind!r}")
 
 

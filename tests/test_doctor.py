@@ -95,8 +95,22 @@ def test_phase_inputs_not_done(cluster):
     assert problems(cluster, "round1.rl1") == ["phase round1.rl1 needs round1.synth1, which is not done: not started"]
 
 
+def test_eval_phase_needs_the_harness(cluster, monkeypatch):
+    import importlib.util as util
+
+    real = util.find_spec
+    monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name in ("lmms_eval", "vllm") else real(name, *a))
+    found = problems([*cluster, "eval.enabled=true", "eval.dataset_root=tiny", "eval.backend=vllm"], "eval")
+    assert found == ["phase eval needs eval_data, which is not done: not started",
+                     "eval phases need lmms-eval, which is not installed (README: Installation, `nemo-viper eval`)",
+                     "eval.backend=vllm but vLLM is not installed (eval.backend=qwen2_5_vl uses transformers)"]
+    assert problems(cluster, "round1.rl1")[1:] == []  # other phases do not need it
+
+
 def test_fp8_capability_and_te(cluster, monkeypatch):
     import torch
+
+    from nemo_viper.models import policy
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
@@ -105,8 +119,15 @@ def test_fp8_capability_and_te(cluster, monkeypatch):
     monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
     config = recipe("qwen25vl_3b", *cluster, "model.precision=fp8")
     found = doctor.check(config, "round1.rl1", gpu=True)
-    assert "model.fp8_recipe=blockwise needs compute capability 9.0+, GPU 0 (NVIDIA A100) is 8.0" in found
-    assert "model.precision=fp8 needs Transformer Engine, which is not installed" in found
+    te_missing = ("model: precision='fp8' needs layer_spec='transformer_engine' (or 'auto' with Transformer Engine "
+                  "installed), got layer_spec='auto' -> 'local'")
+    assert te_missing in found
+    monkeypatch.setattr(policy, "transformer_engine_available", lambda: True)
+    found = doctor.check(config, "round1.rl1", gpu=True)  # the policy's own rule: blockwise FP8 is Hopper-only
+    assert ("model: fp8_recipe='blockwise' needs Hopper (sm90), this is sm80 (GPU 0 (NVIDIA A100)): use fp8_recipe "
+            "in [] or precision='bf16'") in found and te_missing not in found
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert not any(line.startswith("model:") for line in doctor.check(config, "round1.rl1", gpu=True))
     dali = "rl.image_backend=auto but NVIDIA DALI is not installed"
     assert any(line.startswith(dali) for line in found) is (importlib.util.find_spec("nvidia.dali") is None)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)

@@ -1,7 +1,8 @@
 """RL prompts from a :class:`~nemo_viper.data.shards.ShardDataset`: sharded over data-parallel ranks, images
 preprocessed ahead of the loop on a background thread.
 
-**Order.** Epoch ``e`` visits the permutation ``P_e`` of all sample indices drawn from ``(seed, e)``; rank
+**Order.** Epoch ``e`` visits the permutation ``P_e`` of all sample indices but the held-out ones
+(``exclude``, :mod:`nemo_viper.evaluation.heldout`) drawn from ``(seed, e)``; rank
 ``r`` of ``W`` takes ``P_e[r], P_e[r + W], ...`` — the ranks' shares are disjoint and together cover
 every sample once per epoch (shares differ by at most one sample when ``W`` does not divide the size;
 each rank then rolls over to its next epoch on its own).
@@ -80,15 +81,17 @@ class ShardPromptSource:
         task_prompt_builder: TaskPromptBuilder | None = None,
         prefetch: int = 16,
         decode_batch: int = 8,
+        exclude: frozenset[int] | set[int] = frozenset(),
     ):
         if not 0 <= dp_rank < dp_world:
             raise ConfigError(f"dp_rank must lie in [0, dp_world={dp_world}), got {dp_rank}")
         if prefetch < 1 or decode_batch < 1:
             raise ConfigError(f"prefetch={prefetch} and decode_batch={decode_batch} must be >= 1")
-        if len(dataset) < dp_world:
+        self.indices = np.array([i for i in range(len(dataset)) if i not in exclude], dtype=np.int64)
+        if len(self.indices) < dp_world:
             raise DatasetError(
-                f"dataset {dataset.directory} has {len(dataset)} usable samples, fewer than the {dp_world} "
-                "data-parallel ranks reading it"
+                f"dataset {dataset.directory} has {len(self.indices)} usable samples (after {len(exclude)} held out), "
+                f"fewer than the {dp_world} data-parallel ranks reading it"
             )
         if task_prompt_builder is None:
             from nemo_viper.prompts import task_prompt as task_prompt_builder
@@ -111,7 +114,7 @@ class ShardPromptSource:
 
     def rank_share(self, epoch: int) -> list[int]:
         """This rank's sample indices of ``epoch``, in visiting order."""
-        permutation = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+        permutation = self.indices[np.random.default_rng([self.seed, epoch]).permutation(len(self.indices))]
         return permutation[self.dp_rank :: self.dp_world].tolist()
 
     def next_prompts(self, count: int) -> list[TaskPrompt]:
@@ -143,13 +146,13 @@ class ShardPromptSource:
             "seed": self.seed,
             "dp_rank": self.dp_rank,
             "dp_world": self.dp_world,
-            "num_samples": len(self.dataset),
+            "num_samples": len(self.indices),
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position; the seed, rank layout and dataset size must be the saved ones."""
         for name in ("seed", "dp_rank", "dp_world", "num_samples"):
-            current = len(self.dataset) if name == "num_samples" else getattr(self, name)
+            current = len(self.indices) if name == "num_samples" else getattr(self, name)
             if state[name] != current:
                 raise ConfigError(
                     f"cannot resume the prompt position: saved {name}={state[name]!r}, now {current!r} "

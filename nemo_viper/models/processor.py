@@ -1,9 +1,9 @@
 """An image-only Qwen2.5-VL processor.
 
-The stock ``Qwen2_5_VLProcessor`` also builds a video processor, which needs torchvision; on a CPU
-machine torchvision cannot be installed (its PyPI builds link CUDA libraries). ViPER only feeds
-images, so this processor keeps the tokenizer, the image processor and the chat template and leaves
-the video processor out. It loads real Qwen2.5-VL checkpoints as well as the tiny offline one.
+The stock ``Qwen2_5_VLProcessor`` also builds a video processor, which needs torchvision (installed only
+as the build paired with torch, for vLLM and the evaluation harness). ViPER only feeds images, so this
+processor keeps the tokenizer, the image processor and the chat template and leaves the video
+processor out. It loads real Qwen2.5-VL checkpoints as well as the tiny offline one.
 """
 
 from __future__ import annotations
@@ -27,8 +27,12 @@ def register_with_auto_processor() -> None:
 
 
 def load_processor(path: str | Path) -> ImageOnlyQwen25VLProcessor:
-    """Load tokenizer + image processor + chat template from a local HF checkpoint directory."""
-    return ImageOnlyQwen25VLProcessor.from_pretrained(str(path))
+    """Load tokenizer + image processor + chat template from a local HF checkpoint directory.
+
+    The image processor is always the PIL one (``Qwen2VLImageProcessorPil``, the reference of the DALI
+    preprocessor), whether or not torchvision is installed (transformers would then pick its torchvision one).
+    """
+    return ImageOnlyQwen25VLProcessor.from_pretrained(str(path), backend="pil")
 
 
 def prompt_token_ids(processor: Qwen2_5_VLProcessor, text: str, image_grid_thw: torch.Tensor | None) -> torch.Tensor:

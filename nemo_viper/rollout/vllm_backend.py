@@ -51,6 +51,7 @@ from nemo_viper.errors import ConfigError
 from nemo_viper.models.hf_checkpoint import text_config
 from nemo_viper.models.tiny import VISION_SPECIAL_TOKENS
 from nemo_viper.rollout.interface import GenerationRequest, GenerationResponse, PromptTooLongError
+from nemo_viper.rollout.stopping import cut_at_stop_string
 
 IMAGES_PER_PROMPT = 2
 PLACEHOLDER_TOKENS = ("<|image_pad|>", "<|video_pad|>")
@@ -217,7 +218,16 @@ class VLLMGenerationBackend:
             if self._sleep_mode:
                 self._llm.sleep(level=2)
                 self._sleeping = True
-        responses = iter(self._response(output.outputs[0]) for output in outputs)
+        samples = [self._response(output.outputs[0]) for output in outputs]
+        # The interface's one decoding rule (the Megatron backend's): the tokens decoded at once, special tokens
+        # skipped, cut at the stop string. vLLM's own text holds back a trailing incomplete UTF-8 sequence.
+        texts = self.tokenizer.batch_decode([sample.token_ids for sample in samples], skip_special_tokens=True)
+        params = [r.sampling for r in requests for _ in range(r.n)]
+        for sample, text, sampling in zip(samples, texts, params):
+            stopped = sample.finish_reason == "stop"
+            sample.text = cut_at_stop_string(text, sampling.stop_strings, sampling.include_stop_string) if stopped \
+                else text
+        responses = iter(samples)
         return [[next(responses) for _ in range(r.n)] for r in requests]
 
     def _validate(self, index: int, request: GenerationRequest) -> None:
@@ -302,7 +312,7 @@ class VLLMGenerationBackend:
             reason = "eos"
         return GenerationResponse(
             token_ids=[tokens[i] for i in kept],
-            text=output.text,
+            text="",  # decoded by generate()
             logprobs=[logprobs[i] for i in kept],
             finish_reason=reason,
         )

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from nemo_viper.data.images import ImageProcessingConfig, QwenImagePreprocessor, resolve_backend
 from nemo_viper.errors import ConfigError
+from nemo_viper.evaluation.heldout import HeldoutConfig
 from nemo_viper.models.checkpoint import METADATA_FILE, resolve_checkpoint
 from nemo_viper.models.hf_checkpoint import check_parallel_layout, read_qwen25_vl_config
 from nemo_viper.runtime.distributed import ParallelLayout
@@ -85,6 +86,7 @@ class StageConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    heldout: HeldoutConfig = field(default_factory=HeldoutConfig)  # self-evaluation split, scored before/after
 
     def __post_init__(self):
         if self.stage not in STAGE_TASKS:
@@ -139,6 +141,7 @@ def run_stage(config: StageConfig) -> list[dict]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from nemo_viper.data.prompt_source import ShardPromptSource
+    from nemo_viper.evaluation.heldout import heldout_indices
     from nemo_viper.models.policy import PolicyConfig
     from nemo_viper.models.processor import load_processor
     from nemo_viper.rewards import ViperReward
@@ -156,26 +159,72 @@ def run_stage(config: StageConfig) -> list[dict]:
         generator = VLLMGenerationBackend(trainer.policy, config.rollout.vllm(rl.sampling.seed))
     else:
         generator = MegatronGenerationBackend(trainer.policy, config.rollout.megatron(rl.sampling.seed))
+    preprocessor = QwenImagePreprocessor(image_config, image_backend)  # after build_trainer chose this rank's GPU
+    heldout = heldout_indices([dataset.record(i).id for i in range(len(dataset))], config.heldout)
     prompts = ShardPromptSource(
         dataset,
-        QwenImagePreprocessor(image_config, image_backend),  # after build_trainer chose this rank's GPU
+        preprocessor,
         seed=rl.sampling.seed,
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_world=parallel_state.get_data_parallel_world_size(),
         prefetch=rl.prefetch_prompts,
+        exclude=frozenset(heldout),
     )
+    processor = load_processor(hf_dir)
+    reward = ViperReward(config.reward)
+    self_eval = _SelfEvaluation(config, dataset, heldout, preprocessor, generator, reward, processor)
     columns = (TextColumn(f"RL stage {config.stage}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("reward {task.fields[reward]:.3f}"), TimeRemainingColumn())
     show = parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0
     with prompts, Progress(*columns, disable=not show) as progress:
+        self_eval.record("before")
         task = progress.add_task("steps", total=config.rl.steps, reward=0.0)
 
         def advance(step: int, metrics: dict) -> None:
             progress.update(task, completed=step, reward=metrics["reward/mean"])
 
-        history = run_rl(trainer, generator, ViperReward(config.reward), prompts, load_processor(hf_dir), config.rl,
-                         config.out, progress=advance)
+        history = run_rl(trainer, generator, reward, prompts, processor, config.rl, config.out, progress=advance)
+        self_eval.record("after")
     skipped = {k: v for k, v in (history[-1] if history else {}).items() if k.startswith("data/skipped/") and v}
     if skipped and show:
         log.warning("RL stage %d skipped %d samples in total: %s", config.stage, sum(skipped.values()), skipped)
     return history
+
+
+class _SelfEvaluation:
+    """Scores the policy on the held-out split (:mod:`nemo_viper.evaluation.heldout`) into ``out/heldout.json``.
+
+    ``before`` is recorded once, before the first step (a resumed stage keeps it); ``after`` for the stage's
+    final step. Each data-parallel rank scores its share of the held-out prompts; rank 0 pools and writes.
+    """
+
+    def __init__(self, config: StageConfig, dataset, heldout: list[int], preprocessor, generator, reward, processor):
+        self.config, self.dataset, self.heldout = config, dataset, heldout
+        self.preprocessor, self.generator, self.reward, self.processor = preprocessor, generator, reward, processor
+        self.path = Path(config.out) / "heldout.json"
+
+    def record(self, when: str) -> None:
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        from nemo_viper.evaluation.heldout import read_record, score_prompts, summarise_scores, write_record
+        from nemo_viper.prompts import task_prompt
+        from nemo_viper.runtime.collectives import all_gather_object
+
+        existing = read_record(self.path).get(when)
+        if not self.heldout or (existing and (when == "before" or existing["step"] == self.config.rl.steps)):
+            return
+        if when == "before" and (Path(self.config.out) / "checkpoints" / "latest").exists():
+            return  # the starting policy is gone; never score a trained one as "before"
+        rank, world = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        mine = self.heldout[rank::world]
+        images = self.preprocessor([self.dataset.image_bytes(i) for i in mine]) if mine else []
+        prompts = [task_prompt(self.dataset.record(i), image) for i, image in zip(mine, images)]
+        samples = self.config.heldout.samples or self.config.rl.n
+        scores = score_prompts(self.generator, self.reward, self.processor, prompts, self.config.rl.sampling,
+                               samples, seed=self.config.heldout.seed + rank)
+        pooled = all_gather_object(scores, group=parallel_state.get_data_parallel_group())
+        if dist.get_rank() == 0:
+            merged = {key: [r for part in pooled for r in part[key]] for key in ("greedy", "sampled")}
+            step = 0 if when == "before" else self.config.rl.steps
+            write_record(self.path, when, {"step": step, "samples_per_prompt": samples, **summarise_scores(merged)})

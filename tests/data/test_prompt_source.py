@@ -231,6 +231,18 @@ def test_resident_memory_stays_bounded_over_many_epochs():
     assert growth < ceiling, f"resident memory grew by {growth / 2**20:.0f} MiB while streaming"
 
 
+def test_held_out_samples_are_never_handed_out(dataset, preprocessor):
+    """Samples excluded as the held-out split never appear, over several epochs; the rest all do."""
+    from nemo_viper.evaluation.heldout import HeldoutConfig, heldout_indices
+
+    sample_ids = [dataset.record(i).id for i in range(len(dataset))]
+    held = heldout_indices(sample_ids, HeldoutConfig(count=2))
+    with source_for(dataset, preprocessor, exclude=frozenset(held)) as source:
+        seen = ids(source, 3 * (len(dataset) - len(held)))
+    assert len(held) == 2
+    assert set(seen) == set(sample_ids) - {sample_ids[i] for i in held}
+
+
 def test_skipped_totals_add_index_time_and_read_time_skips():
     from nemo_viper.training.loop import skipped_metrics
 

@@ -94,14 +94,22 @@ def test_rows_of_one_image_set_must_show_the_same_number_of_images(rollout):
                     torch.zeros(3, dtype=torch.long))
 
 
-def test_shared_images_run_the_vision_tower_once_with_the_per_row_gradients(tiny_hf_dir, tmp_path):
-    """float64 forward/backward of one micro-batch (3 prompts x 5 responses + a text-only row): sharing the
-    images gives the per-row log-probs and gradients and saves fewer activations for the backward pass."""
+@pytest.fixture(scope="module")
+def shared_images(tiny_hf_dir, tmp_path_factory):
+    """One worker run (tests/workers/shared_images.py) for every check below: the policy without
+    recomputation, with selective and with full recomputation (each with checkpointed vision blocks)."""
     from tests.launch import run_worker
 
-    out = tmp_path / "shared.pt"
-    run_worker("shared_images.py", "--hf", str(tiny_hf_dir), "--out", str(out), "--responses", "5")
-    shared, per_row = torch.load(out).values()
+    out = tmp_path_factory.mktemp("shared_images") / "shared.pt"
+    run_worker("shared_images.py", "--hf", str(tiny_hf_dir), "--out", str(out), "--responses", "5",
+               "--recompute", "none,selective,full", "--recompute-vision")
+    return torch.load(out)
+
+
+def test_shared_images_run_the_vision_tower_once_with_the_per_row_gradients(shared_images):
+    """float64 forward/backward of one micro-batch (3 prompts x 5 responses + a text-only row): sharing the
+    images gives the per-row log-probs and gradients and saves fewer activations for the backward pass."""
+    shared, per_row = shared_images["none"]["shared"], shared_images["none"]["per_row"]
     assert per_row["patches"] == 5 * shared["patches"]
     torch.testing.assert_close(shared["logprobs"], per_row["logprobs"], rtol=0, atol=1e-12)
     assert shared["grads"].keys() == per_row["grads"].keys()
@@ -117,19 +125,12 @@ def test_shared_images_run_the_vision_tower_once_with_the_per_row_gradients(tiny
 
 # Measured on this batch (saved bytes relative to no recomputation): selective + vision 0.82, full + vision 0.25.
 @pytest.mark.parametrize("recompute, saved_fraction", [("selective", 0.9), ("full", 0.3)])
-def test_recomputation_keeps_the_gradients_and_saves_fewer_activations(tiny_hf_dir, tmp_path, recompute,
-                                                                        saved_fraction):
+def test_recomputation_keeps_the_gradients_and_saves_fewer_activations(shared_images, recompute, saved_fraction):
     """Megatron's recomputation of the language model and checkpointed vision blocks: the same float64
     log-probs and gradients as without, fewer bytes saved for the backward pass."""
-    from tests.launch import run_worker
-
-    results = {}
-    for name, flags in (("plain", ()), ("recompute", ("--recompute", recompute, "--recompute-vision"))):
-        out = tmp_path / f"{name}.pt"
-        run_worker("shared_images.py", "--hf", str(tiny_hf_dir), "--out", str(out), *flags)
-        results[name] = torch.load(out)["shared"]
-    plain, recomputed = results["plain"], results["recompute"]
+    plain, recomputed = shared_images["none"]["shared"], shared_images[recompute]["shared"]
     torch.testing.assert_close(recomputed["logprobs"], plain["logprobs"], rtol=0, atol=1e-12)
+    assert recomputed["grads"].keys() == plain["grads"].keys()
     for name, grad in plain["grads"].items():
         torch.testing.assert_close(recomputed["grads"][name], grad, rtol=0, atol=1e-10 * float(grad.abs().max()),
                                    msg=name)

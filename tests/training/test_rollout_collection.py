@@ -27,11 +27,13 @@ def test_rollout_rows_and_response_mask_cover_exactly_the_response_tokens():
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
     answers = [[[21], [22, 23, 24]], [[25, 26], [27]], [[28, 29, 30, 31, 32], [33, 34]]]
     requests = [GenerationRequest(p, n=2) for p in prompts]
-    responses = [[GenerationResponse(a, "t", [0.0] * len(a), "eos") for a in group] for group in answers]
+    responses = [[GenerationResponse(a, "t", [-t / 100 for t in a], "eos") for a in group] for group in answers]
     rewards = [breakdown(float(i)) for i in range(6)]
     batch = assemble_rollout(requests, responses, rewards, ["a", "b", "c"], PAD)
 
     ids, mask = batch.sequences.input_ids, batch.sequences.response_mask
+    # the sampler's log-prob of each response token sits at that token (here: -token / 100), 0 elsewhere
+    assert torch.equal(batch.sampler_logprobs, torch.where(mask, -ids.float() / 100, 0.0))
     assert ids.shape == (6, 9)  # longest row: 4 prompt + 5 response tokens
     row = 0
     for prompt, group in zip(prompts, answers):

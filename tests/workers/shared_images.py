@@ -1,9 +1,11 @@
 """Worker: one micro-batch forward/backward of the tiny policy in float64 with the images per row and shared.
 
 The batch: 3 prompts (two with one image each, at different sizes, one with two images) x ``--responses``,
-plus a text-only row (with ``--recompute``/``--recompute-vision``: the policy built with that recomputation); row ``i`` of prompt ``p`` has its own response tokens. The loss is a fixed random
-weighting of the response tokens' log-probs. Saves, for each layout, the log-probs, the gradient of every
-parameter and the bytes of tensors autograd saved for the backward pass.
+plus a text-only row; row ``i`` of prompt ``p`` has its own response tokens. The loss is a fixed random
+weighting of the response tokens' log-probs. One policy is built per ``--recompute`` mode (a comma list; every
+mode but ``none`` also checkpoints the vision blocks with ``--recompute-vision``), all in this one process.
+Saves ``{mode: {layout: result}}``: for each layout (``shared``, and ``per_row`` for ``none``) the log-probs,
+the gradient of every parameter and the bytes of tensors autograd saved for the backward pass.
 """
 
 import argparse
@@ -61,22 +63,16 @@ def saved_bytes(run) -> tuple[object, int]:
     return result, sum(seen.values())
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--hf", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--responses", type=int, default=5)
-    parser.add_argument("--recompute", default="none")
-    parser.add_argument("--recompute-vision", action="store_true")
-    args = parser.parse_args()
-
-    policy = build_policy(PolicyConfig(hf_path=args.hf, precision="fp32", recompute=args.recompute,
-                                       recompute_vision=args.recompute_vision))
+def run_mode(hf: str, responses: int, recompute: str, recompute_vision: bool) -> dict:
+    policy = build_policy(PolicyConfig(hf_path=hf, precision="fp32", recompute=recompute,
+                                       recompute_vision=recompute_vision))
     (model,) = policy.chunks
     model.double().train()
     provider = policy.provider
-    shared = shared_batch(provider, args.responses, provider.vocab_size)
-    layouts = {"shared": shared, "per_row": per_row(shared, provider.vision_start_token_id)}
+    shared = shared_batch(provider, responses, provider.vocab_size)
+    layouts = {"shared": shared}
+    if recompute == "none":
+        layouts["per_row"] = per_row(shared, provider.vision_start_token_id)
     weights = torch.rand(shared.input_ids[:, 1:].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     result = {}
     for name, batch in layouts.items():
@@ -96,7 +92,19 @@ def main():
             "saved_bytes": saved,
             "patches": int(batch.pixel_values.shape[0]),
         }
-    torch.save(result, args.out)
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hf", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--responses", type=int, default=5)
+    parser.add_argument("--recompute", default="none", help="comma-separated modes: none, selective, full")
+    parser.add_argument("--recompute-vision", action="store_true")
+    args = parser.parse_args()
+    torch.save({mode: run_mode(args.hf, args.responses, mode, args.recompute_vision and mode != "none")
+                for mode in args.recompute.split(",")}, args.out)
 
 
 if __name__ == "__main__":

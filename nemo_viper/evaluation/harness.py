@@ -1,0 +1,156 @@
+"""``nemo-viper eval``: the seven benchmarks through lmms-eval on one checkpoint (adapter; scoring in results.py).
+
+A Hugging Face Qwen2.5-VL dir is evaluated as it is; a policy checkpoint or an RL run dir (Megatron
+distributed checkpoint) is exported to ``OUT/hf_model`` first. lmms-eval runs in this process on the
+task YAMLs of :func:`~nemo_viper.evaluation.benchmarks.write_task_overrides` (local datasets, offline
+scorers, greedy decoding). Each task's lmms-eval result is kept as ``OUT/tasks/<task>.json`` (a rerun
+skips finished tasks; shard jobs of one evaluation write into the same ``OUT``), and ``OUT/results.json``
++ ``OUT/results.md`` are rewritten from every task file present.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nemo_viper.errors import ConfigError
+from nemo_viper.evaluation.benchmarks import BENCHMARKS, check_datasets, write_task_overrides
+from nemo_viper.evaluation.results import summarise, write_summary
+
+log = logging.getLogger(__name__)
+
+MODEL_BACKENDS = ("qwen2_5_vl", "vllm")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation. ``model_args``: extra lmms-eval model arguments (e.g. ``max_pixels``).
+
+    ``max_new_tokens``: a cap applied to every task (None = each task's own budget; recorded in the results).
+    ``limit``: first N documents per task (smoke runs; recorded). ``device``: ``auto`` = cuda if available.
+    """
+
+    model: str
+    out: str
+    dataset_root: str
+    tasks: tuple[str, ...] = tuple(BENCHMARKS)
+    backend: str = "qwen2_5_vl"
+    model_args: dict = field(default_factory=dict)
+    batch_size: int = 1
+    max_new_tokens: int | None = None
+    limit: int | None = None
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.backend not in MODEL_BACKENDS:
+            raise ConfigError(f"eval backend={self.backend!r} is not one of {MODEL_BACKENDS}")
+        if self.batch_size < 1:
+            raise ConfigError(f"eval batch_size={self.batch_size} must be >= 1")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ConfigError(f"eval max_new_tokens={self.max_new_tokens} must be >= 1")
+
+
+def hf_model_dir(model: str | Path, out: Path) -> Path:
+    """The HF dir to evaluate: ``model`` itself, or ``out/hf_model`` exported from a Megatron checkpoint."""
+    from nemo_viper.models.checkpoint import METADATA_FILE, export_checkpoint, resolve_checkpoint
+
+    model = Path(model)
+    if (model / "config.json").is_file():
+        return model
+    checkpoint = resolve_checkpoint(model)
+    if not (checkpoint / METADATA_FILE).is_file():
+        raise ConfigError(f"--model {model}: neither a Hugging Face dir (config.json) nor a policy checkpoint")
+    exported = out / "hf_model"
+    stamp = exported / ".exported_from"
+    if not (stamp.is_file() and stamp.read_text() == str(checkpoint.resolve())):
+        export_checkpoint(checkpoint, exported)
+        stamp.write_text(str(checkpoint.resolve()))
+    return exported
+
+
+def _device(device: str) -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def model_arguments(config: EvalConfig, hf_dir: Path) -> dict:
+    """lmms-eval ``model_args`` for the backend (``pretrained``/``model`` path, device; user args win)."""
+    device = _device(config.device)
+    if config.backend == "vllm":
+        args = {"model": str(hf_dir), "tensor_parallel_size": 1}
+    else:
+        args = {"pretrained": str(hf_dir), "device": device, "device_map": device}
+    return {**args, **config.model_args}
+
+
+def run_lmms_eval(tasks: tuple[str, ...], model, model_args: dict | None, include_path: Path, config: EvalConfig) -> dict:
+    """lmms-eval's ``simple_evaluate`` on ``tasks`` (lmms-eval model name + args, or a model object)."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(include_path), include_defaults=False)
+    gen_kwargs = f"max_new_tokens={config.max_new_tokens}" if config.max_new_tokens else None
+    if model_args is not None:  # lmms-eval parses "key=value,key=value"
+        model_args = ",".join(f"{key}={value}" for key, value in model_args.items())
+    return simple_evaluate(model=model, model_args=model_args, tasks=list(tasks), task_manager=manager,
+                           batch_size=config.batch_size, limit=config.limit, gen_kwargs=gen_kwargs,
+                           log_samples=False, bootstrap_iters=0, random_seed=0)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def evaluate(config: EvalConfig, model=None) -> dict:
+    """Run the unfinished tasks of ``config`` and rewrite the summary. ``model``: an lmms-eval model object
+    to use instead of loading ``config.model`` (tests' scripted model). Returns the summary."""
+    out = Path(config.out)
+    task_dir = out / "tasks"
+    task_dir.mkdir(parents=True, exist_ok=True)
+    check_datasets(config.tasks, config.dataset_root)
+    pending = tuple(t for t in config.tasks if not (task_dir / f"{t}.json").is_file())
+    if pending:
+        include_path = write_task_overrides(pending, config.dataset_root, out / "lmms_tasks")
+        if model is None:
+            hf_dir = hf_model_dir(config.model, out)
+            model, model_args = config.backend, model_arguments(config, hf_dir)
+        else:
+            model_args = None
+        results = run_lmms_eval(pending, model, model_args, include_path, config)
+        run_info = {"model": str(config.model), "backend": config.backend, "model_args": model_args,
+                    "max_new_tokens_cap": config.max_new_tokens, "limit": config.limit,
+                    "lmms_eval_version": _lmms_version()}
+        for task in pending:
+            task_results = {name: value for name, value in results["results"].items()
+                            if name == task or name.startswith(f"{task}_")}
+            _write_json(task_dir / f"{task}.json", {"task": task, "results": task_results,
+                                                    "n_samples": results.get("n-samples", {}), **run_info})
+    return write_summary(out, summarise(_read_task_files(task_dir), model=str(config.model)))
+
+
+def _read_task_files(task_dir: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(task_dir.glob("*.json"))}
+
+
+def collect(out: str | Path) -> dict:
+    """Rewrite ``out/results.{json,md}`` from the task files that shard jobs wrote."""
+    out = Path(out)
+    files = _read_task_files(out / "tasks")
+    if not files:
+        raise ConfigError(f"{out}/tasks holds no task results")
+    model = next(iter(files.values())).get("model", str(out))
+    return write_summary(out, summarise(files, model=model))
+
+
+def _lmms_version() -> str:
+    from importlib.metadata import version
+
+    return version("lmms_eval")

@@ -1,0 +1,220 @@
+"""Benchmark results like the paper's table: per-task scores, their average, MMStar's sub-domains; compare.
+
+Pure functions over lmms-eval's result dicts (``results[task]["<metric>,<filter>"]``) and the summaries
+they produce; the only side effects are :func:`write_summary` and :func:`write_comparison` (JSON, Markdown,
+PNG). A benchmark's score is the mean of its :attr:`~nemo_viper.evaluation.benchmarks.Benchmark.score_metrics`
+in percent; the average is the plain mean of the task scores present (``complete`` says whether all seven
+are), as in the paper.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from nemo_viper.evaluation.benchmarks import BENCHMARKS, MMSTAR_DOMAINS, TASKS
+
+
+def metric_value(task_results: dict, metric: str) -> float | None:
+    """The value of ``metric`` under any filter (``"exact_match,flexible-extract"``), None if absent/N/A."""
+    for key, value in task_results.items():
+        if key.split(",")[0] == metric and isinstance(value, (int, float)) and not math.isnan(value):
+            return float(value)
+    return None
+
+
+def task_score(task: str, results: dict) -> float | None:
+    """The benchmark score (percent) of ``task`` from lmms-eval's ``results`` dict, None if not computed."""
+    benchmark = BENCHMARKS[task]
+    values = [metric_value(results.get(task, {}), m) for m in benchmark.score_metrics]
+    if not values or any(v is None for v in values):
+        return None
+    return benchmark.scale * sum(values) / len(values)
+
+
+def mmstar_domains(results: dict) -> dict[str, float | None]:
+    """MMStar's six sub-domain scores (percent); None for a domain without questions."""
+    mmstar = results.get("mmstar", {})
+    return {d: (None if (v := metric_value(mmstar, d)) is None else 100.0 * v) for d in MMSTAR_DOMAINS}
+
+
+def summarise(task_files: dict[str, dict], model: str) -> dict:
+    """One checkpoint's summary from the per-task files (``{"results": lmms-eval results, ...}``)."""
+    scores, notes, runs = {}, {}, {}
+    domains = {d: None for d in MMSTAR_DOMAINS}
+    for task in TASKS:
+        if task not in task_files:
+            continue
+        data = task_files[task]
+        scores[task] = task_score(task, data["results"])
+        if task == "mmstar":
+            domains = mmstar_domains(data["results"])
+        if BENCHMARKS[task].notes:
+            notes[task] = BENCHMARKS[task].notes
+        runs[task] = {k: data.get(k) for k in ("max_new_tokens_cap", "limit", "backend", "lmms_eval_version")}
+    present = [s for s in scores.values() if s is not None]
+    return {
+        "model": model,
+        "scores": scores,
+        "average": sum(present) / len(present) if present else None,
+        "complete": len(present) == len(TASKS),
+        "mmstar_domains": domains,
+        "notes": notes,
+        "runs": runs,
+    }
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def summary_markdown(summary: dict) -> str:
+    lines = [f"# Benchmarks: {summary['model']}", "", "| benchmark | score |", "|---|---|"]
+    for task in TASKS:
+        if task in summary["scores"]:
+            lines.append(f"| {BENCHMARKS[task].title} | {_fmt(summary['scores'][task])} |")
+    average = "average" if summary["complete"] else f"average of {len(summary['scores'])} of {len(TASKS)}"
+    lines += [f"| **{average}** | **{_fmt(summary['average'])}** |", ""]
+    if "mmstar" in summary["scores"]:
+        lines += ["MMStar sub-domains:", "", "| " + " | ".join(MMSTAR_DOMAINS) + " |",
+                  "|" + "---|" * len(MMSTAR_DOMAINS),
+                  "| " + " | ".join(_fmt(summary["mmstar_domains"][d]) for d in MMSTAR_DOMAINS) + " |", ""]
+    caps = {t: r for t, r in summary["runs"].items() if r.get("max_new_tokens_cap") or r.get("limit")}
+    if summary["notes"] or caps:
+        lines.append("Notes:")
+        lines += [f"- {BENCHMARKS[t].title}: {note}" for t, note in summary["notes"].items()]
+        lines += [f"- {BENCHMARKS[t].title}: run with max_new_tokens cap {r['max_new_tokens_cap']}, "
+                  f"limit {r['limit']} (not comparable to full runs)" for t, r in caps.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_summary(out: str | Path, summary: dict) -> dict:
+    out = Path(out)
+    _write_text(out / "results.json", json.dumps(summary, indent=2) + "\n")
+    _write_text(out / "results.md", summary_markdown(summary))
+    return summary
+
+
+def load_summary(path: str | Path) -> dict:
+    """A summary from an eval output dir (``results.json`` inside) or the JSON file itself."""
+    path = Path(path)
+    file = path / "results.json" if path.is_dir() else path
+    if not file.is_file():
+        from nemo_viper.errors import ConfigError
+
+        raise ConfigError(f"{path}: no results.json (run nemo-viper eval --out {path} first)")
+    return json.loads(file.read_text())
+
+
+def comparison_rows(summaries: list[tuple[str, dict]]) -> list[tuple[str, list[float | None]]]:
+    """``(row name, value per checkpoint)`` for each task, the average and each MMStar sub-domain."""
+    rows = [(BENCHMARKS[t].title, [s["scores"].get(t) for _, s in summaries])
+            for t in TASKS if any(t in s["scores"] for _, s in summaries)]
+    rows.append(("average", [s["average"] for _, s in summaries]))
+    if any("mmstar" in s["scores"] for _, s in summaries):
+        rows += [(f"MMStar {d}", [s["mmstar_domains"].get(d) for _, s in summaries]) for d in MMSTAR_DOMAINS]
+    return rows
+
+
+def comparison_markdown(summaries: list[tuple[str, dict]]) -> str:
+    """Checkpoints side by side; each column after the first also shows its delta to the first."""
+    labels = [label for label, _ in summaries]
+    header = "| benchmark | " + " | ".join([labels[0]] + [f"{label} (Δ vs {labels[0]})" for label in labels[1:]]) + " |"
+    lines = [header, "|---|" + "---|" * len(labels)]
+    for name, values in comparison_rows(summaries):
+        cells = [_fmt(values[0])]
+        for value in values[1:]:
+            delta = "" if value is None or values[0] is None else f" ({value - values[0]:+.1f})"
+            cells.append(_fmt(value) + delta)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(summaries: list[tuple[str, dict]], out: str | Path) -> Path:
+    """Grouped bars: one group per benchmark (and the average), one bar per checkpoint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in comparison_rows(summaries) if not r[0].startswith("MMStar ")]
+    width = 0.8 / len(summaries)
+    figure, axis = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 3.5))
+    for i, (label, _) in enumerate(summaries):
+        axis.bar([x + i * width for x in range(len(rows))], [r[1][i] or 0.0 for r in rows], width, label=label)
+    axis.set_xticks([x + width * (len(summaries) - 1) / 2 for x in range(len(rows))], [r[0] for r in rows],
+                    rotation=20, ha="right", fontsize=8)
+    axis.set_ylabel("score (%)")
+    axis.legend(fontsize=8)
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    out = Path(out)
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out
+
+
+def write_comparison(summaries: list[tuple[str, dict]], out: str | Path) -> Path:
+    """``out/compare.md`` (+ ``compare.json``, ``compare.png``); returns the Markdown path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(out / "compare.json", json.dumps([{"label": l, **s} for l, s in summaries], indent=2) + "\n")
+    plot_comparison(summaries, out / "compare.png")
+    _write_text(out / "compare.md", "# Benchmark comparison\n\n" + comparison_markdown(summaries)
+                + "\n![comparison](compare.png)\n")
+    return out / "compare.md"
+
+
+def check_drop(previous: dict, current: dict, max_drop: float) -> float:
+    """``current.average - previous.average``; raises :class:`EvalGuardStop` if it is below ``-max_drop``.
+
+    Both summaries must cover the same tasks (an average over different tasks is no signal).
+    """
+    from nemo_viper.errors import ConfigError, EvalGuardStop
+
+    if set(previous["scores"]) != set(current["scores"]):
+        raise ConfigError(f"eval guard: tasks differ ({sorted(previous['scores'])} vs {sorted(current['scores'])})")
+    if previous["average"] is None or current["average"] is None:
+        raise ConfigError("eval guard: a summary has no average score")
+    delta = current["average"] - previous["average"]
+    if delta < -max_drop:
+        raise EvalGuardStop(f"benchmark average dropped {previous['average']:.2f} -> {current['average']:.2f} "
+                            f"({delta:+.2f} points, more than eval.guard_max_drop={max_drop}): stopping further rounds")
+    return delta
+
+
+def eval_output_problem(kind: str, out: Path, args: tuple[str, ...]) -> str | None:
+    """What is missing from a loop phase's outputs (:func:`nemo_viper.run_state.output_problem`), or None.
+
+    ``eval_data``: a local copy of every benchmark under ``out``. ``eval``: with ``--tasks`` (shard jobs), a
+    result file per task; with ``--collect``, ``results.json`` covering the task files present.
+    """
+    from nemo_viper.errors import ConfigError
+    from nemo_viper.evaluation.benchmarks import check_datasets, parse_tasks
+
+    out = Path(out)
+    if not out.exists():
+        return "not started"
+    if kind == "eval_data":
+        try:
+            check_datasets(TASKS, out)
+        except ConfigError as exc:
+            return str(exc)
+        return None
+    if "--tasks" in args:
+        tasks = parse_tasks(args[args.index("--tasks") + 1])
+        missing = [t for t in tasks if not (out / "tasks" / f"{t}.json").is_file()]
+        return f"partial: no results yet for {', '.join(missing)}" if missing else None
+    if not (out / "results.json").is_file():
+        return f"{out}: no results.json"
+    done = {p.stem for p in (out / "tasks").glob("*.json")}
+    return None if set(load_summary(out)["scores"]) == done else f"{out}/results.json does not cover {sorted(done)}"

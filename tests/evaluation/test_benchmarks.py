@@ -1,0 +1,52 @@
+"""The seven benchmarks through lmms-eval on tiny local copies in each benchmark's own schema."""
+
+import subprocess
+import sys
+
+import pytest
+
+from nemo_viper.evaluation.benchmarks import MMSTAR_DOMAINS, TASKS
+from nemo_viper.evaluation.harness import EvalConfig, evaluate
+
+
+def test_scripted_model_scores_are_exact(tiny_eval_root, tmp_path):
+    """Right on even doc ids, wrong on odd: 3 of 5 -> 60.0; BLINK 1 of 2 per subtask -> 50.0; MMStar's six
+    sub-domains alternate 100/0 -> average 50.0. Every task decodes greedily (Mantis' sampling overridden)."""
+    from tests.evaluation.scripted_model import ScriptedModel
+
+    model = ScriptedModel()
+    summary = evaluate(EvalConfig(model="scripted", out=str(tmp_path / "out"), dataset_root=str(tiny_eval_root)),
+                       model=model)
+    expected = {task: 60.0 for task in TASKS} | {"blink": 50.0, "mmstar": 50.0}
+    assert summary["scores"] == pytest.approx(expected)
+    assert summary["average"] == pytest.approx(sum(expected.values()) / 7)
+    assert summary["complete"]
+    assert summary["mmstar_domains"] == pytest.approx(
+        {d: 100.0 if i % 2 == 0 else 0.0 for i, d in enumerate(MMSTAR_DOMAINS)})
+    for task, settings in model.generation_kwargs.items():
+        for kwargs in settings:
+            assert not kwargs.get("do_sample") and not kwargs.get("temperature"), (task, kwargs)
+    assert set(model.generation_kwargs) >= {"mantis", "hallusion_bench_image", "blink_counting"}
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| RealWorldQA | 60.0 |" in table and "rule-based yes/no scorer" in table
+    # a rerun finds every task done and only rewrites the summary
+    assert evaluate(EvalConfig(model="scripted", out=str(tmp_path / "out"), dataset_root=str(tiny_eval_root)),
+                    model=None)["scores"] == summary["scores"]
+
+
+def test_missing_dataset_is_one_line_naming_task_and_path(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "nemo_viper.cli", "eval", "--model", str(tmp_path), "--tasks",
+                             "realworldqa", "--dataset-root", str(tmp_path / "data"), "--out", str(tmp_path / "o")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "realworldqa" in lines[0] and str(tmp_path / "data" / "realworldqa") in lines[0]
+
+
+def test_unknown_task_is_rejected():
+    from nemo_viper.errors import ConfigError
+    from nemo_viper.evaluation.benchmarks import parse_tasks
+
+    assert parse_tasks("mmstar, blink") == ("mmstar", "blink")
+    with pytest.raises(ConfigError, match="mmbench"):
+        parse_tasks("mmstar,mmbench")

@@ -1,0 +1,80 @@
+"""The benchmark phases in the closed loop: plan, and the guard stopping later rounds (phases stubbed)."""
+
+import io
+import sys
+
+from nemo_viper import orchestration
+from nemo_viper.run_state import RunState
+from recipes import recipe
+
+
+def test_plan_evaluates_base_once_and_every_round_before_the_next():
+    config = recipe("tiny", "eval.enabled=true", "rounds=2", "eval.guard_max_drop=1.0", "run_dir=/r")
+    phases = {p.name: p for p in orchestration.plan(config)}
+    assert list(phases) == ["prepare", "eval_data", "eval", "round1.synth1", "round1.rl1", "round1.synth2",
+                            "round1.rl2", "round1.eval", "round2.synth1", "round2.rl1", "round2.synth2",
+                            "round2.rl2", "round2.eval", "export"]
+    assert phases["round2.synth1"].depends_on == ("round1.eval",)  # the guard runs before the next round
+    base, round1 = phases["eval"].args, phases["round1.eval"].args
+    assert base[base.index("--model") + 1] == "/r/base_model" and "--guard-against" not in base
+    assert round1[round1.index("--model") + 1] == "/r/round1/rl2"
+    assert round1[round1.index("--guard-against") + 1] == "/r/eval/base"
+    assert phases["round2.eval"].args[phases["round2.eval"].args.index("--guard-against") + 1] == "/r/eval/round1"
+    # the RL job reads eval.heldout (and every other setting) from the run config (tests/test_config_keys.py)
+    assert phases["round1.rl1"].args[-2:] == ("--config", "/r/config/viper.yaml")
+
+
+def test_plan_shards_benchmarks_into_gpu_jobs_and_collects():
+    config = recipe("qwen25vl_7b", "eval.enabled=true", "eval.dataset_root=/data", "eval.guard_max_drop=0.5",
+                    "run_dir=/r")
+    phases = {p.name: p for p in orchestration.plan(config)}
+    assert phases["round1.eval"].tasks == 7 and phases["round1.eval"].gpus_per_node == 1
+    collect = phases["round1.eval_collect"]
+    assert collect.depends_on == ("round1.eval",) and collect.args[:3] == ("eval", "--collect", "/r/eval/round1")
+    assert "--guard-against" in collect.args and "--guard-against" not in phases["round1.eval"].args
+    assert "eval" not in recipe("qwen25vl_7b").eval.tasks  # sanity: task names, not phases
+    assert [p.name for p in orchestration.plan(recipe("qwen25vl_7b", "run_dir=/r"))][-1] == "export"
+
+
+def test_guard_stop_skips_later_rounds_and_still_exports(tmp_path, monkeypatch):
+    """Phases stubbed (commands, output verification, preflight): only the runner's guard logic is under test."""
+    config = recipe("tiny", "eval.enabled=true", "rounds=3", "eval.guard_max_drop=1.0", f"run_dir={tmp_path}")
+    ran = []
+
+    def fake_command(phase, index=0):
+        ran.append(phase.name)
+        code = orchestration.GUARD_STOP_EXIT if phase.name == "round2.eval" else 0
+        return [sys.executable, "-c", f"raise SystemExit({code})"]
+
+    monkeypatch.setattr(orchestration, "phase_command", fake_command)
+    monkeypatch.setattr("nemo_viper.run_state.verify_and_record",
+                        lambda phase, phases, run_dir: RunState(run_dir).record_done(phase.name, "stub"))
+    monkeypatch.setattr("nemo_viper.run_state.select_phases", lambda phases, run_dir, start: (
+        [p for p in phases if p.name not in RunState(run_dir).read()["phases"]], {}))
+    monkeypatch.setattr("nemo_viper.run_state.clear_for_rerun", lambda selected, states, run_dir: [])
+    monkeypatch.setattr("nemo_viper.doctor.check", lambda config, phase: [])
+    orchestration.run_local(config)
+    assert ran[-3:] == ["round2.rl2", "round2.eval", "export"] and not any(n.startswith("round3") for n in ran)
+    assert orchestration.stopped_after_round(tmp_path) == 2
+    finished = RunState(tmp_path).read()["phases"]
+    assert "round2.eval" in finished and "export" in finished
+    ran.clear()
+    orchestration.run_local(config)  # a rerun keeps the stop
+    assert ran == []
+
+
+def test_slurm_dry_run_submits_one_gpu_job_per_benchmark_shard(tmp_path, monkeypatch):
+    from launcher.nemo_run_jobs import sbatch_scripts
+
+    monkeypatch.setattr("sys.stdin", io.StringIO())  # NeMo-Run's local tunnel (invoke) reads stdin
+    monkeypatch.setenv("NEMORUN_HOME", str(tmp_path / "nemorun"))
+    config = recipe("qwen25vl_7b", "eval.enabled=true", "eval.dataset_root=/data", "cluster.account=acct",
+                    f"run_dir={tmp_path}", "eval.num_shards=2")
+    scripts = sbatch_scripts(config)
+    shards = scripts["round1-eval"]  # one array job, one GPU per task (shard)
+    assert "#SBATCH --array=0-1" in shards and "#SBATCH --gpus-per-node=1" in shards
+    assert "#SBATCH --time=08:00:00" in shards
+    assert f"nemo_viper.cli eval --model {tmp_path}/round1/rl2" in shards and "--num-shards 2" in shards
+    collect = scripts["round1-eval_collect"]
+    assert "afterok:<round1-eval>" in collect and f"--collect {tmp_path}/eval/round1" in collect
+    assert "afterok:<round1-eval_collect>" in scripts["export"]
