@@ -64,6 +64,9 @@ ALTERNATIVES = {
     "cluster.time.rl": "1-00:00:00",
     "cluster.time.export": "02:00:00",
     "cluster.code": "package",
+    "eval.tasks": ["mmstar"],
+    "eval.backend": "vllm",
+    "eval.limit": 2,
     "synthesis.images": "{tmp}/images",
     "synthesis.diffusion_preset": "qwen",
     "synthesis.redraw.pipeline": "StableDiffusionInstructPix2PixPipeline",  # tiny exists for these two
