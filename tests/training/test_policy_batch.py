@@ -102,7 +102,7 @@ def shared_images(tiny_hf_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("shared_images") / "shared.pt"
     run_worker("shared_images.py", "--hf", str(tiny_hf_dir), "--out", str(out), "--responses", "5",
-               "--recompute", "none,selective,full", "--recompute-vision")
+               "--recompute", "none,selective,full", "--recompute-vision", timeout=900)  # three policies
     return torch.load(out)
 
 
