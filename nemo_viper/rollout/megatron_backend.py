@@ -150,7 +150,8 @@ class MegatronGenerationBackend:
         self._pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
         self.context_length = config.max_context_length or text_config(policy.hf_config)["max_position_embeddings"]
 
-        local_vocab = self._model.language_model.output_layer.weight.shape[0]
+        # Tied embeddings (Qwen2.5-VL-3B): the output layer has no weight of its own; this is the one it uses.
+        local_vocab = self._model.language_model.shared_embedding_or_output_weight().shape[0]
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
         self._shard = VocabShard(
             start=parallel_state.get_tensor_model_parallel_rank() * local_vocab,
