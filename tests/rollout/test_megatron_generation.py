@@ -40,6 +40,18 @@ def tp2_ranks(tiny_hf_dir, inputs, tmp_path_factory):
     return run_layout(tiny_hf_dir, inputs, tmp_path_factory.mktemp("tp2") / "result.pt", 2)
 
 
+def test_tied_embeddings_generate_like_transformers(tmp_path):
+    """Qwen2.5-VL-3B ties the output layer to the embedding (Megatron's output layer then has no weight)."""
+    from conftest import greedy_inputs
+
+    from nemo_viper.models.tiny import TinyModelConfig, write_tiny_checkpoint
+
+    hf_dir = write_tiny_checkpoint(tmp_path / "tied", TinyModelConfig(tie_word_embeddings=True))
+    tied = greedy_inputs(hf_dir, tmp_path)
+    result = run_layout(hf_dir, tied, tmp_path / "result.pt", 1)[0]
+    assert [samples[0] for samples in result["greedy"]] == tied["hf_greedy"]
+
+
 @pytest.fixture(scope="module")
 def gpu_tp1(tiny_hf_dir, inputs, tmp_path_factory):
     """The same checks on the GPU: the policy on its default spec there (Transformer Engine), fp32."""
