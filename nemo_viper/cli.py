@@ -52,60 +52,81 @@ def cmd_convert_export(args) -> None:
         print(f"exported {args.ckpt} -> {out}")
 
 
-def cmd_train(args) -> None:
-    from nemo_viper.algorithms import PolicyLossConfig
-    from nemo_viper.evaluation.heldout import HeldoutConfig
-    from nemo_viper.rewards import RewardConfig
-    from nemo_viper.rollout import SamplingParams
-    from nemo_viper.rollout.vllm_backend import VLLMGenerationConfig
-    from nemo_viper.training.grpo import GRPOConfig, OptimizerSettings
-    from nemo_viper.training.loop import RLConfig
-    from nemo_viper.training.stage import StageConfig, run_stage
+# Flags of ``train`` for the commonly used settings: each sets one key of the run config (defaults and
+# allowed values live in the config's dataclasses only; the value is parsed and checked there).
+TRAIN_FLAGS = {
+    "--steps": "rl.steps",
+    "--prompts-per-step": "rl.prompts_per_step",
+    "--responses-per-prompt": "rl.n",
+    "--max-new-tokens": "rl.sampling.max_new_tokens",
+    "--temperature": "rl.sampling.temperature",
+    "--top-p": "rl.sampling.top_p",
+    "--seed": "rl.sampling.seed",
+    "--lr": "rl.grpo.optimizer.lr",
+    "--num-minibatches": "rl.grpo.num_minibatches",
+    "--micro-batch-size": "rl.grpo.micro_batch_size",
+    "--aggregation": "rl.grpo.loss.aggregation",
+    "--eps-low": "rl.grpo.loss.eps_low",
+    "--eps-high": "rl.grpo.loss.eps_high",
+    "--kl-beta": "rl.grpo.loss.kl_beta",
+    "--save-every": "rl.save_every",
+    "--image-backend": "rl.image_backend",
+    "--prefetch-prompts": "rl.prefetch_prompts",
+    "--min-pixels": "rl.min_pixels",
+    "--max-pixels": "rl.max_pixels",
+    "--importance-sampling-cap": "rl.grpo.importance_sampling_cap",
+    "--rollout-backend": "rollout.backend",
+    "--generation-batch-size": "rollout.megatron_batch_size",
+    "--vllm-gpu-memory-utilization": "rollout.vllm_gpu_memory_utilization",
+    "--vllm-cpu-kv-cache-gib": "rollout.vllm_cpu_kv_cache_gib",
+    "--reward-model": "reward.embedding_model",
+    "--reward-mode": "reward.mode",
+    "--reward-threshold": "reward.threshold",
+    "--heldout-count": "eval.heldout.count",
+    "--heldout-fraction": "eval.heldout.fraction",
+    "--heldout-samples": "eval.heldout.samples",
+    "--precision": "model.precision",
+    "--fp8-recipe": "model.fp8_recipe",
+    "--layer-spec": "model.layer_spec",
+    "--recompute": "model.recompute",
+    "--tp": "parallel.tensor",
+    "--pp": "parallel.pipeline",
+}
+TRAIN_SWITCHES = {"--dynamic-sampling": "rl.grpo.dynamic_sampling", "--overlong-filtering": "rl.grpo.overlong_filtering",
+                  "--no-std": "rl.grpo.advantage.normalize_by_std=false", "--recompute-vision": "model.recompute_vision",
+                  "--no-vllm-sleep-mode": "rollout.vllm_sleep_mode=false"}
 
-    config = StageConfig(
-        stage=args.stage,
-        data=args.data,
-        policy=args.policy,
-        out=args.out,
-        rl=RLConfig(
-            steps=args.steps,
-            prompts_per_step=args.prompts_per_step,
-            n=args.responses_per_prompt,
-            sampling=SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens),
-            save_every=args.save_every,
-            seed=args.seed,
-        ),
-        grpo=GRPOConfig(
-            loss=PolicyLossConfig(eps_low=args.eps_low, eps_high=args.eps_high, aggregation=args.aggregation,
-                                  max_response_length=args.max_new_tokens),
-            optimizer=OptimizerSettings(lr=args.lr),
-            num_minibatches=args.num_minibatches,
-            micro_batch_size=args.micro_batch_size,
-            temperature=args.temperature,
-            dynamic_sampling=args.dynamic_sampling,
-            importance_sampling_cap=args.importance_sampling_cap,
-        ),
-        reward=RewardConfig(embedding_model=args.reward_model, mode=args.reward_mode, threshold=args.reward_threshold),
-        tensor_parallel=args.tp,
-        pipeline_parallel=args.pp,
-        precision=args.precision,
-        fp8_recipe=args.fp8_recipe,
-        layer_spec=args.layer_spec,
-        image_backend=args.image_backend,
-        prefetch_prompts=args.prefetch_prompts,
-        **{k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v is not None},
-        recompute=args.recompute,
-        recompute_vision=args.recompute_vision,
-        generation_batch_size=args.generation_batch_size,
-        rollout_backend=args.rollout_backend,
-        vllm=VLLMGenerationConfig(
-            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-            cpu_kv_cache_gib=args.vllm_cpu_kv_cache_gib,
-            sleep_mode=args.vllm_sleep_mode,
-            seed=args.seed,
-        ),
-        heldout=HeldoutConfig(count=args.heldout_count, fraction=args.heldout_fraction, samples=args.heldout_samples),
-    )
+
+def train_config(args):
+    """The :class:`~nemo_viper.training.stage.StageConfig` of a ``train`` command line: the run config
+    (``--config`` file, else the defaults), then ``KEY=VALUE`` overrides, then the flags."""
+    from nemo_viper.config import compose
+    from nemo_viper.models.policy import PolicyOptions
+    from nemo_viper.training.stage import StageConfig
+
+    overrides = list(args.overrides)
+    for flag, key in TRAIN_FLAGS.items():
+        value = getattr(args, _dest(flag))
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    for flag, key in TRAIN_SWITCHES.items():
+        if getattr(args, _dest(flag)):
+            overrides.append(key if "=" in key else f"{key}=true")
+    config = compose(args.config, overrides)
+    return StageConfig(stage=args.stage, data=args.data, policy=args.policy, out=args.out, rl=config.rl,
+                       rollout=config.rollout, reward=config.reward, model=PolicyOptions(**config.model.options()),
+                       tensor_parallel=config.parallel.tensor, pipeline_parallel=config.parallel.pipeline,
+                       heldout=config.eval.heldout)
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def cmd_train(args) -> None:
+    from nemo_viper.training.stage import run_stage
+
+    config = train_config(args)
     with _single_writer(args.out):
         run_stage(config)
     if _is_rank_zero():
@@ -119,14 +140,20 @@ def cmd_tiny_diffusion(args) -> None:
         print(f"tiny diffusers pipeline written to {path}")
 
 
-def cmd_synth(args) -> None:
+def synth_config(args):
+    """The :class:`~nemo_viper.synthesis.config.SynthConfig` of a ``synth`` command line."""
     from nemo_viper.synthesis.config import load_config
-    from nemo_viper.synthesis.run import run_synthesis
 
-    config = load_config(
+    return load_config(
         args.config, args.overrides, stage=args.stage, out=args.out, images=args.images, stage1=args.stage1,
         shard_index=args.shard_index, num_shards=args.num_shards, **{"vlm.policy": args.policy},
     )
+
+
+def cmd_synth(args) -> None:
+    from nemo_viper.synthesis.run import run_synthesis
+
+    config = synth_config(args)
     with _single_writer(args.out, part=f"task{config.shard_index}"):
         manifest = run_synthesis(config)
     if _is_rank_zero():
@@ -212,7 +239,7 @@ def cmd_run(args) -> None:
             console.print(f"{phase.name:<16} {'already done' if status == 'skip' else 'done'}")
 
         run_local(config, on_phase=show, start=args.start)
-    report = write_report(config.run_dir, config.rounds)
+    report = write_report(config.run_dir, config.rounds, config.reward.alert_gap)
     console.print(f"run report: {report}")
 
 
@@ -342,58 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", required=True, help="dataset directory (shards + manifest.json)")
     train.add_argument("--policy", required=True, help="policy checkpoint or HF Qwen2.5-VL directory to start from")
     train.add_argument("--out", required=True, help="run directory (checkpoints/, metrics.jsonl, tensorboard/)")
-    train.add_argument("--steps", type=int, required=True, help="rollout steps (a rerun resumes from the latest checkpoint)")
-    train.add_argument("--prompts-per-step", type=int, default=128, help="prompts per step and data-parallel rank")
-    train.add_argument("--responses-per-prompt", type=int, default=5, help="GRPO group size n")
-    train.add_argument("--max-new-tokens", type=int, default=1024)
-    train.add_argument("--temperature", type=float, default=1.0)
-    train.add_argument("--top-p", type=float, default=1.0)
-    train.add_argument("--lr", type=float, default=1e-6)
-    train.add_argument("--num-minibatches", type=int, default=4, help="optimizer updates per rollout step")
-    train.add_argument("--micro-batch-size", type=int, default=4)
-    train.add_argument("--aggregation", default="token-mean",
-                       choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"))
-    train.add_argument("--eps-low", type=float, default=0.2)
-    train.add_argument("--eps-high", type=float, default=0.28)
-    train.add_argument("--dynamic-sampling", action="store_true", help="drop groups whose rewards are all equal")
-    train.add_argument("--reward-model", default=None, help="sentence-transformers dir (default: packaged MiniLM)")
-    train.add_argument("--reward-mode", default="precision", choices=("precision", "recall", "f1"))
-    train.add_argument("--reward-threshold", type=float, default=0.85, help="cosine above which a sentence is a hit")
-    train.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp8"))
-    train.add_argument("--fp8-recipe", default="blockwise", choices=("blockwise", "mxfp8", "tensorwise", "delayed"),
-                       help="FP8 scaling with --precision fp8: blockwise (Hopper), mxfp8 (Blackwell), tensorwise, delayed")
-    train.add_argument("--layer-spec", default="auto", choices=("auto", "transformer_engine", "local"),
-                       help="transformer layer implementation; auto = Transformer Engine on a GPU that has it")
-    train.add_argument("--save-every", type=int, default=50)
-    train.add_argument("--image-backend", default="auto", choices=("auto", "dali", "pil"),
-                       help="image preprocessing: DALI (GPU decoder when CUDA is there) or the HF PIL processor; "
-                       "auto = DALI if importable")
-    train.add_argument("--prefetch-prompts", type=int, default=16,
-                       help="prompts (images decoded) prepared ahead of the loop per rank")
-    train.add_argument("--min-pixels", type=int, help="pixel budget of every image: at least (default 56*56)")
-    train.add_argument("--max-pixels", type=int,
-                       help="pixel budget of every image: at most (default 1280*28*28, synthesis's cap), whatever "
-                       "the checkpoint's processor says")
-    train.add_argument("--recompute", default="none", choices=("none", "selective", "full"),
-                       help="activation recomputation of the language model")
-    train.add_argument("--recompute-vision", action="store_true", help="checkpoint every vision-tower block")
-    train.add_argument("--rollout-backend", default="megatron", choices=("megatron", "vllm"),
-                       help="generation engine: the policy itself (megatron) or a colocated vLLM engine refitted "
-                       "after every update (vllm; needs the vllm package)")
-    train.add_argument("--generation-batch-size", type=int, default=64, help="megatron backend: samples decoded together")
-    train.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.5)
-    train.add_argument("--vllm-cpu-kv-cache-gib", type=int, default=1, help="vllm backend on CPU: KV-cache size")
-    train.add_argument("--no-vllm-sleep-mode", dest="vllm_sleep_mode", action="store_false",
-                       help="keep the vLLM engine's weights and KV cache on the GPU between rollouts")
-    train.add_argument("--importance-sampling-cap", type=float, default=None,
-                       help="truncated importance-sampling correction of the sampler-vs-trainer mismatch (off)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--heldout-count", type=int, default=0,
-                       help="held-out samples never trained on, scored before/after the stage (OUT/heldout.json)")
-    train.add_argument("--heldout-fraction", type=float, default=0.0, help="held-out share when --heldout-count is 0")
-    train.add_argument("--heldout-samples", type=int, default=0,
-                       help="sampled answers per held-out prompt (default: --responses-per-prompt)")
-    _add_layout_args(train)
+    train.add_argument("--config", help="run config YAML (a run's config/viper.yaml, or any part of the tree); "
+                       "default: the built-in defaults (SPEC §7)")
+    for flag, key in TRAIN_FLAGS.items():
+        train.add_argument(flag, metavar="VALUE", help=f"sets {key}")
+    for flag, key in TRAIN_SWITCHES.items():
+        train.add_argument(flag, action="store_true", help=f"sets {key if '=' in key else key + '=true'}")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="run config overrides, e.g. rl.grpo.loss.dual_clip_c=3 reward.mode=f1")
     _loads_checkpoints(train)
     train.set_defaults(func=cmd_train)
 
@@ -464,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = commands.add_parser("plan", help="per-GPU memory of every phase of a recipe; verdict; what to change")
     plan.add_argument("--recipe", required=True, help="tiny | qwen25vl_3b | qwen25vl_7b")
-    plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. rl.micro_batch_size=4")
+    plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. rl.grpo.micro_batch_size=4")
     plan.add_argument("--gpu-memory", type=float, default=80, help="GiB per GPU (default 80)")
     plan.set_defaults(func=cmd_plan)
 

@@ -1,43 +1,77 @@
-"""The closed-loop configuration: one typed object, composed from YAML parts in ``conf/``.
+"""The closed-loop configuration: one typed tree that *contains* the library configs, composed from YAML.
+
+As in Megatron-Bridge and NeMo-RL, each section is the dataclass of the code it configures, so every
+default and every allowed value is written once, in that dataclass:
+
+==============  ==============================================================================
+``model``       :class:`ModelSection` = :class:`~nemo_viper.models.policy.PolicyOptions` (precision, FP8
+                recipe, layer spec, freezing) + the starting checkpoint ``hf_path``
+``parallel``    :class:`ParallelSection`: Megatron layout and the ranks of the RL jobs
+``rl``          :class:`~nemo_viper.training.loop.RLConfig`: steps, batch, ``rl.sampling``
+                (:class:`~nemo_viper.rollout.SamplingParams`), ``rl.grpo``
+                (:class:`~nemo_viper.training.grpo.GRPOConfig`: ``advantage``, ``loss``, ``optimizer``)
+``rollout``     :class:`~nemo_viper.training.stage.RolloutConfig`: the RL jobs' generation engine
+                (``megatron`` or ``vllm``) and its settings
+``reward``      :class:`~nemo_viper.rewards.RewardConfig`
+``synthesis``   keys of :class:`~nemo_viper.synthesis.config.SynthConfig` (partial: its presets apply first)
+``cluster``     :class:`ClusterSection`: where jobs run
+``eval``        :class:`EvalSection`: benchmark phases and ``eval.heldout``
+                (:class:`~nemo_viper.evaluation.heldout.HeldoutConfig`, read by the RL jobs)
+==============  ==============================================================================
 
 A recipe YAML (``conf/recipes/NAME.yaml``) lists the parts it is made of under ``defaults`` (e.g.
 ``model: qwen25vl_7b``, ``parallel: h100_tp2``) and may override any key below them; each part is
 ``conf/<group>/<part>.yaml``. Composition order, later wins: the dataclass defaults, the parts in the
 listed order, the recipe's own keys, then command-line ``key=value`` overrides (OmegaConf dot-list:
-``rl.steps=20 parallel.tensor=2``). OmegaConf's structured mode rejects unknown keys and values of the
-wrong type; :func:`validate` then checks the cross-field rules (parallel layout against the GPUs and the
-model's heads, paths that must exist) — all before any work starts, each error naming the key and value.
+``rl.steps=20 rl.grpo.optimizer.lr=2e-6``). OmegaConf's structured mode rejects unknown keys and values of
+the wrong type; :func:`build` then constructs every dataclass, whose own checks reject bad values
+(``rl.grpo.loss.eps_low=1.5``) with the full key in the message; :func:`validate` adds the cross-section
+rules (layout against GPUs and heads, paths that must exist, the synthesis jobs' configs) — all before any
+work starts. Every job reads the run's resolved config file (``run_dir/config/viper.yaml``), never a
+re-encoding of it as flags. To add a key, see ``docs/architecture.md`` ("Adding a config key").
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, get_origin, get_type_hints
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from nemo_viper.errors import ConfigError, NemoViperError
 from nemo_viper.evaluation.benchmarks import TASKS as BENCHMARK_TASKS
+from nemo_viper.evaluation.benchmarks import parse_tasks
+from nemo_viper.evaluation.harness import MODEL_BACKENDS, EvalConfig
 from nemo_viper.evaluation.heldout import HeldoutConfig
+from nemo_viper.models.policy import PolicyOptions
+from nemo_viper.rewards import RewardConfig
+from nemo_viper.training.loop import RLConfig
+from nemo_viper.training.stage import RolloutConfig
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+EXECUTORS = ("local", "slurm")
 
 
-@dataclass
-class ModelSection:
-    """The starting policy (round 0) and how it is run."""
+@dataclass(frozen=True)
+class ModelSection(PolicyOptions):
+    """The starting policy (round 0) and how every phase builds the policy (:class:`PolicyOptions`).
 
-    hf_path: str = ""  # HF Qwen2.5-VL-Instruct dir; "tiny" = build the offline tiny model in the run dir
-    tiny_warm_start_steps: int = 0  # with hf_path "tiny": see nemo_viper.models.tiny_warmstart
-    precision: str = "bf16"  # fp32 | bf16 | fp8
-    fp8_recipe: str = "blockwise"  # blockwise (Hopper) | mxfp8 (Blackwell) | tensorwise | delayed
-    layer_spec: str = "auto"  # auto (Transformer Engine on a GPU that has it) | transformer_engine | local
-    freeze_vision_tower: bool = False
-    freeze_projector: bool = False
-    recompute: str = "none"  # RL training, language model: none | selective (core attention) | full (layer inputs)
-    recompute_vision: bool = False  # RL training: checkpoint every vision-tower block
+    ``hf_path``: a HF Qwen2.5-VL-Instruct directory, or ``tiny`` = build the offline tiny model in the run
+    directory (warm-started for ``tiny_warm_start_steps`` steps, see :mod:`nemo_viper.models.tiny_warmstart`).
+    """
+
+    hf_path: str = ""
+    tiny_warm_start_steps: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.tiny_warm_start_steps < 0:
+            raise ConfigError(f"tiny_warm_start_steps={self.tiny_warm_start_steps} must be >= 0")
 
 
 @dataclass
@@ -50,6 +84,13 @@ class ParallelSection:
     gpus_per_node: int = 8
     cpu_ranks: int = 1
 
+    def __post_init__(self):
+        for key in ("tensor", "pipeline", "nodes", "cpu_ranks"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
+        if self.gpus_per_node < 0:
+            raise ConfigError(f"gpus_per_node={self.gpus_per_node} must be >= 0 (0 = CPU ranks)")
+
     @property
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node if self.gpus_per_node else self.cpu_ranks
@@ -57,66 +98,6 @@ class ParallelSection:
     @property
     def data_parallel(self) -> int:
         return self.world_size // (self.tensor * self.pipeline)
-
-
-@dataclass
-class RLSection:
-    """GRPO-variant settings shared by both stages (SPEC §7 defaults)."""
-
-    steps: int = 200  # rollout steps per stage
-    prompts_per_step: int = 512  # global; split over data-parallel ranks
-    n: int = 5
-    max_new_tokens: int = 1024
-    temperature: float = 1.0
-    top_p: float = 1.0
-    lr: float = 1e-6
-    weight_decay: float = 0.01
-    clip_grad: float = 1.0
-    num_minibatches: int = 4
-    micro_batch_size: int = 4
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    aggregation: str = "token-mean"
-    dynamic_sampling: bool = False
-    save_every: int = 50
-    seed: int = 0
-    image_backend: str = "auto"  # auto (DALI if importable) | dali | pil
-    prefetch_prompts: int = 16  # per data-parallel rank
-    # Pixel budget of every RL image (prompts and rollouts), whatever the checkpoint's processor says:
-    # Qwen's resize keeps each image's pixel count in [min_pixels, max_pixels] (default: synthesis's cap).
-    min_pixels: int = 56 * 56
-    max_pixels: int = 1280 * 28 * 28
-
-
-@dataclass
-class RolloutSection:
-    """The generation engine of the RL jobs (docs/architecture.md, "Choosing a rollout backend").
-
-    ``backend``: ``megatron`` (generates on the policy's own weights; no extra memory, slower) or ``vllm``
-    (a colocated vLLM engine per data-parallel rank, refitted after every update; needs ``vllm``).
-    ``megatron_batch_size``: samples the Megatron backend decodes together. The ``vllm_*`` keys are
-    :class:`~nemo_viper.rollout.vllm_backend.VLLMGenerationConfig`'s. ``importance_sampling_cap``: truncated
-    importance-sampling correction of the sampler-vs-trainer mismatch (``null`` = off).
-    """
-
-    backend: str = "megatron"
-    megatron_batch_size: int = 64
-    vllm_gpu_memory_utilization: float = 0.5
-    vllm_cpu_kv_cache_gib: int = 1
-    vllm_sleep_mode: bool = True
-    importance_sampling_cap: float | None = None
-
-
-@dataclass
-class RewardSection:
-    """ViPER reward (SPEC §6). ``embedding_model`` empty = the packaged MiniLM (embedded default)."""
-
-    embedding_model: str = ""
-    threshold: float = 0.85
-    mode: str = "precision"
-    one_to_one: bool = False
-    format_weight: float = 0.05
-    correctness_weight: float = 0.95
 
 
 @dataclass
@@ -157,29 +138,50 @@ class ClusterSection:
     exclusive_rl: bool = True  # RL jobs take whole nodes (sbatch --exclusive)
     min_free_disk_gb: float = 50.0  # preflight: free space the run dir needs
 
+    def __post_init__(self):
+        if self.executor not in EXECUTORS:
+            raise ConfigError(f"executor={self.executor!r} is not one of {EXECUTORS}")
+        if self.synthesis_gpus_per_task < 1:
+            raise ConfigError(f"synthesis_gpus_per_task={self.synthesis_gpus_per_task} must be >= 1")
+
 
 @dataclass
 class EvalSection:
     """Evaluation inside the loop (SPEC §10, docs/evaluation.md).
 
-    ``heldout``: the self-evaluation split of each stage's data, scored before/after every RL stage.
-    ``enabled``: the benchmark phases, ``nemo-viper eval`` of the base model once and of each round's
-    policy, on ``tasks`` from the local copies under ``dataset_root`` (``tiny``: tiny copies written into
-    the run dir), split into ``num_shards`` jobs; ``guard_max_drop`` (points of the average, None = off)
-    stops further rounds when a round's average falls by more than that against the previous one.
+    ``heldout``: the self-evaluation split of each stage's data (:class:`HeldoutConfig`), scored before/after
+    every RL stage by the RL job itself. ``enabled``: the benchmark phases, ``nemo-viper eval`` of the base
+    model once and of each round's policy, on ``tasks`` from the local copies under ``dataset_root``
+    (``tiny``: tiny copies written into the run dir), split into ``num_shards`` jobs; ``backend``,
+    ``model_args``, ``batch_size``, ``max_new_tokens``, ``limit`` are the eval job's
+    (:class:`~nemo_viper.evaluation.harness.EvalConfig`); ``guard_max_drop`` (points of the average, None =
+    off) stops further rounds when a round's average falls by more than that against the previous one.
     """
 
     enabled: bool = False
     dataset_root: str = ""
     tasks: list[str] = field(default_factory=lambda: list(BENCHMARK_TASKS))
-    backend: str = "qwen2_5_vl"
+    backend: str = EvalConfig.backend
     model_args: dict[str, str] = field(default_factory=dict)
-    batch_size: int = 1
+    batch_size: int = EvalConfig.batch_size
     max_new_tokens: Optional[int] = None
     limit: Optional[int] = None
     num_shards: int = 1
     guard_max_drop: Optional[float] = None
     heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
+
+    def __post_init__(self):
+        parse_tasks(self.tasks)
+        if self.backend not in MODEL_BACKENDS:
+            raise ConfigError(f"backend={self.backend!r} is not one of {MODEL_BACKENDS}")
+        for key in ("batch_size", "num_shards", "max_new_tokens", "limit"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{key}={value} must be >= 1")
+        if self.guard_max_drop is not None and self.guard_max_drop < 0:
+            raise ConfigError(f"guard_max_drop={self.guard_max_drop} must be >= 0 (or null: no guard)")
+        if self.enabled and not self.dataset_root:
+            raise ConfigError("dataset_root is required with enabled=true (local benchmark copies, or 'tiny')")
 
 
 @dataclass
@@ -191,12 +193,78 @@ class ViperConfig:
     rounds: int = 1
     model: ModelSection = field(default_factory=ModelSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
-    rl: RLSection = field(default_factory=RLSection)
-    rollout: RolloutSection = field(default_factory=RolloutSection)
-    reward: RewardSection = field(default_factory=RewardSection)
+    rl: RLConfig = field(default_factory=RLConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     synthesis: dict[str, Any] = field(default_factory=dict)  # nemo_viper.synthesis.config.SynthConfig keys
     cluster: ClusterSection = field(default_factory=ClusterSection)
     eval: EvalSection = field(default_factory=EvalSection)
+
+    def __post_init__(self):
+        if self.rounds < 1:
+            raise ConfigError(f"rounds={self.rounds} must be >= 1")
+        if not self.name or not self.run_dir:
+            raise ConfigError(f"name={self.name!r} and run_dir={self.run_dir!r} must not be empty")
+
+
+def build(cls: type, data: Mapping, path: str = ""):
+    """Construct dataclass ``cls`` (and its dataclass fields, recursively) from plain ``data``.
+
+    Every constructor's own checks run; their errors (``ValueError``, ``TypeError``, which libraries
+    raise as ``"<field>=<value> must ..."``) become one-line :class:`ConfigError` s naming the full key,
+    e.g. ``rl.grpo.loss.eps_low=1.5 must be < 1 ...``. Keys absent from ``data`` keep their defaults.
+    """
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for f in fields(cls):
+        if not f.init or f.name not in data:
+            continue
+        value, kind = data[f.name], hints[f.name]
+        if is_dataclass(kind) and isinstance(value, Mapping):
+            value = build(kind, value, f"{path}{f.name}.")
+        elif get_origin(kind) is tuple and isinstance(value, list):
+            value = tuple(value)
+        kwargs[f.name] = value
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(_name_key(path, cls, str(exc))) from None
+
+
+def _name_key(path: str, cls: type, message: str) -> str:
+    """Prefix ``message`` with the section's key path: ``eps_low=1.5 ...`` -> ``rl.grpo.loss.eps_low=1.5 ...``."""
+    message = " ".join(message.split())
+    if not path:
+        return message
+    match = re.match(r"(\w+)[=. ]", message)
+    if match and match.group(1) in {f.name for f in fields(cls)}:
+        return f"{path}{message}"
+    return f"{path[:-1]}: {message}"
+
+
+def schema() -> DictConfig:
+    """The structured (typed, closed) OmegaConf tree of :class:`ViperConfig` defaults, writable (a copy)."""
+    global _SCHEMA
+    if _SCHEMA is None:
+        _SCHEMA = OmegaConf.structured(ViperConfig)
+        _set_writable(_SCHEMA)  # frozen library dataclasses come out read-only
+    return copy.deepcopy(_SCHEMA)
+
+
+_SCHEMA: DictConfig | None = None
+
+
+def _set_writable(node: DictConfig) -> None:
+    OmegaConf.set_readonly(node, False)
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            _set_writable(child)
+
+
+def to_yaml(config: ViperConfig) -> str:
+    """The resolved YAML form of ``config`` (what the phases read back with :func:`load`)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
 
 
 def _load_yaml(path: Path) -> dict:
@@ -205,19 +273,21 @@ def _load_yaml(path: Path) -> dict:
     return OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
 
 
-def compose(recipe_yaml: str | Path, overrides: list[str] = (), conf_dir: Path = CONF_DIR) -> ViperConfig:
-    """Compose ``recipe_yaml`` (its ``defaults`` parts, then its own keys) and ``overrides`` into a ViperConfig."""
-    recipe = _load_yaml(Path(recipe_yaml))
+def compose(recipe_yaml: str | Path | None, overrides: list[str] = (), conf_dir: Path = CONF_DIR) -> ViperConfig:
+    """Compose ``recipe_yaml`` (its ``defaults`` parts, then its own keys; ``None``: the defaults only) and
+    ``overrides`` into a :class:`ViperConfig`. A run's resolved ``config/viper.yaml`` composes as it is."""
+    recipe = _load_yaml(Path(recipe_yaml)) if recipe_yaml is not None else {}
     parts = recipe.pop("defaults", [])
-    merged = OmegaConf.structured(ViperConfig)
     try:
+        merged = schema()
         for part in parts:
             ((group, name),) = part.items()
             merged = OmegaConf.merge(merged, {group: _load_yaml(conf_dir / group / f"{name}.yaml")})
         merged = OmegaConf.merge(merged, recipe, OmegaConf.from_dotlist(list(overrides)))
+        data = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"{recipe_yaml}: {_one_line(exc)}") from exc
-    return OmegaConf.to_object(merged)
+        raise ConfigError(f"{recipe_yaml or 'config'}: {_one_line(exc)}") from exc
+    return build(ViperConfig, data)
 
 
 def _one_line(exc: OmegaConfBaseException) -> str:
@@ -226,116 +296,87 @@ def _one_line(exc: OmegaConfBaseException) -> str:
     return "; ".join(lines[:3])
 
 
-CHOICES = {
-    "model.precision": ("fp32", "bf16", "fp8"),
-    "model.fp8_recipe": ("blockwise", "mxfp8", "tensorwise", "delayed"),
-    "model.recompute": ("none", "selective", "full"),
-    "model.layer_spec": ("auto", "transformer_engine", "local"),
-    "rl.aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
-    "rl.image_backend": ("auto", "dali", "pil"),
-    "rollout.backend": ("megatron", "vllm"),
-    "reward.mode": ("precision", "recall", "f1"),
-    "cluster.executor": ("local", "slurm"),
-    "eval.backend": ("qwen2_5_vl", "vllm"),
-}
+def synthesis_settings(config: ViperConfig) -> dict:
+    """The synthesis keys every synth job reads from ``run_dir/config/synthesis.yaml``: the ``synthesis``
+    section without the keys the plan passes as flags (``images``, ``num_shards``), with the policy built
+    as the run's ``model`` says (precision, FP8 recipe, layer spec) unless ``synthesis.vlm`` says otherwise."""
+    settings = {k: copy.deepcopy(v) for k, v in config.synthesis.items() if k not in ("num_shards", "images")}
+    policy = {key: getattr(config.model, key) for key in ("precision", "fp8_recipe", "layer_spec")}
+    settings["vlm"] = {**policy, **(settings.get("vlm") or {})}  # synthesis runs the policy like RL does
+    return settings
 
 
-def _validate_synthesis(synthesis: dict) -> None:
-    """The ``synthesis`` section against the synthesis job's own schema (unknown keys, wrong types)."""
-    from nemo_viper.synthesis.config import SynthConfig
-
-    try:
-        OmegaConf.merge(OmegaConf.structured(SynthConfig), synthesis)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"synthesis: {_one_line(exc)}") from exc
+def rl_job_settings(config: ViperConfig) -> dict:
+    """What an RL (``train``) job reads from the run config file (see ``cli.train_config``), as plain data."""
+    return {"model": asdict(PolicyOptions(**config.model.options())),
+            "parallel": {"tensor": config.parallel.tensor, "pipeline": config.parallel.pipeline},
+            "rl": asdict(config.rl), "rollout": asdict(config.rollout), "reward": asdict(config.reward),
+            "eval": {"heldout": asdict(config.eval.heldout)}}
 
 
-def _validate_eval(section: EvalSection, check_paths: bool) -> None:
-    from nemo_viper.evaluation.benchmarks import parse_tasks
-
-    try:
-        HeldoutConfig(**vars(section.heldout))
-        parse_tasks(section.tasks)
-    except ConfigError as exc:
-        key = "eval.tasks" if "tasks=" in str(exc) else "eval.heldout"
-        raise ConfigError(f"{key}: {exc}") from None
-    for key in ("batch_size", "num_shards", "max_new_tokens", "limit"):
-        value = getattr(section, key)
-        if value is not None and value < 1:
-            raise ConfigError(f"eval.{key}={value} must be >= 1")
-    if section.guard_max_drop is not None and section.guard_max_drop < 0:
-        raise ConfigError(f"eval.guard_max_drop={section.guard_max_drop} must be >= 0 (or null: no guard)")
-    if section.enabled:
-        if not section.dataset_root:
-            raise ConfigError("eval.dataset_root is required with eval.enabled=true (local benchmark copies, or 'tiny')")
-        if section.dataset_root != "tiny" and check_paths:
-            from nemo_viper.evaluation.benchmarks import check_datasets
-
-            check_datasets(parse_tasks(section.tasks), section.dataset_root)
+# SynthConfig keys the plan sets for each synth job (from its phase), so the synthesis section may not.
+SYNTHESIS_PLAN_KEYS = ("stage", "out", "stage1", "shard_index", "vlm.policy")
 
 
-def _validate_rollout(rollout: RolloutSection) -> None:
-    """The rollout settings against the backends' own checks (one-line errors naming the key)."""
-    if rollout.megatron_batch_size < 1:
-        raise ConfigError(f"rollout.megatron_batch_size={rollout.megatron_batch_size} must be >= 1")
-    if rollout.importance_sampling_cap is not None and not rollout.importance_sampling_cap > 0:
-        raise ConfigError(f"rollout.importance_sampling_cap={rollout.importance_sampling_cap} must be > 0 (or null)")
-    try:
-        vllm_settings(rollout)
-    except ConfigError as exc:
-        raise ConfigError(f"rollout.vllm_{exc}") from exc
+def _validate_synthesis(config: ViperConfig) -> None:
+    """Build the :class:`SynthConfig` of each synthesis stage as its jobs will (schema, types and values)."""
+    from nemo_viper.synthesis.config import load_config
 
-
-def vllm_settings(rollout: RolloutSection):
-    """The section's :class:`~nemo_viper.rollout.vllm_backend.VLLMGenerationConfig` (vllm itself not imported)."""
-    from nemo_viper.rollout.vllm_backend import VLLMGenerationConfig
-
-    return VLLMGenerationConfig(
-        gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
-        cpu_kv_cache_gib=rollout.vllm_cpu_kv_cache_gib,
-        sleep_mode=rollout.vllm_sleep_mode,
-    )
+    for key in SYNTHESIS_PLAN_KEYS:
+        if OmegaConf.select(OmegaConf.create(config.synthesis), key) is not None:
+            raise ConfigError(f"synthesis.{key} is set by the loop's plan for each synthesis job; remove it")
+    num_shards = config.synthesis.get("num_shards", 1)
+    if not isinstance(num_shards, int) or num_shards < 1:
+        raise ConfigError(f"synthesis.num_shards={num_shards!r} must be an integer >= 1")
+    for stage in (1, 2):
+        settings = synthesis_settings(config)
+        settings["vlm"]["policy"] = "<policy>"
+        try:
+            load_config(None, [], **settings, stage=stage, out="<out>", stage1="<stage1>" if stage == 2 else None,
+                        images=config.synthesis.get("images"), num_shards=num_shards, shard_index=num_shards - 1)
+        except ConfigError as exc:
+            message = " ".join(str(exc).split()).removeprefix("synthesis config: ")
+            raise ConfigError(f"synthesis: {message}") from exc
 
 
 def validate(config: ViperConfig, check_paths: bool = True) -> None:
-    """Cross-field checks, before any work starts. Raises :class:`ConfigError` naming key and value."""
-    for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {allowed}")
+    """Every value and cross-section rule, before any work starts. Raises :class:`ConfigError` naming key
+    and value. Rebuilds the whole tree (every library config's own checks), so a config assembled in
+    Python (``dataclasses.replace``) is checked like a composed one."""
+    build(ViperConfig, asdict(config))
+    if not config.model.hf_path:
+        raise ConfigError("model.hf_path is required: a Hugging Face Qwen2.5-VL directory, or 'tiny'")
     parallel = config.parallel
-    for key in ("tensor", "pipeline", "nodes"):
-        if getattr(parallel, key) < 1:
-            raise ConfigError(f"parallel.{key}={getattr(parallel, key)} must be >= 1")
     if parallel.world_size % (parallel.tensor * parallel.pipeline):
         raise ConfigError(
             f"parallel.tensor x parallel.pipeline = {parallel.tensor} x {parallel.pipeline} does not divide the "
-            f"{parallel.world_size} ranks (parallel.nodes={parallel.nodes}, parallel.gpus_per_node={parallel.gpus_per_node})"
+            f"{parallel.world_size} ranks (parallel.nodes={parallel.nodes}, parallel.gpus_per_node="
+            f"{parallel.gpus_per_node}, parallel.cpu_ranks={parallel.cpu_ranks})"
         )
-    if config.rl.prompts_per_step % parallel.data_parallel:
-        raise ConfigError(
-            f"rl.prompts_per_step={config.rl.prompts_per_step} is not divisible by the data-parallel size "
-            f"{parallel.data_parallel}"
-        )
+    try:
+        config.rl.prompts_per_rank(parallel.data_parallel)
+    except ConfigError as exc:
+        raise ConfigError(f"rl.{exc} (parallel: {parallel.world_size} ranks / (tensor {parallel.tensor} x "
+                          f"pipeline {parallel.pipeline}))") from exc
     if config.model.precision == "fp8" and parallel.gpus_per_node == 0:
         raise ConfigError("model.precision='fp8' needs GPUs (parallel.gpus_per_node > 0)")
-    if not 28 * 28 <= config.rl.min_pixels <= config.rl.max_pixels:
-        raise ConfigError(f"rl.min_pixels={config.rl.min_pixels} must be >= 784 and <= rl.max_pixels={config.rl.max_pixels}")
-    _validate_rollout(config.rollout)
-    if config.rl.prefetch_prompts < 1:
-        raise ConfigError(f"rl.prefetch_prompts={config.rl.prefetch_prompts} must be >= 1")
-    if config.rounds < 1:
-        raise ConfigError(f"rounds={config.rounds} must be >= 1")
-    _validate_synthesis(config.synthesis)
-    _validate_eval(config.eval, check_paths)
+    if config.eval.enabled and config.eval.dataset_root != "tiny" and check_paths:
+        from nemo_viper.evaluation.benchmarks import check_datasets
+
+        check_datasets(parse_tasks(config.eval.tasks), config.eval.dataset_root)  # names the task and the path
     from nemo_viper.cluster import validate_cluster
 
-    validate_cluster(config, check_paths)
+    validate_cluster(config, check_paths)  # first: strings that must be shell-safe paths are refused as such
+    _validate_synthesis(config)
     if not check_paths:
         return
+    _check_paths(config)
+
+
+def _check_paths(config: ViperConfig) -> None:
     from nemo_viper.models.hf_checkpoint import check_parallel_layout, read_qwen25_vl_config
 
+    parallel = config.parallel
     if config.model.hf_path == "tiny":
         from nemo_viper.models.tiny import TinyModelConfig
 

@@ -33,7 +33,7 @@ from subprocess import STDOUT
 
 from omegaconf import OmegaConf
 
-from nemo_viper.config import ViperConfig
+from nemo_viper.config import ViperConfig, compose, rl_job_settings, synthesis_settings, to_yaml
 from nemo_viper.errors import NemoViperError
 from nemo_viper.runtime.lifetime import run_job
 
@@ -100,41 +100,6 @@ class RunPaths:
         return self.root / "final_hf"
 
 
-def _rl_args(config: ViperConfig) -> tuple[str, ...]:
-    rl, rollout = config.rl, config.rollout
-    reward = config.reward
-    args = [
-        "--steps", rl.steps, "--prompts-per-step", rl.prompts_per_step // config.parallel.data_parallel,
-        "--responses-per-prompt", rl.n, "--max-new-tokens", rl.max_new_tokens, "--temperature", rl.temperature,
-        "--top-p", rl.top_p, "--lr", rl.lr, "--num-minibatches", rl.num_minibatches,
-        "--micro-batch-size", rl.micro_batch_size, "--aggregation", rl.aggregation, "--eps-low", rl.eps_low,
-        "--eps-high", rl.eps_high, "--reward-mode", reward.mode, "--reward-threshold", reward.threshold,
-        "--precision", config.model.precision,
-        "--fp8-recipe", config.model.fp8_recipe, "--layer-spec", config.model.layer_spec,
-        "--save-every", rl.save_every, "--seed", rl.seed, "--tp", config.parallel.tensor,
-        "--pp", config.parallel.pipeline, "--image-backend", rl.image_backend,
-        "--prefetch-prompts", rl.prefetch_prompts, "--min-pixels", rl.min_pixels, "--max-pixels", rl.max_pixels,
-        "--recompute", config.model.recompute,
-        "--rollout-backend", rollout.backend, "--generation-batch-size", rollout.megatron_batch_size,
-        "--vllm-gpu-memory-utilization", rollout.vllm_gpu_memory_utilization,
-        "--vllm-cpu-kv-cache-gib", rollout.vllm_cpu_kv_cache_gib,
-    ]
-    if config.model.recompute_vision:
-        args.append("--recompute-vision")
-    if not rollout.vllm_sleep_mode:
-        args.append("--no-vllm-sleep-mode")
-    if rollout.importance_sampling_cap is not None:
-        args += ["--importance-sampling-cap", rollout.importance_sampling_cap]
-    if reward.embedding_model:
-        args += ["--reward-model", reward.embedding_model]
-    if rl.dynamic_sampling:
-        args.append("--dynamic-sampling")
-    heldout = config.eval.heldout
-    args += ["--heldout-count", heldout.count, "--heldout-fraction", heldout.fraction,
-             "--heldout-samples", heldout.samples]
-    return tuple(str(a) for a in args)
-
-
 def _eval_phases(config: ViperConfig, name: str, model: str, previous: str | None, after: str | None) -> list[Phase]:
     """Benchmark phases of one checkpoint: ``eval.num_shards`` shard jobs (one GPU each on a cluster), then,
     with several shards, a collect job. The last one applies the guard against ``previous``'s results."""
@@ -172,6 +137,8 @@ def plan(config: ViperConfig) -> list[Phase]:
     gpus = parallel.gpus_per_node
     rl_ranks = gpus if gpus else parallel.cpu_ranks
     synth_common = ("--config", str(paths.synthesis_config))
+    train_common = ("--config", str(paths.config))
+    train_settings = OmegaConf.to_yaml(OmegaConf.create(rl_job_settings(config)))
     synth_gpus = config.cluster.synthesis_gpus_per_task if gpus else 0
     synth_settings = OmegaConf.to_yaml(OmegaConf.create(synthesis_settings(config)))
     phases: list[Phase] = []
@@ -202,17 +169,19 @@ def plan(config: ViperConfig) -> list[Phase]:
                        depends_on=deps, tasks=synth_tasks, gpus_per_node=synth_gpus, kind="synth",
                        out=str(rd / "synth1"), settings=synth_settings)
         rl1 = Phase(f"round{r}.rl1", ("train", "--stage", "1", "--data", str(rd / "synth1"), "--policy", policy,
-                                      "--out", str(rd / "rl1"), *_rl_args(config)),
+                                      "--out", str(rd / "rl1"), *train_common),
                     depends_on=(synth1.name,), distributed=True, nodes=parallel.nodes, ranks_per_node=rl_ranks,
-                    gpus_per_node=gpus, kind="rl", out=str(rd / "rl1"), steps=config.rl.steps)
+                    gpus_per_node=gpus, kind="rl", out=str(rd / "rl1"), steps=config.rl.steps,
+                    settings=train_settings)
         synth2 = Phase(f"round{r}.synth2", ("synth", "--stage", "2", "--policy", str(rd / "rl1"), "--stage1",
                                             str(rd / "synth1"), "--out", str(rd / "synth2"), *synth_common),
                        depends_on=(rl1.name,), tasks=synth_tasks, gpus_per_node=synth_gpus, kind="synth",
                        out=str(rd / "synth2"), settings=synth_settings)
         rl2 = Phase(f"round{r}.rl2", ("train", "--stage", "2", "--data", str(rd / "synth2"), "--policy",
-                                      str(rd / "rl1"), "--out", str(rd / "rl2"), *_rl_args(config)),
+                                      str(rd / "rl1"), "--out", str(rd / "rl2"), *train_common),
                     depends_on=(synth2.name,), distributed=True, nodes=parallel.nodes, ranks_per_node=rl_ranks,
-                    gpus_per_node=gpus, kind="rl", out=str(rd / "rl2"), steps=config.rl.steps)
+                    gpus_per_node=gpus, kind="rl", out=str(rd / "rl2"), steps=config.rl.steps,
+                    settings=train_settings)
         phases += [synth1, rl1, synth2, rl2]
         policy, previous = str(rd / "rl2"), rl2.name
         if config.eval.enabled:  # the next round waits for the guard
@@ -228,38 +197,21 @@ def write_run_files(config: ViperConfig) -> RunPaths:
     """The run's resolved config (``config/viper.yaml``) and the synthesis part the synth jobs read."""
     paths = RunPaths(config.run_dir)
     paths.synthesis_config.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(paths.config, OmegaConf.to_yaml(config))
+    _atomic_write(paths.config, to_yaml(config))
     _atomic_write(paths.synthesis_config, OmegaConf.to_yaml(OmegaConf.create(synthesis_settings(config))))
     return paths
 
 
 def load_run_config(run_dir: str | Path) -> ViperConfig:
     """The resolved config a run was started with (``run_dir/config/viper.yaml``), with ``run_dir`` as given."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    from nemo_viper.errors import ConfigError
-
     path = RunPaths(run_dir).config
     if not path.is_file():
         raise NemoViperError(f"{path} not found: not a run directory (or nothing was run or launched in it yet)")
-    try:
-        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ViperConfig), OmegaConf.load(path)))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"{path}: {str(exc).splitlines()[0]}") from exc
+    config = compose(path)
     if Path(config.run_dir).absolute() != Path(run_dir).absolute():
         raise NemoViperError(f"{path} belongs to run_dir={config.run_dir}, not {run_dir} (moved? launch it again "
                              f"with run_dir={Path(run_dir).absolute()})")
     return config
-
-
-def synthesis_settings(config: ViperConfig) -> dict:
-    """What the synth jobs read from ``config/synthesis.yaml``."""
-    synthesis = {k: v for k, v in config.synthesis.items() if k not in ("num_shards", "images")}
-    vlm = dict(synthesis.get("vlm") or {})
-    for key in ("precision", "fp8_recipe", "layer_spec"):  # synthesis runs the policy like RL does
-        vlm.setdefault(key, getattr(config.model, key))
-    synthesis["vlm"] = vlm
-    return synthesis
 
 
 def _atomic_write(path: Path, text: str) -> None:

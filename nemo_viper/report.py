@@ -1,11 +1,12 @@
 """The run report: ``run_dir/report/report.md`` with PNG plots, from the files the phases wrote.
 
-Per round: reward and its breakdown (format, correctness, recall) per step for both RL stages, response
-length, clip fractions, the samples each RL stage skipped (by reason); the synthesis manifests' counts
-(inputs, samples written, skipped and filtered by reason) and time per sub-step; the held-out
-self-evaluation of both stages (reward before/after, greedy and sampled, table + plot). With benchmark
-phases: the benchmark table of the base model and of every round side by side, with deltas and a plot
-(:mod:`nemo_viper.evaluation.results`).
+Per round: reward and its breakdown (format, correctness, recall) per step for both RL stages, precision
+against recall and answer-sentence counts (with an alert line where mean precision exceeds mean recall by
+more than the run's ``reward.alert_gap``: answers that state few, safe facts), response length, clip
+fractions, the samples each RL stage skipped (by reason); the synthesis manifests' counts (inputs, samples
+written, skipped and filtered by reason) and time per sub-step; the held-out self-evaluation of both stages
+(reward before/after, greedy and sampled, table + plot). With benchmark phases: the benchmark table of the
+base model and of every round side by side, with deltas and a plot (:mod:`nemo_viper.evaluation.results`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 REWARD_KEYS = ("reward/mean", "reward/format", "reward/correctness", "reward/recall")
 PANELS = {
     "reward": REWARD_KEYS,
+    "precision_vs_recall": ("reward/precision", "reward/recall"),
+    "answer_sentences": ("reward/answer_sentences",),
     "response_length": ("response_length/mean",),
     "clip_fractions": ("train/clip_frac_low", "train/clip_frac_high"),
 }
@@ -142,8 +145,10 @@ def _benchmark_section(run_dir: Path, rounds: int, out: Path) -> list[str]:
     return lines + [""]
 
 
-def write_report(run_dir: str | Path, rounds: int) -> Path:
-    """Write the report for ``rounds`` rounds of the run in ``run_dir``; returns ``report.md``'s path."""
+def write_report(run_dir: str | Path, rounds: int, alert_gap: float) -> Path:
+    """Write the report for ``rounds`` rounds of the run in ``run_dir``; returns ``report.md``'s path.
+
+    ``alert_gap``: the run's ``reward.alert_gap``."""
     run_dir = Path(run_dir)
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -175,6 +180,12 @@ def write_report(run_dir: str | Path, rounds: int) -> Path:
                              f"{_last(records, 'reward/recall')} | {_last(records, 'response_length/mean')} | "
                              f"{_skipped(records)} |")
             lines.append("")
+            for name, records in stages.items():
+                flagged = [r["step"] for r in records if r.get("reward/precision_recall_gap", 0.0) > alert_gap]
+                if flagged:
+                    lines += [f"**Alert ({name}):** mean precision exceeds mean recall by more than {alert_gap} at "
+                              f"steps {flagged}: the policy may state few, safe facts (reward hacking; see "
+                              "docs/rewards.md: `reward.mode=f1`, `reward.min_coverage`).", ""]
             for panel, keys in PANELS.items():
                 _plot(stages, keys, panel.replace("_", " "), out / f"round{r}_{panel}.png")
                 lines += [f"![{panel}](round{r}_{panel}.png)", ""]

@@ -17,7 +17,7 @@ import pytest
 from slurm_fakes import FakeSlurm
 
 from launcher.nemo_run_jobs import launch, sbatch_scripts
-from nemo_viper.config import ViperConfig, validate
+from nemo_viper.config import ViperConfig, compose, validate
 from nemo_viper.errors import ConfigError
 from recipes import recipe
 
@@ -61,11 +61,14 @@ def set_key(config: ViperConfig, key: str, value: str) -> None:
     elif key == "cluster.container_mounts[0]":
         config.cluster.container_mounts = [value]
     else:
-        *parents, leaf = key.split(".")
-        node = config
-        for parent in parents:
-            node = getattr(node, parent)
-        setattr(node, leaf, value)
+        section, *path = key.split(".")
+        setattr(config, section, _replaced(getattr(config, section), path, value) if path else value)
+
+
+def _replaced(node, path: list[str], value):
+    """``node`` with ``path`` set to ``value`` (library config sections are frozen: rebuilt, checks included)."""
+    head, *rest = path
+    return dataclasses.replace(node, **{head: _replaced(getattr(node, head), rest, value) if rest else value})
 
 
 def base_config(tmp_path):
@@ -89,8 +92,8 @@ def test_every_string_key_is_refused_or_carried_safely(tmp_path, monkeypatch):
     for key in keys:
         for value in hostile_values(trap):
             config = base_config(tmp_path)
-            set_key(config, key, value)
             try:
+                set_key(config, key, value)
                 validate(config, check_paths=False)
             except ConfigError as exc:
                 message = str(exc)
@@ -118,13 +121,14 @@ def test_every_string_key_is_refused_or_carried_safely(tmp_path, monkeypatch):
                        capture_output=True, cwd=tmp_path)
     assert not list(trap.iterdir()), "a command planted in a config value ran"
     commands = slurm.calls("python")
-    for key, flag in (("model.hf_path", "--policy"), ("reward.embedding_model", "--reward-model")):
-        assert any(argv[argv.index(flag) + 1] == accepted[key] for argv in commands if flag in argv), key
+    assert any(argv[argv.index("--policy") + 1] == accepted["model.hf_path"] for argv in commands if "--policy" in argv)
 
     monkeypatch.setenv("PATH", slurm.env()["PATH"])
     output = launch(config)
     assert "Slurm job" in output and len(slurm.calls("sbatch")) == 5
     assert not list(trap.iterdir()), "a command planted in a config value ran during submission"
+    # The RL jobs read the reward model from the run's config file: the value arrives there intact.
+    assert compose(f"{config.run_dir}/config/viper.yaml").reward.embedding_model == accepted["reward.embedding_model"]
 
 
 def test_env_values_reach_the_job_intact(tmp_path, monkeypatch):

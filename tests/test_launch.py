@@ -29,16 +29,20 @@ def test_plan_chains_the_loop():
 
 
 def test_policy_building_settings_reach_rl_and_synthesis(tmp_path):
-    """model.precision / fp8_recipe / layer_spec reach the train CLI and the synthesis VLM config."""
+    """model.precision / fp8_recipe / layer_spec reach the train job (as it reads its command line and the run
+    config) and the synthesis VLM config."""
     from omegaconf import OmegaConf
 
+    from nemo_viper.cli import build_parser, train_config
     from nemo_viper.orchestration import write_run_files
     from nemo_viper.synthesis.config import VLMConfig
 
     config = recipe("tiny", f"run_dir={tmp_path}", "model.layer_spec=local", "model.fp8_recipe=mxfp8")
+    paths = write_run_files(config)
     args = {p.name: p for p in plan(config)}["round1.rl1"].args
-    assert args[args.index("--layer-spec") + 1] == "local" and args[args.index("--fp8-recipe") + 1] == "mxfp8"
-    vlm = OmegaConf.load(write_run_files(config).synthesis_config).vlm
+    model = train_config(build_parser().parse_args(list(args))).model
+    assert (model.layer_spec, model.fp8_recipe, model.precision) == ("local", "mxfp8", "fp32")
+    vlm = OmegaConf.load(paths.synthesis_config).vlm
     assert (vlm.layer_spec, vlm.fp8_recipe, vlm.precision) == ("local", "mxfp8", "fp32")
     assert VLMConfig(**vlm).layer_spec == "local"
 
@@ -93,7 +97,7 @@ def test_slurm_dry_run(name, nodes, tensor, tmp_path, capsys):
     assert f"#SBATCH --nodes={nodes}" in rl and "#SBATCH --gpus-per-node=8" in rl and "#SBATCH --exclusive" in rl
     assert "#SBATCH --time=24:00:00" in rl and "--array" not in rl
     assert f"--nnodes {nodes} --nproc-per-node 8" in rl
-    assert f"--tp {tensor}" in rl and "--prompts-per-step 64" in rl  # 512 prompts over DP 8
+    assert f"--config {run_dir}/config/viper.yaml" in rl  # the job reads the run's resolved config
     assert "#SBATCH --dependency='afterok:<round1-synth1>'" in rl  # the whole array
     assert "#SBATCH --dependency='afterok:<round1-rl1>'" in scripts["round1-synth2"]
     assert "#SBATCH --dependency='afterok:<round1-synth2>'" in scripts["round1-rl2"]
@@ -105,6 +109,20 @@ def test_config_error_before_any_work(capsys, tmp_path):
     assert main(["run", "--recipe", "tiny", f"run_dir={tmp_path}", "synthesis.images=/no/such/dir"]) == 2
     assert capsys.readouterr().err.strip() == "error: synthesis.images='/no/such/dir' does not exist"
     assert not any(tmp_path.iterdir()), "nothing may be written before validation passes"
+
+@pytest.mark.parametrize("name,tensor,per_rank", [("qwen25vl_3b", 1, 64), ("qwen25vl_7b", 2, 64)])
+def test_rl_job_reads_the_layout_and_batch_from_the_run_config(name, tensor, per_rank, tmp_path):
+    """The RL phase's command line, parsed as the job parses it, yields the recipe's layout and batch."""
+    from nemo_viper.cli import build_parser, train_config
+    from nemo_viper.orchestration import write_run_files
+
+    config = recipe(name, f"run_dir={tmp_path}")
+    write_run_files(config)
+    rl1 = next(p for p in plan(config) if p.name == "round1.rl1")
+    job = train_config(build_parser().parse_args(list(rl1.args)))
+    assert (job.tensor_parallel, job.rl.prompts_per_step) == (tensor, 512)
+    assert job.rl.prompts_per_rank(rl1.nodes * rl1.ranks_per_node // tensor) == per_rank
+
 
 
 def test_hub_id_with_offline_jobs_is_a_config_error(capsys, tmp_path):
@@ -160,9 +178,9 @@ def test_launch_submits_only_unfinished_phases(partial_7b):
 
 
 def test_changed_value_reruns_what_it_affects(partial_7b):
-    config = recipe("qwen25vl_7b", *partial_7b, "rl.lr=2e-6")
+    config = recipe("qwen25vl_7b", *partial_7b, "rl.grpo.optimizer.lr=2e-6")
     states = phase_states(plan(config), config.run_dir)
-    assert states["round1.synth1"].done  # synthesis does not read rl.lr
+    assert states["round1.synth1"].done  # synthesis does not read rl.grpo.optimizer.lr
     assert not states["round1.rl1"].done and states["round1.rl1"].stale
     assert sorted(_scripts(launch(config, dry_run=True))) == ["export", "round1-rl1", "round1-rl2", "round1-synth2"]
     config = recipe("qwen25vl_7b", *partial_7b, "cluster.time.rl=48:00:00", "synthesis.num_shards=8")

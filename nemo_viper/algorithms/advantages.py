@@ -36,7 +36,7 @@ class AdvantageConfig:
 
     def __post_init__(self) -> None:
         if not self.eps > 0:
-            raise ValueError(f"AdvantageConfig.eps must be > 0, got {self.eps}")
+            raise ValueError(f"eps={self.eps} must be > 0")
 
 
 def group_advantages(

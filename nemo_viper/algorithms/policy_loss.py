@@ -42,7 +42,8 @@ class PolicyLossConfig:
         eps_low, eps_high: ratio clip range ``[1 − eps_low, 1 + eps_high]`` (DAPO clip-higher).
         dual_clip_c: dual-clip bound ``c > 1`` for negative advantages; ``None`` disables it.
         aggregation: one of :data:`AGGREGATIONS` (see module docstring).
-        max_response_length: the constant ``L`` of ``seq-mean-token-sum-norm`` (required there).
+        max_response_length: the constant ``L`` of ``seq-mean-token-sum-norm`` (required there; the RL
+            trainer uses the sampler's ``max_new_tokens`` when it is ``None``).
         kl_beta: weight of the per-token KL penalty to the reference policy; 0 disables it.
         kl_estimator: ``"k1"`` or ``"k3"``.
     """
@@ -56,22 +57,21 @@ class PolicyLossConfig:
     kl_estimator: str = "k3"
 
     def __post_init__(self) -> None:
-        if self.eps_low < 0 or self.eps_high < 0:
-            raise ValueError(f"eps_low/eps_high must be >= 0, got {self.eps_low}/{self.eps_high}")
+        for name in ("eps_low", "eps_high"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.eps_low >= 1:
-            raise ValueError(f"eps_low must be < 1 (clip floor 1 - eps_low > 0), got {self.eps_low}")
+            raise ValueError(f"eps_low={self.eps_low} must be < 1 (clip floor 1 - eps_low > 0)")
         if self.dual_clip_c is not None and not self.dual_clip_c > 1:
-            raise ValueError(f"dual_clip_c must be > 1 or None, got {self.dual_clip_c}")
+            raise ValueError(f"dual_clip_c={self.dual_clip_c} must be > 1, or null (off)")
         if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
-        if self.aggregation == "seq-mean-token-sum-norm" and (
-            self.max_response_length is None or self.max_response_length <= 0
-        ):
-            raise ValueError("aggregation 'seq-mean-token-sum-norm' needs max_response_length > 0")
-        if self.kl_beta < 0:
-            raise ValueError(f"kl_beta must be >= 0, got {self.kl_beta}")
+            raise ValueError(f"aggregation={self.aggregation!r} is not one of {AGGREGATIONS}")
+        if self.max_response_length is not None and self.max_response_length <= 0:
+            raise ValueError(f"max_response_length={self.max_response_length} must be > 0, or null")
+        if not self.kl_beta >= 0:
+            raise ValueError(f"kl_beta={self.kl_beta} must be >= 0")
         if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+            raise ValueError(f"kl_estimator={self.kl_estimator!r} is not one of {KL_ESTIMATORS}")
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,8 @@ class ClippedPolicyLoss:
     """
 
     def __init__(self, config: PolicyLossConfig) -> None:
+        if config.aggregation == "seq-mean-token-sum-norm" and config.max_response_length is None:
+            raise ValueError("aggregation 'seq-mean-token-sum-norm' needs max_response_length (L)")
         self.config = config
 
     def __call__(

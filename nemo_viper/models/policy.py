@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -44,12 +44,14 @@ _CPU_UNFUSED = (
 
 
 @dataclass(frozen=True)
-class PolicyConfig:
-    """How to build the policy. ``hf_path`` is a local HF Qwen2.5-VL checkpoint directory."""
+class PolicyOptions:
+    """How the policy is built, whatever its weights and layout: the run config's ``model`` section.
 
-    hf_path: str
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
+    ``precision``: fp32 | bf16 | fp8 (FP8 GEMMs through Transformer Engine with ``fp8_recipe``);
+    ``layer_spec``: auto (TE on a GPU that has it) | transformer_engine | local; ``freeze_*``: parts kept
+    frozen (SPEC §7: vision tower trainable by default); ``seed``: Megatron's model-parallel RNG seed.
+    """
+
     precision: str = "bf16"
     fp8_recipe: str = "blockwise"
     layer_spec: str = "auto"
@@ -69,6 +71,25 @@ class PolicyConfig:
             raise ConfigError(f"layer_spec={self.layer_spec!r} is not one of {LAYER_SPECS}")
         if self.recompute not in RECOMPUTE:
             raise ConfigError(f"recompute={self.recompute!r} is not one of {RECOMPUTE}")
+
+    def options(self) -> dict:
+        """The :class:`PolicyOptions` fields of this object (e.g. of a subclass) as keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in fields(PolicyOptions)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicyConfig(PolicyOptions):
+    """How to build the policy. ``hf_path`` is a local HF Qwen2.5-VL checkpoint directory."""
+
+    hf_path: str
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.tensor_parallel < 1 or self.pipeline_parallel < 1:
+            raise ConfigError(f"tensor_parallel={self.tensor_parallel} and pipeline_parallel="
+                              f"{self.pipeline_parallel} must be >= 1")
 
     @property
     def token_alignment(self) -> int:

@@ -107,6 +107,7 @@ class TinyModelConfig:
     vision_hidden_size: int = 32
     vision_heads: int = 2
     vision_intermediate_size: int = 64
+    tie_word_embeddings: bool = False  # True as in Qwen2.5-VL-3B (the output layer reuses the embedding)
     min_pixels: int = 28 * 28 * 4
     max_pixels: int = 28 * 28 * 64
     seed: int = 0
@@ -192,7 +193,7 @@ def build_hf_config(config: TinyModelConfig, tokenizer):
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
+        tie_word_embeddings=config.tie_word_embeddings,
         architectures=["Qwen2_5_VLForConditionalGeneration"],
     )
 

@@ -75,13 +75,14 @@ def training_shapes(config) -> dict[str, TrainingShape]:
 
     rl, parallel = config.rl, config.parallel
     caption_tokens = config.synthesis.get("vlm", {}).get("caption_tokens", VLMConfig.caption_tokens)
-    rows_per_rank = rl.prompts_per_step * rl.n // (rl.num_minibatches * parallel.data_parallel)
+    rows_per_rank = rl.prompts_per_step * rl.n // (rl.grpo.num_minibatches * parallel.data_parallel)
     base = TrainingShape(
-        micro_batch_size=rl.micro_batch_size,
+        micro_batch_size=rl.grpo.micro_batch_size,
         responses_per_prompt=rl.n,
-        micro_batches_per_minibatch=max(1, rows_per_rank // rl.micro_batch_size),
+        micro_batches_per_minibatch=max(1, rows_per_rank // rl.grpo.micro_batch_size),
         max_pixels=rl.max_pixels,
-        max_new_tokens=rl.max_new_tokens,
+        max_new_tokens=rl.sampling.max_new_tokens,
+        generation_batch_size=config.rollout.megatron_batch_size,
         precision=config.model.precision,
         recompute=config.model.recompute,
         recompute_vision=config.model.recompute_vision,
@@ -175,7 +176,7 @@ def _apply(stage_shape: TrainingShape, candidate: TrainingShape, base: TrainingS
 
 
 _KEYS = {"recompute": "model.recompute", "recompute_vision": "model.recompute_vision",
-         "micro_batch_size": "rl.micro_batch_size", "generation_batch_size": "rollout.megatron_batch_size"}
+         "micro_batch_size": "rl.grpo.micro_batch_size", "generation_batch_size": "rollout.megatron_batch_size"}
 
 
 def _as_key(description: str) -> str:

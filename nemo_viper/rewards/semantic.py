@@ -12,7 +12,18 @@ ground-truth item split the same way, deduplicated), with ``e(·)`` an L2-normal
     f1         = 2·precision·recall / (precision + recall)      (0 when both are 0)
 
     R_correct  = precision | recall | f1                 (RewardConfig.mode; precision is the paper's)
+    R_correct ·= min(1, recall / min_coverage)           (only when RewardConfig.min_coverage > 0)
     R          = w_f·R_format + w_c·R_correct            (w_f = 0.05, w_c = 0.95)
+
+Guards against reward hacking (all off by default; measured effects in ``docs/rewards.md``): ``mode="f1"``
+or ``min_coverage`` stop one safe sentence from scoring like a full answer; ``contradiction_guard`` drops
+pairs that :func:`~nemo_viper.rewards.guards.contradicts` flags (negations, reversed edit arguments) from
+the matching, whatever their cosine. :meth:`ViperReward.score` counts batches whose mean precision exceeds
+their mean recall by more than ``alert_gap`` (``warnings["precision_recall_gap"]``, logged once) — the
+signature of a policy that states few, safe facts.
+
+Cosines are computed in float64 from the embeddings and compared with τ in float64 by both matching
+rules, so a cosine exactly at τ is a miss in both.
 
 ``one_to_one`` replaces the two indicator lines by a greedy matching: pairs with ``c_ij > τ`` are taken
 in descending order of similarity, skipping a pair whose answer sentence or ground-truth item is
@@ -51,12 +62,14 @@ from torch import Tensor
 
 from nemo_viper.errors import ConfigError
 from nemo_viper.rewards.format import ParsedResponse, parse_response
+from nemo_viper.rewards.guards import contradicts
 from nemo_viper.rewards.sentences import split_sentences
 
 logger = logging.getLogger(__name__)
 
 MODES = ("precision", "recall", "f1")
 EMPTY_GROUND_TRUTH = "empty_ground_truth"
+PRECISION_RECALL_GAP = "precision_recall_gap"
 
 
 def packaged_minilm_path() -> Path:
@@ -88,6 +101,11 @@ class RewardConfig:
         device: ``"cuda"``, ``"cpu"``, …; ``None`` = cuda when available, else cpu.
         gt_cache_size: number of sample ids whose ground-truth embeddings are cached (≥ 0; 0 = no
             cache).
+        min_coverage: recall below which correctness is scaled down by ``recall / min_coverage`` (in
+            [0, 1]; 0 = off).
+        contradiction_guard: drop pairs flagged by :func:`~nemo_viper.rewards.guards.contradicts`.
+        alert_gap: a batch whose mean precision exceeds its mean recall by more than this is counted and
+            logged as a possible hack (in [0, 1]).
     """
 
     format_weight: float = 0.05
@@ -100,22 +118,28 @@ class RewardConfig:
     batch_size: int = 256
     device: str | None = None
     gt_cache_size: int = 8192
+    min_coverage: float = 0.0
+    contradiction_guard: bool = False
+    alert_gap: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("format_weight", "correctness_weight"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"RewardConfig.{name} must be a finite number >= 0, got {value}")
+                raise ConfigError(f"{name}={value} must be a finite number >= 0")
         if not -1.0 <= self.threshold <= 1.0:
-            raise ConfigError(f"RewardConfig.threshold must lie in [-1, 1], got {self.threshold}")
+            raise ConfigError(f"threshold={self.threshold} must lie in [-1, 1] (a cosine)")
         if self.mode not in MODES:
-            raise ConfigError(f"RewardConfig.mode={self.mode!r} is not one of {MODES}")
+            raise ConfigError(f"mode={self.mode!r} is not one of {MODES}")
         if self.min_sentence_chars < 1:
-            raise ConfigError(f"RewardConfig.min_sentence_chars must be >= 1, got {self.min_sentence_chars}")
+            raise ConfigError(f"min_sentence_chars={self.min_sentence_chars} must be >= 1")
         if self.batch_size < 1:
-            raise ConfigError(f"RewardConfig.batch_size must be >= 1, got {self.batch_size}")
+            raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
         if self.gt_cache_size < 0:
-            raise ConfigError(f"RewardConfig.gt_cache_size must be >= 0, got {self.gt_cache_size}")
+            raise ConfigError(f"gt_cache_size={self.gt_cache_size} must be >= 0 (0 = no cache)")
+        for name in ("min_coverage", "alert_gap"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name}={getattr(self, name)} must lie in [0, 1]")
 
     def embedding_model_path(self) -> Path:
         """The model directory to load: ``embedding_model`` or the packaged MiniLM."""
@@ -289,6 +313,8 @@ class ViperReward:
             precision, recall, best = numbers.get(i, (0.0, 0.0, []))
             fmt = 1.0 if p.format_ok else 0.0
             correct = _combine(precision, recall, cfg.mode)
+            if cfg.min_coverage > 0:
+                correct *= min(1.0, recall / cfg.min_coverage)
             results.append(
                 RewardBreakdown(
                     total=cfg.format_weight * fmt + cfg.correctness_weight * correct,
@@ -302,7 +328,19 @@ class ViperReward:
                     note=None if i in numbers else _zero_reason(p, answers[i]),
                 )
             )
+        self._check_precision_recall_gap(results)
         return results
+
+    def _check_precision_recall_gap(self, results: list[RewardBreakdown]) -> None:
+        if not results:
+            return
+        gap = sum(r.precision - r.recall for r in results) / len(results)
+        if gap > self.config.alert_gap:
+            if self.warnings[PRECISION_RECALL_GAP] == 0:
+                logger.warning("mean precision exceeds mean recall by %.2f (> reward.alert_gap=%.2f): answers state "
+                               "few of the ground-truth facts (possible reward hacking; consider reward.mode=f1 or "
+                               "reward.min_coverage)", gap, self.config.alert_gap)
+            self.warnings[PRECISION_RECALL_GAP] += 1
 
     def _ground_truth_sentences(
         self, ground_truths: Sequence[Sequence[str]], sample_ids: Sequence[Hashable]
@@ -328,8 +366,10 @@ class ViperReward:
         if not answers:
             return []
         pred, pred_mask, gt, gt_mask = self._embed(answers, sample_ids, gt_sentences)
-        sim = torch.bmm(pred, gt.transpose(1, 2))  # [n, S, G] cosines
+        sim = torch.bmm(pred.double(), gt.double().transpose(1, 2))  # [n, S, G] cosines, float64 like τ
         sim = sim.masked_fill(~(pred_mask[:, :, None] & gt_mask[:, None, :]), float("-inf")).cpu()
+        if self.config.contradiction_guard:
+            _guard_contradictions(sim, answers, [gt_sentences[sid] for sid in sample_ids], self.config.threshold)
 
         tau = self.config.threshold
         best = sim.amax(dim=2)
@@ -412,6 +452,13 @@ def _combine(precision: float, recall: float, mode: str) -> float:
     if mode == "recall":
         return recall
     return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def _guard_contradictions(sim: Tensor, answers: list[list[str]], truths: list[list[str]], threshold: float) -> None:
+    """Set to -1 (in place) every above-threshold similarity whose pair :func:`contradicts` flags."""
+    for k, i, j in (sim > threshold).nonzero().tolist():
+        if contradicts(answers[k][i], truths[k][j]):
+            sim[k, i, j] = -1.0
 
 
 def _gather_padded(table: Tensor, rows: list[list[int]]) -> tuple[Tensor, Tensor]:

@@ -167,3 +167,37 @@ class GenerationBackend(Protocol):
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[GenerationResponse]]: ...
 
     def weights_updated(self) -> None: ...
+
+
+def request_seeds(requests: Sequence[GenerationRequest], generator: torch.Generator) -> list[int]:
+    """Each request's seed: its own, or one drawn from ``generator`` (reproducible for the same calls)."""
+    return [
+        r.sampling.seed if r.sampling.seed is not None else int(torch.randint(0, 2**62, (), generator=generator))
+        for r in requests
+    ]
+
+
+def check_prompt(index: int, request: GenerationRequest, context_length: int, context_key: str,
+                 image_token_id: int, spatial_merge_size: int) -> None:
+    """A one-line error unless request ``index``'s prompt fits the context (``context_key`` names the limit)
+    and has one image placeholder per merged image patch."""
+    length = len(request.prompt_ids)
+    if length >= context_length:
+        raise PromptTooLongError(
+            f"request {index}: the prompt has {length} tokens but the context holds {context_length} "
+            f"(prompt + generated tokens; {context_key} or the model's max_position_embeddings)"
+        )
+    slots = int((request.prompt_ids == image_token_id).sum())
+    grid = request.image_grid_thw
+    features = 0 if grid is None else int(grid.prod(dim=-1).sum()) // spatial_merge_size**2
+    if slots != features:
+        raise ConfigError(
+            f"request {index}: the prompt has {slots} image placeholder tokens but its images give {features} "
+            "features; build prompts with the model's processor (GenerationRequest.from_chat)"
+        )
+
+
+def by_request(samples: Sequence[GenerationResponse], requests: Sequence[GenerationRequest]):
+    """Responses listed sample by sample, request by request, regrouped as ``[request][sample]``."""
+    flat = iter(samples)
+    return [[next(flat) for _ in range(r.n)] for r in requests]

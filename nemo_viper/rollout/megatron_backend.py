@@ -1,67 +1,87 @@
-"""The default generation backend: batched, KV-cached sampling on the Megatron policy itself.
+"""The default generation backend: continuously batched, KV-cached sampling on the Megatron policy itself.
 
-How a call to :meth:`MegatronGenerationBackend.generate` runs (requests sorted by prompt length, then
-packed into batches of at most ``max_batch_size`` samples; a request's samples may be split over batches):
+How a call to :meth:`MegatronGenerationBackend.generate` runs. All samples of all requests wait in one
+queue (shortest prompts first); the decoder has ``slots`` rows (from memory, see
+:class:`MegatronGenerationConfig`), each with its own KV cache and length
+(:mod:`nemo_viper.rollout.kv_cache`).
 
-1. **Prefill once per prompt.** Prompts are right-padded; each prompt's images go through the vision
-   tower once, and the columns all prompts of the batch have (the shortest prompt's length) fill a
-   megatron-core ``StaticInferenceContext`` (the KV cache) once per prompt. Its cache rows, logits and
-   positions are then repeated for the prompt's ``n`` samples.
-2. **Step.** One column per step for every unfinished sample: a row whose prompt is longer is fed its
-   next prompt token (with its image features and M-RoPE position), the others their last sampled
-   token, against the cache. No row ever has a padding column, so attention needs no mask and is exact
-   on every layer spec (local or Transformer Engine; see :mod:`nemo_viper.rollout.megatron_model`).
-   M-RoPE positions of generated tokens continue from the prompt's largest position + 1, equal on the
-   three axes (transformers' ``rope_deltas`` rule). The cost of a batch's prompt-length spread is one
-   extra single-token step per column; sorting by length keeps it small.
-3. **Sample** with :func:`nemo_viper.rollout.sampling.sample_tokens` (vocab-parallel, seeded per sample
-   and generation step, so a sample does not depend on its batch).
-4. **Stop** a sample at an EOS token, a stop string, ``max_new_tokens`` or the end of the context;
-   finished samples leave the batch (their cache rows are dropped), so long samples do not pay for
-   short ones.
+1. **Admit.** Whenever slots are free, the next waiting samples take them: their distinct prompts are
+   encoded (each prompt's images through the vision tower once; M-RoPE positions from HF's
+   ``get_rope_index``) and prefilled in one right-padded forward whose keys/values go straight into
+   the slots of all of the prompt's admitted samples (a prompt is computed once for its ``n`` samples).
+2. **Sample** one token for every slot with :func:`nemo_viper.rollout.sampling.sample_tokens`
+   (vocab-parallel, seeded per sample and generation step, so a sample depends neither on its slot nor
+   on its neighbours).
+3. **Wait for the device once**: the step's tokens and log-probs come to the host in one transfer;
+   :class:`~nemo_viper.rollout.stopping.SampleLog` records them and decides, on the host, which samples
+   stop (EOS, stop string, ``max_new_tokens``, end of the context). A finished sample's slot is free
+   for step 1 of the next round: nothing is copied or compacted (finished rows are simply overwritten).
+4. **Decode** the other slots one token each (written at each slot's own column; M-RoPE positions of
+   generated tokens continue from the prompt's largest position + 1, equal on the three axes:
+   transformers' ``rope_deltas`` rule). Only slots ``0 .. last busy`` are computed (admission fills the
+   lowest free slots first), so the batch shrinks as the queue drains.
+
+Host syncs: one per decode step (3), plus, on steps that admit samples, those of prompt encoding (the
+vision tower, ``get_rope_index``), and on steps with top-p rows one more in the sampler (its exact-nucleus
+check). Everything else the host needs (slot lengths, widths, which sampling branches run) it tracks
+itself.
 
 Precision: bf16 or fp32 as the policy; an FP8-trained policy generates with bf16 GEMMs
 (:func:`~nemo_viper.rollout.megatron_model.without_fp8`).
 
 Tensor parallelism: every rank of the TP group calls ``generate`` with the same requests and returns
-the same responses (logits stay vocab-sharded, see :mod:`nemo_viper.rollout.sampling`). Data-parallel
-ranks generate independently. Pipeline and sequence parallelism are not supported (``ConfigError`` at
-construction).
+the same responses (logits stay vocab-sharded, see :mod:`nemo_viper.rollout.sampling`; the slot count
+is the minimum over the group). Data-parallel ranks generate independently. Pipeline and sequence
+parallelism are not supported (``ConfigError`` at construction).
 
-``use_kv_cache=False`` re-runs the decoder over the whole sequence at every step (the prompt's image
-features are still computed once): a reference for tests and benchmarks, not for production.
+``use_kv_cache=False`` re-runs the decoder (megatron's own attention, causal, no mask) over every slot's
+whole sequence at every step (the prompt's image features are still computed once): an independent
+reference for tests and benchmarks, not for production.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from nemo_viper.errors import ConfigError
 from nemo_viper.models.hf_checkpoint import text_config
 from nemo_viper.models.tiny import VISION_SPECIAL_TOKENS
-from nemo_viper.rollout.interface import GenerationRequest, GenerationResponse, PromptTooLongError
-from nemo_viper.rollout.megatron_model import (
-    encode_prompts,
-    generation_model,
-    last_logits,
-    right_pad,
-    select_cache_rows,
-    without_fp8,
+from nemo_viper.rollout.interface import (
+    GenerationRequest,
+    GenerationResponse,
+    by_request,
+    check_prompt,
+    request_seeds,
 )
-from nemo_viper.rollout.sampling import SamplingControls, VocabShard, sample_tokens
+from nemo_viper.rollout.kv_cache import SlotKVCache, slot_attention
+from nemo_viper.rollout.megatron_model import encode_prompts, generation_model, right_pad, row_logits, without_fp8
+from nemo_viper.rollout.sampling import SamplingBranches, SamplingControls, VocabShard, sample_tokens
 from nemo_viper.rollout.stopping import SampleLog
+from nemo_viper.runtime import collectives
+from nemo_viper.runtime.collectives import ReduceOp
+
+# Bytes per slot and vocabulary entry (this rank's shard) for the step's logits and the sampler's temporaries
+# (float32 logits, scaled and ranked copies, a float64 cumulative sum, ...): part of a slot's memory.
+_SAMPLER_BYTES_PER_VOCAB_ENTRY = 40
 
 
 @dataclass(frozen=True)
 class MegatronGenerationConfig:
     """Settings of :class:`MegatronGenerationBackend`.
 
-    - ``max_batch_size``: samples decoded together (bounds the KV cache: layers x 2 x batch x tokens).
+    - ``max_batch_size``: at most this many samples decode together (slots); ``None`` = as many as fit
+      (below). Either way never more than the call's samples, nor more than fit.
+    - ``kv_cache_memory_fraction``: share of the memory free at the start of a ``generate`` call (GPU:
+      ``torch.cuda.mem_get_info``; CPU: available RAM) the slots may take: each slot costs its KV cache
+      (layers x 2 x KV heads/TP x head dim x the call's longest prompt + budget, in the policy's dtype)
+      plus ~40 bytes per vocabulary entry of this rank's shard (logits and sampler).
     - ``max_context_length``: prompt + generated tokens per sample; ``None`` = the model's
       ``max_position_embeddings``. A longer prompt raises ``PromptTooLongError``; generation that
       reaches the limit ends with finish reason ``length``.
@@ -73,7 +93,8 @@ class MegatronGenerationConfig:
     - ``top_p_candidates``: logits per TP rank gathered for top-p (see ``sampling``).
     """
 
-    max_batch_size: int = 64
+    max_batch_size: int | None = None
+    kv_cache_memory_fraction: float = 0.5
     max_context_length: int | None = None
     use_kv_cache: bool = True
     eos_token_ids: tuple[int, ...] | None = None
@@ -81,8 +102,10 @@ class MegatronGenerationConfig:
     top_p_candidates: int = 64
 
     def __post_init__(self):
-        if self.max_batch_size < 1:
-            raise ConfigError(f"max_batch_size={self.max_batch_size} must be >= 1")
+        if self.max_batch_size is not None and self.max_batch_size < 1:
+            raise ConfigError(f"max_batch_size={self.max_batch_size} must be >= 1 (or None: from memory)")
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ConfigError(f"kv_cache_memory_fraction={self.kv_cache_memory_fraction} must be in (0, 1]")
         if self.max_context_length is not None and self.max_context_length < 2:
             raise ConfigError(f"max_context_length={self.max_context_length} must be >= 2")
         if self.top_p_candidates < 1:
@@ -99,30 +122,46 @@ def default_eos_token_ids(hf_path: str | Path, tokenizer) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ids))
 
 
-@dataclass(frozen=True)
-class _Piece:
-    """Samples ``first .. first + count - 1`` of request ``request``."""
+class _CachedDecoder:
+    """Prefill and decode through :class:`~nemo_viper.rollout.kv_cache.SlotKVCache` (attention swapped in
+    by the caller with :func:`~nemo_viper.rollout.kv_cache.slot_attention`)."""
 
-    request: int
-    first: int
-    count: int
+    def __init__(self, language_model, slots: int, columns: int):
+        self.language_model, self.cache = language_model, SlotKVCache(slots, columns)
+
+    def prefill(self, slots: Tensor, sources: Tensor, embeddings: Tensor, positions: Tensor, last: Tensor) -> Tensor:
+        with self.cache.prefill(slots, sources):
+            return row_logits(self.language_model, embeddings, positions, last)
+
+    def decode(self, embedded: Tensor, positions: Tensor, fill: Tensor, width: int) -> Tensor:
+        with self.cache.decode(fill, width):
+            return row_logits(self.language_model, embedded, positions, torch.zeros_like(fill))
 
 
-def plan_batches(sample_counts: Sequence[int], max_batch_size: int) -> list[list[_Piece]]:
-    """Pack the samples of the requests, in order, into batches of at most ``max_batch_size`` samples."""
-    batches, current, room = [], [], max_batch_size
-    for request, count in enumerate(sample_counts):
-        first = 0
-        while first < count:
-            if room == 0:
-                batches.append(current)
-                current, room = [], max_batch_size
-            take = min(room, count - first)
-            current.append(_Piece(request, first, take))
-            first, room = first + take, room - take
-    if current:
-        batches.append(current)
-    return batches
+class _RecomputingDecoder:
+    """The reference: every slot's input embeddings and positions are kept, and each step re-runs the decoder
+    over all of them (right-padded, causal)."""
+
+    def __init__(self, language_model, slots: int, columns: int):
+        self.language_model, self.slots, self.columns = language_model, slots, columns
+        self.embeddings = self.positions = None
+
+    def prefill(self, slots: Tensor, sources: Tensor, embeddings: Tensor, positions: Tensor, last: Tensor) -> Tensor:
+        if self.embeddings is None:
+            self.embeddings = embeddings.new_zeros(self.columns, self.slots, embeddings.shape[-1])
+            self.positions = positions.new_zeros(3, self.slots, self.columns)
+        length = embeddings.shape[0]
+        self.embeddings[:length, slots] = embeddings[:, sources]
+        self.positions[:, slots, :length] = positions[:, sources]
+        return row_logits(self.language_model, embeddings, positions, last)
+
+    def decode(self, embedded: Tensor, positions: Tensor, fill: Tensor, width: int) -> Tensor:
+        rows, fill = torch.arange(len(fill), device=fill.device), fill.clamp(max=width - 1)
+        self.embeddings[fill, rows] = embedded[0]
+        self.positions[:, rows, fill] = positions[:, :, 0]
+        return row_logits(
+            self.language_model, self.embeddings[:width, : len(rows)], self.positions[:, : len(rows), :width], fill
+        )
 
 
 class MegatronGenerationBackend:
@@ -146,11 +185,12 @@ class MegatronGenerationBackend:
         eos = config.eos_token_ids or default_eos_token_ids(policy.config.hf_path, tokenizer)
         if not eos:
             raise ConfigError("no EOS token id in the tokenizer or generation_config.json: set eos_token_ids")
-        self._eos_token_ids = torch.tensor(eos, dtype=torch.long, device=self._device)
+        self._eos_token_ids = torch.tensor(eos, dtype=torch.long)  # stopping is decided on the host
         self._pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
         self.context_length = config.max_context_length or text_config(policy.hf_config)["max_position_embeddings"]
 
-        local_vocab = self._model.language_model.output_layer.weight.shape[0]
+        # Tied embeddings (Qwen2.5-VL-3B): the output layer has no weight of its own; this is the one it uses.
+        local_vocab = self._model.language_model.shared_embedding_or_output_weight().shape[0]
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
         self._shard = VocabShard(
             start=parallel_state.get_tensor_model_parallel_rank() * local_vocab,
@@ -171,141 +211,144 @@ class MegatronGenerationBackend:
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[GenerationResponse]]:
         """Sample ``request.n`` responses for every request (in eval mode; the model's mode is restored)."""
+        merge = self._model.config.vision_config.spatial_merge_size
         for index, request in enumerate(requests):
-            self._validate(index, request)
-        seeds = [
-            r.sampling.seed
-            if r.sampling.seed is not None
-            else int(torch.randint(0, 2**62, (), generator=self._seed_generator))
-            for r in requests
-        ]
-        responses: list[list[GenerationResponse | None]] = [[None] * r.n for r in requests]
+            check_prompt(index, request, self.context_length, "max_context_length", self._model.config.image_token_id,
+                         merge)
+        seeds = request_seeds(requests, self._seed_generator)
         was_training = self._model.training
         self._model.eval()
-        # Batches of similar prompt lengths: a batch advances one column per step from its shortest prompt.
-        order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt_ids))
         try:
             with without_fp8(self._model):
-                for planned in plan_batches([requests[i].n for i in order], self.config.max_batch_size):
-                    pieces = [replace(piece, request=order[piece.request]) for piece in planned]
-                    generated = iter(self._generate_batch(requests, pieces, seeds))
-                    for piece in pieces:
-                        for sample in range(piece.first, piece.first + piece.count):
-                            responses[piece.request][sample] = next(generated)
+                responses = self._generate(requests, seeds)
         finally:
             self._model.train(was_training)
-        return responses
+        return by_request(responses, requests)
 
-    def _validate(self, index: int, request: GenerationRequest) -> None:
-        length = len(request.prompt_ids)
-        if length >= self.context_length:
-            raise PromptTooLongError(
-                f"request {index}: the prompt has {length} tokens but the context holds {self.context_length} "
-                "(prompt + generated tokens; max_context_length or the model's max_position_embeddings)"
-            )
-        merge = self._model.config.vision_config.spatial_merge_size
-        slots = int((request.prompt_ids == self._model.config.image_token_id).sum())
-        features = 0 if request.image_grid_thw is None else int(request.image_grid_thw.prod(dim=-1).sum()) // merge**2
-        if slots != features:
+    def slot_count(self, samples: int, columns: int) -> int:
+        """Samples decoded together for a call with ``samples`` samples of up to ``columns`` tokens: the
+        configured maximum, capped by what ``kv_cache_memory_fraction`` of the free memory holds (the same
+        on every TP rank: the group's minimum)."""
+        language_model = self._model.language_model
+        dtype = next(language_model.parameters()).dtype
+        if self.config.use_kv_cache:
+            sequence = SlotKVCache.bytes_per_slot(language_model.config, self._shard.world_size, columns, dtype)
+        else:
+            sequence = columns * language_model.config.hidden_size * torch.empty((), dtype=dtype).element_size()
+        per_slot = sequence + _SAMPLER_BYTES_PER_VOCAB_ENTRY * self._shard.size
+        if self._device.type == "cuda":
+            free = torch.cuda.mem_get_info(self._device)[0]
+        else:
+            import psutil
+
+            free = psutil.virtual_memory().available
+        budget = int(free * self.config.kv_cache_memory_fraction)
+        fit = torch.tensor([budget // per_slot], device=self._device)
+        if self._shard.world_size > 1:
+            fit = collectives.all_reduce(fit, ReduceOp.MIN, self._shard.group)
+        fit = int(fit)
+        if fit < 1:
             raise ConfigError(
-                f"request {index}: the prompt has {slots} image placeholder tokens but its images give {features} "
-                "features; build prompts with the model's processor (GenerationRequest.from_chat)"
+                f"kv_cache_memory_fraction={self.config.kv_cache_memory_fraction}: {budget} free bytes hold no "
+                f"generation slot ({per_slot} bytes for {columns} tokens); free memory or shorten max_new_tokens"
             )
+        return min(samples, fit, self.config.max_batch_size or samples)
 
-    def _rows(self, requests, pieces: list[_Piece], seeds: list[int]):
-        """Per sample of ``pieces``: its prompt's index in the batch, its sampling params and controls, and
-        its token budget (``max_new_tokens`` capped by the context)."""
-        counts = torch.tensor([p.count for p in pieces])
-        row_prompt = torch.repeat_interleave(torch.arange(len(pieces)), counts).to(self._device)
-        row_requests = [requests[p.request] for p in pieces for _ in range(p.count)]
-        params = [r.sampling for r in row_requests]
-        max_new = torch.tensor(
-            [min(r.sampling.max_new_tokens, self.context_length - len(r.prompt_ids)) for r in row_requests]
-        )
-        controls = SamplingControls.from_params(
-            params,
-            seeds=torch.tensor([seeds[p.request] for p in pieces for _ in range(p.count)], dtype=torch.long),
-            sample_index=torch.cat([torch.arange(p.first, p.first + p.count) for p in pieces]),
-            steps=int(max_new.max()),
-        ).to(self._device)
-        return row_prompt, params, controls, max_new
+    def _to_device(self, values) -> Tensor:
+        """A small host tensor on the device without waiting for it (pinned, asynchronous copy on CUDA)."""
+        tensor = torch.as_tensor(values)
+        if self._device.type == "cuda":
+            return tensor.pin_memory().to(self._device, non_blocking=True)
+        return tensor.to(self._device)
 
     @torch.no_grad()
-    def _generate_batch(self, requests, pieces: list[_Piece], seeds: list[int]) -> list[GenerationResponse]:
-        """Generate the samples of ``pieces``; responses in piece order, then sample order."""
-        from megatron.core.inference.contexts import StaticInferenceContext
+    def _generate(self, requests: Sequence[GenerationRequest], seeds: list[int]) -> list[GenerationResponse]:
+        """All samples through the slots (module doc); responses in request order, then sample order."""
+        device, language_model = self._device, self._model.language_model
+        owner = torch.tensor([i for i, r in enumerate(requests) for _ in range(r.n)])  # sample -> request
+        index = torch.cat([torch.arange(r.n) for r in requests])  # sample -> its index in the request
+        params = [requests[i].sampling for i in owner.tolist()]
+        prompt_length = torch.tensor([len(requests[i].prompt_ids) for i in owner.tolist()])
+        max_new = torch.minimum(torch.tensor([p.max_new_tokens for p in params]), self.context_length - prompt_length)
+        columns = int((prompt_length + max_new).max())
+        controls = SamplingControls.from_params(
+            params, seeds=torch.tensor(seeds)[owner], sample_index=index, steps=int(max_new.max())
+        ).to(device)
+        branches = SamplingBranches.of(params)
+        log = SampleLog(params, max_new, self._eos_token_ids, self.tokenizer)
 
-        device, model, language_model = self._device, self._model, self._model.language_model
-        row_prompt, params, controls, max_new = self._rows(requests, pieces, seeds)
-        prompts = [requests[p.request] for p in pieces]
+        slots = self.slot_count(len(params), columns)
+        decoder = (_CachedDecoder if self.config.use_kv_cache else _RecomputingDecoder)(language_model, slots, columns)
+        waiting = sorted(range(len(params)), key=lambda k: int(prompt_length[k]))  # stable: request order
+        # Per slot, on the host and (for what the device computes with) on the device: its sample (-1 = free),
+        # its generation step (the index of the token it samples next) and its filled columns.
+        slot_sample = torch.full((slots,), -1, dtype=torch.long)
+        slot_fill = torch.zeros(slots, dtype=torch.long)
+        step = torch.zeros(slots, dtype=torch.long, device=device)
+        fill = torch.zeros(slots, dtype=torch.long, device=device)
+        next_position = torch.zeros(slots, dtype=torch.long, device=device)
+        sample_of_slot = torch.zeros(slots, dtype=torch.long, device=device)
+        logits = torch.zeros(slots, self._shard.size, dtype=torch.float32, device=device)
+        slot_controls = controls.select(sample_of_slot)
+
+        swap = slot_attention(language_model, decoder.cache) if self.config.use_kv_cache else nullcontext()
+        with swap:
+            while waiting or bool((slot_sample >= 0).any()):
+                free = (slot_sample < 0).nonzero()[:, 0]
+                if waiting and len(free):
+                    admitted, waiting = waiting[: len(free)], waiting[len(free) :]
+                    targets = free[: len(admitted)]
+                    self._prefill(requests, owner, admitted, targets, decoder, logits, fill, next_position)
+                    slot_sample[targets], slot_fill[targets] = torch.tensor(admitted), prompt_length[admitted]
+                    targets_device = self._to_device(targets)
+                    step[targets_device] = 0
+                    sample_of_slot[targets_device] = self._to_device(admitted)
+                    slot_controls = controls.select(sample_of_slot)
+
+                busy = (slot_sample >= 0).nonzero()[:, 0]
+                rows = int(busy.max()) + 1  # slots 0 .. the last busy one
+                last_step = controls.uniform.shape[1] - 1  # free slots' steps run on; they draw junk
+                tokens, logprobs = sample_tokens(
+                    logits[:rows], slot_controls.select(slice(0, rows)), step[:rows].clamp(max=last_step), self._shard,
+                    self._suppressed, self.config.top_p_candidates, branches,
+                )
+                drawn = torch.stack([tokens.double(), logprobs.double()]).cpu()  # the step's one host sync
+                steps = slot_fill[busy] - prompt_length[slot_sample[busy]]
+                finished = log.record(steps, slot_sample[busy], drawn[0, busy].long(), drawn[1, busy].float())
+                slot_sample[busy[finished]] = -1
+                going_on = busy[~finished]
+                if not len(going_on):
+                    continue
+                rows = int(going_on.max()) + 1
+                width = int(slot_fill[going_on].max()) + 1
+                embedded = language_model.embedding(input_ids=tokens[:rows, None], position_ids=None)  # [1, rows, H]
+                positions = (next_position[:rows] + step[:rows])[None, :, None].expand(3, -1, -1)
+                logits[:rows] = decoder.decode(embedded, positions, fill[:rows], width).float()
+                step[:rows] += 1
+                fill[:rows] += 1
+                slot_fill[:rows] += 1
+        return log.responses()
+
+    def _prefill(self, requests, owner: Tensor, admitted: list[int], targets: Tensor, decoder, logits: Tensor,
+                 fill: Tensor, next_position: Tensor) -> None:
+        """Encode the distinct prompts of the ``admitted`` samples once, prefill them into slots ``targets``
+        (one per sample) and leave each slot's first logits, fill and next position."""
+        prompt_of = {}  # request -> its row in the prefill batch
+        for sample in admitted:
+            prompt_of.setdefault(int(owner[sample]), len(prompt_of))
+        prompts = [requests[i] for i in prompt_of]
         with_images = [r for r in prompts if r.pixel_values is not None]
-        ids, prompt_padding = right_pad([r.prompt_ids for r in prompts], self._pad_token_id)
+        ids, padding = right_pad([r.prompt_ids for r in prompts], self._pad_token_id)
         encoded = encode_prompts(
-            model,
+            self._model,
             ids,
-            prompt_padding,
+            padding,
             torch.cat([r.pixel_values for r in with_images]) if with_images else None,
             torch.cat([r.image_grid_thw for r in with_images]) if with_images else None,
         )
-        ids = ids.to(device)
-
-        # Column c of a row: its prompt's token c while c < its prompt length L, else generated token c - L.
-        row_length = encoded.lengths[row_prompt]
-        columns = int((row_length.cpu() + max_new).max())
-        column = torch.arange(columns, device=device)
-        prompt_positions = torch.nn.functional.pad(encoded.positions, (0, columns - ids.shape[1]))[:, row_prompt]
-        generated_positions = encoded.next_position[row_prompt, None] + column - row_length[:, None]
-        positions = torch.where(column < row_length[:, None], prompt_positions, generated_positions[None])
-        prompt_ids = torch.nn.functional.pad(ids, (0, columns - ids.shape[1]))[row_prompt]
-
-        # Prefill the columns every prompt has, once per prompt; repeat its cache rows for its samples.
-        first = int(encoded.lengths.min())
-        prefix = encoded.embeddings[:first]
-        if self.config.use_kv_cache:
-            context = StaticInferenceContext(len(pieces), columns)
-            logits = last_logits(language_model, prefix, encoded.positions[..., :first], context)
-            context.increment_sequence_len_offset(first)
-            select_cache_rows(context, row_prompt)
-            history = None
-        else:
-            context = None
-            logits = last_logits(language_model, prefix, encoded.positions[..., :first])
-            history = prefix[:, row_prompt]
-        logits = logits[row_prompt]
-
-        log = SampleLog(params, max_new, self._eos_token_ids, self.tokenizer)
-        active = torch.arange(len(params))  # rows still in the batch (SampleLog row ids)
-        for at in range(first, columns):  # ``logits`` predict column ``at`` of the active rows
-            generating = row_length <= at
-            tokens = prompt_ids[:, at].clone()  # the rest of a longer prompt is fed, not sampled
-            if bool(generating.any()):
-                rows = generating.nonzero()[:, 0]
-                sampled, logprobs = sample_tokens(
-                    logits[rows], controls.select(rows), at - row_length[rows], self._shard, self._suppressed,
-                    self.config.top_p_candidates,
-                )
-                tokens[rows] = sampled
-                finished = torch.zeros_like(generating)
-                finished[rows] = log.record(at - row_length[rows], active[rows.cpu()], sampled, logprobs).to(device)
-                if bool(finished.all()):
-                    break
-                if bool(finished.any()):  # drop finished samples from the batch and the cache
-                    kept = (~finished).nonzero()[:, 0]
-                    active, tokens, generating = active[kept.cpu()], tokens[kept], generating[kept]
-                    controls, row_length, row_prompt = controls.select(kept), row_length[kept], row_prompt[kept]
-                    positions, prompt_ids = positions[:, kept], prompt_ids[kept]
-                    if context is not None:
-                        select_cache_rows(context, kept)
-                    else:
-                        history = history[:, kept]
-
-            embedded = language_model.embedding(input_ids=tokens[:, None], position_ids=None)  # [1, B, H]
-            from_prompt = encoded.embeddings[min(at, ids.shape[1] - 1), row_prompt][None]  # image features too
-            embedded = torch.where(generating[None, :, None], embedded, from_prompt)
-            if context is not None:
-                logits = last_logits(language_model, embedded, positions[..., : at + 1], context)
-                context.increment_sequence_len_offset(1)
-            else:
-                history = torch.cat([history, embedded])
-                logits = last_logits(language_model, history, positions[..., : at + 1])
-        return log.responses()
+        sources = self._to_device([prompt_of[int(owner[sample])] for sample in admitted])
+        slots = self._to_device(targets)
+        first = decoder.prefill(slots, sources, encoded.embeddings, encoded.positions, encoded.lengths - 1)
+        logits[slots] = first[sources].float()
+        fill[slots] = encoded.lengths[sources]
+        next_position[slots] = encoded.next_position[sources]

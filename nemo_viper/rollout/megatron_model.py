@@ -1,25 +1,22 @@
 """The Megatron Qwen2.5-VL pieces generation drives directly: prompt encoding and one decoder pass.
 
-Bridge's ``Qwen25VLModel.forward`` does not hand an inference context to its language model, so
-generation calls the parts itself: the vision tower once per prompt's images, the language model's
-embedding, HF's ``get_rope_index`` for the multimodal RoPE positions, and the megatron-core
-``GPTModel`` language model with ``decoder_input=`` and a ``StaticInferenceContext`` (the KV cache).
+Bridge's ``Qwen25VLModel.forward`` has no per-row "logits at column c" output and re-runs the vision
+tower on every call, so generation calls the parts itself: the vision tower once per prompt's images,
+the language model's embedding, HF's ``get_rope_index`` for the multimodal RoPE positions, and the
+megatron-core ``GPTModel`` language model with ``decoder_input=`` (:func:`row_logits`).
 
-Layout conventions (megatron's): hidden states are ``[seq, batch, hidden]``. Prompts are RIGHT-padded
-and the decoder never sees a padding column: generation prefills only the columns every prompt has
-(the shortest prompt's length) and then advances all rows one column per step, feeding the rest of a
-longer prompt token by token (teacher-forced: its logits are not sampled) until that row generates.
-Every row's keys are therefore contiguous real tokens from column 0, so attention needs no mask at
-all: causal for the prefill, none for the one-token steps (megatron-core's static-batching rule). No
-explicit attention mask is ever passed (:func:`last_logits`), which makes generation exact on every
-attention implementation: megatron-core's local ``DotProductAttention`` (CPU tests), Transformer
-Engine's flash/fused attention and megatron's fused causal softmax kernel (which ignores masks).
+Layout conventions (megatron's): hidden states are ``[seq, batch, hidden]``. Prompts are RIGHT-padded,
+so under causal attention no real column ever attends to padding and no attention mask is passed to
+megatron. The KV cache is not megatron's static inference context (one length for all rows) but
+:mod:`nemo_viper.rollout.kv_cache` (one length per slot), which owns attention during cached
+generation.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -104,32 +101,25 @@ def encode_prompts(model, ids: Tensor, padding: Tensor, pixel_values: Tensor | N
     return EncodedPrompts(embeddings, positions, (~padding).sum(dim=1), next_position)
 
 
-def _last_position_logits(hidden_states, output_layer, output_weight=None, **_):
-    logits, _ = output_layer(hidden_states[-1:], weight=output_weight)
+def _row_logits(hidden_states, output_layer, output_weight=None, *, columns: Tensor, **_):
+    rows = hidden_states.gather(0, columns[None, :, None].expand(1, -1, hidden_states.shape[-1]))  # [1, B, H]
+    logits, _ = output_layer(rows, weight=output_weight)
     return logits[0]
 
 
 @torch.no_grad()
-def last_logits(language_model, embeddings: Tensor, positions: Tensor, context=None) -> Tensor:
-    """Vocab-sharded logits [B, V/TP] after the last of ``embeddings`` [q, B, H].
+def row_logits(language_model, embeddings: Tensor, positions: Tensor, columns: Tensor) -> Tensor:
+    """Vocab-sharded logits [B, V/TP] after column ``columns[b]`` of each row of ``embeddings`` [q, B, H].
 
-    ``positions`` [3, B, L] cover all L columns seen so far (cached ones included: megatron's static
-    context re-applies RoPE to the cached keys). With ``context`` the new keys/values are cached at
-    ``context.sequence_len_offset``; the caller advances it. Attention is causal without any mask:
-    the columns are contiguous real tokens of every row (module doc).
+    ``positions`` [3, B, q] are the M-RoPE positions of these q columns. No inference context and no
+    attention mask: attention is causal over the q columns, or whatever the layers' core attention does
+    (generation swaps in :class:`~nemo_viper.rollout.kv_cache.SlotAttention`). Rows are right-padded, so a
+    real column never attends to padding.
     """
     return language_model(
         input_ids=None,
         position_ids=positions,
         attention_mask=None,
         decoder_input=embeddings,
-        inference_context=context,
-        output_processor=_last_position_logits,
+        output_processor=partial(_row_logits, columns=columns),
     )
-
-
-def select_cache_rows(context, rows: Tensor) -> None:
-    """Keep (or repeat) batch rows ``rows`` of every layer's cached keys and values."""
-    for layer, (keys, values) in context.key_value_memory_dict.items():
-        context.key_value_memory_dict[layer] = (keys.index_select(1, rows), values.index_select(1, rows))
-    context.max_batch_size = len(rows)

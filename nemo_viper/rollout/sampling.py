@@ -88,6 +88,28 @@ class SamplingControls:
         return SamplingControls(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
 
+@dataclass(frozen=True)
+class SamplingBranches:
+    """Which draws a batch of rows needs and its largest top-k, decided on the host from the rows'
+    :class:`SamplingParams` (deciding from the device controls would cost a host sync per step).
+    A superset is fine: a draw no row needs is computed and discarded."""
+
+    greedy: bool
+    plain: bool
+    truncating: bool
+    max_top_k: int
+
+    @classmethod
+    def of(cls, params: list[SamplingParams]) -> SamplingBranches:
+        truncating = [not p.greedy and (p.top_k > 0 or p.top_p < 1) for p in params]
+        return cls(
+            greedy=any(p.greedy for p in params),
+            plain=any(not p.greedy and not t for p, t in zip(params, truncating)),
+            truncating=any(truncating),
+            max_top_k=max((p.top_k for p in params), default=0),
+        )
+
+
 # ---- counter-based random numbers (32-bit integer hashing in int64 tensors, no overflow) ----
 
 
@@ -187,8 +209,9 @@ def token_logprobs(scaled: Tensor, tokens: Tensor, shard: VocabShard) -> Tensor:
 def _truncated_draw(
     ranking: Tensor, controls: SamplingControls, uniform: Tensor, shard: VocabShard, candidates: int
 ) -> Tensor:
-    """Top-k / top-p sampling over the gathered per-rank top-``candidates`` logits (see the module doc)."""
-    width = min(shard.size, max(candidates, int(controls.top_k.max())))
+    """Top-k / top-p sampling over the gathered per-rank top-``candidates`` logits (``candidates`` >= every
+    row's top-k; see the module doc)."""
+    width = min(shard.size, candidates)
     values, index = ranking.topk(width, dim=-1)  # sorted, descending
     values = _all_gather(values, shard).permute(1, 0, 2).reshape(len(values), -1)  # [B, W*width]
     ids = _all_gather(index + shard.start, shard).permute(1, 0, 2).reshape(len(values), -1)
@@ -207,7 +230,8 @@ def _truncated_draw(
     if width < shard.size:
         needs_exact = (controls.top_k == 0) & (controls.top_p < 1)
         closed = probs[:, :width].sum(dim=-1) >= controls.top_p
-        if bool((needs_exact & ~closed).any()):  # same decision on every rank: the data is gathered
+        # A host sync, on steps with top-p rows only; the same decision on every rank (gathered data).
+        if bool((needs_exact & ~closed).any()):
             return _truncated_draw(ranking, controls, uniform, shard, shard.size)
 
     cdf = probs.masked_fill(~keep, 0.0).double().cumsum(dim=-1)
@@ -222,6 +246,7 @@ def sample_tokens(
     shard: VocabShard,
     suppressed: Tensor,
     top_p_candidates: int = 64,
+    branches: SamplingBranches | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Draw one token per row from vocab-sharded ``logits`` [B, V/TP] at decoding ``step`` (one for all rows,
     or [B] long: each row's own step).
@@ -229,6 +254,8 @@ def sample_tokens(
     ``suppressed`` [V/TP] (bool) marks this rank's tokens that rows with ``controls.suppress`` never
     draw. Returns ``(tokens [B] long, logprobs [B] float32)``, identical on every rank of the TP group
     (every rank must call this with the same controls and step). Log-probs: see the module doc.
+    ``branches`` (the rows' :class:`SamplingBranches`) spares the host syncs of reading them from the
+    controls; without top-p rows the call then never waits for the device.
     """
     logits = logits.float()
     scaled = logits / controls.temperature[:, None]
@@ -240,11 +267,16 @@ def sample_tokens(
     # Every rank takes the same branches: they depend on the controls only.
     truncating = ~controls.greedy & ((controls.top_k > 0) | (controls.top_p < 1))
     plain = ~controls.greedy & ~truncating
+    if branches is None:
+        branches = SamplingBranches(
+            bool(controls.greedy.any()), bool(plain.any()), bool(truncating.any()), int(controls.top_k.max())
+        )
     tokens = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
-    if bool(controls.greedy.any()):
+    if branches.greedy:
         tokens = torch.where(controls.greedy, _parallel_argmax(ranking, shard), tokens)
-    if bool(plain.any()):
+    if branches.plain:
         tokens = torch.where(plain, _parallel_sample(ranking, uniform, shard), tokens)
-    if bool(truncating.any()):
-        tokens = torch.where(truncating, _truncated_draw(ranking, controls, uniform, shard, top_p_candidates), tokens)
+    if branches.truncating:
+        candidates = max(top_p_candidates, branches.max_top_k)
+        tokens = torch.where(truncating, _truncated_draw(ranking, controls, uniform, shard, candidates), tokens)
     return tokens, token_logprobs(scaled, tokens, shard)

@@ -40,6 +40,16 @@ def cut_at_stop_string(text: str, stop_strings: Sequence[str], include: bool) ->
     return text[: start + length] if include else text[:start]
 
 
+def response_texts(tokenizer, token_lists: list[list[int]], params: list[SamplingParams], stopped: list[bool]) -> list[str]:
+    """The interface's text of each response: its tokens decoded at once (special tokens skipped), cut at its
+    stop string when ``stopped`` at one (see :class:`~nemo_viper.rollout.interface.SamplingParams`)."""
+    texts = tokenizer.batch_decode(token_lists, skip_special_tokens=True)
+    return [
+        cut_at_stop_string(text, p.stop_strings, p.include_stop_string) if stop else text
+        for text, p, stop in zip(texts, params, stopped)
+    ]
+
+
 class SampleLog:
     """The tokens and log-probs of a batch of samples as they are generated, and their stopping rules.
 
@@ -80,12 +90,9 @@ class SampleLog:
     def responses(self) -> list[GenerationResponse]:
         """One response per row, in row order (all rows must have stopped)."""
         token_lists = [self.tokens[row, :length].tolist() for row, length in enumerate(self.lengths.tolist())]
-        texts = self.tokenizer.batch_decode(token_lists, skip_special_tokens=True)
-        responses = []
-        for row, (tokens, text, reason) in enumerate(zip(token_lists, texts, self.reasons.tolist())):
-            params = self.params[row]
-            if reason == STOP:
-                text = cut_at_stop_string(text, params.stop_strings, params.include_stop_string)
-            logprobs = self.logprobs[row, : len(tokens)].tolist()
-            responses.append(GenerationResponse(tokens, text, logprobs, _REASONS[reason]))
-        return responses
+        reasons = self.reasons.tolist()
+        texts = response_texts(self.tokenizer, token_lists, self.params, [reason == STOP for reason in reasons])
+        return [
+            GenerationResponse(tokens, text, self.logprobs[row, : len(tokens)].tolist(), _REASONS[reason])
+            for row, (tokens, text, reason) in enumerate(zip(token_lists, texts, reasons))
+        ]

@@ -18,7 +18,8 @@ Imported only when that backend is chosen (it needs the ``vllm`` package: ``vllm
   reused.
 - **Sleep mode on GPU**: between rollouts the engine sleeps at level 2 (weights and KV cache released),
   so training has the memory; before a rollout it wakes its weights, is refitted, then wakes its KV
-  cache. On CPU there is no sleep mode: the engine stays resident (``cpu_kv_cache_gib`` of KV cache).
+  cache. On CPU there is no sleep mode: the engine stays resident (``cpu_kv_cache_gib`` of KV cache), and
+  prompts are never split across scheduler steps (see ``_cpu_scheduling``).
 
 Prompts are the requests' token ids, exactly as the trainer sees them (each image's placeholder run is
 sent as one ``<|image_pad|>``, which vLLM's processor expands again from the image grid to the same ids). Images go in as the policy's own vision-tower features of the request's ``pixel_values``
@@ -50,8 +51,14 @@ import torch
 from nemo_viper.errors import ConfigError
 from nemo_viper.models.hf_checkpoint import text_config
 from nemo_viper.models.tiny import VISION_SPECIAL_TOKENS
-from nemo_viper.rollout.interface import GenerationRequest, GenerationResponse, PromptTooLongError
-from nemo_viper.rollout.stopping import cut_at_stop_string
+from nemo_viper.rollout.interface import (
+    GenerationRequest,
+    GenerationResponse,
+    by_request,
+    check_prompt,
+    request_seeds,
+)
+from nemo_viper.rollout.stopping import response_texts
 
 IMAGES_PER_PROMPT = 2
 PLACEHOLDER_TOKENS = ("<|image_pad|>", "<|video_pad|>")
@@ -101,6 +108,13 @@ def require_vllm(key: str) -> None:
 def _reload_weights(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Runs inside each vLLM worker: HF-named full tensors, reloaded in place (vLLM shards them for its TP rank)."""
     worker.reload_weights(weights_iterator=weights)
+
+
+def _cpu_scheduling(context_length: int) -> dict:
+    """CPU engine settings: no chunked prefill, a step budget that fits a whole prompt. A seeded request whose
+    prompt is cut across scheduler steps makes vLLM rewind its generator's offset, which CPU generators do
+    not have ("CPU Generator does not use offset"; vLLM disables chunking on CPU for MLA models the same way)."""
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(context_length, 8192)}
 
 
 def _configure_vllm_environment(config: VLLMGenerationConfig) -> None:
@@ -171,6 +185,7 @@ class VLLMGenerationBackend:
             enable_mm_embeds=True,  # images arrive as the policy's vision features
             logprobs_mode="processed_logprobs",
             seed=config.seed,
+            **({} if on_gpu else _cpu_scheduling(self.context_length)),
         )
         if self._sleep_mode:
             self._llm.sleep(level=2)
@@ -197,12 +212,7 @@ class VLLMGenerationBackend:
         """Sample ``request.n`` responses for every request (refitting first if the policy changed)."""
         for index, request in enumerate(requests):
             self._validate(index, request)
-        seeds = [
-            r.sampling.seed
-            if r.sampling.seed is not None
-            else int(torch.randint(0, 2**62, (), generator=self._seed_generator))
-            for r in requests
-        ]
+        seeds = request_seeds(requests, self._seed_generator)
         prompts = self._prompts(requests)
         if self._stale:
             self.refit()
@@ -219,34 +229,23 @@ class VLLMGenerationBackend:
                 self._llm.sleep(level=2)
                 self._sleeping = True
         samples = [self._response(output.outputs[0]) for output in outputs]
-        # The interface's one decoding rule (the Megatron backend's): the tokens decoded at once, special tokens
-        # skipped, cut at the stop string. vLLM's own text holds back a trailing incomplete UTF-8 sequence.
-        texts = self.tokenizer.batch_decode([sample.token_ids for sample in samples], skip_special_tokens=True)
-        params = [r.sampling for r in requests for _ in range(r.n)]
-        for sample, text, sampling in zip(samples, texts, params):
-            stopped = sample.finish_reason == "stop"
-            sample.text = cut_at_stop_string(text, sampling.stop_strings, sampling.include_stop_string) if stopped \
-                else text
-        responses = iter(samples)
-        return [[next(responses) for _ in range(r.n)] for r in requests]
+        # The interface's one decoding rule (the Megatron backend's): vLLM's own text holds back a trailing
+        # incomplete UTF-8 sequence.
+        texts = response_texts(
+            self.tokenizer,
+            [sample.token_ids for sample in samples],
+            [r.sampling for r in requests for _ in range(r.n)],
+            [sample.finish_reason == "stop" for sample in samples],
+        )
+        for sample, text in zip(samples, texts):
+            sample.text = text
+        return by_request(samples, requests)
 
     def _validate(self, index: int, request: GenerationRequest) -> None:
-        length = len(request.prompt_ids)
-        if length >= self.context_length:
-            raise PromptTooLongError(
-                f"request {index}: the prompt has {length} tokens but the context holds {self.context_length} "
-                "(prompt + generated tokens; max_model_len or the model's max_position_embeddings)"
-            )
         images = 0 if request.image_grid_thw is None else len(request.image_grid_thw)
         if images > IMAGES_PER_PROMPT:
             raise ConfigError(f"request {index}: {images} images, the vLLM backend takes at most {IMAGES_PER_PROMPT}")
-        slots = int((request.prompt_ids == self._image_token_id).sum())
-        features = 0 if images == 0 else int(request.image_grid_thw.prod(dim=-1).sum()) // self._merge**2
-        if slots != features:
-            raise ConfigError(
-                f"request {index}: the prompt has {slots} image placeholder tokens but its images give {features} "
-                "features; build prompts with the model's processor (GenerationRequest.from_chat)"
-            )
+        check_prompt(index, request, self.context_length, "max_model_len", self._image_token_id, self._merge)
 
     @torch.no_grad()
     def _prompts(self, requests: Sequence[GenerationRequest]) -> list[dict]:

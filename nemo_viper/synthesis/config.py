@@ -276,7 +276,8 @@ def load_config(yaml_path: str | None = None, overrides: list[str] = (), **field
                                  {"diffusion_preset": preset})
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"synthesis config: {str(e).splitlines()[0]}") from e
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"synthesis config: {f'{key}: ' if key else ''}{str(e).splitlines()[0]}") from e
     except FileNotFoundError as e:
         raise ConfigError(f"synthesis config file not found: {yaml_path}") from e
 

@@ -2,10 +2,12 @@
 
 One :meth:`GRPOTrainer.step` consumes a :class:`~nemo_viper.training.rollout_batch.RolloutBatch`:
 
-1. advantages per group (:func:`~nemo_viper.algorithms.group_advantages`), optional DAPO dynamic
-   sampling (drop groups whose rewards are all equal) and overlong filtering (mask truncated responses);
-2. old log-probs: the policy before the update, via :func:`~nemo_viper.models.logprobs.compute_logprobs`;
-   when the rollout carries the generation backend's own log-probs, their mismatch with these is logged
+1. advantages per group (:func:`~nemo_viper.algorithms.group_advantages`; Dr.GRPO without the std), optional
+   DAPO dynamic sampling (mask groups whose rewards are all equal; the loop has refilled the batch) and
+   overlong filtering (mask truncated responses);
+2. old log-probs: the policy before the update, via :func:`~nemo_viper.models.logprobs.compute_logprobs`, and
+   with ``loss.kl_beta > 0`` the frozen reference policy's log-probs through the same function; when the
+   rollout carries the generation backend's own log-probs, their mismatch with the old ones is logged
    (``rollout/logprob_diff_mean`` / ``_max``) and, with ``importance_sampling_cap``, corrected by truncated
    importance sampling (:mod:`nemo_viper.algorithms.off_policy`);
 3. ``num_minibatches`` optimizer updates, each over one mini-batch of rows split into micro-batches and
@@ -48,6 +50,7 @@ from nemo_viper.models.logprobs import (
     vocab_parallel_token_logprobs,
 )
 from nemo_viper.models.policy import MegatronPolicy, apply_precision
+from nemo_viper.rollout.interface import SamplingParams
 from nemo_viper.runtime import collectives
 from nemo_viper.runtime.collectives import ReduceOp
 from nemo_viper.training.rollout_batch import RolloutBatch
@@ -71,6 +74,18 @@ class OptimizerSettings:
     adam_eps: float = 1e-8
     distributed_optimizer: bool | None = None
 
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ConfigError(f"lr={self.lr} must be > 0")
+        for name in ("weight_decay", "clip_grad"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0 (0 = off)")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if not self.adam_eps > 0:
+            raise ConfigError(f"adam_eps={self.adam_eps} must be > 0")
+
     @property
     def use_distributed_optimizer(self) -> bool:
         return torch.cuda.is_available() if self.distributed_optimizer is None else self.distributed_optimizer
@@ -78,11 +93,17 @@ class OptimizerSettings:
 
 @dataclass(frozen=True)
 class GRPOConfig:
-    """Update settings. ``num_minibatches`` optimizer updates per rollout batch (SPEC: 512/128 = 4).
+    """Update settings (the run config's ``rl.grpo`` section).
 
+    ``num_minibatches`` optimizer updates per rollout batch (SPEC: 512/128 = 4), each split into
+    micro-batches of ``micro_batch_size`` rows. ``dynamic_sampling`` (DAPO) masks out groups whose rewards
+    are all equal (the loop refills the batch first, see :mod:`nemo_viper.training.loop`);
+    ``overlong_filtering`` (DAPO) masks out responses cut at the length limit. ``advantage.normalize_by_std
+    = false`` is Dr.GRPO; ``loss.dual_clip_c`` the dual clip; ``loss.kl_beta > 0`` adds the KL penalty to a
+    frozen reference policy, which is then loaded (the starting policy of the stage).
     ``importance_sampling_cap``: ``None`` (default) trains on the samples as if ``pi_old`` drew them; a
     value ``C`` weights each token's advantage by ``min(pi_old / pi_sampler, C)`` (truncated importance
-    sampling against the generation backend's log-probs; needs a backend that reports them).
+    sampling against the generation backend's log-probs, e.g. vLLM's).
     """
 
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
@@ -90,7 +111,6 @@ class GRPOConfig:
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     num_minibatches: int = 4
     micro_batch_size: int = 4
-    temperature: float = 1.0
     dynamic_sampling: bool = False
     overlong_filtering: bool = False
     importance_sampling_cap: float | None = None
@@ -99,16 +119,18 @@ class GRPOConfig:
         for key in ("num_minibatches", "micro_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature={self.temperature} must be > 0")
         if self.importance_sampling_cap is not None and not self.importance_sampling_cap > 0:
             raise ConfigError(f"importance_sampling_cap={self.importance_sampling_cap} must be > 0 (or None: off)")
 
 
-def build_trainer(policy_config, config: GRPOConfig, init_checkpoint=None) -> GRPOTrainer:
+def build_trainer(policy_config, config: GRPOConfig, sampling: SamplingParams = SamplingParams(),
+                  init_checkpoint=None) -> GRPOTrainer:
     """Build the policy for training (DDP-wrapped, per-token loss normalisation) and its trainer.
 
-    Weights come from ``policy_config.hf_path``, or from the policy checkpoint ``init_checkpoint``.
+    Weights come from ``policy_config.hf_path``, or from the policy checkpoint ``init_checkpoint``. With
+    ``config.loss.kl_beta > 0`` a second, frozen copy of the same starting weights is built as the KL
+    reference (never otherwise). ``sampling``: how the rollouts are drawn (log-probs are taken at its
+    temperature; its ``max_new_tokens`` is the ``L`` of ``seq-mean-token-sum-norm`` unless the loss sets one).
     """
     from megatron.core.distributed import DistributedDataParallelConfig
 
@@ -123,7 +145,15 @@ def build_trainer(policy_config, config: GRPOConfig, init_checkpoint=None) -> GR
     policy = build_policy(policy_config, load_weights=init_checkpoint is None, wrap_with_ddp=True, ddp_config=ddp_config)
     if init_checkpoint is not None:
         load_model_weights(policy, init_checkpoint)
-    return GRPOTrainer(policy, config)
+    reference = None
+    if config.loss.kl_beta > 0:
+        reference = build_policy(policy_config, load_weights=init_checkpoint is None)
+        if init_checkpoint is not None:
+            load_model_weights(reference, init_checkpoint)
+        for chunk in reference.chunks:
+            chunk.requires_grad_(False)
+            chunk.eval()
+    return GRPOTrainer(policy, config, sampling, reference)
 
 
 def _summary(values: torch.Tensor) -> dict[str, float]:
@@ -133,18 +163,30 @@ def _summary(values: torch.Tensor) -> dict[str, float]:
 
 
 class GRPOTrainer:
-    """Owns the optimizer of a DDP-wrapped :class:`MegatronPolicy` and runs the update steps."""
+    """Owns the optimizer of a DDP-wrapped :class:`MegatronPolicy` and runs the update steps.
 
-    def __init__(self, policy: MegatronPolicy, config: GRPOConfig):
+    ``reference``: the frozen KL reference policy (required iff ``config.loss.kl_beta > 0``); its
+    log-probs come from the same :func:`~nemo_viper.models.logprobs.compute_logprobs` as the old ones.
+    """
+
+    def __init__(self, policy: MegatronPolicy, config: GRPOConfig, sampling: SamplingParams = SamplingParams(),
+                 reference: MegatronPolicy | None = None):
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.utils import get_model_config
 
         if len(policy.chunks) != 1 or not hasattr(policy.chunks[0], "zero_grad_buffer"):
             raise ValueError("GRPOTrainer needs a policy built with build_policy(..., wrap_with_ddp=True)")
+        if (config.loss.kl_beta > 0) != (reference is not None):
+            raise ValueError("a reference policy is needed exactly when loss.kl_beta > 0")
         self.policy = policy
+        self.reference = reference
         self.config = config
-        self.loss_fn = ClippedPolicyLoss(config.loss)
+        self.temperature = sampling.temperature
+        loss = config.loss
+        if loss.max_response_length is None:
+            loss = replace(loss, max_response_length=sampling.max_new_tokens)
+        self.loss_fn = ClippedPolicyLoss(loss)
         model_config = get_model_config(policy.chunks[0])
         if not model_config.calculate_per_token_loss:
             raise ValueError("the policy must be built with calculate_per_token_loss=True (build_policy does this)")
@@ -167,7 +209,13 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ step
     def step(self, rollout: RolloutBatch) -> dict[str, float]:
-        """One rollout batch -> ``num_minibatches`` optimizer updates. Returns the step's metrics."""
+        """One rollout batch -> ``num_minibatches`` optimizer updates. Returns the step's metrics.
+
+        Rows removed by dynamic sampling (groups with equal rewards) or overlong filtering keep their place
+        with an all-zero response mask: they add neither loss, gradient nor token counts, and every
+        data-parallel rank runs the same number of mini-batches and collectives whatever it removed. A
+        mini-batch with no response token on any rank is skipped by all ranks.
+        """
         cfg = self.config
         times = {}
         started = time.perf_counter()
@@ -178,29 +226,30 @@ class GRPOTrainer:
         metrics.update({f"response_length/{k}": v for k, v in _summary(rollout.response_lengths.float()).items()})
         metrics["response/truncated_fraction"] = rollout.truncated.float().mean().item()
 
-        keep = torch.ones(len(advantages), dtype=torch.bool)
+        mask = rollout.sequences.response_mask.bool()
         if cfg.dynamic_sampling:
             keep = dynamic_sampling_keep(rollout.rewards, rollout.group_index)
-        metrics["dynamic_sampling/kept_fraction"] = keep.float().mean().item()
-        rows = keep.nonzero().flatten()
-        if len(rows) == 0:
-            raise ValueError("dynamic sampling dropped every group of this rollout batch (all rewards equal)")
-        batch = rollout.select(rows, self.vision_start_token_id)
-        advantages = advantages[rows]
-        mask = batch.sequences.response_mask.bool()
+            metrics["dynamic_sampling/kept_fraction"] = keep.float().mean().item()
+            mask = mask & keep[:, None]
         if cfg.overlong_filtering:
-            mask = mask_truncated(mask, batch.truncated.bool())
-        sequences = replace(batch.sequences, response_mask=mask)
+            mask = mask_truncated(mask, rollout.truncated.bool())
+            metrics["overlong_filtering/masked_fraction"] = rollout.truncated.float().mean().item()
+        sequences = replace(rollout.sequences, response_mask=mask)
         times["advantages"] = time.perf_counter() - started
 
         started = time.perf_counter()
-        old_logprobs = compute_logprobs(self.policy, sequences, cfg.micro_batch_size, cfg.temperature)
+        old_logprobs = compute_logprobs(self.policy, sequences, cfg.micro_batch_size, self.temperature)
         times["logprob"] = time.perf_counter() - started
-        if batch.sampler_logprobs is not None:
-            mismatch = logprob_mismatch(old_logprobs, batch.sampler_logprobs, mask)
+        ref_logprobs = None
+        if self.reference is not None:
+            started = time.perf_counter()
+            ref_logprobs = compute_logprobs(self.reference, sequences, cfg.micro_batch_size, self.temperature)
+            times["ref_logprob"] = time.perf_counter() - started
+        if rollout.sampler_logprobs is not None:
+            mismatch = logprob_mismatch(old_logprobs, rollout.sampler_logprobs, mask)
             metrics.update({f"rollout/logprob_diff_{k}": v for k, v in mismatch.items()})
             if cfg.importance_sampling_cap is not None:
-                weights = truncated_importance_weights(old_logprobs, batch.sampler_logprobs, mask,
+                weights = truncated_importance_weights(old_logprobs, rollout.sampler_logprobs, mask,
                                                        cfg.importance_sampling_cap)
                 metrics["rollout/importance_weight_mean"] = (weights.sum() / mask.sum().clamp(min=1)).item()
                 advantages = advantages[:, None] * weights  # per-token advantages: TIS-weighted loss terms
@@ -209,27 +258,32 @@ class GRPOTrainer:
 
         started = time.perf_counter()
         update_metrics = []
-        for minibatch_rows in torch.tensor_split(torch.arange(len(rows)), cfg.num_minibatches):
-            if len(minibatch_rows) == 0:
+        for minibatch_rows in torch.tensor_split(torch.arange(len(advantages)), cfg.num_minibatches):
+            if len(minibatch_rows) == 0:  # fewer rows than mini-batches: the same on every rank
                 continue
-            update_metrics.append(
-                self._update(
-                    sequences.select(minibatch_rows, self.vision_start_token_id),
-                    old_logprobs[minibatch_rows],
-                    advantages[minibatch_rows],
-                )
+            result = self._update(
+                sequences.select(minibatch_rows, self.vision_start_token_id),
+                old_logprobs[minibatch_rows],
+                advantages[minibatch_rows],
+                None if ref_logprobs is None else ref_logprobs[minibatch_rows],
             )
+            if result is not None:
+                update_metrics.append(result)
         times["update"] = time.perf_counter() - started
         metrics.update({f"time/{k}": v for k, v in times.items()})
         metrics = _reduce_over_data_parallel(metrics)  # per-rank statistics -> means / min / max
-        for key in update_metrics[0]:  # already global: averaged over the mini-batches
+        metrics["train/updates"] = float(len(update_metrics))
+        for key in update_metrics[0] if update_metrics else ():  # already global: averaged over the mini-batches
             metrics[key] = sum(m[key] for m in update_metrics) / len(update_metrics)
         metrics["train/learning_rate"] = self.optimizer.param_groups[0]["lr"]
         return metrics
 
     # ---------------------------------------------------------------- update
-    def _update(self, minibatch: PolicyBatch, old_logprobs: torch.Tensor, advantages: torch.Tensor) -> dict:
-        """Forward/backward over one mini-batch in micro-batches, then one optimizer step."""
+    def _update(self, minibatch: PolicyBatch, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                ref_logprobs: torch.Tensor | None) -> dict | None:
+        """Forward/backward over one mini-batch in micro-batches, then one optimizer step.
+
+        Returns ``None`` (no step, on every rank) when the mini-batch has no response token globally."""
         from megatron.core import parallel_state
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -239,21 +293,30 @@ class GRPOTrainer:
         model.zero_grad_buffer()
         self.optimizer.zero_grad()
         normalizer = _global_normalizer(minibatch.response_mask)
+        if normalizer is None:
+            return None
         mbs = min(cfg.micro_batch_size, minibatch.input_ids.shape[0])
         starts = range(0, minibatch.input_ids.shape[0], mbs)
         alignment = self.policy.config.token_alignment  # FP8 GEMMs: padded columns are masked out of the loss
+        padding = (0, -minibatch.input_ids.shape[1] % alignment)
+
+        def per_token(values: torch.Tensor) -> torch.Tensor:  # [rows, tokens] -> padded like the micro-batch
+            return torch.nn.functional.pad(values, padding)
+
         micro_batches = [
             (minibatch.select(slice(s, s + mbs), self.vision_start_token_id).pad_columns(alignment),
-             torch.nn.functional.pad(old_logprobs[s : s + mbs], (0, -minibatch.input_ids.shape[1] % alignment)),
-             advantages[s : s + mbs])
+             per_token(old_logprobs[s : s + mbs]),
+             per_token(advantages[s : s + mbs]) if advantages.dim() == 2 else advantages[s : s + mbs],
+             None if ref_logprobs is None else per_token(ref_logprobs[s : s + mbs]))
             for s in starts
         ]
         device = next(model.parameters()).device
 
         def forward_step(data_iterator, model):
-            batch, old, adv = next(data_iterator)
+            batch, old, adv, ref = next(data_iterator)
             output = forward_micro_batch(model, batch, device, self.vision_start_token_id)
-            return output, lambda logits: self._loss(logits, batch, old.to(device), adv.to(device), normalizer)
+            ref = None if ref is None else ref.to(device)
+            return output, lambda logits: self._loss(logits, batch, old.to(device), adv.to(device), normalizer, ref)
 
         losses = get_forward_backward_func()(
             forward_step_func=forward_step,
@@ -276,26 +339,28 @@ class GRPOTrainer:
             metrics = _from_last_pipeline_stage(metrics)
         return _reduce_over_data_parallel(metrics, additive=True)
 
-    def _loss(self, logits, batch: PolicyBatch, old_logprobs, advantages, normalizer: LossNormalizer):
+    def _loss(self, logits, batch: PolicyBatch, old_logprobs, advantages, normalizer: LossNormalizer, ref_logprobs):
         """Loss-function contract of Megatron's schedule with ``calculate_per_token_loss=True``."""
         input_ids = batch.input_ids.to(logits.device)
         mask = batch.response_mask.to(logits.device)
-        logprobs = vocab_parallel_token_logprobs(logits, input_ids, self.config.temperature)
-        loss, metrics = self.loss_fn(logprobs, old_logprobs, advantages, mask, normalizer)
-        entropy = vocab_parallel_token_entropy(logits.detach(), self.config.temperature)
+        logprobs = vocab_parallel_token_logprobs(logits, input_ids, self.temperature)
+        loss, metrics = self.loss_fn(logprobs, old_logprobs, advantages, mask, normalizer, ref_logprobs)
+        entropy = vocab_parallel_token_entropy(logits.detach(), self.temperature)
         metrics["entropy"] = (entropy * mask).sum() / normalizer.num_tokens
         metrics["loss"] = loss.detach()
         num_tokens = mask.sum().to(torch.int)
         return loss * normalizer.num_tokens, num_tokens, {k: v.detach() for k, v in metrics.items()}
 
 
-def _global_normalizer(mask: torch.Tensor) -> LossNormalizer:
-    """Response-token and sequence counts of the mini-batch summed over data-parallel ranks."""
+def _global_normalizer(mask: torch.Tensor) -> LossNormalizer | None:
+    """Response-token and sequence counts of the mini-batch summed over data-parallel ranks (``None`` if 0)."""
     from megatron.core import parallel_state
 
     counts = torch.tensor([mask.sum(), (mask.sum(dim=1) > 0).sum()], dtype=torch.float64)
     if parallel_state.get_data_parallel_world_size() > 1:
         counts = collectives.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+    if counts[0] == 0:
+        return None
     return LossNormalizer(num_tokens=int(counts[0]), num_sequences=int(counts[1]))
 
 

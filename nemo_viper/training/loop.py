@@ -8,13 +8,15 @@ reward) and the toy task of the learning test:
 - ``reward_model``: anything with ViPER's reward interface, ``score(responses, ground_truths, sample_ids,
   truncated) -> list[RewardBreakdown]`` (:class:`~nemo_viper.rewards.ViperReward`).
 
-Each data-parallel rank draws its own ``prompts_per_step`` prompts. A checkpoint is written every
+Each data-parallel rank draws its share of ``prompts_per_step`` prompts per step (refilled under dynamic
+sampling, see :func:`collect_groups`). A checkpoint is written every
 ``save_every`` steps and after the last; a rerun resumes from the latest one (policy, optimizer, step,
 prompt position) and continues with the next step.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,14 +24,21 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
+from nemo_viper.algorithms import dynamic_sampling_keep
+from nemo_viper.data.images import BACKENDS as IMAGE_BACKENDS
+from nemo_viper.data.images import ImageProcessingConfig
+from nemo_viper.errors import ConfigError
 from nemo_viper.models.hf_checkpoint import text_config
 from nemo_viper.models.logprobs import PolicyBatch
 from nemo_viper.rewards import RewardBreakdown
 from nemo_viper.runtime import collectives
 from nemo_viper.rollout.interface import GenerationBackend, GenerationRequest, GenerationResponse, SamplingParams
 from nemo_viper.training.checkpointing import CheckpointManager
+from nemo_viper.training.grpo import GRPOConfig
 from nemo_viper.training.metrics_log import MetricsLogger
 from nemo_viper.training.rollout_batch import RolloutBatch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -84,17 +93,64 @@ class RewardModel(Protocol):
     ) -> list[RewardBreakdown]: ...
 
 
+MIN_IMAGE_PIXELS = 28 * 28
+"""The smallest pixel budget of an image: one merged 2 x 2 block of Qwen's 14-pixel patches."""
+
+
 @dataclass(frozen=True)
 class RLConfig:
-    """Loop settings (SPEC §7 defaults: n = 5, temperature 1.0, top-p 1.0, 1024 new tokens)."""
+    """One RL stage's settings: the run config's ``rl`` section (SPEC §7 defaults; both stages alike).
 
-    steps: int
-    prompts_per_step: int = 4
+    - ``prompts_per_step``: prompts per rollout step over *all* data-parallel ranks (each draws its share);
+      ``n`` responses each (GRPO group size, >= 2).
+    - ``sampling``: how responses are drawn; ``sampling.seed`` is the stage's seed (request streams, prompt
+      order, generator); the update's log-probs are taken at ``sampling.temperature``.
+    - ``grpo``: the update (:class:`~nemo_viper.training.grpo.GRPOConfig`).
+    - ``max_sampling_tries``: with ``grpo.dynamic_sampling``, rollout rounds per step at most: after a round,
+      while some rank holds fewer than its share of groups with a reward spread, every rank draws its share
+      of prompts again (refill); what is still missing after the last round is filled with equal-reward
+      groups, which the update masks out.
+    - ``save_every``/``keep_last``: checkpoint period and how many checkpoints are kept.
+    - ``image_backend``, ``prefetch_prompts``: the stage's data path (image preprocessing backend, prompts
+      prepared ahead per rank).
+    - ``min_pixels``/``max_pixels``: the pixel budget of every RL image (prompts, rollouts and training),
+      whatever the checkpoint's processor says: Qwen's resize keeps each image's pixel count in this range
+      (defaults: :class:`~nemo_viper.data.images.ImageProcessingConfig`'s, synthesis's cap).
+    """
+
+    steps: int = 200
+    prompts_per_step: int = 512
     n: int = 5
-    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=1.0, max_new_tokens=1024))
     save_every: int = 50
     keep_last: int = 2
-    seed: int = 0
+    max_sampling_tries: int = 3
+    image_backend: str = "auto"
+    prefetch_prompts: int = 16
+    min_pixels: int = ImageProcessingConfig.min_pixels
+    max_pixels: int = ImageProcessingConfig.max_pixels
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=1.0, max_new_tokens=1024, seed=0))
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+
+    def __post_init__(self):
+        for key in ("steps", "prompts_per_step", "save_every", "keep_last", "max_sampling_tries", "prefetch_prompts"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
+        if self.n < 2:
+            raise ConfigError(f"n={self.n} must be >= 2 (a GRPO group needs 2 responses for an advantage)")
+        if self.sampling.seed is None:
+            raise ConfigError("sampling.seed=None: an RL stage needs a seed (it seeds requests and prompt order)")
+        if self.image_backend not in IMAGE_BACKENDS:
+            raise ConfigError(f"image_backend={self.image_backend!r} is not one of {IMAGE_BACKENDS}")
+        if not MIN_IMAGE_PIXELS <= self.min_pixels <= self.max_pixels:
+            raise ConfigError(f"min_pixels={self.min_pixels} must be >= {MIN_IMAGE_PIXELS} and <= max_pixels="
+                              f"{self.max_pixels}")
+
+    def prompts_per_rank(self, data_parallel: int) -> int:
+        """Each data-parallel rank's share of ``prompts_per_step``."""
+        if self.prompts_per_step % data_parallel:
+            raise ConfigError(f"prompts_per_step={self.prompts_per_step} is not divisible by the data-parallel "
+                              f"size {data_parallel}")
+        return self.prompts_per_step // data_parallel
 
 
 def request_seed(base: int, step: int, prompt_index: int) -> int:
@@ -140,9 +196,11 @@ def assemble_rollout(
     reward_metrics = {
         "format": sum(r.format for r in rewards) / len(rewards),
         "correctness": sum(r.correctness for r in rewards) / len(rewards),
+        "precision": sum(r.precision for r in rewards) / len(rewards),
         "recall": sum(r.recall for r in rewards) / len(rewards),
         "answer_sentences": sum(r.num_answer_sentences for r in rewards) / len(rewards),
     }
+    reward_metrics["precision_recall_gap"] = reward_metrics["precision"] - reward_metrics["recall"]
     return RolloutBatch(
         sequences=sequences,
         group_index=torch.tensor(groups),
@@ -152,6 +210,87 @@ def assemble_rollout(
         reward_metrics=reward_metrics,
         sampler_logprobs=sampler_logprobs,
     )
+
+
+@dataclass
+class _Group:
+    """One prompt's rollouts: its request, ``n`` responses and their rewards."""
+
+    prompt: TaskPrompt
+    request: GenerationRequest
+    responses: list[GenerationResponse]
+    rewards: list[RewardBreakdown]
+
+    @property
+    def has_spread(self) -> bool:
+        totals = torch.tensor([r.total for r in self.rewards], dtype=torch.float64)
+        return bool(dynamic_sampling_keep(totals, torch.zeros(len(totals), dtype=torch.long)).any())
+
+
+def _rollout_groups(prompts: PromptSource, generator, reward_model, processor, config: RLConfig, step: int,
+                    first_index: int, count: int) -> tuple[list[_Group], float, float]:
+    """Draw ``count`` prompts, generate ``n`` responses each and score them. Returns the groups and the
+    rollout / reward times. ``first_index``: the global index of the first prompt (its request seed)."""
+    started = time.perf_counter()
+    batch_prompts = prompts.next_prompts(count)
+    requests = [
+        GenerationRequest.from_chat(
+            processor, prompt.messages, prompt.images, config.n,
+            replace(config.sampling, seed=request_seed(config.sampling.seed, step, first_index + i)),
+        )
+        for i, prompt in enumerate(batch_prompts)
+    ]
+    responses = generator.generate(requests)
+    rollout_time = time.perf_counter() - started
+    started = time.perf_counter()
+    texts = [sample.text for samples in responses for sample in samples]
+    ground_truths = [p.ground_truth for p in batch_prompts for _ in range(config.n)]
+    ids = [p.sample_id for p in batch_prompts for _ in range(config.n)]
+    truncated = [sample.finish_reason == "length" for samples in responses for sample in samples]
+    rewards = reward_model.score(texts, ground_truths, ids, truncated)
+    groups = [_Group(p, q, list(r), rewards[i * config.n : (i + 1) * config.n])
+              for i, (p, q, r) in enumerate(zip(batch_prompts, requests, responses))]
+    return groups, rollout_time, time.perf_counter() - started
+
+
+def collect_groups(prompts: PromptSource, generator, reward_model, processor, config: RLConfig, step: int,
+                   dp_rank: int, dp_world: int, min_over_ranks=None) -> tuple[list[_Group], dict[str, float]]:
+    """This rank's ``prompts_per_step / dp_world`` groups for one step, refilled under dynamic sampling.
+
+    Without ``grpo.dynamic_sampling``: one round of the rank's share. With it: rounds continue while the
+    fewest groups with a reward spread held by any rank (``min_over_ranks(local_count)``, a collective, so
+    every rank decides alike) is below the share, at most ``max_sampling_tries`` rounds; a rank already
+    full draws nothing more. Then the spread groups come first, topped up with equal-reward ones.
+    """
+    share = config.prompts_per_rank(dp_world)
+    groups, rollout_time, reward_time = _rollout_groups(prompts, generator, reward_model, processor, config, step,
+                                                         dp_rank * share, share)
+    metrics = {}
+    if config.grpo.dynamic_sampling:
+        tries = 1
+        while True:
+            spread = sum(g.has_spread for g in groups)
+            fewest = min_over_ranks(spread) if min_over_ranks else spread
+            if fewest >= share or tries == config.max_sampling_tries:
+                break
+            if spread < share:
+                first = tries * config.prompts_per_step + dp_rank * share  # distinct seeds per round
+                more, t_rollout, t_reward = _rollout_groups(prompts, generator, reward_model, processor, config,
+                                                            step, first, share)
+                groups += more
+                rollout_time, reward_time = rollout_time + t_rollout, reward_time + t_reward
+            tries += 1
+        kept = [g for g in groups if g.has_spread][:share]
+        filler = [g for g in groups if not g.has_spread][: share - len(kept)]
+        if len(kept) < share:
+            logger.warning("step %d: dynamic sampling found %d of %d groups with a reward spread after %d "
+                           "rounds; %d equal-reward groups fill the batch (masked out)",
+                           step, len(kept), share, tries, len(filler))
+        groups = kept + filler
+        metrics = {"dynamic_sampling/tries": float(tries), "dynamic_sampling/spread_groups": float(len(kept)),
+                   "dynamic_sampling/filler_groups": float(len(filler))}
+    metrics.update({"time/rollout": rollout_time, "time/reward": reward_time})
+    return groups, metrics
 
 
 def run_rl(
@@ -180,41 +319,26 @@ def run_rl(
         prompts.load_state_dict(state["prompts"][parallel_state.get_data_parallel_rank()])
         generator.weights_updated()  # the restored weights, not the initial ones
     is_logging_rank = dist.get_rank() == 0
-    logger = MetricsLogger(run_dir, resume_step=start, enabled=is_logging_rank)
+    metrics_log = MetricsLogger(run_dir, resume_step=start, enabled=is_logging_rank)
     pad_token_id = text_config(trainer.policy.hf_config).get("pad_token_id") or 0
     dp_rank = parallel_state.get_data_parallel_rank()
+    dp_world = parallel_state.get_data_parallel_world_size()
+
+    def min_over_ranks(count: int) -> int:  # over the whole world: model-parallel peers hold the same count
+        return int(collectives.all_reduce(torch.tensor([count], dtype=torch.int64), op=collectives.ReduceOp.MIN)[0])
+
     history = []
     for step in range(start + 1, config.steps + 1):
-        started = time.perf_counter()
-        batch_prompts = prompts.next_prompts(config.prompts_per_step)
-        first_index = dp_rank * config.prompts_per_step
-        requests = [
-            GenerationRequest.from_chat(
-                processor,
-                prompt.messages,
-                prompt.images,
-                config.n,
-                replace(config.sampling, seed=request_seed(config.seed, step, first_index + i)),
-            )
-            for i, prompt in enumerate(batch_prompts)
-        ]
-        responses = generator.generate(requests)
-        rollout_time = time.perf_counter() - started
-
-        started = time.perf_counter()
-        texts = [sample.text for samples in responses for sample in samples]
-        ground_truths = [p.ground_truth for p in batch_prompts for _ in range(config.n)]
-        ids = [p.sample_id for p in batch_prompts for _ in range(config.n)]
-        truncated = [sample.finish_reason == "length" for samples in responses for sample in samples]
-        rewards = reward_model.score(texts, ground_truths, ids, truncated)
-        reward_time = time.perf_counter() - started
-
-        rollout = assemble_rollout(requests, responses, rewards, [p.sample_id for p in batch_prompts], pad_token_id)
+        groups, sampling_metrics = collect_groups(prompts, generator, reward_model, processor, config, step,
+                                                  dp_rank, dp_world, min_over_ranks)
+        rollout = assemble_rollout([g.request for g in groups], [g.responses for g in groups],
+                                   [r for g in groups for r in g.rewards], [g.prompt.sample_id for g in groups],
+                                   pad_token_id)
         metrics = trainer.step(rollout)
         generator.weights_updated()
-        metrics.update({"time/rollout": rollout_time, "time/reward": reward_time})
+        metrics.update(sampling_metrics)
         metrics.update(skipped_metrics(prompts, parallel_state.get_data_parallel_group()))
-        logger.log(step, metrics)
+        metrics_log.log(step, metrics)
         history.append(metrics)
         if step % config.save_every == 0 or step == config.steps:
             prompt_states = collectives.all_gather_object(
@@ -223,7 +347,5 @@ def run_rl(
             checkpoints.save(trainer, step, {"prompts": prompt_states})
         if progress is not None:
             progress(step, metrics)
-    logger.close()
+    metrics_log.close()
     return history
-
-

@@ -3,7 +3,7 @@
 Stage 1 trains on ``caption_refine`` shards, stage 2 on ``visual_op`` shards, with the same settings.
 Everything cheap is validated first (dataset manifest and task, policy path, layout, image processor
 settings); then the policy is built for training, the generator is set up (the Megatron backend shares the
-policy's weights; the vLLM backend, ``rollout_backend="vllm"``, is a colocated engine refitted from them), a
+policy's weights; the vLLM backend, ``rollout.backend: vllm``, is a colocated engine refitted from them), a
 :class:`~nemo_viper.data.prompt_source.ShardPromptSource` prepares each data-parallel rank's prompts ahead
 of the loop (images through DALI), the ViPER reward scores the rollouts, and
 :func:`~nemo_viper.training.loop.run_rl` runs or resumes the stage under ``out/``.
@@ -12,18 +12,20 @@ of the loop (images through DALI), the ViPER reward scores the rollouts, and
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from nemo_viper.data.images import BACKENDS as IMAGE_BACKENDS
 from nemo_viper.data.images import ImageProcessingConfig, QwenImagePreprocessor, resolve_backend
 from nemo_viper.errors import ConfigError
 from nemo_viper.evaluation.heldout import HeldoutConfig
 from nemo_viper.models.checkpoint import METADATA_FILE, resolve_checkpoint
 from nemo_viper.models.hf_checkpoint import check_parallel_layout, read_qwen25_vl_config
+from nemo_viper.runtime.distributed import ParallelLayout
+from nemo_viper.models.policy import PolicyOptions
 from nemo_viper.rewards import RewardConfig
+from nemo_viper.rollout.megatron_backend import MegatronGenerationConfig
 from nemo_viper.rollout.vllm_backend import VLLMGenerationConfig, require_vllm
-from nemo_viper.training.grpo import GRPOConfig
 from nemo_viper.training.loop import RLConfig
 
 log = logging.getLogger(__name__)
@@ -33,39 +35,62 @@ ROLLOUT_BACKENDS = ("megatron", "vllm")
 
 
 @dataclass(frozen=True)
+class RolloutConfig:
+    """The RL stage's generation engine: the run config's ``rollout`` section (docs/architecture.md,
+    "Choosing a rollout backend").
+
+    ``backend``: ``megatron`` (generates on the policy's own weights; no extra memory, slower) or ``vllm`` (a
+    colocated vLLM engine per data-parallel rank, refitted after every update; needs ``vllm``).
+    ``megatron_batch_size`` is :class:`MegatronGenerationConfig`'s ``max_batch_size``; the ``vllm_*`` keys are
+    :class:`VLLMGenerationConfig`'s fields of the same name (defaults from those classes). Both engines are
+    seeded with the stage's ``rl.sampling.seed``.
+    """
+
+    backend: str = "megatron"
+    megatron_batch_size: int | None = MegatronGenerationConfig.max_batch_size  # None: as many as fit
+    vllm_gpu_memory_utilization: float = VLLMGenerationConfig.gpu_memory_utilization
+    vllm_cpu_kv_cache_gib: int = VLLMGenerationConfig.cpu_kv_cache_gib
+    vllm_sleep_mode: bool = VLLMGenerationConfig.sleep_mode
+
+    def __post_init__(self):
+        if self.backend not in ROLLOUT_BACKENDS:
+            raise ConfigError(f"backend={self.backend!r} is not one of {ROLLOUT_BACKENDS}")
+        if self.megatron_batch_size is not None and self.megatron_batch_size < 1:
+            raise ConfigError(f"megatron_batch_size={self.megatron_batch_size} must be >= 1 (or null: as many as fit)")
+        try:
+            self.vllm(seed=0)
+        except ConfigError as exc:
+            raise ConfigError(f"vllm_{exc}") from None
+
+    def megatron(self, seed: int) -> MegatronGenerationConfig:
+        return MegatronGenerationConfig(max_batch_size=self.megatron_batch_size, seed=seed)
+
+    def vllm(self, seed: int) -> VLLMGenerationConfig:
+        return VLLMGenerationConfig(gpu_memory_utilization=self.vllm_gpu_memory_utilization,
+                                    cpu_kv_cache_gib=self.vllm_cpu_kv_cache_gib, sleep_mode=self.vllm_sleep_mode,
+                                    seed=seed)
+
+
+@dataclass(frozen=True)
 class StageConfig:
+    """One ``train`` job: which stage, data, starting policy and output, and the run config's sections it
+    reads (``model`` options, ``parallel.tensor``/``pipeline``, ``rl``, ``rollout``, ``reward``), unchanged."""
+
     stage: int
     data: str
     policy: str  # a policy checkpoint dir (nemo_viper) or a Hugging Face Qwen2.5-VL dir
     out: str
-    rl: RLConfig
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    model: PolicyOptions = field(default_factory=PolicyOptions)
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
-    precision: str = "bf16"
-    fp8_recipe: str = "blockwise"
-    layer_spec: str = "auto"
-    generation_batch_size: int = 64
-    image_backend: str = "auto"  # QwenImagePreprocessor backend: auto (DALI if importable), dali, pil
-    prefetch_prompts: int = 16  # prompts prepared ahead of the loop (bounded host memory)
-    min_pixels: int = ImageProcessingConfig.min_pixels  # pixel budget of every prompt image (both backends)
-    max_pixels: int = ImageProcessingConfig.max_pixels
-    recompute: str = "none"  # language model: none | selective | full (see PolicyConfig)
-    recompute_vision: bool = False
-    rollout_backend: str = "megatron"  # megatron | vllm (nemo_viper.rollout.vllm_backend)
-    vllm: VLLMGenerationConfig = field(default_factory=VLLMGenerationConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     heldout: HeldoutConfig = field(default_factory=HeldoutConfig)  # self-evaluation split, scored before/after
 
     def __post_init__(self):
         if self.stage not in STAGE_TASKS:
             raise ConfigError(f"stage={self.stage} must be 1 or 2")
-        if self.image_backend not in IMAGE_BACKENDS:
-            raise ConfigError(f"image_backend={self.image_backend!r}, expected one of {IMAGE_BACKENDS}")
-        if self.prefetch_prompts < 1:
-            raise ConfigError(f"prefetch_prompts={self.prefetch_prompts} must be >= 1")
-        if self.rollout_backend not in ROLLOUT_BACKENDS:
-            raise ConfigError(f"rollout_backend={self.rollout_backend!r}, expected one of {ROLLOUT_BACKENDS}")
 
 
 def policy_paths(policy: str | Path) -> tuple[Path, Path | None]:
@@ -90,7 +115,7 @@ def run_stage(config: StageConfig) -> list[dict]:
     from nemo_viper.models.checkpoint import read_checkpoint_metadata
     from nemo_viper.models.policy import Accelerator, check_precision
 
-    check_precision(config.precision, config.fp8_recipe, config.layer_spec, Accelerator.detect())
+    check_precision(config.model.precision, config.model.fp8_recipe, config.model.layer_spec, Accelerator.detect())
     dataset = ShardDataset(config.data)
     expected = STAGE_TASKS[config.stage]
     if dataset.task != expected:
@@ -105,10 +130,12 @@ def run_stage(config: StageConfig) -> list[dict]:
     if checkpoint is not None:
         read_checkpoint_metadata(checkpoint)
     check_parallel_layout(read_qwen25_vl_config(hf_dir), config.tensor_parallel, config.pipeline_parallel)
-    image_config = rl_image_config(hf_dir, config.min_pixels, config.max_pixels)
-    image_backend = resolve_backend(config.image_backend)
-    if config.rollout_backend == "vllm":
-        require_vllm("rollout_backend")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    config.rl.prompts_per_rank(ParallelLayout(config.tensor_parallel, config.pipeline_parallel).data_parallel(world))
+    image_config = rl_image_config(hf_dir, config.rl.min_pixels, config.rl.max_pixels)
+    image_backend = resolve_backend(config.rl.image_backend)
+    if config.rollout.backend == "vllm":
+        require_vllm("rollout.backend")
 
     from megatron.core import parallel_state  # heavy imports only after the checks above
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -118,38 +145,29 @@ def run_stage(config: StageConfig) -> list[dict]:
     from nemo_viper.models.policy import PolicyConfig
     from nemo_viper.models.processor import load_processor
     from nemo_viper.rewards import ViperReward
-    from nemo_viper.rollout.megatron_backend import MegatronGenerationBackend, MegatronGenerationConfig
+    from nemo_viper.rollout.megatron_backend import MegatronGenerationBackend
     from nemo_viper.training.grpo import build_trainer
     from nemo_viper.training.loop import run_rl
 
-    policy_config = PolicyConfig(
-        hf_path=str(hf_dir),
-        tensor_parallel=config.tensor_parallel,
-        pipeline_parallel=config.pipeline_parallel,
-        precision=config.precision,
-        fp8_recipe=config.fp8_recipe,
-        layer_spec=config.layer_spec,
-        recompute=config.recompute,
-        recompute_vision=config.recompute_vision,
-    )
-    trainer = build_trainer(policy_config, config.grpo, init_checkpoint=checkpoint)
-    if config.rollout_backend == "vllm":
+    policy_config = PolicyConfig(hf_path=str(hf_dir), tensor_parallel=config.tensor_parallel,
+                                 pipeline_parallel=config.pipeline_parallel, **config.model.options())
+    rl = config.rl
+    trainer = build_trainer(policy_config, rl.grpo, rl.sampling, init_checkpoint=checkpoint)
+    if config.rollout.backend == "vllm":
         from nemo_viper.rollout.vllm_backend import VLLMGenerationBackend
 
-        generator = VLLMGenerationBackend(trainer.policy, config.vllm)
+        generator = VLLMGenerationBackend(trainer.policy, config.rollout.vllm(rl.sampling.seed))
     else:
-        generator = MegatronGenerationBackend(
-            trainer.policy, MegatronGenerationConfig(max_batch_size=config.generation_batch_size, seed=config.rl.seed)
-        )
+        generator = MegatronGenerationBackend(trainer.policy, config.rollout.megatron(rl.sampling.seed))
     preprocessor = QwenImagePreprocessor(image_config, image_backend)  # after build_trainer chose this rank's GPU
     heldout = heldout_indices([dataset.record(i).id for i in range(len(dataset))], config.heldout)
     prompts = ShardPromptSource(
         dataset,
         preprocessor,
-        seed=config.rl.seed,
+        seed=rl.sampling.seed,
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_world=parallel_state.get_data_parallel_world_size(),
-        prefetch=config.prefetch_prompts,
+        prefetch=rl.prefetch_prompts,
         exclude=frozenset(heldout),
     )
     processor = load_processor(hf_dir)

@@ -254,7 +254,6 @@ def test_k1_value():
     "kwargs",
     [
         {"aggregation": "token-sum"},
-        {"aggregation": "seq-mean-token-sum-norm"},
         {"aggregation": "seq-mean-token-sum-norm", "max_response_length": 0},
         {"dual_clip_c": 1.0},
         {"dual_clip_c": 0.5},
@@ -268,6 +267,11 @@ def test_k1_value():
 def test_bad_config_is_an_error(kwargs):
     with pytest.raises(ValueError):
         PolicyLossConfig(**kwargs)
+
+
+def test_sum_norm_needs_its_length_constant():
+    with pytest.raises(ValueError, match="needs max_response_length"):
+        ClippedPolicyLoss(PolicyLossConfig(aggregation="seq-mean-token-sum-norm"))
 
 
 def test_bad_normalizer_is_an_error():

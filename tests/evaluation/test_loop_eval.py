@@ -20,7 +20,8 @@ def test_plan_evaluates_base_once_and_every_round_before_the_next():
     assert round1[round1.index("--model") + 1] == "/r/round1/rl2"
     assert round1[round1.index("--guard-against") + 1] == "/r/eval/base"
     assert phases["round2.eval"].args[phases["round2.eval"].args.index("--guard-against") + 1] == "/r/eval/round1"
-    assert "--heldout-count" in phases["round1.rl1"].args
+    # the RL job reads eval.heldout (and every other setting) from the run config (tests/test_config_keys.py)
+    assert phases["round1.rl1"].args[-2:] == ("--config", "/r/config/viper.yaml")
 
 
 def test_plan_shards_benchmarks_into_gpu_jobs_and_collects():

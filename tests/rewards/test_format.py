@@ -44,7 +44,6 @@ def test_broken_layout_keeps_the_single_closed_answer(text):
         "The car is red.",  # no tags at all
         "<think>look</think>",  # no answer block
         "<think>look</think><answer>A red car.</answer><answer>A blue car.</answer>",  # two answers
-        "<think>look</think></answer>A red car.<answer>",  # reversed answer tags
     ],
 )
 def test_no_usable_answer(text):
@@ -63,6 +62,7 @@ def test_empty_answer_block():
         "<think>I see a red car and",  # cut inside think
         "<think>look</think><answer>1. The car is red.\n2. The",  # cut inside answer
         "<think>look</think><answer>A red car.</answer><answer>A blue",  # second answer left open
+        "<think>look</think></answer>A red car.<answer>",  # reversed answer tags: ends in an open block
     ],
 )
 def test_unclosed_tag_is_truncated(text):
@@ -74,3 +74,16 @@ def test_caller_flagged_truncation_zeroes_a_complete_response():
     assert parse_response(text, truncated=True) == ParsedResponse(
         format_ok=False, answer=None, truncated=True
     )
+
+
+@pytest.mark.parametrize(
+    "text,answer",
+    [
+        ("<think>I will list them inside <answer> tags.</think><answer>The car is red.</answer>", "The car is red."),
+        ("<think>No </answer> here, nor <think>.</think><answer>The car is red.</answer>", "The car is red."),
+        ("<think>look</think><answer>The <think> tag is never shown.</answer>", "The <think> tag is never shown."),
+    ],
+)
+def test_tags_mentioned_inside_a_block_are_text(text, answer):
+    """A complete response that mentions a tag in its reasoning or answer is neither truncated nor broken."""
+    assert parse_response(text) == ParsedResponse(format_ok=True, answer=answer, truncated=False)

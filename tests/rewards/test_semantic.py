@@ -286,3 +286,35 @@ def test_default_threshold_separates_paraphrases_from_contradictions(minilm):
     assert cosine["The car is red.", "The car is blue."] < tau
     assert all(cosine[pair] > tau for pair in PARAPHRASES)
     assert all(cosine[pair] < tau for pair in CONTRADICTIONS)
+
+
+class FixedEmbedder:
+    """Returns the given vectors as they are (no normalisation), so cosines are exact dot products."""
+
+    def __init__(self, vectors):
+        self.vectors = vectors
+
+    def encode(self, texts):
+        return torch.tensor([self.vectors[t] for t in texts], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("one_to_one", [False, True])
+def test_a_cosine_exactly_at_the_threshold_is_a_miss(one_to_one):
+    """τ = 0 and orthogonal vectors: the cosine is exactly 0.0, so ``>`` (not ``>=``) must reject it."""
+    viper = ViperReward(RewardConfig(threshold=0.0, one_to_one=one_to_one), embedder=TableEmbedder())
+    [out] = viper.score([respond(CAT)], [[RED]], ["s0"])
+    assert out.precision == 0.0 and out.recall == 0.0
+    [out] = viper.score([respond(AUTO)], [[RED]], ["s1"])  # cosine 0.9 > 0: a hit
+    assert out.precision == 1.0
+
+
+def test_both_matching_rules_agree_at_the_float32_threshold():
+    """A cosine equal to float32(0.85) (> 0.85 in float64) is judged alike by the default and one-to-one rules."""
+    at_tau = torch.tensor(0.85, dtype=torch.float32).item()
+    vectors = {RED: [1.0, 0.0], AUTO: [at_tau, math.sqrt(1 - at_tau**2)]}
+    results = []
+    for one_to_one in (False, True):
+        viper = ViperReward(RewardConfig(threshold=0.85, one_to_one=one_to_one), embedder=FixedEmbedder(vectors))
+        [out] = viper.score([respond(AUTO)], [[RED]], ["s0"])
+        results.append((out.precision, out.recall))
+    assert results[0] == results[1] == (1.0, 1.0)

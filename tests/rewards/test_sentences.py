@@ -81,3 +81,30 @@ def test_duplicates_dropped_case_insensitively_keeping_first():
 @pytest.mark.parametrize("text", ["", "   ", "\n\n", "1.\n2."])
 def test_blank(text):
     assert split_sentences(text) == []
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("Mr. Li wears a red hat. Dr. Wu stands.", ["Mr. Li wears a red hat.", "Dr. Wu stands."]),
+        ("The bowl holds fruit, e.g. apples, and i.e. nothing else.", ["The bowl holds fruit, e.g. apples, and i.e. nothing else."]),
+        ("Cups, plates, etc. are on the table. A knife lies there.", ["Cups, plates, etc. are on the table.", "A knife lies there."]),
+        ("He said no. Then he left.", ["He said no.", "Then he left."]),
+    ],
+)
+def test_abbreviations_do_not_end_a_sentence(text, expected):
+    assert split_sentences(text) == expected
+
+
+def test_missing_space_after_a_sentence_still_splits():
+    assert split_sentences("The car is red.The dog is brown!It rains.") == [
+        "The car is red.", "The dog is brown!", "It rains."]
+
+
+def test_letter_markers_are_stripped():
+    assert split_sentences("a) The car is red\nb) The dog sits\n(c) Two cats\n(2) A cup") == [
+        "The car is red", "The dog sits", "Two cats", "A cup"]
+
+
+def test_short_cjk_items_count_display_columns():
+    assert split_sentences("红色\n猫\nab") == ["红色"]  # 2 wide characters = 4 columns; 猫 and ab are 2

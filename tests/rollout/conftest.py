@@ -12,12 +12,12 @@ from nemo_viper.rollout import GenerationRequest
 GREEDY_TOKENS = 24
 
 
-@pytest.fixture(scope="session")
-def inputs(tiny_hf_dir, tmp_path_factory):
-    """A one-image, a two-image and a text-only prompt, and transformers' greedy continuations (one batch)."""
+def greedy_inputs(hf_dir, out_dir) -> dict:
+    """A one-image, a two-image and a text-only prompt saved for the workers (``path``), and transformers'
+    greedy continuations of them (one batch, ``hf_greedy``)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    processor = load_processor(tiny_hf_dir)
+    processor = load_processor(hf_dir)
     images = [Image.fromarray(data.astronaut()), Image.fromarray(data.coffee()), Image.fromarray(data.chelsea())]
     chats = [
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image in detail."}]}],
@@ -38,7 +38,7 @@ def inputs(tiny_hf_dir, tmp_path_factory):
     processor.tokenizer.padding_side = "left"
     texts = [processor.apply_chat_template(chat, add_generation_prompt=True) for chat in chats]
     batch = processor(text=texts, images=images, padding=True, return_tensors="pt")
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_hf_dir, dtype=torch.float32).eval()
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
     suppress = processor.tokenizer.convert_tokens_to_ids(list(VISION_SPECIAL_TOKENS))
     output = model.generate(**batch, do_sample=False, max_new_tokens=GREEDY_TOKENS, suppress_tokens=suppress)
     eos = set(model.generation_config.eos_token_id)
@@ -47,6 +47,11 @@ def inputs(tiny_hf_dir, tmp_path_factory):
         end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
         expected.append(row[:end])
 
-    path = tmp_path_factory.mktemp("rollout") / "requests.pt"
+    path = out_dir / "requests.pt"
     torch.save({"requests": requests}, path)
     return {"path": path, "hf_greedy": expected}
+
+
+@pytest.fixture(scope="session")
+def inputs(tiny_hf_dir, tmp_path_factory):
+    return greedy_inputs(tiny_hf_dir, tmp_path_factory.mktemp("rollout"))

@@ -40,6 +40,18 @@ def tp2_ranks(tiny_hf_dir, inputs, tmp_path_factory):
     return run_layout(tiny_hf_dir, inputs, tmp_path_factory.mktemp("tp2") / "result.pt", 2)
 
 
+def test_tied_embeddings_generate_like_transformers(tmp_path):
+    """Qwen2.5-VL-3B ties the output layer to the embedding (Megatron's output layer then has no weight)."""
+    from conftest import greedy_inputs
+
+    from nemo_viper.models.tiny import TinyModelConfig, write_tiny_checkpoint
+
+    hf_dir = write_tiny_checkpoint(tmp_path / "tied", TinyModelConfig(tie_word_embeddings=True))
+    tied = greedy_inputs(hf_dir, tmp_path)
+    result = run_layout(hf_dir, tied, tmp_path / "result.pt", 1)[0]
+    assert [samples[0] for samples in result["greedy"]] == tied["hf_greedy"]
+
+
 @pytest.fixture(scope="module")
 def gpu_tp1(tiny_hf_dir, inputs, tmp_path_factory):
     """The same checks on the GPU: the policy on its default spec there (Transformer Engine), fp32."""
@@ -51,6 +63,9 @@ def test_te_spec_generation_matches_transformers_without_masks(gpu_tp1, inputs):
     assert [samples[0] for samples in gpu_tp1["greedy"]] == inputs["hf_greedy"]
     assert gpu_tp1["greedy_no_cache"] == gpu_tp1["greedy"]
     assert gpu_tp1["attention_masks_passed"] == 0
+    assert gpu_tp1["megatron_attention_calls_cached"] == 0
+    # One host sync per decode step (the step's tokens and log-probs); None: the sample ended before 8 tokens.
+    assert gpu_tp1["host_syncs_per_decode_step"] is not None and gpu_tp1["host_syncs_per_decode_step"] <= 1
     assert max(gpu_tp1["logprob_error_t1"], gpu_tp1["logprob_error_t07"]) < 1e-3
 
 
@@ -63,10 +78,13 @@ def test_greedy_matches_transformers_generate(layout, inputs):
     assert [samples[0] for samples in layout["greedy"]] == inputs["hf_greedy"]
 
 
-def test_attention_never_receives_a_mask(layout):
-    """Prompts of different lengths are never padded inside the decoder, so no kernel can mis-handle a mask
-    (TE flash/fused attention and megatron's fused causal softmax ignore explicit masks)."""
-    assert layout["attention_calls"] > 100
+def test_cached_attention_is_the_slot_caches_and_megatron_never_receives_a_mask(layout):
+    """Cached generation attends through the slot KV cache (SDPA with each slot's own length); megatron's core
+    attention (TE flash/fused kernels and megatron's fused causal softmax ignore explicit masks) runs only in
+    the recomputing reference, right-padded and causal, never with a mask; both give the same tokens."""
+    assert layout["slot_attention_calls"] > 100
+    assert layout["megatron_attention_calls_cached"] == 0
+    assert layout["megatron_attention_calls_no_cache"] > 50
     assert layout["attention_masks_passed"] == 0
     assert layout["greedy_no_cache"] == layout["greedy"]
 
@@ -90,6 +108,16 @@ def test_samples_leaving_the_batch_early_do_not_disturb_the_others(layout):
     mixed = layout["mixed_budgets"]
     assert [[len(sample) for sample in samples] for samples in mixed] == [[5, 5], [12, 12]]
     assert mixed == layout["mixed_budgets_separately"] == layout["mixed_budgets_no_cache"]
+    assert layout["mixed_budgets_refilled"] == mixed  # a freed slot refilled mid-way changes nothing
+
+
+def test_slots_come_from_free_memory(layout):
+    """The slot count is what kv_cache_memory_fraction of the free memory holds (per-rank KV heads and vocab
+    shard), capped by max_batch_size and the call's samples; a one-line error when not one slot fits."""
+    assert layout["slots_from_memory"] == 10
+    assert layout["slots_capped"] == 4
+    assert layout["slots_few_samples"] == 3
+    assert "kv_cache_memory_fraction=0.5" in layout["no_slot_error"] and "no generation slot" in layout["no_slot_error"]
 
 
 def test_tensor_parallel_ranks_agree_with_each_other_and_with_tp1(tp1, tp2_ranks):

@@ -7,7 +7,6 @@ from PIL import Image
 from nemo_viper.errors import ConfigError
 from nemo_viper.models.processor import load_processor
 from nemo_viper.rollout import GenerationRequest, SamplingParams
-from nemo_viper.rollout.megatron_backend import plan_batches
 from nemo_viper.rollout.megatron_model import right_pad
 from nemo_viper.rollout.stopping import cut_at_stop_string, find_stop_strings, stop_window
 
@@ -85,15 +84,6 @@ def test_request_validation():
         GenerationRequest([1, 2], pixel_values=torch.zeros(4, 1176))
     with pytest.raises(ConfigError, match="patches"):
         GenerationRequest([1, 2], pixel_values=torch.zeros(3, 1176), image_grid_thw=torch.tensor([[1, 2, 2]]))
-
-
-def test_plan_batches_splits_requests_in_order():
-    plan = plan_batches([3, 5, 1], max_batch_size=4)
-    assert [[(p.request, p.first, p.count) for p in batch] for batch in plan] == [
-        [(0, 0, 3), (1, 0, 1)],
-        [(1, 1, 4)],
-        [(2, 0, 1)],
-    ]
 
 
 def test_right_padding():

@@ -42,6 +42,12 @@ def test_seeded_samples_are_reproducible_and_differ_within_a_group(result):
     assert result["sampled_again"] == sampled
 
 
+def test_more_seeded_prompt_tokens_than_a_scheduler_step_takes(result):
+    assert result["many_seeded_prompt_tokens"] > 4096
+    assert [len(samples) for samples in result["many_seeded_samples"]] == [40]
+    assert all(len(sample) == 2 for sample in result["many_seeded_samples"][0])
+
+
 def test_logprobs_match_the_policy_before_and_after_an_update_only_with_refit(result):
     before, stale, refitted = (result[k] for k in ("gap_before_update", "gap_without_refit", "gap_after_refit"))
     assert before["tokens"] > 0 and refitted["tokens"] > 0

