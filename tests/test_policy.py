@@ -1,13 +1,16 @@
-"""The Megatron policy built through Megatron-Bridge against transformers' Qwen2.5-VL (the reference).
+"""The Megatron policy built through Megatron-Bridge against transformers' Qwen2.5-VL (the reference), and the
+README's smoke run of the policy (scripts/tiny_demo.sh: tiny model, import at TP=2, score at TP=2, export).
 
-Each layout runs in its own torchrun job (gloo, CPU mode); the reference runs in this process.
+Every layout (TP1, TP2, PP2 from HF; the demo's TP=2 checkpoint loaded at TP1) runs in one two-rank torchrun
+job (gloo, CPU mode; ``forwards``), one layout after the other; the reference runs in this process.
 """
 
 import json
+import subprocess
 
 import pytest
 import torch
-from launch import run_cli, run_worker
+from launch import REPO, run_cli, run_worker
 from skimage import data
 
 from nemo_viper.models.processor import load_processor
@@ -60,29 +63,49 @@ def assert_matches_reference(result_file, reference):
     assert torch.count_nonzero(result["logprobs"]) == torch.count_nonzero(reference["logprobs"])
 
 
-@pytest.mark.parametrize("tp,pp,micro_batch_size", [(1, 1, 2), (2, 1, 1), (1, 2, 1)], ids=["tp1", "tp2", "pp2"])
-def test_policy_matches_transformers(tiny_hf_dir, reference, tmp_path, tp, pp, micro_batch_size):
-    out = tmp_path / "result.pt"
-    run_worker("policy_forward.py", "--hf", str(tiny_hf_dir), "--inputs", str(reference["path"]), "--out", str(out),
-               "--tp", str(tp), "--pp", str(pp), "--micro-batch-size", str(micro_batch_size), nproc=tp * pp)
-    assert_matches_reference(out, reference)
+LAYOUTS = {"tp1": (1, 1, 2), "tp2": (2, 1, 1), "pp2": (1, 2, 1)}  # name: (TP, PP, micro-batch size)
 
 
-def test_import_reshard_export_roundtrip(tiny_hf_dir, reference, tmp_path):
-    """Import at TP=2, load at TP=1 with the same logits, export back: every HF tensor bit-exact."""
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The README's smoke run (scripts/tiny_demo.sh), run as the README says: its run directory and its output."""
+    run = tmp_path_factory.mktemp("demo") / "demo"
+    result = subprocess.run(["bash", "scripts/tiny_demo.sh", str(run)], cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-6000:]
+    return run, result.stdout
+
+
+@pytest.fixture(scope="module")
+def forwards(tiny_hf_dir, reference, demo, tmp_path_factory):
+    """Outputs of every layout in LAYOUTS built from HF, and of the demo's TP=2 checkpoint loaded at TP1."""
+    out = tmp_path_factory.mktemp("forwards")
+    layouts = [f"{name}:hf:{tp}:{pp}:{mbs}" for name, (tp, pp, mbs) in LAYOUTS.items()] + ["ckpt_tp1:ckpt:1:1:1"]
+    run_worker("policy_forward.py", "--hf", str(tiny_hf_dir), "--ckpt", str(demo[0] / "ckpt"), "--inputs",
+               str(reference["path"]), "--out", str(out), *[arg for layout in layouts for arg in ("--layout", layout)],
+               nproc=2, timeout=1200)  # four policies
+    return out
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_policy_matches_transformers(forwards, reference, layout):
+    assert_matches_reference(forwards / f"{layout}.pt", reference)
+
+
+def test_tiny_demo_imports_reshards_and_exports_bit_exact(tiny_hf_dir, reference, demo, forwards):
+    """The demo imports at TP=2 and scores there; the checkpoint loads at TP=1 with the same logits; its export
+    is every HF tensor bit-exact (the demo's tiny model is the one the other tests build)."""
     from safetensors.torch import load_file
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    ckpt, exported = tmp_path / "ckpt", tmp_path / "exported"
-    run_cli("convert", "import", "--hf", str(tiny_hf_dir), "--out", str(ckpt), "--tp", "2", nproc=2)
-    metadata = json.loads((ckpt / "nemo_viper_checkpoint.json").read_text())
+    run, stdout = demo
+    assert (run / "hf" / "model.safetensors").read_bytes() == (tiny_hf_dir / "model.safetensors").read_bytes()
+    assert "total log-prob of the response" in stdout
+    metadata = json.loads((run / "ckpt" / "nemo_viper_checkpoint.json").read_text())
     assert metadata["saved_with"]["tensor_parallel"] == 2
+    assert_matches_reference(forwards / "ckpt_tp1.pt", reference)
 
-    out = tmp_path / "result.pt"
-    run_worker("policy_forward.py", "--ckpt", str(ckpt), "--inputs", str(reference["path"]), "--out", str(out))
-    assert_matches_reference(out, reference)
-
-    run_cli("convert", "export", "--ckpt", str(ckpt), "--out", str(exported))
+    exported = run / "hf_export"
     original, roundtrip = load_file(tiny_hf_dir / "model.safetensors"), load_file(exported / "model.safetensors")
     assert sorted(original) == sorted(roundtrip)
     for name, tensor in original.items():
