@@ -94,6 +94,13 @@ def _model_state_dict(policy: MegatronPolicy, **kwargs):
     return _bare_model(policy).sharded_state_dict(**kwargs)
 
 
+def optimizer_has_stepped(optimizer) -> bool:
+    """Whether a Megatron optimizer holds any state (its first step creates it). All ranks agree: they step
+    together."""
+    parts = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return any(len(part.optimizer.state) > 0 for part in parts)
+
+
 def _optimizer_state_dict(policy: MegatronPolicy, optimizer, is_loading: bool):
     model_state = _model_state_dict(policy, metadata=OPTIMIZER_SHARDING)
     return optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=OPTIMIZER_SHARDING)
@@ -120,12 +127,13 @@ def save_policy(
         if tmp.exists():
             shutil.rmtree(tmp)
         (tmp / "model").mkdir(parents=True)
-        if optimizer is not None:
+        if optimizer is not None:  # empty until the first step, which then creates the state
             (tmp / "optimizer").mkdir()
         _copy_hf_assets(Path(policy.config.hf_path), tmp / "hf")
     collectives.barrier()
     dist_checkpointing.save(_model_state_dict(policy), str(tmp / "model"), async_sharded_save=False)
-    if optimizer is not None:
+    stepped = optimizer is not None and optimizer_has_stepped(optimizer)
+    if stepped:  # a never-stepped optimizer has no state to save: resuming builds the same fresh one
         optimizer_state = _optimizer_state_dict(policy, optimizer, is_loading=False)
         dist_checkpointing.save(optimizer_state, str(tmp / "optimizer"), async_sharded_save=False)
     collectives.barrier()
@@ -169,8 +177,9 @@ def load_training_state(policy: MegatronPolicy, optimizer, ckpt_dir: str | Path)
             "(its weights load with either spec)"
         )
     load_model_weights(policy, ckpt)
-    optimizer_state = _optimizer_state_dict(policy, optimizer, is_loading=True)
-    optimizer.load_state_dict(dist_checkpointing.load(optimizer_state, str(ckpt / "optimizer")))
+    if any((ckpt / "optimizer").iterdir()):  # empty: saved before the optimizer's first step (fresh state)
+        optimizer_state = _optimizer_state_dict(policy, optimizer, is_loading=True)
+        optimizer.load_state_dict(dist_checkpointing.load(optimizer_state, str(ckpt / "optimizer")))
     return json.loads((ckpt / TRAINER_STATE_FILE).read_text())
 
 
