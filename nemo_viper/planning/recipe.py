@@ -82,7 +82,8 @@ def training_shapes(config) -> dict[str, TrainingShape]:
         micro_batches_per_minibatch=max(1, rows_per_rank // rl.grpo.micro_batch_size),
         max_pixels=rl.max_pixels,
         max_new_tokens=rl.sampling.max_new_tokens,
-        generation_batch_size=config.rollout.megatron_batch_size,
+        # null: the backend fills half the free memory with decode slots; the plan then counts its default batch
+        generation_batch_size=config.rollout.megatron_batch_size or TrainingShape.generation_batch_size,
         precision=config.model.precision,
         recompute=config.model.recompute,
         recompute_vision=config.model.recompute_vision,

@@ -40,14 +40,12 @@ def tp2_ranks(tiny_hf_dir, inputs, tmp_path_factory):
     return run_layout(tiny_hf_dir, inputs, tmp_path_factory.mktemp("tp2") / "result.pt", 2)
 
 
-def test_tied_embeddings_generate_like_transformers(tmp_path):
+def test_tied_embeddings_generate_like_transformers(make_greedy_inputs, tmp_path):
     """Qwen2.5-VL-3B ties the output layer to the embedding (Megatron's output layer then has no weight)."""
-    from conftest import greedy_inputs
-
     from nemo_viper.models.tiny import TinyModelConfig, write_tiny_checkpoint
 
     hf_dir = write_tiny_checkpoint(tmp_path / "tied", TinyModelConfig(tie_word_embeddings=True))
-    tied = greedy_inputs(hf_dir, tmp_path)
+    tied = make_greedy_inputs(hf_dir, tmp_path)
     result = run_layout(hf_dir, tied, tmp_path / "result.pt", 1)[0]
     assert [samples[0] for samples in result["greedy"]] == tied["hf_greedy"]
 

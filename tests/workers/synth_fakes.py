@@ -28,17 +28,18 @@ CAPTIONS = (
 )
 
 
-CAPTION_SALT = b"46"
-"""Salt of the per-image hash, chosen so that with the tiny processor and ``conftest.PHOTOS`` the first two
-photos get the unusable captions and the other four the usable ones (pick another if the processor changes)."""
+CAPTION_SALT = b"856"
+"""Salt of the per-image hash, chosen so that with ``conftest.PHOTOS`` the first two photos get the unusable
+captions and the other four the usable ones (pick another if the photos change)."""
 
 
 def _key(request) -> int:
-    """A per-image number: the caption variant of this image (pixels rounded to 0.01, robust to float noise)."""
+    """A per-image number: the caption variant of this image, from the mean of its pixel values to one decimal
+    (the photos' means lie >= 0.04 from a rounding edge; the PIL and torchvision processors differ by ~1e-4)."""
     if request.pixel_values is None:
         return 0
-    digest = hashlib.sha256(CAPTION_SALT + request.pixel_values.float().numpy().round(2).tobytes()).digest()
-    return digest[0]
+    mean = f"{request.pixel_values.float().mean().item():.1f}".encode()
+    return hashlib.sha256(CAPTION_SALT + mean).digest()[0]
 
 
 def answer(prompt: str, request) -> str:
