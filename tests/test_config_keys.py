@@ -54,6 +54,7 @@ ALTERNATIVES = {
     "rl.grpo.optimizer.adam_beta2": 0.99,
     "rl.grpo.importance_sampling_cap": 2.0,
     "rollout.backend": "vllm",
+    "rollout.megatron_batch_size": 16,  # default null: as many decode slots as fit
     "reward.mode": "f1",
     "reward.threshold": 0.8,
     "reward.embedding_model": "/models/other",
