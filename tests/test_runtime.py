@@ -38,6 +38,7 @@ import importlib.util, logging, pathlib, sys, torch
 import megatron.core.fusions.fused_softmax as fused_softmax
 import megatron.core.tensor_parallel.random as megatron_random
 from nemo_viper.runtime import cpu_mode
+from nemo_viper.runtime.distributed import prepare_megatron
 from nemo_viper.runtime.te_import_guard import MissingTransformerEngine
 
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
@@ -58,7 +59,7 @@ assert cuda_fails(lambda: torch.ones(2, device="cuda")) and cuda_fails(torch.cud
 for _ in range(2):  # entered twice: the second time behaves as the first (nothing left over)
     with cpu_mode.enabled():
         with cpu_mode.enabled():  # nested: a no-op, the outer block still owns the shims
-            pass
+            prepare_megatron()  # what build_policy calls first: replaces megatron-core's CUDA functions
         assert cpu_mode.is_active() and not torch.cuda.is_available()
         assert all(getattr(owner, name) is not original for (owner, name), original in zip(replaced, originals))
         assert torch.cuda.current_device() == torch.device("cpu")
@@ -83,6 +84,7 @@ for _ in range(2):  # entered twice: the second time behaves as the first (nothi
     assert torch.ones(2).type() == "torch.FloatTensor"
 
 with cpu_mode.enabled():  # the TE import guard: Megatron-Bridge imports without Transformer Engine
+    prepare_megatron()
     from megatron.bridge import AutoBridge
     import megatron.bridge.peft.lora_layers as lora
 assert isinstance(lora.te, MissingTransformerEngine)

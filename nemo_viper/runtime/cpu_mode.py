@@ -9,10 +9,11 @@ megatron-core assumes CUDA in a handful of places that have nothing to do with t
 4. DDP grad sync and p2p use CUDA streams, events and ``torch.cuda.synchronize``.
 
 :func:`enabled` neutralises exactly these for the duration of a ``with`` block: (1) and (4) by replacing
-the ``torch.cuda`` entry points with CPU equivalents, (2) by mapping Megatron's tracker onto the CPU
-default generator, (3) with a :class:`~torch.overrides.TorchFunctionMode` that maps CUDA devices to the
-CPU. On exit every replaced function is restored and the mode is exited. ``torch.cuda.is_available()``
-stays ``False`` throughout, and :func:`enabled` refuses to run where it is ``True``.
+the ``torch.cuda`` entry points with CPU equivalents, (3) with a :class:`~torch.overrides.TorchFunctionMode`
+that maps CUDA devices to the CPU, and (2), once Megatron is about to run (:func:`require`), by mapping
+Megatron's tracker onto the CPU default generator. On exit every replaced function is restored and the
+mode is exited. ``torch.cuda.is_available()`` stays ``False`` throughout, and :func:`enabled` refuses to
+run where it is ``True``.
 
 CPU mode is switched on explicitly, by entry points only (the CLI's Megatron commands, the test workers,
 the benchmarks), through :func:`unless_cuda`; library code calls :func:`require`, which fails with one
@@ -29,7 +30,6 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from nemo_viper.errors import NemoViperError
-from nemo_viper.runtime import te_import_guard
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,8 @@ class CpuModeError(NemoViperError):
 
 
 _depth = 0  # nesting depth of :func:`enabled` (inner blocks are no-ops)
+_replaced: list[tuple[object, str, object]] = []  # (owner, attribute, original) the outermost block restores
+_megatron_shimmed = False
 _logged = False
 
 
@@ -131,11 +133,14 @@ def is_active() -> bool:
     return _depth > 0
 
 
-def _shims() -> list[tuple[object, str, object]]:
-    """``(owner, attribute, replacement)`` for every function CPU mode replaces."""
-    import megatron.core.fusions.fused_softmax as fused_softmax
-    import megatron.core.tensor_parallel.random as megatron_random
+def _replace(shims: list[tuple[object, str, object]]) -> None:
+    for owner, name, replacement in shims:
+        _replaced.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, replacement)
 
+
+def _torch_shims() -> list[tuple[object, str, object]]:
+    """``(owner, attribute, replacement)`` for the ``torch.cuda`` functions CPU mode replaces."""
     cuda = torch.cuda
     no_op_stream = lambda *a, **k: _NoOpStream()  # noqa: E731
     return [
@@ -150,6 +155,15 @@ def _shims() -> list[tuple[object, str, object]]:
         (cuda, "default_stream", no_op_stream),
         (cuda, "stream", lambda *a, **k: contextlib.nullcontext()),
         (cuda, "synchronize", lambda *a, **k: None),
+    ]
+
+
+def _megatron_shims() -> list[tuple[object, str, object]]:
+    """The same for megatron-core's private CUDA functions (imported only when Megatron is about to run)."""
+    import megatron.core.fusions.fused_softmax as fused_softmax
+    import megatron.core.tensor_parallel.random as megatron_random
+
+    return [
         (megatron_random, "_get_cuda_rng_state", _cpu_rng_state),
         (megatron_random, "_set_cuda_rng_state", _set_cpu_rng_state),
         # A torch-function mode is off inside its own handler, so the backward pass (entered through
@@ -163,9 +177,11 @@ def _shims() -> list[tuple[object, str, object]]:
 def enabled() -> Iterator[None]:
     """CPU mode for the ``with`` block (main thread); raises :class:`CpuModeError` where CUDA is available.
 
+    Entering replaces the ``torch.cuda`` functions and enters the mode; megatron-core's functions are
+    replaced by :func:`require`, when Megatron is about to run (so entering costs no Megatron import).
     Nested blocks are no-ops; the outermost one restores every replaced function and exits the mode.
     """
-    global _depth, _logged
+    global _depth, _logged, _megatron_shimmed
     if torch.cuda.is_available():
         raise CpuModeError("CPU mode is for machines without CUDA, and CUDA is available here: "
                            "run Megatron on the GPU (do not enter nemo_viper.runtime.cpu_mode.enabled())")
@@ -176,13 +192,9 @@ def enabled() -> Iterator[None]:
         finally:
             _depth -= 1
         return
-    te_import_guard.install()  # megatron.core below; Megatron-Bridge later
-    shims = _shims()
-    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in shims]
     mode = CudaToCpuMode()
     try:
-        for owner, name, replacement in shims:
-            setattr(owner, name, replacement)
+        _replace(_torch_shims())
         mode.__enter__()
         _depth = 1
         if not _logged:
@@ -193,8 +205,10 @@ def enabled() -> Iterator[None]:
         if _depth:
             _depth = 0
             mode.__exit__(None, None, None)
-        for owner, name, original in originals:
+        while _replaced:
+            owner, name, original = _replaced.pop()
             setattr(owner, name, original)
+        _megatron_shimmed = False
 
 
 def unless_cuda() -> contextlib.AbstractContextManager:
@@ -203,7 +217,14 @@ def unless_cuda() -> contextlib.AbstractContextManager:
 
 
 def require() -> None:
-    """Fail with one line when Megatron is about to run without CUDA outside CPU mode."""
-    if not torch.cuda.is_available() and not is_active():
+    """Megatron is about to run: without CUDA, CPU mode must be on (else one line), and megatron-core's
+    CUDA functions are replaced for the rest of the block. Call after the TE import guard is installed."""
+    global _megatron_shimmed
+    if torch.cuda.is_available():
+        return
+    if not is_active():
         raise CpuModeError("no CUDA device and CPU mode is off: run Megatron through an entry point that "
                            "enters nemo_viper.runtime.cpu_mode.unless_cuda() (the nemo-viper CLI does)")
+    if not _megatron_shimmed:
+        _replace(_megatron_shims())
+        _megatron_shimmed = True
