@@ -66,7 +66,10 @@ def hf_model_dir(model: str | Path, out: Path) -> Path:
     exported = out / "hf_model"
     stamp = exported / ".exported_from"
     if not (stamp.is_file() and stamp.read_text() == str(checkpoint.resolve())):
-        export_checkpoint(checkpoint, exported)
+        from nemo_viper.runtime import cpu_mode
+
+        with cpu_mode.unless_cuda():  # Megatron runs for the export only; lmms-eval runs outside CPU mode
+            export_checkpoint(checkpoint, exported)
         stamp.write_text(str(checkpoint.resolve()))
     return exported
 
