@@ -263,7 +263,7 @@ def build_policy(config: PolicyConfig, load_weights: bool = True, wrap_with_ddp:
     ``load_weights=False`` builds the architecture only (random init), e.g. before loading a Megatron
     checkpoint. ``wrap_with_ddp=True`` prepares the model for training: Megatron DDP with
     ``calculate_per_token_loss`` (gradients summed over DP ranks and divided by the global token count
-    returned by the loss function, see :mod:`nemo_viper.training.grpo`). Validation (checkpoint dir, architecture, TP/PP divisibility) happens before any model
+    returned by the loss function, see :mod:`nemo_viper.models.training`). Validation (checkpoint dir, architecture, TP/PP divisibility) happens before any model
     or process group is created.
     """
     hf_config = read_qwen25_vl_config(config.hf_path)

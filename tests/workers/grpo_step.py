@@ -132,10 +132,10 @@ def main():
         prompts = [0, 1] if world == 1 else [rank]
         batch = rollout_batch(args.hf, prompts, args.minibatches, truncated)
         metrics = trainer.step(batch)
-        (model,) = trainer.policy.chunks
+        (model,) = trainer.policy.model.chunks
         grads = {} if args.metrics_only else {name.removeprefix("module."): p.main_grad.detach().clone()
                                               for name, p in model.named_parameters() if p.requires_grad}
-        result = {"grads": grads, "metrics": metrics, "reference_loaded": trainer.reference is not None}
+        result = {"grads": grads, "metrics": metrics, "reference_loaded": trainer.policy.has_reference}
         if args.reference:
             result["reference_grads"] = reference_gradients(args.hf, config, batch)
         if rank == 0:
