@@ -207,7 +207,7 @@ def cmd_tiny_eval_data(args) -> None:
 
 def _recipe_config(args, check_paths: bool | None = None):
     from nemo_viper.config import validate
-    from recipes import recipe
+    from nemo_viper.recipes import recipe
 
     overrides = list(args.overrides)
     if getattr(args, "executor", None):
@@ -245,14 +245,14 @@ def cmd_run(args) -> None:
 
 def cmd_plan(args) -> None:
     from nemo_viper.planning.recipe import format_plan, plan_recipe
-    from recipes import recipe
+    from nemo_viper.recipes import recipe
 
     config = recipe(args.recipe, *args.overrides)
     print(format_plan(plan_recipe(config, args.gpu_memory), args.recipe))
 
 
 def cmd_launch(args) -> None:
-    from launcher.nemo_run_jobs import launch
+    from nemo_viper.launcher.nemo_run_jobs import launch
 
     config = _recipe_config(args)
     if config.parallel.gpus_per_node and not args.ignore_memory_plan:
@@ -263,7 +263,7 @@ def cmd_launch(args) -> None:
 
 
 def cmd_status(args) -> None:
-    from launcher.nemo_run_jobs import status
+    from nemo_viper.launcher.nemo_run_jobs import status
 
     print(status(args.run_dir))
 
@@ -489,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if getattr(args, "trust_checkpoint", False):
-            from nemo_viper.models.checkpoint import trust_unverified_checkpoints
+            from nemo_viper.models.checkpoint_dir import trust_unverified_checkpoints
 
             trust_unverified_checkpoints()
         with _megatron_runtime(args):
