@@ -6,8 +6,8 @@ prompts in one left-padded batch with ``num_return_sequences=5`` (it repeats eac
 included, for its 5 samples; ours encodes each image and prefills each prompt once). Generated tokens
 are counted up to and including EOS.
 
-transformers is timed first on its own, then, after the policy is built (which switches CPU mode's
-process-wide ``TorchFunctionMode`` on), in alternation with our backend with and without KV cache, so
+transformers is timed first on its own, then, in CPU mode (its ``TorchFunctionMode``, entered for the
+policy), in alternation with our backend with and without KV cache, so
 that a noisy machine slows all alike.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/generation_cpu.py [--write-docs]
@@ -16,6 +16,7 @@ that a noisy machine slows all alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
@@ -86,8 +87,9 @@ def main():
     from nemo_viper.models.processor import load_processor
     from nemo_viper.models.tiny import VISION_SPECIAL_TOKENS, write_tiny_checkpoint
     from nemo_viper.rollout import GenerationRequest, SamplingParams
+    from nemo_viper.runtime import cpu_mode
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as cpu_mode_scope:
         hf_dir = write_tiny_checkpoint(Path(tmp) / "hf")
         processor = load_processor(hf_dir)
         chats, images = build_inputs(processor, args.prompts)
@@ -119,7 +121,8 @@ def main():
 
         hf_alone = timed({"hf": run_hf}, args.warmup, args.repeats)["hf"]
 
-        policy = build_policy(PolicyConfig(hf_path=str(hf_dir), precision="fp32"))  # switches CPU mode on
+        cpu_mode_scope.enter_context(cpu_mode.unless_cuda())  # transformers was timed above without it
+        policy = build_policy(PolicyConfig(hf_path=str(hf_dir), precision="fp32"))
         from nemo_viper.rollout.megatron_backend import MegatronGenerationBackend, MegatronGenerationConfig
 
         backends = {
@@ -178,7 +181,7 @@ def main():
             f"{summary}.\n\n"
             "transformers gets one left-padded batch with `num_return_sequences`, which repeats every prompt and "
             "its image for each sample: it encodes 40 images and prefills 40 rows, ours 8 and 8 (KV cache rows "
-            "repeated after prefill). Building the policy switches on CPU mode (a process-wide "
+            "repeated after prefill). The policy runs in CPU mode (a "
             "`TorchFunctionMode`), so transformers is timed before it and again, alternating with ours, under "
             "it. Without KV cache ours re-runs the decoder over the whole sequence each step (image features "
             "still computed once).\n\n"

@@ -2,8 +2,8 @@
 
 Both run in this process on the tiny Qwen2.5-VL checkpoint, fp32, TP=1, on the same RL-like batch
 (prompts with one real photo each, several sampled answers per prompt, right-padded). The HF
-reference is timed first, before the policy is built, because building it switches CPU mode on (a
-process-wide TorchFunctionMode). Afterwards ours and the HF reference (now under that mode) are timed
+reference is timed first, before the benchmark enters CPU mode for the policy (a TorchFunctionMode
+that every torch call then passes through). Afterwards ours and the HF reference (now under that mode) are timed
 in alternation, which separates the mode's cost from that of megatron-core's schedule.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/logprobs_cpu.py [--write-docs]
@@ -12,6 +12,7 @@ in alternation, which separates the mode's cost from that of megatron-core's sch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -110,15 +111,17 @@ def main():
     from nemo_viper.models.logprobs import PolicyBatch, compute_logprobs
     from nemo_viper.models.policy import PolicyConfig, build_policy
     from nemo_viper.models.tiny import write_tiny_checkpoint
+    from nemo_viper.runtime import cpu_mode
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as cpu_mode_scope:
         hf_dir = write_tiny_checkpoint(Path(tmp) / "hf")
         inputs, response_mask = build_batch(hf_dir, args.batch_size, args.answer_tokens)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
         run_hf = partial(hf_logprobs, model, inputs, response_mask)
         [(reference, hf_seconds)] = timed([run_hf], args.warmup, args.repeats)
 
-        policy = build_policy(PolicyConfig(hf_path=str(hf_dir), precision="fp32"))  # switches CPU mode on
+        cpu_mode_scope.enter_context(cpu_mode.unless_cuda())  # transformers was timed above without it
+        policy = build_policy(PolicyConfig(hf_path=str(hf_dir), precision="fp32"))
         batch = PolicyBatch(inputs["input_ids"], response_mask, inputs["pixel_values"], inputs["image_grid_thw"])
         run_ours = partial(compute_logprobs, policy, batch, micro_batch_size=args.micro_batch_size)
         (ours, our_seconds), (_, hf_mode_seconds) = timed([run_ours, run_hf], args.warmup, args.repeats)
@@ -157,7 +160,7 @@ def main():
             "a direct `Qwen2_5_VLForConditionalGeneration` forward followed by `log_softmax` and `gather`. Ours, "
             "`compute_logprobs`, goes through megatron-core's pipeline schedule (`forward_backward_no_pipelining` "
             "at PP=1, in micro-batches) and its vocab-parallel cross entropy, which at TP=1 is a plain "
-            "log-softmax. On a CPU machine building the policy switches on CPU mode, a process-wide "
+            "log-softmax. On a CPU machine the policy runs in CPU mode, a "
             "`TorchFunctionMode` that every torch call then passes through. The HF reference is therefore timed "
             "twice: before the policy is built (first row) and, in alternation with ours, under the mode (second "
             "row); the second row shows the mode's share of the gap, the third row against the second the cost "

@@ -242,9 +242,10 @@ def cmd_export(args) -> str:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     if not ckpt.exists():  # random bf16 weights, saved once
         script = ("import sys; from nemo_viper.models.policy import PolicyConfig, build_policy; "
-                  "from nemo_viper.models.checkpoint import save_policy; "
-                  "p = build_policy(PolicyConfig(hf_path=sys.argv[1], precision='bf16'), load_weights=False); "
-                  "save_policy(p, sys.argv[2])")
+                  "from nemo_viper.models.checkpoint import save_policy; from nemo_viper.runtime import cpu_mode\n"
+                  "with cpu_mode.unless_cuda():\n"
+                  "    p = build_policy(PolicyConfig(hf_path=sys.argv[1], precision='bf16'), load_weights=False)\n"
+                  "    save_policy(p, sys.argv[2])")
         subprocess.run([sys.executable, "-c", script, str(hf), str(ckpt)], check=True, env=dict(env, PYTHONPATH=str(REPO)))
     tree = Path(args.tree or REPO)
     out = work / f"exported_tp{args.tp}"
@@ -293,4 +294,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from nemo_viper.runtime import cpu_mode
+
+    with cpu_mode.unless_cuda():
+        main()

@@ -29,13 +29,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+import nemo_viper
 from nemo_viper.cluster import container_mounts
 from nemo_viper.config import ViperConfig
 from nemo_viper.errors import NemoViperError
 from nemo_viper.orchestration import Phase, RunPaths, plan, write_run_files
 from nemo_viper.run_state import PhaseState, RunState, clear_for_rerun, select_phases
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(nemo_viper.__file__).resolve().parents[1]  # the checkout (cluster.code=package ships its HEAD)
 CONTAINER_PYTHON = "python"  # the image's interpreter; local jobs use this process's
 ARRAY_INDEX = '"$SLURM_ARRAY_TASK_ID"'
 ACTIVE_SLURM_STATES = ("PENDING", "RUNNING", "REQUEUED", "SUSPENDED", "CONFIGURING", "COMPLETING", "RESIZING",

@@ -10,7 +10,7 @@ import argparse
 import logging
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from nemo_viper.errors import EvalGuardStop, NemoViperError
 
@@ -207,7 +207,7 @@ def cmd_tiny_eval_data(args) -> None:
 
 def _recipe_config(args, check_paths: bool | None = None):
     from nemo_viper.config import validate
-    from recipes import recipe
+    from nemo_viper.recipes import recipe
 
     overrides = list(args.overrides)
     if getattr(args, "executor", None):
@@ -245,14 +245,14 @@ def cmd_run(args) -> None:
 
 def cmd_plan(args) -> None:
     from nemo_viper.planning.recipe import format_plan, plan_recipe
-    from recipes import recipe
+    from nemo_viper.recipes import recipe
 
     config = recipe(args.recipe, *args.overrides)
     print(format_plan(plan_recipe(config, args.gpu_memory), args.recipe))
 
 
 def cmd_launch(args) -> None:
-    from launcher.nemo_run_jobs import launch
+    from nemo_viper.launcher.nemo_run_jobs import launch
 
     config = _recipe_config(args)
     if config.parallel.gpus_per_node and not args.ignore_memory_plan:
@@ -263,7 +263,7 @@ def cmd_launch(args) -> None:
 
 
 def cmd_status(args) -> None:
-    from launcher.nemo_run_jobs import status
+    from nemo_viper.launcher.nemo_run_jobs import status
 
     print(status(args.run_dir))
 
@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--hf", required=True, help="HF Qwen2.5-VL checkpoint directory")
     imp.add_argument("--out", required=True, help="output checkpoint directory")
     _add_layout_args(imp)
-    imp.set_defaults(func=cmd_convert_import)
+    imp.set_defaults(func=cmd_convert_import, megatron=True)
     exp = directions.add_parser("export", help="Megatron distributed checkpoint -> HF checkpoint dir",
                                 description=f"Megatron distributed checkpoint -> HF checkpoint dir. {CHECKPOINT_WARNING}")
     exp.add_argument("--ckpt", required=True, help="policy checkpoint directory")
@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="MiB per safetensors shard (default 2048); each is written as soon as it is full")
     _add_layout_args(exp)
     _loads_checkpoints(exp)
-    exp.set_defaults(func=cmd_convert_export)
+    exp.set_defaults(func=cmd_convert_export, megatron=True)
 
     train = commands.add_parser("train", help="one RL stage on synthesised shards -> checkpoints",
                                 description=f"One RL stage on synthesised shards -> checkpoints. {CHECKPOINT_WARNING}")
@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="run config overrides, e.g. rl.grpo.loss.dual_clip_c=3 reward.mode=f1")
     _loads_checkpoints(train)
-    train.set_defaults(func=cmd_train)
+    train.set_defaults(func=cmd_train, megatron=True)
 
     synth = commands.add_parser("synth", help="one synthesis stage (or one shard task of it) -> shards + manifest",
                                 description="One synthesis stage (or one shard task of it) -> shards + manifest. "
@@ -395,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="config overrides, e.g. vlm.precision=fp32 redraw.call_kwargs.num_inference_steps=28")
     _loads_checkpoints(synth)
-    synth.set_defaults(func=cmd_synth)
+    synth.set_defaults(func=cmd_synth, megatron=True)
 
     tiny_diffusion = commands.add_parser("tiny-diffusion", help="write the offline tiny random diffusers pipelines")
     tiny_diffusion.add_argument("--out", required=True, help="output directory (one sub-directory per pipeline)")
@@ -474,15 +474,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _megatron_runtime(args):
+    """The commands that run Megatron (``set_defaults(megatron=True)``) run in CPU mode on a machine
+    without CUDA (:mod:`nemo_viper.runtime.cpu_mode`); the others, and every command on a GPU, run as they are."""
+    if not getattr(args, "megatron", False):
+        return nullcontext()
+    from nemo_viper.runtime import cpu_mode
+
+    return cpu_mode.unless_cuda()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if getattr(args, "trust_checkpoint", False):
-            from nemo_viper.models.checkpoint import trust_unverified_checkpoints
+            from nemo_viper.models.checkpoint_dir import trust_unverified_checkpoints
 
             trust_unverified_checkpoints()
-        return args.func(args) or 0
+        with _megatron_runtime(args):
+            return args.func(args) or 0
     except EvalGuardStop as exc:
         print(f"stop: {exc}", file=sys.stderr)
         return 3

@@ -53,7 +53,7 @@ from nemo_viper.rewards import RewardConfig
 from nemo_viper.training.loop import RLConfig
 from nemo_viper.training.stage import RolloutConfig
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # package data (the repository's conf/)
 EXECUTORS = ("local", "slurm")
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures. Megatron runs in subprocesses (see launch.py): CPU mode patches process-wide state.
+"""Shared fixtures. Megatron runs in subprocesses (see launch.py), each entering CPU mode at its entry point.
 
 On a GPU machine the suite runs as in CI: worker subprocesses see no GPU unless a test asks for one
 (``launch.run_ranks(..., gpu=True)``), tests marked ``cpu`` (assertions about CPU mode in this process)

@@ -1,6 +1,7 @@
 """Run a script or the CLI in fresh processes (``torchrun`` for several ranks) and check the outcome."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -10,6 +11,21 @@ from nemo_viper.runtime.lifetime import run_job, start_job
 
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).resolve().parent / "workers"
+
+
+def copy_checkout(target: Path) -> Path:
+    """The tracked and untracked-but-not-ignored files of the checkout at ``target`` (as ``COPY .`` and a
+    clone see them); symlinks stay symlinks (``nemo_viper/{recipes,launcher,conf}``)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        source, copy = REPO / rel, target / rel
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():
+            copy.symlink_to(os.readlink(source))
+        elif source.is_file():
+            shutil.copy2(source, copy)
+    return target
 
 
 def _free_port() -> int:

@@ -85,7 +85,7 @@ def test_tiny_loop_survives_a_kill_after_rl_stage1(tmp_path):
 def test_run_killed_during_prepare_leaves_no_process_and_prepare_resumes(tmp_path):
     """kill -9 of ``run`` while ``tiny-model`` warm-starts: the phase dies with it, nothing is published under
     ``base_model``, and the phase's command reruns to the same checkpoint an uninterrupted job writes."""
-    from recipes import recipe
+    from nemo_viper.recipes import recipe
     from safetensors.torch import load_file
 
     from nemo_viper.models.tiny import TinyModelConfig, read_tiny_recipe, write_tiny_checkpoint

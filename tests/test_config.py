@@ -3,7 +3,7 @@
 import pytest
 from nemo_viper.config import ViperConfig, compose, to_yaml, validate
 from nemo_viper.errors import ConfigError
-from recipes import RECIPES, recipe
+from nemo_viper.recipes import RECIPES, recipe
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))

@@ -22,7 +22,7 @@ from nemo_viper.cli import build_parser, synth_config, train_config
 from nemo_viper.config import SYNTHESIS_PLAN_KEYS, ViperConfig, build, schema, validate
 from nemo_viper.orchestration import plan, write_run_files
 from nemo_viper.synthesis.config import SynthConfig
-from recipes import recipe
+from nemo_viper.recipes import recipe
 
 BASE = ("cluster.executor=slurm", "cluster.account=acct", "cluster.container_image=/images/viper.sqsh",
         "cluster.env.HF_HUB_OFFLINE=0", "parallel.cpu_ranks=4",  # online jobs: hub ids are valid model sources
@@ -151,7 +151,7 @@ def job_inputs(config) -> list[str]:
 
 
 def launcher_inputs(config) -> dict[str, str]:
-    from launcher.nemo_run_jobs import sbatch_scripts
+    from nemo_viper.launcher.nemo_run_jobs import sbatch_scripts
 
     return sbatch_scripts(config) if config.cluster.executor == "slurm" else {"executor": "local"}
 

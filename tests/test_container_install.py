@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from launch import REPO
+from launch import copy_checkout
 
 pytestmark = pytest.mark.slow
 
@@ -85,15 +85,8 @@ def snapshot(venv: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def repo_copy(tmp_path_factory):
-    """The tracked files of the repository (the editable install writes its egg-info next to them)."""
-    target = tmp_path_factory.mktemp("repo") / "nemo_viper"
-    tracked = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                             text=True, check=True).stdout.split()
-    for rel in tracked:
-        if (REPO / rel).is_file():
-            (target / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, target / rel)
-    return target
+    """The checkout's files (the editable install writes its egg-info next to them)."""
+    return copy_checkout(tmp_path_factory.mktemp("repo") / "nemo_viper")
 
 
 @pytest.fixture(scope="module")

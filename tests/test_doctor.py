@@ -8,7 +8,7 @@ import pytest
 from nemo_viper import doctor
 from nemo_viper.cli import main
 from nemo_viper.orchestration import write_run_files
-from recipes import recipe
+from nemo_viper.recipes import recipe
 
 
 def hf_dir(path, skip=()):

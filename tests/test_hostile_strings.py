@@ -16,10 +16,10 @@ import sys
 import pytest
 from slurm_fakes import FakeSlurm
 
-from launcher.nemo_run_jobs import launch, sbatch_scripts
+from nemo_viper.launcher.nemo_run_jobs import launch, sbatch_scripts
 from nemo_viper.config import ViperConfig, compose, validate
 from nemo_viper.errors import ConfigError
-from recipes import recipe
+from nemo_viper.recipes import recipe
 
 pytestmark = pytest.mark.slow  # real NeMo-Run submissions and executed scripts
 

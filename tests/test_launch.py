@@ -7,12 +7,12 @@ import shlex
 
 import pytest
 
-from launcher.nemo_run_jobs import launch, sbatch_scripts
+from nemo_viper.launcher.nemo_run_jobs import launch, sbatch_scripts
 from nemo_viper.cli import main
 from nemo_viper.data.shards import ShardInfo, write_manifest
 from nemo_viper.orchestration import plan
 from nemo_viper.run_state import RunState, fingerprints, phase_states
-from recipes import recipe
+from nemo_viper.recipes import recipe
 
 MODELS = ["synthesis.redraw.model=/models/Qwen-Image", "synthesis.edit.model=/models/Qwen-Image-Edit"]
 

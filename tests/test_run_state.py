@@ -10,7 +10,7 @@ from nemo_viper import orchestration
 from nemo_viper.errors import NemoViperError
 from nemo_viper.orchestration import plan, run_local
 from nemo_viper.run_state import RunState, phase_states
-from recipes import recipe
+from nemo_viper.recipes import recipe
 
 WRITE_HF_DIR = """
 import json, pathlib, sys

@@ -1,4 +1,5 @@
-"""CPU mode switches on only without CUDA; the TE import guard makes Megatron-Bridge importable."""
+"""CPU mode: explicit, scoped (restored on exit), refused where CUDA is available, required by Megatron;
+the TE import guard makes Megatron-Bridge importable."""
 
 import subprocess
 import sys
@@ -9,30 +10,83 @@ import torch
 from nemo_viper.runtime import cpu_mode
 
 
-def test_cpu_mode_only_without_cuda():
-    assert cpu_mode.should_activate(cuda_available=False) is True
-    assert cpu_mode.should_activate(cuda_available=True) is False
-
-
-def test_activate_if_needed_leaves_a_cuda_machine_alone(monkeypatch):
-    calls = []
-    monkeypatch.setattr(cpu_mode, "activate", lambda: calls.append("activate"))
+def test_cpu_mode_refuses_a_cuda_machine(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert cpu_mode.activate_if_needed() is False
-    assert calls == []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    cpu_mode.activate_if_needed()
-    assert calls == ["activate"]
+    with pytest.raises(cpu_mode.CpuModeError, match="CUDA is available"):
+        with cpu_mode.enabled():
+            pass
+    assert not cpu_mode.is_active()
+    with cpu_mode.unless_cuda():  # what entry points enter: nothing on a GPU machine
+        assert not cpu_mode.is_active()
+    cpu_mode.require()  # Megatron may run: there is CUDA
+
+
+@pytest.mark.cpu
+def test_building_a_policy_outside_cpu_mode_fails_in_one_line(tiny_hf_dir):
+    import torch.distributed as dist
+
+    from nemo_viper.models.policy import PolicyConfig, build_policy
+
+    with pytest.raises(cpu_mode.CpuModeError) as error:
+        build_policy(PolicyConfig(hf_path=str(tiny_hf_dir)))
+    assert "\n" not in str(error.value) and "CPU mode is off" in str(error.value)
+    assert not dist.is_initialized()  # refused before any process group exists
 
 
 SUBPROCESS_CHECK = r"""
-import importlib.util, pathlib, sys, torch
-from nemo_viper.runtime.distributed import prepare_megatron
-prepare_megatron()
-from megatron.bridge import AutoBridge
-import megatron.bridge.peft.lora_layers as lora
+import importlib.util, logging, pathlib, sys, torch
+import megatron.core.fusions.fused_softmax as fused_softmax
+import megatron.core.tensor_parallel.random as megatron_random
 from nemo_viper.runtime import cpu_mode
+from nemo_viper.runtime.distributed import prepare_megatron
 from nemo_viper.runtime.te_import_guard import MissingTransformerEngine
+
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+replaced = [(torch.cuda, n) for n in ("current_device", "get_rng_state", "set_rng_state", "manual_seed", "Stream",
+            "Event", "current_stream", "default_stream", "stream", "synchronize")]
+replaced += [(torch.cuda.random, "get_rng_state"), (megatron_random, "_get_cuda_rng_state"),
+             (megatron_random, "_set_cuda_rng_state"), (fused_softmax, "get_default_causal_mask")]
+originals = [getattr(owner, name) for owner, name in replaced]
+
+def cuda_fails(make):
+    try:
+        make()
+    except (RuntimeError, AssertionError):
+        return True
+    return False
+
+assert cuda_fails(lambda: torch.ones(2, device="cuda")) and cuda_fails(torch.cuda.current_device)
+for _ in range(2):  # entered twice: the second time behaves as the first (nothing left over)
+    with cpu_mode.enabled():
+        with cpu_mode.enabled():  # nested: a no-op, the outer block still owns the shims
+            prepare_megatron()  # what build_policy calls first: replaces megatron-core's CUDA functions
+        assert cpu_mode.is_active() and not torch.cuda.is_available()
+        assert all(getattr(owner, name) is not original for (owner, name), original in zip(replaced, originals))
+        assert torch.cuda.current_device() == torch.device("cpu")
+        x = torch.ones(2, device="cuda") + torch.tensor([1.0]).cuda()   # CUDA placements land on the CPU
+        assert x.device.type == "cpu" and x.type() == "torch.cuda.FloatTensor"
+        assert x.to("cuda:0").device.type == "cpu" and x.to(torch.float64).dtype == torch.float64
+        torch.cuda.manual_seed(7)                       # the tracker's CUDA generator is the CPU generator
+        state = megatron_random._get_cuda_rng_state()
+        first = torch.rand(3)
+        megatron_random._set_cuda_rng_state(state)
+        assert torch.equal(torch.rand(3), first) and torch.equal(torch.cuda.get_rng_state(), torch.get_rng_state())
+        torch.cuda.manual_seed(7)
+        assert torch.equal(torch.rand(3), first)
+        stream = torch.cuda.current_stream()
+        stream.wait_stream(torch.cuda.Stream()); torch.cuda.Event().record(); torch.cuda.synchronize()
+        with torch.cuda.stream(stream):
+            pass
+        assert fused_softmax.get_default_causal_mask(3).device.type == "cpu"
+    assert not cpu_mode.is_active()
+    assert all(getattr(owner, name) is original for (owner, name), original in zip(replaced, originals))
+    assert cuda_fails(lambda: torch.ones(2, device="cuda")) and cuda_fails(torch.cuda.current_device)
+    assert torch.ones(2).type() == "torch.FloatTensor"
+
+with cpu_mode.enabled():  # the TE import guard: Megatron-Bridge imports without Transformer Engine
+    prepare_megatron()
+    from megatron.bridge import AutoBridge
+    import megatron.bridge.peft.lora_layers as lora
 assert isinstance(lora.te, MissingTransformerEngine)
 assert "transformer_engine" not in sys.modules
 source = pathlib.Path(importlib.util.find_spec("megatron.bridge.peft.lora_layers").origin).read_text()
@@ -43,15 +97,13 @@ except ImportError as exc:
     assert "Transformer Engine" in str(exc)
 else:
     raise AssertionError("placeholder did not fail")
-assert cpu_mode.is_active() and not torch.cuda.is_available()
-x = torch.ones(2, device="cuda") + torch.tensor([1.0]).cuda()   # CUDA placements land on the CPU
-assert x.device.type == "cpu" and x.type() == "torch.cuda.FloatTensor"
-assert x.to(torch.float64).dtype == torch.float64
 print("OK")
 """
 
 
-@pytest.mark.cpu  # a GPU machine has Transformer Engine: the placeholder path cannot be exercised there
-def test_megatron_bridge_imports_without_transformer_engine():
+@pytest.mark.cpu  # a GPU machine has CUDA (CPU mode refuses it) and Transformer Engine (no placeholder)
+def test_cpu_mode_patches_while_entered_and_restores_on_exit():
     result = subprocess.run([sys.executable, "-c", SUBPROCESS_CHECK], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stderr[-4000:]
+    # logged once, although entered three times
+    assert result.stdout.count("CPU mode on") == 1, result.stdout

@@ -11,7 +11,7 @@ from slurm_fakes import FakeSlurm
 from test_launch import fake_dataset, record
 
 from nemo_viper.cli import main
-from recipes import recipe
+from nemo_viper.recipes import recipe
 
 pytestmark = pytest.mark.slow  # real NeMo-Run submissions and executed scripts
 
@@ -103,7 +103,7 @@ def test_package_mode_ships_the_committed_head_with_every_job(slurm, overrides, 
     git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
     for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "code"]):
         subprocess.run([*git, *args], check=True)
-    monkeypatch.setattr("launcher.nemo_run_jobs.REPO", repo)
+    monkeypatch.setattr("nemo_viper.launcher.nemo_run_jobs.REPO", repo)
     (repo / "nemo_viper" / "marker.py").write_text("SHIPPED = False\n")
     assert main(["launch", "--recipe", "qwen25vl_3b", "cluster.code=package", *overrides]) == 2
     assert "which has uncommitted changes" in capsys.readouterr().err and not slurm.calls("sbatch")

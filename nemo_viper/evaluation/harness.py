@@ -55,7 +55,8 @@ class EvalConfig:
 
 def hf_model_dir(model: str | Path, out: Path) -> Path:
     """The HF dir to evaluate: ``model`` itself, or ``out/hf_model`` exported from a Megatron checkpoint."""
-    from nemo_viper.models.checkpoint import METADATA_FILE, export_checkpoint, resolve_checkpoint
+    from nemo_viper.models.checkpoint import export_checkpoint
+    from nemo_viper.models.checkpoint_dir import METADATA_FILE, resolve_checkpoint
 
     model = Path(model)
     if (model / "config.json").is_file():
@@ -66,7 +67,10 @@ def hf_model_dir(model: str | Path, out: Path) -> Path:
     exported = out / "hf_model"
     stamp = exported / ".exported_from"
     if not (stamp.is_file() and stamp.read_text() == str(checkpoint.resolve())):
-        export_checkpoint(checkpoint, exported)
+        from nemo_viper.runtime import cpu_mode
+
+        with cpu_mode.unless_cuda():  # Megatron runs for the export only; lmms-eval runs outside CPU mode
+            export_checkpoint(checkpoint, exported)
         stamp.write_text(str(checkpoint.resolve()))
     return exported
 

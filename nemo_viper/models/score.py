@@ -59,4 +59,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from nemo_viper.runtime import cpu_mode
+
+    with cpu_mode.unless_cuda():
+        main()

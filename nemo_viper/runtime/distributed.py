@@ -14,9 +14,10 @@ from nemo_viper.runtime import cpu_mode, te_import_guard
 
 
 def prepare_megatron() -> None:
-    """Make megatron-core / Megatron-Bridge importable and runnable here. Call before importing them."""
+    """Make megatron-core / Megatron-Bridge importable here; without CUDA, require the entry point's CPU mode.
+    Call before importing them."""
     te_import_guard.install()
-    cpu_mode.activate_if_needed()
+    cpu_mode.require()
 
 
 def _free_port() -> int:

@@ -5,7 +5,7 @@ import sys
 
 from nemo_viper import orchestration
 from nemo_viper.run_state import RunState
-from recipes import recipe
+from nemo_viper.recipes import recipe
 
 
 def test_plan_evaluates_base_once_and_every_round_before_the_next():
@@ -64,7 +64,7 @@ def test_guard_stop_skips_later_rounds_and_still_exports(tmp_path, monkeypatch):
 
 
 def test_slurm_dry_run_submits_one_gpu_job_per_benchmark_shard(tmp_path, monkeypatch):
-    from launcher.nemo_run_jobs import sbatch_scripts
+    from nemo_viper.launcher.nemo_run_jobs import sbatch_scripts
 
     monkeypatch.setattr("sys.stdin", io.StringIO())  # NeMo-Run's local tunnel (invoke) reads stdin
     monkeypatch.setenv("NEMORUN_HOME", str(tmp_path / "nemorun"))

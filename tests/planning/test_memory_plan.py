@@ -18,7 +18,7 @@ from nemo_viper.planning.memory import (
     training_phase,
 )
 from nemo_viper.planning.recipe import PUBLISHED, plan_recipe, refuse_if_not_fitting
-from recipes import recipe
+from nemo_viper.recipes import recipe
 
 SEVEN_B = Architecture.from_hf_config(PUBLISHED["Qwen2.5-VL-7B"])
 

@@ -90,4 +90,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from nemo_viper.runtime import cpu_mode
+
+    with cpu_mode.unless_cuda():
+        main()
