@@ -42,8 +42,8 @@ from nemo_viper.algorithms import (
     truncated_importance_weights,
 )
 from nemo_viper.errors import ConfigError
+from nemo_viper.models.batch import PolicyBatch
 from nemo_viper.models.logprobs import (
-    PolicyBatch,
     compute_logprobs,
     forward_micro_batch,
     vocab_parallel_token_entropy,

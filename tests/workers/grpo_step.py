@@ -23,7 +23,8 @@ from nemo_viper.algorithms import (
     PolicyLossConfig,
     group_advantages,
 )
-from nemo_viper.models.logprobs import PolicyBatch, vocab_parallel_token_logprobs
+from nemo_viper.models.batch import PolicyBatch
+from nemo_viper.models.logprobs import vocab_parallel_token_logprobs
 from nemo_viper.models.policy import PolicyConfig, build_policy
 from nemo_viper.models.processor import load_processor
 from nemo_viper.training.grpo import GRPOConfig, OptimizerSettings, build_trainer
