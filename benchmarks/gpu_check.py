@@ -87,15 +87,15 @@ def parity_rows(work: Path, reference: dict, fp8_recipe: str, timeout: int) -> l
 def grpo_rows(work: Path, fp8_recipe: str, timeout: int) -> list[dict]:
     rows = []
     for precision in ("bf16", "fp8") if te_importable() else ("bf16",):
-        prefix = work / f"grpo_{precision}"
+        out = work / f"grpo_{precision}"
         ok, tail, seconds = run(torchrun(str(ROOT / "tests" / "workers" / "grpo_step.py"), "--hf", str(work / "hf"),
-                                         "--out", str(prefix), "--micro-batch-sizes", "4", "--precision", precision,
+                                         "--out", str(out), "--case", "token-mean:4", "--precision", precision,
                                          "--fp8-recipe", fp8_recipe, "--metrics-only"), timeout)
         name = f"one GRPO step, {precision}"
         if not ok:
             rows.append({"check": name, "result": "FAIL", "value": tail, "seconds": seconds})
             continue
-        metrics = torch.load(f"{prefix}_mbs4.pt", weights_only=False)["metrics"]
+        metrics = torch.load(out / "token-mean_mbs4.pt", weights_only=False)["metrics"]
         finite = all(math.isfinite(metrics[k]) for k in ("train/loss", "train/grad_norm"))
         rows.append({"check": name, "result": "PASS" if finite else "FAIL", "seconds": seconds,
                      "value": f"loss {metrics['train/loss']:.4f}, grad norm {metrics['train/grad_norm']:.3g}"})

@@ -107,7 +107,7 @@ def loss_case(micro_batches: list[tuple], iters: int):
 def run_step_worker(hf_dir: Path, out: Path, threads: int) -> float:
     """``time/update`` of one GRPO step of the test worker (a fresh process: builds the tiny Megatron policy)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", STEP_WORKER,
-               "--hf", str(hf_dir), "--out", str(out), "--micro-batch-sizes", "4"]
+               "--hf", str(hf_dir), "--out", str(out), "--case", "token-mean:4"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads))
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     metrics = next(json.loads(line) for line in reversed(result.stdout.splitlines()) if line.startswith("{"))
@@ -227,7 +227,7 @@ def main():
         command = reproduce_command()
         step_command = (f"OMP_NUM_THREADS={args.threads} PYTHONPATH=. HF_HUB_OFFLINE=1 .venv/bin/python -m "
                         "torch.distributed.run --standalone "
-                        f"--nproc-per-node 1 {STEP_WORKER} --hf TINY_DIR --out PREFIX --micro-batch-sizes 4")
+                        f"--nproc-per-node 1 {STEP_WORKER} --hf TINY_DIR --out DIR --case token-mean:4")
         write_section(
             SECTION,
             f"{SECTION}\n\n"

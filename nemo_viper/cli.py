@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if getattr(args, "trust_checkpoint", False):
-            from nemo_viper.models.checkpoint import trust_unverified_checkpoints
+            from nemo_viper.models.checkpoint_dir import trust_unverified_checkpoints
 
             trust_unverified_checkpoints()
         with _megatron_runtime(args):

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from nemo_viper.models.checkpoint import LATEST_POINTER, latest_checkpoint, load_training_state, save_policy
+from nemo_viper.models.checkpoint import load_training_state, save_policy
+from nemo_viper.models.checkpoint_dir import LATEST_POINTER, latest_checkpoint
 from nemo_viper.runtime import collectives
 
 

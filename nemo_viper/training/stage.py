@@ -19,7 +19,7 @@ from pathlib import Path
 from nemo_viper.data.images import ImageProcessingConfig, QwenImagePreprocessor, resolve_backend
 from nemo_viper.errors import ConfigError
 from nemo_viper.evaluation.heldout import HeldoutConfig
-from nemo_viper.models.checkpoint import policy_paths
+from nemo_viper.models.checkpoint_dir import policy_paths
 from nemo_viper.models.hf_checkpoint import check_parallel_layout, read_qwen25_vl_config
 from nemo_viper.runtime.distributed import ParallelLayout
 from nemo_viper.models.policy import PolicyOptions
@@ -103,7 +103,7 @@ def rl_image_config(hf_dir: str | Path, min_pixels: int, max_pixels: int) -> Ima
 def run_stage(config: StageConfig) -> list[dict]:
     """Validate, build and run (or resume) one RL stage. Returns the metrics of the steps run now."""
     from nemo_viper.data.shards import DatasetError, ShardDataset
-    from nemo_viper.models.checkpoint import read_checkpoint_metadata
+    from nemo_viper.models.checkpoint_dir import read_checkpoint_metadata
     from nemo_viper.models.policy import Accelerator, check_precision
 
     check_precision(config.model.precision, config.model.fp8_recipe, config.model.layer_spec, Accelerator.detect())

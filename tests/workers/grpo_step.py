@@ -1,16 +1,31 @@
-"""Worker: one GRPO update on a fixed rollout batch; saves the gradients and the step metrics.
+"""Worker: GRPO updates on a fixed rollout batch, for several update settings ("cases") and micro-batch sizes in
+ONE process (one Megatron start); saves each run's gradients and step metrics.
 
-The batch: 2 prompts (scikit-image photos), 4 responses to the first and 3 others to the second, so that
-micro-batches and data-parallel ranks hold different numbers of tokens and sequences (a per-micro-batch or
-per-rank normalisation would change the gradient). With ``--dp 2`` each rank takes one prompt's group. With
-``--minibatches 2`` the second update is off-policy (the first one moved the weights): its ratio is not 1
-and the clip terms act; the single-rank batch is ordered so that its mini-batches are the union of the
-ranks' mini-batches. ``--reference`` also saves the gradient of the documented loss computed by plain
-autograd on a policy without DDP or Megatron's schedule (an independent check of the absolute gradient).
+The batch: 2 prompts (scikit-image photos), 4 responses to the first and 3 others to the second, all of
+different lengths, so that micro-batches and data-parallel ranks hold different numbers of tokens and
+sequences (a per-micro-batch or per-rank normalisation would change the gradient). On 2 ranks each rank takes
+one prompt's group. The cases (:data:`CASES`):
+
+* ``token-mean`` / ``seq-mean-token-mean``: one mini-batch (on-policy: the ratio is exactly 1);
+* ``options``: every GRPO option on (Dr.GRPO without the std, dual clip 1.5, k3 KL with beta 0.5 to the frozen
+  reference, overlong filtering with one response flagged truncated) and 2 mini-batches: the second update is
+  off-policy (the first one moved the weights), so its ratio is not 1 and the clip terms act. The single-rank
+  batch is ordered so that its mini-batches are the union of the ranks' mini-batches.
+
+Each case's policy is built afresh for each micro-batch size (the same starting weights). Writes
+``OUT/<case>_mbs<N>.pt`` (gradients of the last update, metrics) and with ``--reference`` ``OUT/<case>_reference.pt``:
+the gradient of the documented loss of the LAST mini-batch by plain autograd on a policy without DDP or Megatron's
+schedule, with the weights the trainer had before its last update and ``pi_old`` / the KL reference from the
+starting weights (an independent check of the absolute gradient, clipping included), plus that loss's metrics.
+
+``--never-stepped-resume``: the first run saves a training checkpoint (``OUT/never_stepped``) before its first
+optimizer step; the second run overwrites its weights with zeros, restores that checkpoint and then steps, so
+its gradients (checked like any run's) prove the restore loaded every weight and kept a fresh optimizer.
 """
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -22,11 +37,14 @@ from nemo_viper.algorithms import (
     LossNormalizer,
     PolicyLossConfig,
     group_advantages,
+    mask_truncated,
 )
 from nemo_viper.models.batch import PolicyBatch
+from nemo_viper.models.checkpoint import optimizer_has_stepped
 from nemo_viper.models.logprobs import vocab_parallel_token_logprobs
 from nemo_viper.models.policy import PolicyConfig, build_policy
 from nemo_viper.models.processor import load_processor
+from nemo_viper.training.checkpointing import CheckpointManager
 from nemo_viper.training.grpo import GRPOConfig, OptimizerSettings, build_trainer
 from nemo_viper.training.rollout_batch import RolloutBatch
 
@@ -45,6 +63,12 @@ RESPONSES = [
     ],
 ]
 REWARDS = [[0.9, 0.1, 0.5, 0.3], [0.2, 0.8, 0.6]]
+TRUNCATED = ((1, 0),)  # (prompt, response) flagged as cut at the length limit in the ``options`` case
+CASES = {
+    "token-mean": {"aggregation": "token-mean", "minibatches": 1, "options": False},
+    "seq-mean-token-mean": {"aggregation": "seq-mean-token-mean", "minibatches": 1, "options": False},
+    "options": {"aggregation": "token-mean", "minibatches": 2, "options": True},
+}
 
 
 def rollout_batch(hf_dir: str, prompts: list[int], minibatches: int = 1, truncated: tuple = ()) -> RolloutBatch:
@@ -79,32 +103,70 @@ def rollout_batch(hf_dir: str, prompts: list[int], minibatches: int = 1, truncat
     )
 
 
-def reference_gradients(hf_dir: str, config: GRPOConfig, batch: RolloutBatch) -> dict[str, torch.Tensor]:
-    """The gradient of the aggregated loss of ONE mini-batch (the whole ``batch``) by plain autograd: one forward
-    of a policy built without DDP, :class:`ClippedPolicyLoss` with the batch's own counts, ``backward``."""
+def grpo_config(case: dict, micro_batch_size: int) -> GRPOConfig:
+    options = {"advantage": AdvantageConfig(normalize_by_std=False), "overlong_filtering": True}
+    return GRPOConfig(
+        loss=PolicyLossConfig(aggregation=case["aggregation"], max_response_length=32,
+                              **({"dual_clip_c": 1.5, "kl_beta": 0.5} if case["options"] else {})),
+        optimizer=OptimizerSettings(lr=1e-3, clip_grad=0.0, distributed_optimizer=False),
+        num_minibatches=case["minibatches"],
+        micro_batch_size=micro_batch_size,
+        **(options if case["options"] else {}),
+    )
+
+
+def reference_gradients(hf_dir: str, config: GRPOConfig, batch: RolloutBatch,
+                        last_weights: dict[str, torch.Tensor]) -> dict:
+    """Plain autograd of the aggregated loss of the batch's LAST mini-batch: ``pi_old`` (and the KL reference)
+    from a policy built without DDP from ``hf_dir``; then that policy takes ``last_weights`` (the trainer's
+    weights during its last update), one forward of the whole batch, :class:`ClippedPolicyLoss` on the last
+    mini-batch's rows with their own counts, ``backward``. Returns the gradients and the loss's metrics."""
     policy = build_policy(PolicyConfig(hf_path=hf_dir, precision="fp32"))
     (model,) = policy.chunks
     inputs = batch.sequences.model_inputs(torch.device("cpu"), policy.provider.vision_start_token_id)
-    logprobs = vocab_parallel_token_logprobs(model(**inputs), batch.sequences.input_ids, 1.0)
-    mask = batch.sequences.response_mask
+    ids = batch.sequences.input_ids
+    with torch.no_grad():
+        start_logprobs = vocab_parallel_token_logprobs(model(**inputs), ids, 1.0)
+        params = dict(model.named_parameters())
+        assert params.keys() == last_weights.keys()
+        for name, p in params.items():
+            p.copy_(last_weights[name])
+    logprobs = vocab_parallel_token_logprobs(model(**inputs), ids, 1.0)
+    mask = batch.sequences.response_mask.bool()
+    if config.overlong_filtering:
+        mask = mask_truncated(mask, batch.truncated.bool())
     advantages = group_advantages(batch.rewards, batch.group_index, config.advantage)
-    loss, _ = ClippedPolicyLoss(config.loss)(logprobs, logprobs.detach(), advantages, mask,
-                                            LossNormalizer.from_masks([mask]))
+    rows = torch.tensor_split(torch.arange(len(advantages)), config.num_minibatches)[-1]
+    loss, metrics = ClippedPolicyLoss(config.loss)(
+        logprobs[rows], start_logprobs[rows], advantages[rows], mask[rows], LossNormalizer.from_masks([mask[rows]]),
+        start_logprobs[rows] if config.loss.kl_beta > 0 else None)
     loss.backward()
-    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    return {"grads": {name: p.grad.detach().clone() for name, p in params.items() if p.requires_grad},
+            "metrics": {k: v.item() for k, v in metrics.items()}}
+
+
+def record_weights_before_each_step(trainer) -> dict[str, torch.Tensor]:
+    """``trainer.optimizer.step`` also copies the weights it is about to change into the returned dict."""
+    (model,) = trainer.policy.chunks
+    weights, step = {}, trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        weights.update({name.removeprefix("module."): p.detach().clone() for name, p in model.named_parameters()})
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    return weights
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--hf", required=True)
-    parser.add_argument("--out", required=True, help="prefix; writes PREFIX_mbs{N}.pt")
-    parser.add_argument("--micro-batch-sizes", default="1,2,4")
-    parser.add_argument("--aggregation", default="token-mean")
-    parser.add_argument("--minibatches", type=int, default=1)
-    parser.add_argument("--options", action="store_true",
-                        help="every GRPO option on: Dr.GRPO (no std), dual clip 1.5, k3 KL (beta 0.5, frozen "
-                        "reference), overlong filtering (one response flagged truncated)")
-    parser.add_argument("--reference", action="store_true", help="also save the plain-autograd gradient")
+    parser.add_argument("--out", required=True, help="directory; writes <case>_mbs<N>.pt")
+    parser.add_argument("--case", action="append", metavar="NAME:MBS[,MBS...]",
+                        help=f"a case of {sorted(CASES)} and its micro-batch sizes (repeatable; default token-mean:4)")
+    parser.add_argument("--reference", action="store_true", help="also save each case's plain-autograd gradient")
+    parser.add_argument("--never-stepped-resume", action="store_true",
+                        help="the first run saves before its first step, the second resumes from that checkpoint")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--fp8-recipe", default="blockwise")
     parser.add_argument("--metrics-only", action="store_true", help="save no gradients (large models)")
@@ -112,36 +174,39 @@ def main():
 
     import torch.distributed as dist
 
-    options = {}
-    truncated = ()
-    if args.options:
-        options = {"advantage": AdvantageConfig(normalize_by_std=False), "overlong_filtering": True}
-        truncated = ((1, 0),)
-    for mbs in [int(x) for x in args.micro_batch_sizes.split(",")]:
-        loss = PolicyLossConfig(aggregation=args.aggregation, max_response_length=32,
-                                **({"dual_clip_c": 1.5, "kl_beta": 0.5} if args.options else {}))
-        config = GRPOConfig(
-            loss=loss,
-            optimizer=OptimizerSettings(lr=1e-3, clip_grad=0.0, distributed_optimizer=False),
-            num_minibatches=args.minibatches,
-            micro_batch_size=mbs,
-            **options,
-        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [(name, int(mbs)) for spec in args.case or ["token-mean:4"]
+            for name, sizes in [spec.split(":")] for mbs in sizes.split(",")]
+    checkpoints = CheckpointManager(out / "never_stepped")
+    for index, (name, mbs) in enumerate(runs):
+        case = CASES[name]
+        config = grpo_config(case, mbs)
         policy_config = PolicyConfig(hf_path=args.hf, precision=args.precision, fp8_recipe=args.fp8_recipe)
         trainer = build_trainer(policy_config, config)
-        world, rank = dist.get_world_size(), dist.get_rank()
-        prompts = [0, 1] if world == 1 else [rank]
-        batch = rollout_batch(args.hf, prompts, args.minibatches, truncated)
-        metrics = trainer.step(batch)
         (model,) = trainer.policy.chunks
-        grads = {} if args.metrics_only else {name.removeprefix("module."): p.main_grad.detach().clone()
-                                              for name, p in model.named_parameters() if p.requires_grad}
-        result = {"grads": grads, "metrics": metrics, "reference_loaded": trainer.reference is not None}
-        if args.reference:
-            result["reference_grads"] = reference_gradients(args.hf, config, batch)
+        world, rank = dist.get_world_size(), dist.get_rank()
+        batch = rollout_batch(args.hf, [0, 1] if world == 1 else [rank], case["minibatches"],
+                              TRUNCATED if case["options"] else ())
+        result = {"reference_loaded": trainer.reference is not None}
+        if args.never_stepped_resume and index == 0:
+            checkpoints.save(trainer, step=0, trainer_state={"consumed_prompts": 0})
+        if args.never_stepped_resume and index == 1:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.zero_()
+            result["restored_state"] = checkpoints.restore(trainer)
+            result["stepped_after_restore"] = optimizer_has_stepped(trainer.optimizer)
+        last_weights = record_weights_before_each_step(trainer)
+        result["metrics"] = trainer.step(batch)
+        result["grads"] = {} if args.metrics_only else {
+            name.removeprefix("module."): p.main_grad.detach().clone() for name, p in model.named_parameters()
+            if p.requires_grad}
         if rank == 0:
-            torch.save(result, f"{args.out}_mbs{mbs}.pt")
-            print(json.dumps(metrics))
+            torch.save(result, out / f"{name}_mbs{mbs}.pt")
+            print(json.dumps({"case": name, "micro_batch_size": mbs, **result["metrics"]}), flush=True)
+        if args.reference and world == 1 and (name, mbs) == next(run for run in runs if run[0] == name):
+            torch.save(reference_gradients(args.hf, config, batch, last_weights), out / f"{name}_reference.pt")
 
 
 if __name__ == "__main__":
