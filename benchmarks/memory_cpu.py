@@ -66,7 +66,7 @@ def full_width_hf_dir(out: Path, name: str, layers: int) -> Path:
 
 def micro_batch(policy, rows: int, image_side: int, prompt_text: int, response: int):
     """``rows`` responses to one prompt with an ``image_side``² image: a shared-layout PolicyBatch."""
-    from nemo_viper.models.logprobs import PolicyBatch
+    from nemo_viper.models.batch import PolicyBatch
 
     provider = policy.provider
     grid = image_side // 14
@@ -83,7 +83,7 @@ def micro_batch(policy, rows: int, image_side: int, prompt_text: int, response: 
 
 
 def per_row(batch, vision_start_token_id):
-    from nemo_viper.models.logprobs import PolicyBatch
+    from nemo_viper.models.batch import PolicyBatch
 
     inputs = batch.model_inputs(torch.device("cpu"), vision_start_token_id)
     return PolicyBatch(batch.input_ids, batch.response_mask, inputs["pixel_values"], inputs["image_grid_thw"])

@@ -36,8 +36,8 @@ from torch import Tensor
 from nemo_viper.algorithms.policy_loss import LossNormalizer
 from nemo_viper.errors import ConfigError
 from nemo_viper.models.hf_checkpoint import text_config
+from nemo_viper.models.batch import PolicyBatch
 from nemo_viper.models.logprobs import (
-    PolicyBatch,
     compute_logprobs,
     forward_micro_batch,
     vocab_parallel_token_entropy,

@@ -42,7 +42,7 @@ from nemo_viper.algorithms import (
     truncated_importance_weights,
 )
 from nemo_viper.errors import ConfigError
-from nemo_viper.models.logprobs import PolicyBatch
+from nemo_viper.models.batch import PolicyBatch
 from nemo_viper.models.training import OptimizerSettings, TrainingBatch
 from nemo_viper.rollout.interface import SamplingParams
 from nemo_viper.runtime.collectives import DataParallel

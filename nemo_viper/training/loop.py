@@ -20,15 +20,16 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import torch
 
 from nemo_viper.algorithms import dynamic_sampling_keep
 from nemo_viper.data.images import BACKENDS as IMAGE_BACKENDS
 from nemo_viper.data.images import ImageProcessingConfig
+from nemo_viper.data.task_prompt import TaskPrompt
 from nemo_viper.errors import ConfigError
-from nemo_viper.models.logprobs import PolicyBatch
+from nemo_viper.models.batch import PolicyBatch
 from nemo_viper.rewards import RewardBreakdown
 from nemo_viper.runtime.collectives import DataParallel, ReduceOp
 from nemo_viper.rollout.interface import GenerationBackend, GenerationRequest, GenerationResponse, SamplingParams
@@ -38,20 +39,6 @@ from nemo_viper.training.metrics_log import MetricsLogger
 from nemo_viper.training.rollout_batch import RolloutBatch
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TaskPrompt:
-    """One RL prompt: chat messages (images as ``{"type": "image"}`` parts), its images, its ground truth.
-
-    ``images``: PIL images, or the prompt's preprocessed :class:`~nemo_viper.data.images.PromptImages`
-    (what :class:`~nemo_viper.data.prompt_source.ShardPromptSource` provides), shared by all its rollouts.
-    """
-
-    sample_id: str
-    messages: list[dict]
-    images: Any = field(default_factory=list)
-    ground_truth: list[str] = field(default_factory=list)
 
 
 class PromptSource(Protocol):
@@ -179,7 +166,7 @@ def assemble_rollout(
             groups.append(group)
             row_ids.append(sample_ids[group])
             image_sets.append(image_set)
-            truncated.append(sample.finish_reason == "length")
+            truncated.append(sample.truncated)
     length = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     response_mask = torch.zeros((len(rows), length), dtype=torch.bool)
@@ -245,7 +232,7 @@ def _rollout_groups(prompts: PromptSource, generator, reward_model, processor, c
     texts = [sample.text for samples in responses for sample in samples]
     ground_truths = [p.ground_truth for p in batch_prompts for _ in range(config.n)]
     ids = [p.sample_id for p in batch_prompts for _ in range(config.n)]
-    truncated = [sample.finish_reason == "length" for samples in responses for sample in samples]
+    truncated = [sample.truncated for samples in responses for sample in samples]
     rewards = reward_model.score(texts, ground_truths, ids, truncated)
     groups = [_Group(p, q, list(r), rewards[i * config.n : (i + 1) * config.n])
               for i, (p, q, r) in enumerate(zip(batch_prompts, requests, responses))]

@@ -19,7 +19,7 @@ from pathlib import Path
 from nemo_viper.data.images import ImageProcessingConfig, QwenImagePreprocessor, resolve_backend
 from nemo_viper.errors import ConfigError
 from nemo_viper.evaluation.heldout import HeldoutConfig
-from nemo_viper.models.checkpoint_dir import METADATA_FILE, resolve_checkpoint
+from nemo_viper.models.checkpoint_dir import policy_paths
 from nemo_viper.models.hf_checkpoint import check_parallel_layout, read_qwen25_vl_config
 from nemo_viper.runtime.distributed import ParallelLayout
 from nemo_viper.models.policy import PolicyOptions
@@ -91,15 +91,6 @@ class StageConfig:
     def __post_init__(self):
         if self.stage not in STAGE_TASKS:
             raise ConfigError(f"stage={self.stage} must be 1 or 2")
-
-
-def policy_paths(policy: str | Path) -> tuple[Path, Path | None]:
-    """``(hf_dir, megatron_checkpoint or None)`` for a policy checkpoint, an RL run dir (its latest
-    checkpoint) or an HF directory."""
-    policy = resolve_checkpoint(policy)
-    if (policy / METADATA_FILE).is_file():
-        return policy / "hf", policy
-    return policy, None
 
 
 def rl_image_config(hf_dir: str | Path, min_pixels: int, max_pixels: int) -> ImageProcessingConfig:
@@ -209,7 +200,7 @@ class _SelfEvaluation:
         from megatron.core import parallel_state
 
         from nemo_viper.evaluation.heldout import read_record, score_prompts, summarise_scores, write_record
-        from nemo_viper.prompts import task_prompt
+        from nemo_viper.data.task_prompt import task_prompt
         from nemo_viper.runtime.collectives import all_gather_object
 
         existing = read_record(self.path).get(when)

@@ -39,8 +39,9 @@ from nemo_viper.algorithms import (
     group_advantages,
     mask_truncated,
 )
+from nemo_viper.models.batch import PolicyBatch
 from nemo_viper.models.checkpoint import optimizer_has_stepped
-from nemo_viper.models.logprobs import PolicyBatch, vocab_parallel_token_logprobs
+from nemo_viper.models.logprobs import vocab_parallel_token_logprobs
 from nemo_viper.models.policy import PolicyConfig, build_policy
 from nemo_viper.models.processor import load_processor
 from nemo_viper.training.checkpointing import CheckpointManager

@@ -17,7 +17,8 @@ from nemo_viper.rewards import RewardBreakdown
 from nemo_viper.rollout import SamplingParams
 from nemo_viper.rollout.megatron_backend import MegatronGenerationBackend, MegatronGenerationConfig
 from nemo_viper.training.grpo import GRPOConfig, OptimizerSettings, build_trainer
-from nemo_viper.training.loop import RLConfig, TaskPrompt, run_rl
+from nemo_viper.data.task_prompt import TaskPrompt
+from nemo_viper.training.loop import RLConfig, run_rl
 
 COLOURS = {"red", "blue", "green", "yellow", "white", "black", "brown", "grey", "orange", "purple"}
 
