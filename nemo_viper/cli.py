@@ -222,7 +222,8 @@ def cmd_run(args) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from nemo_viper.orchestration import plan, run_local
+    from nemo_viper.local_run import run_local
+    from nemo_viper.orchestration import plan
     from nemo_viper.report import write_report
 
     config = _recipe_config(args)

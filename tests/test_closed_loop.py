@@ -101,7 +101,8 @@ def test_run_killed_during_prepare_leaves_no_process_and_prepare_resumes(tmp_pat
 
     from nemo_viper.models.tiny import TinyModelConfig, read_tiny_recipe, write_tiny_checkpoint
     from nemo_viper.models.tiny_warmstart import WarmStartConfig
-    from nemo_viper.orchestration import phase_command, plan
+    from nemo_viper.local_run import phase_command
+    from nemo_viper.orchestration import plan
 
     run_dir = tmp_path / "tiny"
     overrides = [f"run_dir={run_dir}", "model.tiny_warm_start_steps=3"]

@@ -156,6 +156,19 @@ class ImageProcessingConfig:
         )
 
 
+def check_patches(pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None) -> None:
+    """Images as the HF processor gives them: both tensors or neither, and ``image_grid_thw`` (``t, h, w``
+    per image) describing exactly the rows of ``pixel_values``. One check for every datum that carries
+    images (:class:`~nemo_viper.models.batch.PolicyBatch`,
+    :class:`~nemo_viper.rollout.interface.GenerationRequest`)."""
+    if (pixel_values is None) != (image_grid_thw is None):
+        raise ValueError("pixel_values and image_grid_thw must be given together")
+    if image_grid_thw is not None:
+        patches = int(image_grid_thw.prod(dim=-1).sum())
+        if patches != pixel_values.shape[0]:
+            raise ValueError(f"image_grid_thw describes {patches} patches but pixel_values has {pixel_values.shape[0]} rows")
+
+
 @dataclass(frozen=True)
 class PromptImages:
     """One prompt's images as the HF processor returns them for that prompt, in order.

@@ -179,7 +179,8 @@ def load_policy(ckpt_dir: str | Path, **policy_overrides) -> MegatronPolicy:
     ``ckpt_dir`` is a policy checkpoint, or an RL run dir (its latest checkpoint is used)."""
     ckpt = resolve_checkpoint(ckpt_dir)
     read_checkpoint_metadata(ckpt)
-    policy = build_policy(PolicyConfig(hf_path=str(ckpt / "hf"), **policy_overrides), load_weights=False)
+    policy = build_policy(PolicyConfig(hf_path=str(ckpt / "hf"), **policy_overrides), load_weights=False,
+                          initialize=False)
     load_model_weights(policy, ckpt)
     return policy
 

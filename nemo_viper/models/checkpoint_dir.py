@@ -44,6 +44,15 @@ LATEST_POINTER = "latest"
 STEP_DIR = re.compile(r"step_(\d+)")
 
 
+def policy_paths(policy: str | Path) -> tuple[Path, Path | None]:
+    """``(hf_dir, megatron_checkpoint or None)`` for a policy checkpoint, an RL run dir (its latest
+    checkpoint) or an HF directory."""
+    policy = resolve_checkpoint(policy)
+    if (policy / METADATA_FILE).is_file():
+        return policy / "hf", policy
+    return policy, None
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
     """The checkpoint ``root/latest`` names, or, if it names no complete checkpoint (a missing directory, a
     torn or empty pointer), the newest complete ``root/step_N`` with a warning; ``None`` if there is none.

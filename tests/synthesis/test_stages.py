@@ -82,7 +82,7 @@ def test_stage1_records_validate_images_decode_and_counts_add_up(stage1, inputs_
 
 
 def test_stage1_records_feed_the_rl_prompts(stage1):
-    from nemo_viper.prompts import task_prompt
+    from nemo_viper.data.task_prompt import task_prompt
 
     dataset = ShardDataset(stage1[0])
     prompt = task_prompt(dataset.record(0), dataset.images(0))

@@ -13,7 +13,8 @@ from nemo_viper.rewards import RewardBreakdown
 from nemo_viper.rollout import GenerationRequest, SamplingParams
 from nemo_viper.rollout.interface import GenerationResponse
 from nemo_viper.training.grpo import GRPOConfig
-from nemo_viper.training.loop import RLConfig, TaskPrompt, assemble_rollout, collect_groups
+from nemo_viper.data.task_prompt import TaskPrompt
+from nemo_viper.training.loop import RLConfig, assemble_rollout, collect_groups
 
 PAD = 0
 
