@@ -110,6 +110,20 @@ def test_no_import_cycles_between_packages():
     assert cycle is None, "import cycle between nemo_viper packages:\n  " + "\n  ".join(cycle)
 
 
+def test_the_architecture_diagram_shows_the_imports():
+    """docs/architecture.md's diagram has exactly the graph's arrows (``errors`` and ``environment`` aside)."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    diagram = text[text.index("```mermaid"):].split("```")[1]
+    drawn = set()
+    for line in diagram.splitlines():
+        if "-->" in line:
+            left, right = (side.split("&") for side in line.split("-->"))
+            drawn |= {(a.strip(), b.strip()) for a in left for b in right}
+    graph = package_graph(modules())
+    actual = {(a, b) for a, targets in graph.items() for b in targets if not {a, b} & {"errors", "environment"}}
+    assert drawn == actual, f"missing from the diagram: {sorted(actual - drawn)}; not imports: {sorted(drawn - actual)}"
+
+
 def test_the_scan_finds_a_cycle_through_a_function_level_import(tmp_path):
     """A lazy import counts; one under ``if TYPE_CHECKING:`` does not."""
     root = tmp_path / "nemo_viper"
