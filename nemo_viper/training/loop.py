@@ -32,6 +32,7 @@ from nemo_viper.errors import ConfigError
 from nemo_viper.models.batch import PolicyBatch
 from nemo_viper.rewards import RewardBreakdown
 from nemo_viper.runtime.collectives import DataParallel, ReduceOp
+from nemo_viper.runtime.metrics import Metric, reduce_metrics
 from nemo_viper.rollout.interface import GenerationBackend, GenerationRequest, GenerationResponse, SamplingParams
 from nemo_viper.training.checkpointing import CheckpointManager
 from nemo_viper.training.grpo import GRPOConfig
@@ -240,13 +241,16 @@ def _rollout_groups(prompts: PromptSource, generator, reward_model, processor, c
 
 
 def collect_groups(prompts: PromptSource, generator, reward_model, processor, config: RLConfig, step: int,
-                   dp_rank: int, dp_world: int, min_over_ranks=None) -> tuple[list[_Group], dict[str, float]]:
+                   dp_rank: int, dp_world: int, min_over_ranks=None) -> tuple[list[_Group], dict[str, Metric]]:
     """This rank's ``prompts_per_step / dp_world`` groups for one step, refilled under dynamic sampling.
 
     Without ``grpo.dynamic_sampling``: one round of the rank's share. With it: rounds continue while the
     fewest groups with a reward spread held by any rank (``min_over_ranks(local_count)``, a collective, so
     every rank decides alike) is below the share, at most ``max_sampling_tries`` rounds; a rank already
     full draws nothing more. Then the spread groups come first, topped up with equal-reward ones.
+
+    Metrics (declared reductions): ``dynamic_sampling/tries`` (the same on every rank), the spread and filler
+    group counts (summed over the ranks), the rollout and reward times (averaged).
     """
     share = config.prompts_per_rank(dp_world)
     groups, rollout_time, reward_time = _rollout_groups(prompts, generator, reward_model, processor, config, step,
@@ -273,9 +277,10 @@ def collect_groups(prompts: PromptSource, generator, reward_model, processor, co
                            "rounds; %d equal-reward groups fill the batch (masked out)",
                            step, len(kept), share, tries, len(filler))
         groups = kept + filler
-        metrics = {"dynamic_sampling/tries": float(tries), "dynamic_sampling/spread_groups": float(len(kept)),
-                   "dynamic_sampling/filler_groups": float(len(filler))}
-    metrics.update({"time/rollout": rollout_time, "time/reward": reward_time})
+        metrics = {"dynamic_sampling/tries": Metric.replicated(float(tries)),
+                   "dynamic_sampling/spread_groups": Metric.sum(float(len(kept))),
+                   "dynamic_sampling/filler_groups": Metric.sum(float(len(filler)))}
+    metrics.update({"time/rollout": Metric.mean(rollout_time), "time/reward": Metric.mean(reward_time)})
     return groups, metrics
 
 
@@ -323,7 +328,7 @@ def run_rl(
                                    policy.pad_token_id)
         metrics = trainer.step(rollout)
         generator.weights_updated()
-        metrics.update(sampling_metrics)
+        metrics.update(reduce_metrics(sampling_metrics, data_parallel))
         metrics.update(skipped_metrics(prompts, data_parallel))
         metrics_log.log(step, metrics)
         history.append(metrics)
