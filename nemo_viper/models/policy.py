@@ -267,7 +267,7 @@ def build_policy(config: PolicyConfig, load_weights: bool = True, wrap_with_ddp:
     (:func:`~nemo_viper.models.checkpoint.load_policy`): initialisation would be wasted time, and on CPU
     its float32 temporaries set the host peak (2-layer full-width 7B in bf16: 10.4 -> 3.4 GiB at build). ``wrap_with_ddp=True`` prepares the model for training: Megatron DDP with
     ``calculate_per_token_loss`` (gradients summed over DP ranks and divided by the global token count
-    returned by the loss function, see :mod:`nemo_viper.training.grpo`). Validation (checkpoint dir, architecture, TP/PP divisibility) happens before any model
+    returned by the loss function, see :mod:`nemo_viper.models.training`). Validation (checkpoint dir, architecture, TP/PP divisibility) happens before any model
     or process group is created.
     """
     hf_config = read_qwen25_vl_config(config.hf_path)

@@ -144,20 +144,21 @@ def run_stage(config: StageConfig) -> list[dict]:
                                  pipeline_parallel=config.pipeline_parallel, **config.model.options())
     rl = config.rl
     trainer = build_trainer(policy_config, rl.grpo, rl.sampling, init_checkpoint=checkpoint)
+    policy = trainer.policy.model  # the generator plugs in on the trained policy's weights
     if config.rollout.backend == "vllm":
         from nemo_viper.rollout.vllm_backend import VLLMGenerationBackend
 
-        generator = VLLMGenerationBackend(trainer.policy, config.rollout.vllm(rl.sampling.seed))
+        generator = VLLMGenerationBackend(policy, config.rollout.vllm(rl.sampling.seed))
     else:
-        generator = MegatronGenerationBackend(trainer.policy, config.rollout.megatron(rl.sampling.seed))
+        generator = MegatronGenerationBackend(policy, config.rollout.megatron(rl.sampling.seed))
     preprocessor = QwenImagePreprocessor(image_config, image_backend)  # after build_trainer chose this rank's GPU
     heldout = heldout_indices([dataset.record(i).id for i in range(len(dataset))], config.heldout)
     prompts = ShardPromptSource(
         dataset,
         preprocessor,
         seed=rl.sampling.seed,
-        dp_rank=parallel_state.get_data_parallel_rank(),
-        dp_world=parallel_state.get_data_parallel_world_size(),
+        dp_rank=trainer.policy.data_parallel.rank,
+        dp_world=trainer.policy.data_parallel.size,
         prefetch=rl.prefetch_prompts,
         exclude=frozenset(heldout),
     )

@@ -75,7 +75,7 @@ def main():
         grpo=GRPOConfig(optimizer=OptimizerSettings(lr=args.lr, weight_decay=0.0), num_minibatches=1, micro_batch_size=16),
     )
     trainer = build_trainer(PolicyConfig(hf_path=args.hf, precision="fp32"), config.grpo, config.sampling)
-    generator = MegatronGenerationBackend(trainer.policy, MegatronGenerationConfig(max_batch_size=32))
+    generator = MegatronGenerationBackend(trainer.policy.model, MegatronGenerationConfig(max_batch_size=32))
     processor = load_processor(args.hf)
 
     def report(step, metrics):
