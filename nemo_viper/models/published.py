@@ -130,7 +130,10 @@ def write_random_checkpoint(out_dir: str | Path, size: str, num_layers: int | No
             for name, parameter in model.named_parameters():
                 is_norm = "norm" in name or "ln_q" in name
                 parameter.normal_(1.0 if is_norm else 0.0, 0.1 if is_norm else 0.02, generator=generator)
-        model.save_pretrained(tmp, max_shard_size=max_shard_bytes)
+        state = model.state_dict()
+        if config["tie_word_embeddings"]:  # as published: one matrix, no lm_head.weight (else transformers unties)
+            del state["lm_head.weight"]
+        model.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_bytes)
         del model
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")  # the published flat form
         image_processor = Qwen2VLImageProcessorPil(
