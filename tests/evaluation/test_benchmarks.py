@@ -26,6 +26,7 @@ def test_scripted_model_scores_are_exact(tiny_eval_root, tmp_path):
     for task, settings in model.generation_kwargs.items():
         for kwargs in settings:
             assert not kwargs.get("do_sample") and not kwargs.get("temperature"), (task, kwargs)
+            assert kwargs.get("max_new_tokens"), (task, kwargs)  # lmms-eval's vllm model needs every budget stated
     assert set(model.generation_kwargs) >= {"mantis", "hallusion_bench_image", "blink_counting"}
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| RealWorldQA | 60.0 |" in table and "rule-based yes/no scorer" in table
