@@ -85,7 +85,8 @@ def main():
 
     from nemo_viper.models.policy import PolicyConfig, build_policy
     from nemo_viper.models.processor import load_processor
-    from nemo_viper.models.tiny import VISION_SPECIAL_TOKENS, write_tiny_checkpoint
+    from nemo_viper.models.tiny import write_tiny_checkpoint
+    from nemo_viper.models.tokens import VISION_SPECIAL_TOKENS
     from nemo_viper.rollout import GenerationRequest, SamplingParams
     from nemo_viper.runtime import cpu_mode
 

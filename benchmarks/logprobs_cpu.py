@@ -108,7 +108,8 @@ def main():
 
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from nemo_viper.models.logprobs import PolicyBatch, compute_logprobs
+    from nemo_viper.models.batch import PolicyBatch
+    from nemo_viper.models.logprobs import compute_logprobs
     from nemo_viper.models.policy import PolicyConfig, build_policy
     from nemo_viper.models.tiny import write_tiny_checkpoint
     from nemo_viper.runtime import cpu_mode

@@ -66,7 +66,7 @@ def full_width_hf_dir(out: Path, name: str, layers: int) -> Path:
 
 def micro_batch(policy, rows: int, image_side: int, prompt_text: int, response: int):
     """``rows`` responses to one prompt with an ``image_side``² image: a shared-layout PolicyBatch."""
-    from nemo_viper.models.logprobs import PolicyBatch
+    from nemo_viper.models.batch import PolicyBatch
 
     provider = policy.provider
     grid = image_side // 14
@@ -83,7 +83,7 @@ def micro_batch(policy, rows: int, image_side: int, prompt_text: int, response: 
 
 
 def per_row(batch, vision_start_token_id):
-    from nemo_viper.models.logprobs import PolicyBatch
+    from nemo_viper.models.batch import PolicyBatch
 
     inputs = batch.model_inputs(torch.device("cpu"), vision_start_token_id)
     return PolicyBatch(batch.input_ids, batch.response_mask, inputs["pixel_values"], inputs["image_grid_thw"])
@@ -169,15 +169,14 @@ def profiled_peak(run, work: Path) -> tuple[int, list[int]]:
 
 
 def cmd_estimator(args) -> str:
-    from types import SimpleNamespace
-
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from nemo_viper.algorithms import ClippedPolicyLoss, PolicyLossConfig
+    from nemo_viper.algorithms import LossNormalizer, PolicyLossConfig
     from nemo_viper.models.logprobs import forward_micro_batch
+    from nemo_viper.models.training import TrainingBatch, micro_batch_loss
     from nemo_viper.models.policy import PolicyConfig, build_policy
     from nemo_viper.planning.memory import Architecture, Layout, TrainingShape, training_phase
-    from nemo_viper.training.grpo import GRPOConfig, GRPOTrainer, _global_normalizer
+    from nemo_viper.training.grpo import GRPOLoss
 
     if args.model == "tiny":
         from nemo_viper.models.tiny import write_tiny_checkpoint
@@ -196,14 +195,13 @@ def cmd_estimator(args) -> str:
     model.train()
     batch = micro_batch(policy, rows, side, text, response)
     vsid = policy.provider.vision_start_token_id
-    normalizer = _global_normalizer(batch.response_mask)
-    trainer = SimpleNamespace(loss_fn=ClippedPolicyLoss(PolicyLossConfig()), config=GRPOConfig())
-    old = torch.zeros(batch.input_ids.shape)
-    advantages = torch.ones(rows)
+    normalizer = LossNormalizer.from_masks([batch.response_mask])
+    data = TrainingBatch(batch, {"old_logprobs": torch.zeros(batch.input_ids.shape), "advantages": torch.ones(rows)})
+    loss_fn = GRPOLoss(PolicyLossConfig())
 
     def step():
         logits = forward_micro_batch(model, batch, torch.device("cpu"), vsid)
-        loss, _, _ = GRPOTrainer._loss(trainer, logits, batch, old, advantages, normalizer)
+        loss, _, _ = micro_batch_loss(logits, data, loss_fn, normalizer, 1.0)
         loss.backward()
 
     peak, categories = profiled_peak(step, Path(args.work))

@@ -222,7 +222,8 @@ def cmd_run(args) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from nemo_viper.orchestration import plan, run_local
+    from nemo_viper.local_run import run_local
+    from nemo_viper.orchestration import plan
     from nemo_viper.report import write_report
 
     config = _recipe_config(args)
@@ -489,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if getattr(args, "trust_checkpoint", False):
-            from nemo_viper.models.checkpoint import trust_unverified_checkpoints
+            from nemo_viper.models.checkpoint_dir import trust_unverified_checkpoints
 
             trust_unverified_checkpoints()
         with _megatron_runtime(args):

@@ -20,9 +20,12 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from nemo_viper.config import ViperConfig
 from nemo_viper.errors import ConfigError
+
+if TYPE_CHECKING:
+    from nemo_viper.config import ViperConfig
 
 SAFE_PATH = re.compile(r"[A-Za-z0-9._/+@=-]+")  # no whitespace, quotes, ; & | $ ` ( ) < > * ? [ ] # ~ , :
 SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")

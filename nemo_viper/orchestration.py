@@ -1,4 +1,4 @@
-"""The closed loop as phases (SPEC §2) and its local, resumable runner.
+"""The closed loop as phases (SPEC §2): the plan both runners execute.
 
 :func:`plan` turns a :class:`~nemo_viper.config.ViperConfig` into phases, each a separate job that reads
 and writes files under ``run_dir``::
@@ -13,8 +13,8 @@ Each RL stage scores its held-out split before and after training (``eval.heldou
 
 Round r synthesises stage-1 data with the checkpoint of round r-1 (the base model for r = 1), trains
 stage 1 from it, synthesises stage-2 data with the stage-1 checkpoint, and trains stage 2 from that.
-The same plan feeds the NeMo-Run launcher (``launcher/``). :func:`run_local` executes it phase by phase
-as subprocesses (``torchrun`` for the RL phases; each in its own process group, killed with ``run``:
+The same plan feeds the NeMo-Run launcher (``launcher/``) and the local runner
+(:func:`nemo_viper.local_run.run_local`), which executes it phase by phase as subprocesses (``torchrun`` for the RL phases; each in its own process group, killed with ``run``:
 :mod:`nemo_viper.runtime.lifetime`) and records each finished phase, once its outputs verify, with its
 configuration's fingerprint in ``run_dir/state.json`` (:mod:`nemo_viper.run_state`); a rerun skips done
 phases and continues with the first pending one, whose own resume logic (synthesis chunks, RL
@@ -24,21 +24,14 @@ checkpoints) picks up partial work.
 from __future__ import annotations
 
 import json
-import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from subprocess import STDOUT
 
 from omegaconf import OmegaConf
 
 from nemo_viper.config import ViperConfig, compose, rl_job_settings, synthesis_settings, to_yaml
 from nemo_viper.errors import NemoViperError
-from nemo_viper.runtime.lifetime import run_job
-
-logger = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class Phase:
@@ -223,67 +216,19 @@ def _atomic_write(path: Path, text: str) -> None:
 GUARD_STOP_EXIT = 3  # ``nemo-viper eval --guard-against``: the benchmark average dropped too far
 
 
-def stopped_after_round(run_dir: str | Path) -> int | None:
-    """The round whose benchmark guard stopped the loop (``run_dir/eval/stopped.json``), or None."""
-    path = Path(run_dir) / "eval" / "stopped.json"
-    return json.loads(path.read_text())["round"] if path.is_file() else None
+def record_guard_stop(run_dir: str | Path, phase: Phase) -> None:
+    """Record that ``phase`` (a round's eval) stopped the loop: the phases of later rounds are skipped."""
+    (Path(run_dir) / "eval").mkdir(parents=True, exist_ok=True)
+    _atomic_write(Path(run_dir) / "eval" / "stopped.json", json.dumps({"round": round_of(phase) or 0}) + "\n")
 
 
-def _round_of(phase: Phase) -> int | None:
+def round_of(phase: Phase) -> int | None:
+    """The round number of a ``round<r>.…`` phase; None for the phases outside rounds."""
     head = phase.name.split(".")[0]
     return int(head[5:]) if head.startswith("round") and head[5:].isdigit() else None
 
 
-def phase_command(phase: Phase, index: int = 0) -> list[str]:
-    """The local command of one task of ``phase`` (torchrun for distributed phases)."""
-    if phase.distributed:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc-per-node={phase.ranks_per_node}", "-m", "nemo_viper.cli", *phase.task_args(index)]
-    return [sys.executable, "-m", "nemo_viper.cli", *phase.task_args(index)]
-
-
-def run_local(config: ViperConfig, on_phase=None, log_dir: Path | None = None, start: str | None = None) -> list[str]:
-    """Run the pending phases here (:func:`nemo_viper.run_state.select_phases`). Returns the phases run now.
-
-    Each task's output goes to ``run_dir/logs/<phase>[.<i>].log``. Before a phase runs, the preflight
-    (:mod:`nemo_viper.doctor`) checks what it needs; after it, its outputs are verified and it is recorded
-    done in ``state.json``. ``on_phase(phase, status)`` reports ``"start"`` / ``"done"`` / ``"skip"``.
-    An eval phase that exits with :data:`GUARD_STOP_EXIT` (the benchmark guard) is done and stops the loop:
-    the phases of later rounds are skipped (``run_dir/eval/stopped.json``); the export still runs.
-    """
-    from nemo_viper import doctor
-    from nemo_viper.run_state import clear_for_rerun, select_phases, verify_and_record
-
-    paths = write_run_files(config)
-    log_dir = Path(log_dir or paths.root / "logs")
-    log_dir.mkdir(parents=True, exist_ok=True)
-    phases = plan(config)
-    selected, states = select_phases(phases, paths.root, start)
-    for line in clear_for_rerun(selected, states, paths.root):
-        logger.warning(line)
-    ran = []
-    for phase in phases:
-        stopped = stopped_after_round(paths.root)
-        later_round = stopped is not None and (_round_of(phase) or 0) > stopped
-        if phase not in selected or later_round:
-            if on_phase:
-                on_phase(phase, "skip")
-            continue
-        if on_phase:
-            on_phase(phase, "start")
-        doctor.raise_problems(doctor.check(config, phase.name))
-        for index in range(phase.tasks):
-            log = log_dir / (f"{phase.name}.{index}.log" if phase.tasks > 1 else f"{phase.name}.log")
-            with log.open("w") as out:
-                result = run_job(phase_command(phase, index), stdout=out, stderr=STDOUT)
-            guard_stop = result.returncode == GUARD_STOP_EXIT and phase.args[0] == "eval"
-            if result.returncode != 0 and not guard_stop:
-                raise NemoViperError(f"phase {phase.name} failed (exit {result.returncode}); see {log}")
-        verify_and_record(phase, phases, paths.root)
-        if guard_stop:
-            (paths.root / "eval").mkdir(parents=True, exist_ok=True)
-            _atomic_write(paths.root / "eval" / "stopped.json", json.dumps({"round": _round_of(phase) or 0}) + "\n")
-        ran.append(phase.name)
-        if on_phase:
-            on_phase(phase, "done")
-    return ran
+def stopped_after_round(run_dir: str | Path) -> int | None:
+    """The round whose benchmark guard stopped the loop (``run_dir/eval/stopped.json``), or None."""
+    path = Path(run_dir) / "eval" / "stopped.json"
+    return json.loads(path.read_text())["round"] if path.is_file() else None

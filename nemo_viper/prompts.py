@@ -42,19 +42,6 @@ def visual_op_messages() -> list[dict]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": VISUAL_OP_TASK}]}]
 
 
-def task_prompt(record, images):
-    """The RL prompt of a synthesised record (``caption_refine`` or ``visual_op``) with its images: PIL
-    images or their preprocessed :class:`~nemo_viper.data.images.PromptImages`."""
-    from nemo_viper.data.records import CaptionRefineRecord, ground_truth
-    from nemo_viper.training.loop import TaskPrompt
-
-    if isinstance(record, CaptionRefineRecord):
-        messages = caption_refine_messages(record.initial_caption)
-    else:
-        messages = visual_op_messages()
-    return TaskPrompt(sample_id=record.id, messages=messages, images=images, ground_truth=ground_truth(record))
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Synthesis prompts (SPEC §3–4): what the policy is asked while it makes its own training data. Their
 # parsers are in :mod:`nemo_viper.synthesis.parsers`. The correction and operation lists are asked for in

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The embedded-default main job until the closed-loop recipe lands: builds the tiny Qwen2.5-VL policy
-# offline, imports it into Megatron at tensor-parallel 2 (two gloo ranks), scores a response with the
-# log-prob API at TP=2, and exports the Megatron checkpoint back to a Hugging Face directory.
+# A one-minute smoke run of the policy alone (the closed loop is `nemo-viper run --recipe tiny`): builds
+# the tiny Qwen2.5-VL policy offline, imports it into Megatron at tensor-parallel 2 (two gloo ranks),
+# scores a response with the log-prob API at TP=2, and exports the Megatron checkpoint back to a Hugging
+# Face directory. tests/test_policy.py runs it and checks the round trip bit-exactly.
 #
 #   bash scripts/tiny_demo.sh [RUN_DIR]        # default runs/tiny_demo
 set -euo pipefail

@@ -17,7 +17,7 @@ from PIL import Image
 
 from nemo_viper.cli import main
 from nemo_viper.data import CaptionRefineRecord, ShardWriter
-from nemo_viper.models.checkpoint import METADATA_FILE
+from nemo_viper.models.checkpoint_dir import METADATA_FILE
 from nemo_viper.runtime.lifetime import run_job
 
 pytestmark = pytest.mark.slow

@@ -12,21 +12,32 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
+import skimage
 import torch
 from launch import start_python
 from processes import session_processes
 
 from nemo_viper.evaluation.benchmarks import TASKS
 
+SKIMAGE_DATA = Path(skimage.__file__).parent / "data"
+
 pytestmark = pytest.mark.slow
-REDUCED = ["rl.steps=2", "rl.save_every=2", "rl.n=4", "eval.enabled=true", "eval.limit=1"]
+# The recipe's defaults, reduced where no assertion depends on them: 2 steps of 2 prompts (the held-out
+# self-evaluation keeps its 4 prompts), and 8 of the 18 scikit-image photos (one synthesis batch; synth2 then
+# keeps up to 8 samples, of which 4 are held out: the unreduced run kept 18 of 18).
+REDUCED = ["rl.steps=2", "rl.save_every=2", "rl.n=4", "rl.prompts_per_step=2", "eval.enabled=true", "eval.limit=1"]
+PHOTOS = ("astronaut.png", "camera.png", "chelsea.png", "coffee.png", "coins.png", "hubble_deep_field.jpg",
+          "motorcycle_left.png", "rocket.jpg")
 
 
 def start(run_dir):
+    photos = run_dir.parent / "photos.txt"
+    photos.write_text("".join(f"{SKIMAGE_DATA / name}\n" for name in PHOTOS))
     return start_python("-m", "nemo_viper.cli", "run", "--recipe", "tiny", f"run_dir={run_dir}", *REDUCED,
-                        stderr=subprocess.STDOUT)
+                        f"synthesis.images={photos}", stderr=subprocess.STDOUT)
 
 
 def finished(run_dir):
@@ -90,7 +101,8 @@ def test_run_killed_during_prepare_leaves_no_process_and_prepare_resumes(tmp_pat
 
     from nemo_viper.models.tiny import TinyModelConfig, read_tiny_recipe, write_tiny_checkpoint
     from nemo_viper.models.tiny_warmstart import WarmStartConfig
-    from nemo_viper.orchestration import phase_command, plan
+    from nemo_viper.local_run import phase_command
+    from nemo_viper.orchestration import plan
 
     run_dir = tmp_path / "tiny"
     overrides = [f"run_dir={run_dir}", "model.tiny_warm_start_steps=3"]

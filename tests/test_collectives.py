@@ -130,7 +130,69 @@ def test_single_rank_is_the_identity():
     collectives.barrier()
 
 
+@pytest.fixture(scope="module")
+def two_gloo_ranks(tmp_path_factory):
+    """One 2-rank gloo job serves both tests below: ``(stdout, [rank 0 results, rank 1 results])``."""
+    out = tmp_path_factory.mktemp("gloo")
+    result = run_worker("collectives_gloo.py", "--out", str(out), nproc=2)
+    return result.stdout, [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
+
+
 @pytest.mark.slow
-def test_helper_on_two_gloo_ranks():
-    result = run_worker("collectives_gloo.py", nproc=2)
-    assert "collectives ok 0" in result.stdout and "collectives ok 1" in result.stdout
+def test_helper_on_two_gloo_ranks(two_gloo_ranks):
+    stdout, _ = two_gloo_ranks
+    assert "collectives ok 0" in stdout and "collectives ok 1" in stdout
+
+
+def _float64_reference() -> dict[str, float]:
+    """Every metric of both ranks as one process computes it in float64 from the ranks' inputs: the loss
+    metrics on all rows at once (one call, no split), the rollout statistics by their definitions (means and
+    stds of the ranks averaged, extremes global), the replicated gradient norm as it is."""
+    from workers.collectives_gloo import LOSS, loss_inputs, rollout_inputs
+
+    from nemo_viper.algorithms import ClippedPolicyLoss, LossNormalizer, group_advantages
+
+    full = loss_inputs()
+    loss, metrics = ClippedPolicyLoss(LOSS)(full["logprobs"], full["old_logprobs"], full["advantages"], full["mask"],
+                                            LossNormalizer.from_masks([full["mask"]]), full["ref_logprobs"])
+    reference = {f"train/{k}": m.value.item() for k, m in metrics.items()}
+    reference["train/loss"] = loss.item()
+    reference["train/grad_norm"] = 3.25
+    ranks = [rollout_inputs(rank) for rank in range(2)]
+
+    def over_ranks(name: str, per_rank) -> None:
+        values = [per_rank(x) for x in ranks]
+        reference[f"{name}/mean"] = sum(v.mean().item() for v in values) / 2
+        reference[f"{name}/std"] = sum(v.std().item() for v in values) / 2
+        reference[f"{name}/min"] = min(v.min().item() for v in values)
+        reference[f"{name}/max"] = max(v.max().item() for v in values)
+
+    over_ranks("reward", lambda x: x["rewards"])
+    over_ranks("advantage", lambda x: group_advantages(x["rewards"], x["group_index"]).double())
+    over_ranks("response_length", lambda x: x["mask"].sum(dim=1).double())
+    for key in ranks[0]["reward_metrics"]:
+        reference[f"reward/{key}"] = sum(x["reward_metrics"][key] for x in ranks) / 2
+    reference["response/truncated_fraction"] = sum(x["truncated"].double().mean().item() for x in ranks) / 2
+    gaps = [(x["trainer_logprobs"] - x["sampler_logprobs"]).abs()[x["mask"]] for x in ranks]
+    reference["rollout/logprob_diff_mean"] = sum(g.mean().item() for g in gaps) / 2
+    reference["rollout/logprob_diff_max"] = max(g.max().item() for g in gaps)
+    return reference
+
+
+@pytest.mark.slow
+def test_every_metric_kind_reduces_over_two_ranks_like_a_float64_reference(two_gloo_ranks):
+    """Loss-function contributions (SUM: the two ranks' sums equal the loss metrics of all rows in one call;
+    ratio_max: MAX), rollout statistics (MEAN of the ranks' means and stds, global MIN / MAX), the log-prob
+    mismatch (MEAN, MAX) and the replicated gradient norm: each reduced over two gloo ranks by the reduction
+    its producer declares, equal to a float64 reference. The ranks hold different rows and values, so a
+    wrongly declared reduction (a MAX summed, a mean summed, a sum averaged) changes the result."""
+    _, ranks = two_gloo_ranks
+    reference = _float64_reference()
+    assert ranks[0]["reduced"] == ranks[1]["reduced"], "every rank must get the same reduced metrics"
+    reduced = ranks[0]["reduced"]
+    assert reduced.keys() == reference.keys()
+    kinds = {kind for _, kind in ranks[0]["produced"].values()}
+    assert kinds == {"sum", "mean", "max", "min", "replicated"}
+    for key, expected in reference.items():  # (rel 1e-7: the truncated fraction is produced in float32)
+        assert reduced[key] == pytest.approx(expected, rel=1e-7 if key == "response/truncated_fraction" else 1e-12,
+                                             abs=1e-15), key

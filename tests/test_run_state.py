@@ -6,9 +6,10 @@ import sys
 
 import pytest
 
-from nemo_viper import orchestration
+from nemo_viper import local_run
 from nemo_viper.errors import NemoViperError
-from nemo_viper.orchestration import plan, run_local
+from nemo_viper.local_run import run_local
+from nemo_viper.orchestration import plan
 from nemo_viper.run_state import RunState, phase_states
 from nemo_viper.recipes import recipe
 
@@ -29,7 +30,7 @@ def fake_phases(monkeypatch):
             return [sys.executable, "-c", WRITE_HF_DIR, *phase.args]
         return [sys.executable, "-c", "pass"]
 
-    monkeypatch.setattr(orchestration, "phase_command", command)
+    monkeypatch.setattr(local_run, "phase_command", command)
 
 
 def test_a_phase_that_exits_0_without_its_outputs_is_not_recorded(fake_phases, tmp_path):

@@ -10,7 +10,8 @@ from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen
 
 from nemo_viper.cli import main
 from nemo_viper.models.processor import load_processor
-from nemo_viper.models.tiny import QWEN_SPECIAL_TOKENS, write_tiny_checkpoint
+from nemo_viper.models.tiny import write_tiny_checkpoint
+from nemo_viper.models.tokens import QWEN_SPECIAL_TOKENS
 
 
 def test_transformers_loads_every_component(tiny_hf_dir):

@@ -13,14 +13,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from nemo_viper.runtime.metrics import Metric
 
-def logprob_mismatch(trainer_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor) -> dict[str, float]:
-    """``{"mean", "max"}`` of ``|trainer - sampler|`` over the tokens where ``mask`` is set ([B, T] each)."""
+
+def logprob_mismatch(trainer_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor) -> dict[str, Metric]:
+    """``{"mean", "max"}`` of ``|trainer - sampler|`` over the tokens where ``mask`` is set ([B, T] each): this
+    rank's mean (averaged over ranks) and max (the global max)."""
     mask = mask.bool()
     if not bool(mask.any()):
-        return {"mean": 0.0, "max": 0.0}
+        return {"mean": Metric.mean(0.0), "max": Metric.max(0.0)}
     gap = (trainer_logprobs.double() - sampler_logprobs.double()).abs()[mask]
-    return {"mean": gap.mean().item(), "max": gap.max().item()}
+    return {"mean": Metric.mean(gap.mean().item()), "max": Metric.max(gap.max().item())}
 
 
 def truncated_importance_weights(trainer_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor, cap: float) -> Tensor:

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from nemo_viper.runtime.metrics import Metric
+
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k3")
 # Log-ratios are clamped to this range before exp(), so one wild token cannot produce inf/NaN.
@@ -123,15 +125,16 @@ class ClippedPolicyLoss:
     Computation runs in at least float32.
 
     ``loss`` is a 0-dim tensor: this micro-batch's additive share of the mini-batch loss. Summing
-    ``loss`` over all micro-batches on all ranks gives the aggregated loss exactly, so backward on
-    each share accumulates exactly the mini-batch gradient. The caller must undo any scaling its
-    training loop applies on top: Megatron DDP *averages* gradients over data-parallel ranks, so
-    backpropagate ``loss * dp_size``; a schedule that divides the returned loss by the number of
-    micro-batches must likewise be compensated (or bypassed).
+    ``loss`` over all micro-batches on all ranks gives the aggregated loss exactly, so the gradients of
+    the shares, *summed* over micro-batches and data-parallel ranks, are exactly the mini-batch
+    gradient. A training loop must therefore sum, not average: the project's Megatron update
+    (:mod:`nemo_viper.models.training`) runs with ``calculate_per_token_loss``, returns ``loss · N_tok``
+    with the micro-batch's token count ``n_mb`` to Megatron's schedule, and DDP sums the gradients over
+    ranks and divides by ``Σ n_mb = N_tok``: no ``dp_size`` or micro-batch-count factor remains.
 
-    ``metrics`` (detached 0-dim tensors) follow the same additive rule so they aggregate exactly:
-    every key except ``ratio_max`` is a contribution to a mini-batch *token mean* (sum them over
-    micro-batches and SUM-all-reduce over ranks); ``ratio_max`` is reduced with MAX.
+    ``metrics`` are :class:`~nemo_viper.runtime.metrics.Metric` values (detached 0-dim tensors) that
+    declare their reduction: every key except ``ratio_max`` is a ``SUM`` contribution to a mini-batch
+    *token mean* (summed over micro-batches and ranks it is the mean exactly); ``ratio_max`` is a ``MAX``.
 
     * ``clip_frac_low``: fraction of tokens with ``A < 0`` and ``r < 1 − eps_low`` (clip active);
     * ``clip_frac_high``: fraction with ``A > 0`` and ``r > 1 + eps_high``;
@@ -153,7 +156,7 @@ class ClippedPolicyLoss:
         mask: Tensor,
         normalizer: LossNormalizer,
         ref_logprobs: Tensor | None = None,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    ) -> tuple[Tensor, dict[str, Metric]]:
         cfg = self.config
         if logprobs.dim() != 2 or logprobs.shape != old_logprobs.shape or logprobs.shape != mask.shape:
             raise ValueError(
@@ -193,8 +196,8 @@ class ClippedPolicyLoss:
             dual = (adv < 0) & (r > c) & valid if c is not None else torch.zeros_like(valid)
             metrics["dual_clip_frac"] = dual.sum().to(dtype)
             metrics["ratio_mean"] = (r * m).sum()
-            metrics = {k: v.detach() / normalizer.num_tokens for k, v in metrics.items()}
-            metrics["ratio_max"] = torch.where(valid, r, torch.zeros_like(r)).max()
+            metrics = {k: Metric.sum(v.detach() / normalizer.num_tokens) for k, v in metrics.items()}
+            metrics["ratio_max"] = Metric.max(torch.where(valid, r, torch.zeros_like(r)).max())
         return loss, metrics
 
     @staticmethod

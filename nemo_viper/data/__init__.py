@@ -3,8 +3,8 @@
 - :mod:`~nemo_viper.data.records`: the typed ``caption_refine`` / ``visual_op`` records and their validation;
 - :mod:`~nemo_viper.data.shards`: :class:`ShardWriter` and :class:`ShardDataset` (webdataset tars + manifest);
 - :mod:`~nemo_viper.data.prompt_source`: the RL loop's prompt source over a dataset, sharded over
-  data-parallel ranks. Import it from its module: it needs torch (through the training loop's types),
-  which the writer side does not.
+  data-parallel ranks, delivering :class:`~nemo_viper.data.task_prompt.TaskPrompt` s. Import it from its
+  module: it needs torch and the image preprocessor, which the writer side does not.
 
 Layout and semantics: ``docs/data_format.md``.
 """

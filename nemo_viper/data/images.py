@@ -61,14 +61,14 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from transformers import Qwen2VLImageProcessorPil
-from transformers.image_utils import PILImageResampling
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+if TYPE_CHECKING:  # transformers is imported where it is used: config checks stay light (no transformers)
+    from transformers import Qwen2VLImageProcessorPil
 
 from nemo_viper.data.decoding import plain_bytes
 from nemo_viper.errors import ConfigError, NemoViperError
@@ -105,6 +105,8 @@ class ImageProcessingConfig:
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         """``(height, width)`` after Qwen's resize rule; ``ValueError`` for an aspect ratio above 200."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
         factor = self.patch_size * self.merge_size
         return smart_resize(height, width, factor=factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
 
@@ -113,6 +115,8 @@ class ImageProcessingConfig:
         """The settings of an HF Qwen2-VL image processor; ``ConfigError`` if it deviates from Qwen's pipeline
         (resizing, rescaling, normalising and RGB conversion on, bicubic resampling), which is all this
         module implements."""
+        from transformers.image_utils import PILImageResampling
+
         for flag in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
             if not getattr(processor, flag):
                 raise ConfigError(f"image processor {flag}=False is not supported (Qwen2.5-VL preprocessing sets it)")
@@ -132,10 +136,14 @@ class ImageProcessingConfig:
     @classmethod
     def from_pretrained(cls, hf_dir: str | Path) -> "ImageProcessingConfig":
         """Read ``preprocessor_config.json`` (or the ``image_processor`` part of ``processor_config.json``)."""
+        from transformers import Qwen2VLImageProcessorPil
+
         return cls.from_hf(Qwen2VLImageProcessorPil.from_pretrained(str(hf_dir)))
 
     def hf_processor(self) -> Qwen2VLImageProcessorPil:
         """The HF PIL image processor with these settings (the reference, and the ``pil`` backend)."""
+        from transformers import Qwen2VLImageProcessorPil
+
         return Qwen2VLImageProcessorPil(
             min_pixels=self.min_pixels,
             max_pixels=self.max_pixels,
@@ -146,6 +154,19 @@ class ImageProcessingConfig:
             image_mean=list(self.image_mean),
             image_std=list(self.image_std),
         )
+
+
+def check_patches(pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None) -> None:
+    """Images as the HF processor gives them: both tensors or neither, and ``image_grid_thw`` (``t, h, w``
+    per image) describing exactly the rows of ``pixel_values``. One check for every datum that carries
+    images (:class:`~nemo_viper.models.batch.PolicyBatch`,
+    :class:`~nemo_viper.rollout.interface.GenerationRequest`)."""
+    if (pixel_values is None) != (image_grid_thw is None):
+        raise ValueError("pixel_values and image_grid_thw must be given together")
+    if image_grid_thw is not None:
+        patches = int(image_grid_thw.prod(dim=-1).sum())
+        if patches != pixel_values.shape[0]:
+            raise ValueError(f"image_grid_thw describes {patches} patches but pixel_values has {pixel_values.shape[0]} rows")
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from nemo_viper.data.images import ImageDecodeError, PromptImages, QwenImagePrep
 from nemo_viper.data.records import Record
 from nemo_viper.data.shards import DatasetError, ShardDataset
 from nemo_viper.errors import ConfigError
-from nemo_viper.training.loop import TaskPrompt
+from nemo_viper.data.task_prompt import TaskPrompt, task_prompt
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class ShardPromptSource:
     """The loop's ``PromptSource`` over one dataset for one data-parallel rank (see the module docstring).
 
     ``task_prompt_builder(record, images)`` turns a record and its preprocessed images into the
-    :class:`TaskPrompt` (default: :func:`nemo_viper.prompts.task_prompt`). Call :meth:`close` (or use the
+    :class:`TaskPrompt` (default: :func:`~nemo_viper.data.task_prompt.task_prompt`). Call :meth:`close` (or use the
     source as a context manager) to stop the prefetch thread.
     """
 
@@ -93,11 +93,9 @@ class ShardPromptSource:
                 f"dataset {dataset.directory} has {len(self.indices)} usable samples (after {len(exclude)} held out), "
                 f"fewer than the {dp_world} data-parallel ranks reading it"
             )
-        if task_prompt_builder is None:
-            from nemo_viper.prompts import task_prompt as task_prompt_builder
         self.dataset = dataset
         self.preprocessor = preprocessor
-        self.build = task_prompt_builder
+        self.build = task_prompt_builder or task_prompt
         self.seed = seed
         self.dp_rank = dp_rank
         self.dp_world = dp_world

@@ -55,7 +55,8 @@ class EvalConfig:
 
 def hf_model_dir(model: str | Path, out: Path) -> Path:
     """The HF dir to evaluate: ``model`` itself, or ``out/hf_model`` exported from a Megatron checkpoint."""
-    from nemo_viper.models.checkpoint import METADATA_FILE, export_checkpoint, resolve_checkpoint
+    from nemo_viper.models.checkpoint import export_checkpoint
+    from nemo_viper.models.checkpoint_dir import METADATA_FILE, resolve_checkpoint
 
     model = Path(model)
     if (model / "config.json").is_file():

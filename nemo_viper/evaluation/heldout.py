@@ -77,7 +77,7 @@ def score_prompts(generator, reward_model, processor, prompts: Sequence, samplin
         texts = [s.text for group in responses for s in group]
         truths = [p.ground_truth for p in prompts for _ in range(n)]
         ids = [p.sample_id for p in prompts for _ in range(n)]
-        truncated = [s.finish_reason == "length" for group in responses for s in group]
+        truncated = [s.truncated for group in responses for s in group]
         out[name] = reward_model.score(texts, truths, ids, truncated) if texts else []
     return out
 

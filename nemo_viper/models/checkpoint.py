@@ -10,13 +10,9 @@ Layout of a policy checkpoint directory::
       optimizer/                   (training checkpoints) the Megatron optimizer's sharded state
       trainer_state.json           (training checkpoints) step, data position, ...
 
-**Checkpoints are code.** Loading one unpickles parts of it (torch's distributed-checkpoint ``.metadata``,
-non-tensor objects in the ``.distcp`` files): a crafted checkpoint runs arbitrary code. Load only checkpoints
-you trust. ``nemo_viper_checkpoint.json`` lists the sha256 of every other file of the checkpoint
-(``files``); loading refuses a checkpoint whose files differ from that list, or that has none, before
-anything is unpickled, unless the user passes ``--trust-checkpoint``. The list detects changes made after
-the checkpoint was written and checkpoints from elsewhere; it is no signature: whoever can rewrite the whole
-directory can rewrite the list too (``docs/reliability.md``, trust boundaries).
+**Checkpoints are code**: every load first checks the directory with
+:func:`~nemo_viper.models.checkpoint_dir.read_checkpoint_metadata` (format, file manifest; see
+:mod:`nemo_viper.models.checkpoint_dir`, which holds the checks that need no torch or Megatron).
 
 The weights are stored as sharded tensors with global shapes, so a checkpoint saved at one TP/PP
 layout loads at any other (megatron-core reshards on load). The directory is written under a temporary
@@ -25,11 +21,7 @@ name and renamed when complete, so a killed job never leaves a half-written chec
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
-import os
-import re
 import shutil
 from pathlib import Path
 
@@ -37,14 +29,12 @@ import torch
 import torch.distributed as dist
 
 from nemo_viper.errors import CheckpointError
+from nemo_viper.models.checkpoint_dir import (FILES_KEY, FORMAT, METADATA_FILE, file_hashes, forget_verified,
+                                              read_checkpoint_metadata, resolve_checkpoint)
 from nemo_viper.models.hf_checkpoint import read_qwen25_vl_config
 from nemo_viper.models.policy import MegatronPolicy, PolicyConfig, build_policy
 from nemo_viper.runtime import collectives
 
-log = logging.getLogger(__name__)
-
-FORMAT = "nemo_viper.policy/1"
-METADATA_FILE = "nemo_viper_checkpoint.json"
 DEFAULT_SHARD_BYTES = 2 * 2**30  # HF export: bytes per safetensors shard (bounds the exporter's host memory)
 TRAINER_STATE_FILE = "trainer_state.json"
 # Files of an HF checkpoint dir that are not weights; copied into CKPT/hf and back out on export.
@@ -121,7 +111,7 @@ def save_policy(
 
     keep_checkpoint_writes_in_process()  # no helper process that a killed save would leave behind
     out = Path(out_dir)
-    _verified.pop(out.resolve(), None)
+    forget_verified(out)
     tmp = out.with_name(f".{out.name}.partial")
     if _rank() == 0:
         if tmp.exists():
@@ -183,121 +173,14 @@ def load_training_state(policy: MegatronPolicy, optimizer, ckpt_dir: str | Path)
     return json.loads((ckpt / TRAINER_STATE_FILE).read_text())
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A policy checkpoint dir as given, or the latest checkpoint of an RL run dir (:func:`latest_checkpoint`
-    of ``checkpoints/``)."""
-    path = Path(path)
-    if not (path / METADATA_FILE).is_file() and (path / "checkpoints").is_dir():
-        return latest_checkpoint(path / "checkpoints") or path
-    return path
-
-
-LATEST_POINTER = "latest"
-STEP_DIR = re.compile(r"step_(\d+)")
-
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The checkpoint ``root/latest`` names, or, if it names no complete checkpoint (a missing directory, a
-    torn or empty pointer), the newest complete ``root/step_N`` with a warning; ``None`` if there is none.
-
-    Complete: renamed into place, so its metadata file (written last) is there."""
-    root = Path(root)
-    pointer = root / LATEST_POINTER
-    named = pointer.read_text(errors="replace").strip() if pointer.is_file() else ""
-    if STEP_DIR.fullmatch(named) and (root / named / METADATA_FILE).is_file():
-        return root / named
-    complete = [p for p in root.glob("step_*") if STEP_DIR.fullmatch(p.name) and (p / METADATA_FILE).is_file()]
-    newest = max(complete, key=lambda p: int(STEP_DIR.fullmatch(p.name)[1]), default=None)
-    if newest is not None:
-        log.warning("%s names %r, which is not a complete checkpoint; using the newest complete one instead: %s",
-                    pointer, named, newest)
-    return newest
-
-
-FILES_KEY = "files"
-_trust_unverified = False
-_verified: dict[Path, dict] = {}
-
-
-def trust_unverified_checkpoints() -> None:
-    """Load checkpoints whose files do not match (or have no) manifest: ``--trust-checkpoint``."""
-    global _trust_unverified
-    _trust_unverified = True
-
-
-def file_hashes(ckpt_dir: Path) -> dict[str, str]:
-    """sha256 of every file under ``ckpt_dir`` but the metadata file, by relative path (up to 8 threads)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    files = sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and p.name != METADATA_FILE)
-
-    def digest(path: Path) -> str:
-        sha = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(1 << 24):
-                sha.update(block)  # releases the GIL: files hash concurrently
-        return sha.hexdigest()
-
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return dict(zip((p.relative_to(ckpt_dir).as_posix() for p in files), pool.map(digest, files)))
-
-
-def _check_manifest(ckpt: Path, metadata: dict) -> None:
-    """Refuse a checkpoint that has no file manifest (not written by this project) or whose files differ from
-    it (tampered, truncated, foreign files): loading it would unpickle its contents. ``--trust-checkpoint``
-    skips this (:func:`trust_unverified_checkpoints`). Every rank checks for itself (no collective)."""
-    if _trust_unverified:
-        return
-    expected = metadata.get(FILES_KEY)
-    if not isinstance(expected, dict):
-        raise CheckpointError(
-            f"{ckpt} has no file manifest (not written by nemo_viper, or by an older version); loading a checkpoint "
-            "can run code it contains: pass --trust-checkpoint only if you trust its origin"
-        )
-    found = file_hashes(ckpt)
-    changed = sorted(set(expected) ^ set(found) | {name for name in expected if found.get(name) != expected[name]})
-    if changed:
-        raise CheckpointError(
-            f"{ckpt} does not match its file manifest ({len(changed)} files differ, e.g. {changed[0]}): it was "
-            "modified after it was written; loading a checkpoint can run code it contains: pass "
-            "--trust-checkpoint only if you trust it"
-        )
-
-
-def read_checkpoint_metadata(ckpt_dir: str | Path) -> dict:
-    """Metadata of a policy checkpoint whose files match its manifest (:func:`_check_manifest`; once per
-    process and directory), or a one-line error naming what is missing or wrong. Every load calls this
-    before unpickling anything."""
-    ckpt = Path(ckpt_dir)
-    if ckpt.resolve() in _verified:
-        return _verified[ckpt.resolve()]
-    if not ckpt.is_dir():
-        raise CheckpointError(f"checkpoint directory not found: {ckpt}")
-    meta_file = ckpt / METADATA_FILE
-    if not meta_file.is_file():
-        raise CheckpointError(f"{ckpt} is not a nemo_viper policy checkpoint (no {METADATA_FILE})")
-    try:
-        metadata = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{meta_file} is not valid JSON ({e}): damaged checkpoint") from None
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        metadata = metadata if isinstance(metadata, dict) else {}
-        raise CheckpointError(f"{meta_file}: unsupported format {metadata.get('format')!r} (expected {FORMAT!r})")
-    if not (ckpt / "model").is_dir():
-        raise CheckpointError(f"{ckpt} has no model/ directory (incomplete checkpoint)")
-    _check_manifest(ckpt, metadata)
-    read_qwen25_vl_config(ckpt / "hf")
-    _verified[ckpt.resolve()] = metadata
-    return metadata
-
-
 def load_policy(ckpt_dir: str | Path, **policy_overrides) -> MegatronPolicy:
     """Build the policy at the layout given by ``policy_overrides`` and load the checkpoint's weights.
 
     ``ckpt_dir`` is a policy checkpoint, or an RL run dir (its latest checkpoint is used)."""
     ckpt = resolve_checkpoint(ckpt_dir)
     read_checkpoint_metadata(ckpt)
-    policy = build_policy(PolicyConfig(hf_path=str(ckpt / "hf"), **policy_overrides), load_weights=False)
+    policy = build_policy(PolicyConfig(hf_path=str(ckpt / "hf"), **policy_overrides), load_weights=False,
+                          initialize=False)
     load_model_weights(policy, ckpt)
     return policy
 

@@ -14,148 +14,11 @@ the log-probs and broadcasts them to the other stages, so every rank returns the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
+from nemo_viper.models.batch import PolicyBatch, concat_ranges
 from nemo_viper.runtime import collectives
-
-
-@dataclass
-class PolicyBatch:
-    """Inputs of one forward pass: right-padded token ids, the response mask, and the images.
-
-    Images come in one of two layouts:
-
-    - per row (``image_sets=None``): ``pixel_values`` holds the patches of every row's images in row order
-      (row 0's images first), ``image_grid_thw`` one ``(t, h, w)`` row per image;
-    - shared (``image_sets`` [B] long): row ``i`` shows image set ``image_sets[i]`` (``-1``: no images);
-      ``pixel_values`` / ``image_grid_thw`` hold the sets ``0, 1, ...`` in order, each once. A GRPO
-      rollout stores a prompt's images once for its ``n`` responses this way.
-
-    A row's image count is the number of ``<|vision_start|>`` tokens in it. :meth:`select` keeps the
-    layout (shared sets are gathered once, not per row). :func:`forward_micro_batch` runs the vision tower
-    once per stored image and scatters the features into every row that shows it; :meth:`model_inputs`
-    is the per-row form of the same inputs (each row's own copy of its images).
-    """
-
-    input_ids: Tensor  # [B, S] long, right-padded
-    response_mask: Tensor  # [B, S] bool/int: 1 where the log-prob of x_t is wanted
-    pixel_values: Tensor | None = None  # [sum of t*h*w over images, C*patch volume]
-    image_grid_thw: Tensor | None = None  # [num_images, 3]
-    image_sets: Tensor | None = None  # [B] long, shared layout only
-
-    def __post_init__(self):
-        if self.input_ids.shape != self.response_mask.shape:
-            raise ValueError(
-                f"input_ids {tuple(self.input_ids.shape)} and response_mask "
-                f"{tuple(self.response_mask.shape)} must have the same shape"
-            )
-        if (self.pixel_values is None) != (self.image_grid_thw is None):
-            raise ValueError("pixel_values and image_grid_thw must be given together")
-        if self.image_grid_thw is not None:
-            patches = int(self.image_grid_thw.prod(dim=-1).sum())
-            if patches != self.pixel_values.shape[0]:
-                raise ValueError(
-                    f"image_grid_thw describes {patches} patches but pixel_values has {self.pixel_values.shape[0]}"
-                )
-        if self.image_sets is not None and self.image_sets.shape != self.input_ids.shape[:1]:
-            raise ValueError(f"image_sets has shape {tuple(self.image_sets.shape)}, expected ({self.input_ids.shape[0]},)")
-
-    def select(self, rows, vision_start_token_id: int) -> PolicyBatch:
-        """The samples at ``rows`` (indices or a slice), each with exactly its own images, in the same layout."""
-        input_ids, response_mask = self.input_ids[rows], self.response_mask[rows]
-        if self.image_grid_thw is None:
-            return PolicyBatch(input_ids, response_mask)
-        sets, set_sizes = self._image_sets(vision_start_token_id)
-        if self.image_sets is None:  # per row: the selected rows' images, in order
-            pixel_values, grid = self._gather(sets[rows].reshape(-1), set_sizes)
-            if len(grid) == 0:
-                return PolicyBatch(input_ids, response_mask)
-            return PolicyBatch(input_ids, response_mask, pixel_values, grid)
-        selected = sets[rows].reshape(-1)
-        used = selected[selected >= 0]
-        if used.numel() == 0:
-            return PolicyBatch(input_ids, response_mask)
-        order = torch.unique(used, sorted=True)  # renumber the sets that are still shown
-        renumber = torch.full((len(set_sizes),), -1, dtype=torch.long)
-        renumber[order] = torch.arange(len(order))
-        pixel_values, grid = self._gather(order, set_sizes)
-        image_sets = torch.where(selected >= 0, renumber[selected.clamp(min=0)], -1)
-        return PolicyBatch(input_ids, response_mask, pixel_values, grid, image_sets)
-
-    def pad_columns(self, multiple: int, pad_token_id: int = 0) -> PolicyBatch:
-        """This batch with its token dimension right-padded to a multiple of ``multiple`` (pad tokens, response
-        mask 0): Transformer Engine's FP8 GEMMs need aligned token counts. Under causal attention padding
-        after a row's tokens changes none of their outputs, and the mask keeps it out of log-probs and loss."""
-        missing = -self.input_ids.shape[1] % multiple
-        if missing == 0:
-            return self
-        ids = torch.nn.functional.pad(self.input_ids, (0, missing), value=pad_token_id)
-        mask = torch.nn.functional.pad(self.response_mask, (0, missing))
-        return PolicyBatch(ids, mask, self.pixel_values, self.image_grid_thw, self.image_sets)
-
-    def split(self, micro_batch_size: int, vision_start_token_id: int) -> list[PolicyBatch]:
-        """Consecutive micro-batches of ``micro_batch_size`` samples (the last may be smaller)."""
-        batch_size = self.input_ids.shape[0]
-        return [
-            self.select(slice(start, start + micro_batch_size), vision_start_token_id)
-            for start in range(0, batch_size, micro_batch_size)
-        ]
-
-    def model_inputs(self, device: torch.device, vision_start_token_id: int) -> dict:
-        """The keyword arguments of the Megatron Qwen2.5-VL forward, images per row, on ``device``."""
-        inputs = {"input_ids": self.input_ids.to(device), "position_ids": None, "attention_mask": None}
-        if self.image_grid_thw is None:
-            return inputs
-        pixel_values, grid = self.pixel_values, self.image_grid_thw
-        if self.image_sets is not None:
-            sets, set_sizes = self._image_sets(vision_start_token_id)
-            pixel_values, grid = self._gather(sets, set_sizes)
-        if len(grid):
-            inputs.update(pixel_values=pixel_values.to(device), image_grid_thw=grid.to(device))
-        return inputs
-
-    def _image_sets(self, vision_start_token_id: int) -> tuple[Tensor, Tensor]:
-        """``(image set of each row, images per set)``; checks them against the ``<|vision_start|>`` tokens."""
-        images_per_row = (self.input_ids == vision_start_token_id).sum(dim=1)
-        if self.image_sets is None:
-            sets, set_sizes = torch.arange(len(images_per_row)), images_per_row
-        else:
-            sets = self.image_sets.long().cpu()
-            shown = sets >= 0
-            set_sizes = torch.zeros(int(sets.max()) + 1 if shown.any() else 0, dtype=torch.long)
-            set_sizes[sets[shown]] = images_per_row[shown]
-            if (images_per_row[~shown] != 0).any() or (set_sizes[sets[shown]] != images_per_row[shown]).any():
-                raise ValueError("rows showing the same image set (image_sets) contain different numbers of images")
-        if int(set_sizes.sum()) != self.image_grid_thw.shape[0]:
-            raise ValueError(
-                f"input_ids contain {int(set_sizes.sum())} images but image_grid_thw has "
-                f"{self.image_grid_thw.shape[0]} rows"
-            )
-        return sets, set_sizes
-
-    def _image_index(self, sets: Tensor, set_sizes: Tensor) -> Tensor:
-        """Indices of the stored images shown by ``sets`` (image set ids, in order, repeats allowed; ``-1``
-        skipped): the stored images each row shows, in row order."""
-        sets = sets[sets >= 0]
-        return _ranges(torch.cumsum(set_sizes, 0) - set_sizes, set_sizes, sets)
-
-    def _gather(self, sets: Tensor, set_sizes: Tensor) -> tuple[Tensor, Tensor]:
-        """The images of ``sets`` (image set ids, in order, repeats allowed; ``-1`` skipped), concatenated."""
-        patches_per_image = self.image_grid_thw.prod(dim=-1).cpu()
-        image_index = self._image_index(sets, set_sizes)
-        patch_index = _ranges(torch.cumsum(patches_per_image, 0) - patches_per_image, patches_per_image, image_index)
-        return (self.pixel_values[patch_index.to(self.pixel_values.device)],
-                self.image_grid_thw[image_index.to(self.image_grid_thw.device)])
-
-
-def _ranges(starts: Tensor, counts: Tensor, items: Tensor) -> Tensor:
-    """``cat([arange(starts[k], starts[k] + counts[k]) for k in items])``, without a Python loop."""
-    counts = counts[items]
-    offsets = torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-    return torch.repeat_interleave(starts[items], counts) + offsets
 
 
 def forward_micro_batch(model, batch: PolicyBatch, device: torch.device, vision_start_token_id: int):
@@ -171,8 +34,8 @@ def forward_micro_batch(model, batch: PolicyBatch, device: torch.device, vision_
         return model(**batch.model_inputs(device, vision_start_token_id))
     from megatron.core.utils import unwrap_model
 
-    sets, set_sizes = batch._image_sets(vision_start_token_id)
-    image_index = batch._image_index(sets, set_sizes).to(device)
+    sets, set_sizes = batch.image_set_sizes(vision_start_token_id)
+    image_index = batch.stored_image_index(sets, set_sizes).to(device)
     input_ids, grid = batch.input_ids.to(device), batch.image_grid_thw.to(device)
     inputs = {"input_ids": input_ids, "position_ids": None, "attention_mask": None,
               "image_grid_thw": grid[image_index]}  # per row: the multimodal RoPE positions need it
@@ -189,7 +52,7 @@ def _embed_with_shared_images(core, input_ids: Tensor, pixel_values: Tensor, gri
     embeddings = core.language_model.embedding(input_ids=input_ids, position_ids=None).transpose(0, 1)
     features = core.get_image_features(pixel_values, grid, return_dict=True).pooler_output  # one per image
     tokens = torch.tensor([len(f) for f in features])
-    token_index = _ranges(torch.cumsum(tokens, 0) - tokens, tokens, image_index.cpu())
+    token_index = concat_ranges(torch.cumsum(tokens, 0) - tokens, tokens, image_index.cpu())
     row_features = torch.cat(features)[token_index.to(input_ids.device)].to(embeddings.dtype)
     slots = input_ids == core.config.image_token_id
     if int(slots.sum()) != row_features.shape[0]:

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from nemo_viper.models.checkpoint import load_policy
-from nemo_viper.models.logprobs import PolicyBatch, compute_logprobs
+from nemo_viper.models.batch import PolicyBatch
+from nemo_viper.models.logprobs import compute_logprobs
 from nemo_viper.models.processor import load_processor
 
 

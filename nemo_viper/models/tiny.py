@@ -27,27 +27,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from nemo_viper.errors import NemoViperError
+from nemo_viper.models.tokens import QWEN_SPECIAL_TOKENS
 
 if TYPE_CHECKING:
     from nemo_viper.models.tiny_warmstart import WarmStartConfig
-
-QWEN_SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
-VISION_SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
 CHAT_TEMPLATE = (
     "{%- if not messages or messages[0]['role'] != 'system' %}"

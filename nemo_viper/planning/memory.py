@@ -131,7 +131,9 @@ class TrainingShape:
     fused_attention: bool = False  # Transformer Engine / flash attention: no S x S probabilities saved
     shared_images: bool = True  # vision tower once per image set (False: once per row)
     entropy_chunk: int | None = 1024  # positions of the entropy metric's float32 chunk (None: unchunked)
-    generation_batch_size: int = 64  # samples decoded together
+    generation_batch_size: int = 64  # samples decoded together (Megatron generation backend)
+    vllm_memory_fraction: float = 0.0  # rollout.backend=vllm: the engine's share of the GPU when awake; 0: Megatron
+    vllm_sleep_mode: bool = True  # the vLLM engine releases its weights and KV cache while the trainer steps
     reward_params: int = 0
     reward_bytes_per_param: int = 4
 
@@ -286,15 +288,20 @@ def prefill_temporaries(arch: Architecture, layout: Layout, prompts: int, prompt
     return max(mlp + attention, vision)
 
 
-def rollout_phase(arch: Architecture, layout: Layout, shape: TrainingShape) -> PhaseMemory:
-    """Generation in the RL job: the trainer's states stay resident, the KV cache of one batch, the reward."""
+def rollout_phase(arch: Architecture, layout: Layout, shape: TrainingShape, gpu_bytes: float) -> PhaseMemory:
+    """Generation in the RL job: the trainer's states stay resident, plus the generator — Megatron's: the KV
+    cache of one batch and the prefill temporaries; vLLM's: the engine's whole share of the GPU
+    (``gpu_memory_utilization`` x GPU: its weights, KV cache and activations) — and the reward model."""
     phase = PhaseMemory("RL rollout", model_states(arch, layout, shape.precision))
     e = shape.element_bytes
-    phase.terms["KV cache"] = kv_cache(arch, layout, shape.generation_batch_size, shape.sequence_length(arch), e)
-    prompts = math.ceil(shape.generation_batch_size / shape.responses_per_prompt)
-    phase.terms["prefill temporaries"] = prefill_temporaries(
-        arch, layout, prompts, shape.prompt_length(arch), shape.max_pixels, shape.images_per_prompt, e,
-        shape.fused_attention)
+    if shape.vllm_memory_fraction:
+        phase.terms["vLLM engine"] = shape.vllm_memory_fraction * gpu_bytes
+    else:
+        phase.terms["KV cache"] = kv_cache(arch, layout, shape.generation_batch_size, shape.sequence_length(arch), e)
+        prompts = math.ceil(shape.generation_batch_size / shape.responses_per_prompt)
+        phase.terms["prefill temporaries"] = prefill_temporaries(
+            arch, layout, prompts, shape.prompt_length(arch), shape.max_pixels, shape.images_per_prompt, e,
+            shape.fused_attention)
     phase.terms["reward model"] = shape.reward_params * shape.reward_bytes_per_param
     return phase
 
@@ -339,7 +346,9 @@ def plan_memory(arch: Architecture, layout: Layout, shapes: dict[str, TrainingSh
     if synth is not None:
         phases.append(synthesis_phase("synthesis", arch, synth))
     for stage, shape in shapes.items():
-        rollout, training = rollout_phase(arch, layout, shape), training_phase(arch, layout, shape)
+        rollout, training = rollout_phase(arch, layout, shape, gpu_bytes), training_phase(arch, layout, shape)
+        if shape.vllm_memory_fraction and not shape.vllm_sleep_mode:  # an awake engine keeps its share
+            training.terms["vLLM engine"] = shape.vllm_memory_fraction * gpu_bytes
         rollout.name, training.name = f"{stage} rollout", f"{stage} training step"
         phases += [rollout, training]
     return Plan(phases, gpu_bytes, margin)
@@ -357,7 +366,11 @@ def training_changes(shape: TrainingShape, layout: Layout, arch: Architecture, g
         size //= 2
     if shape.recompute != "full":
         yield "recompute=full", replace(shape, recompute="full"), layout
-    if shape.generation_batch_size > 8:
+    if shape.vllm_memory_fraction and not shape.vllm_sleep_mode:
+        yield "vllm_sleep_mode=true", replace(shape, vllm_sleep_mode=True), layout
+    for tenths in range(math.ceil(shape.vllm_memory_fraction * 10) - 1, 1, -1):  # the engine's share, 0.1 less each
+        yield f"vllm_memory_fraction={tenths / 10}", replace(shape, vllm_memory_fraction=tenths / 10), layout
+    if not shape.vllm_memory_fraction and shape.generation_batch_size > 8:
         yield (f"generation_batch_size={shape.generation_batch_size // 2}",
                replace(shape, generation_batch_size=shape.generation_batch_size // 2), layout)
     tensor = layout.tensor * 2

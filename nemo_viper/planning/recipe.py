@@ -84,6 +84,8 @@ def training_shapes(config) -> dict[str, TrainingShape]:
         max_new_tokens=rl.sampling.max_new_tokens,
         # null: the backend fills half the free memory with decode slots; the plan then counts its default batch
         generation_batch_size=config.rollout.megatron_batch_size or TrainingShape.generation_batch_size,
+        vllm_memory_fraction=config.rollout.vllm_gpu_memory_utilization if config.rollout.backend == "vllm" else 0.0,
+        vllm_sleep_mode=config.rollout.vllm_sleep_mode,
         precision=config.model.precision,
         recompute=config.model.recompute,
         recompute_vision=config.model.recompute_vision,
@@ -177,7 +179,8 @@ def _apply(stage_shape: TrainingShape, candidate: TrainingShape, base: TrainingS
 
 
 _KEYS = {"recompute": "model.recompute", "recompute_vision": "model.recompute_vision",
-         "micro_batch_size": "rl.grpo.micro_batch_size", "generation_batch_size": "rollout.megatron_batch_size"}
+         "micro_batch_size": "rl.grpo.micro_batch_size", "generation_batch_size": "rollout.megatron_batch_size",
+         "vllm_memory_fraction": "rollout.vllm_gpu_memory_utilization", "vllm_sleep_mode": "rollout.vllm_sleep_mode"}
 
 
 def _as_key(description: str) -> str:

@@ -20,7 +20,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
-from nemo_viper.data.images import PromptImages
+from nemo_viper.data.images import PromptImages, check_patches
 from nemo_viper.errors import ConfigError, NemoViperError
 
 FinishReason = Literal["eos", "stop", "length"]
@@ -98,14 +98,7 @@ class GenerationRequest:
             raise ConfigError(f"prompt_ids must be a non-empty 1-D sequence, got shape {tuple(self.prompt_ids.shape)}")
         if self.n < 1:
             raise ConfigError(f"n={self.n} must be >= 1")
-        if (self.pixel_values is None) != (self.image_grid_thw is None):
-            raise ConfigError("pixel_values and image_grid_thw must be given together")
-        if self.image_grid_thw is not None:
-            patches = int(self.image_grid_thw.prod(dim=-1).sum())
-            if patches != self.pixel_values.shape[0]:
-                raise ConfigError(
-                    f"image_grid_thw describes {patches} patches but pixel_values has {self.pixel_values.shape[0]} rows"
-                )
+        check_patches(self.pixel_values, self.image_grid_thw)
 
     @classmethod
     def from_chat(
@@ -154,6 +147,11 @@ class GenerationResponse:
     text: str
     logprobs: list[float]
     finish_reason: FinishReason
+
+    @property
+    def truncated(self) -> bool:
+        """Cut at ``max_new_tokens`` (what the format reward and overlong filtering treat as truncated)."""
+        return self.finish_reason == "length"
 
 
 class GenerationBackend(Protocol):

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from nemo_viper.errors import ConfigError
 from nemo_viper.models.hf_checkpoint import text_config
-from nemo_viper.models.tiny import VISION_SPECIAL_TOKENS
+from nemo_viper.models.tokens import VISION_SPECIAL_TOKENS
 from nemo_viper.rollout.interface import (
     GenerationRequest,
     GenerationResponse,

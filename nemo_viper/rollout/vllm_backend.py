@@ -50,7 +50,7 @@ import torch
 
 from nemo_viper.errors import ConfigError
 from nemo_viper.models.hf_checkpoint import text_config
-from nemo_viper.models.tiny import VISION_SPECIAL_TOKENS
+from nemo_viper.models.tokens import VISION_SPECIAL_TOKENS
 from nemo_viper.rollout.interface import (
     GenerationRequest,
     GenerationResponse,
@@ -71,7 +71,9 @@ class VLLMGenerationConfig:
 
     - ``max_model_len``: prompt + generated tokens per sample; ``None`` = the model's
       ``max_position_embeddings``.
-    - ``gpu_memory_utilization``: share of the GPU vLLM may take when awake (weights + KV cache).
+    - ``gpu_memory_utilization``: share of the GPU vLLM may take when awake (weights + KV cache); the
+      trainer's weights, gradients and optimizer states stay resident beside it, so 0.4 (not vLLM's 0.9):
+      the largest share with which the 3B and 7B recipes' rollouts fit 80 GB (``nemo-viper plan``).
     - ``cpu_kv_cache_gib``: KV-cache size on CPU (``VLLM_CPU_KVCACHE_SPACE``).
     - ``sleep_mode``: release weights and KV cache between rollouts (GPU only; ignored on CPU).
     - ``enforce_eager``: no CUDA graphs (always eager on CPU).
@@ -80,7 +82,7 @@ class VLLMGenerationConfig:
     """
 
     max_model_len: int | None = None
-    gpu_memory_utilization: float = 0.5
+    gpu_memory_utilization: float = 0.4
     cpu_kv_cache_gib: int = 1
     sleep_mode: bool = True
     enforce_eager: bool = False

@@ -16,12 +16,15 @@ live here so that ``tests/test_collectives.py`` can check that no other module c
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ReduceOp
 
 __all__ = [
+    "DataParallel",
     "ReduceOp",
     "all_gather",
     "all_gather_object",
@@ -126,3 +129,23 @@ def barrier(group=None) -> None:
     """Wait for every rank of ``group`` (no-op without torch.distributed)."""
     if world_size(group) > 1:
         dist.barrier(group=group)
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """This rank's place among the data-parallel replicas: what framework-free code (the GRPO step, the RL
+    loop) needs to combine work over them. Built by the policy (:mod:`nemo_viper.models.training`) from
+    Megatron's parallel state; ``DataParallel()`` is a single replica. ``group``: the torch.distributed
+    group of the replicas (model-parallel peers are in different groups)."""
+
+    rank: int = 0
+    size: int = 1
+    group: object = None
+
+    def all_reduce(self, tensor: Tensor, op=ReduceOp.SUM) -> Tensor:
+        """``op`` over the replicas (the tensor itself when there is one)."""
+        return tensor if self.size == 1 else all_reduce(tensor, op, self.group)
+
+    def all_gather_object(self, obj) -> list:
+        """Every replica's ``obj``, in replica order."""
+        return [obj] if self.size == 1 else all_gather_object(obj, self.group)

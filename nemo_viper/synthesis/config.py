@@ -317,7 +317,7 @@ def config_hash(config: SynthConfig, input_fingerprint: str) -> str:
 def resolved_policy(config: SynthConfig) -> str:
     """The policy as recorded in records (``synth_ckpt``), the manifest and the config hash: the checkpoint
     an RL run directory points to (``checkpoints/latest``), as an absolute path when it exists."""
-    from nemo_viper.models.checkpoint import resolve_checkpoint
+    from nemo_viper.models.checkpoint_dir import resolve_checkpoint
 
     path = resolve_checkpoint(config.vlm.policy)
     return str(path.resolve()) if path.exists() else config.vlm.policy

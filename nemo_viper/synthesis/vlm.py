@@ -76,10 +76,10 @@ def check_policy(config: VLMConfig) -> tuple[Path, Path | None]:
     one-line :class:`~nemo_viper.errors.CheckpointError` for a missing or wrong directory, a
     :class:`~nemo_viper.errors.ConfigError` for a tensor-parallel size the model does not divide or a
     precision / FP8 recipe / layer spec this machine cannot run."""
-    from nemo_viper.models.checkpoint import read_checkpoint_metadata
+    from nemo_viper.models.checkpoint_dir import read_checkpoint_metadata
     from nemo_viper.models.hf_checkpoint import check_parallel_layout, read_qwen25_vl_config
     from nemo_viper.models.policy import Accelerator, check_precision
-    from nemo_viper.training.stage import policy_paths
+    from nemo_viper.models.checkpoint_dir import policy_paths
 
     check_precision(config.precision, config.fp8_recipe, config.layer_spec, Accelerator.detect())
     hf_dir, checkpoint = policy_paths(config.policy)

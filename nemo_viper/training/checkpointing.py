@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from nemo_viper.models.checkpoint import LATEST_POINTER, latest_checkpoint, load_training_state, save_policy
+from nemo_viper.models.checkpoint_dir import LATEST_POINTER, latest_checkpoint
 from nemo_viper.runtime import collectives
 
 
@@ -34,15 +34,10 @@ class CheckpointManager:
         warning); ``None`` when there is none yet."""
         return latest_checkpoint(self.root)
 
-    def save(self, trainer, step: int, trainer_state: dict) -> Path:
-        """Save ``trainer``'s policy and optimizer at ``step`` (collective)."""
-        path = save_policy(
-            trainer.policy,
-            self.root / self.step_dir_name(step),
-            metadata={"step": step},
-            optimizer=trainer.optimizer,
-            trainer_state={"step": step, **trainer_state},
-        )
+    def save(self, policy, step: int, trainer_state: dict) -> Path:
+        """Save the training ``policy`` (:class:`~nemo_viper.models.training.PolicyWorker`: weights and
+        optimizer) at ``step`` with ``trainer_state`` (collective)."""
+        path = policy.save_checkpoint(self.root / self.step_dir_name(step), step, {"step": step, **trainer_state})
         if not dist.is_initialized() or dist.get_rank() == 0:
             tmp = self.root / f"{LATEST_POINTER}.tmp"
             tmp.write_text(path.name + "\n")
@@ -51,12 +46,12 @@ class CheckpointManager:
         collectives.barrier()
         return path
 
-    def restore(self, trainer) -> dict | None:
-        """Load the latest checkpoint into ``trainer``; returns its trainer state, or ``None``."""
+    def restore(self, policy) -> dict | None:
+        """Load the latest checkpoint into the training ``policy``; returns its trainer state, or ``None``."""
         latest = self.latest()
         if latest is None:
             return None
-        return load_training_state(trainer.policy, trainer.optimizer, latest)
+        return policy.load_checkpoint(latest)
 
     def _prune(self, keep: str) -> None:
         steps = sorted(p for p in self.root.glob("step_*") if p.is_dir())

@@ -20,18 +20,19 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import torch
 
 from nemo_viper.algorithms import dynamic_sampling_keep
 from nemo_viper.data.images import BACKENDS as IMAGE_BACKENDS
 from nemo_viper.data.images import ImageProcessingConfig
+from nemo_viper.data.task_prompt import TaskPrompt
 from nemo_viper.errors import ConfigError
-from nemo_viper.models.hf_checkpoint import text_config
-from nemo_viper.models.logprobs import PolicyBatch
+from nemo_viper.models.batch import PolicyBatch
 from nemo_viper.rewards import RewardBreakdown
-from nemo_viper.runtime import collectives
+from nemo_viper.runtime.collectives import DataParallel, ReduceOp
+from nemo_viper.runtime.metrics import Metric, reduce_metrics
 from nemo_viper.rollout.interface import GenerationBackend, GenerationRequest, GenerationResponse, SamplingParams
 from nemo_viper.training.checkpointing import CheckpointManager
 from nemo_viper.training.grpo import GRPOConfig
@@ -39,20 +40,6 @@ from nemo_viper.training.metrics_log import MetricsLogger
 from nemo_viper.training.rollout_batch import RolloutBatch
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TaskPrompt:
-    """One RL prompt: chat messages (images as ``{"type": "image"}`` parts), its images, its ground truth.
-
-    ``images``: PIL images, or the prompt's preprocessed :class:`~nemo_viper.data.images.PromptImages`
-    (what :class:`~nemo_viper.data.prompt_source.ShardPromptSource` provides), shared by all its rollouts.
-    """
-
-    sample_id: str
-    messages: list[dict]
-    images: Any = field(default_factory=list)
-    ground_truth: list[str] = field(default_factory=list)
 
 
 class PromptSource(Protocol):
@@ -70,16 +57,16 @@ READ_SKIP_REASONS = ("corrupt_image",)
 """Why a prompt source skips a sample while reading its share (the reasons it may count per rank)."""
 
 
-def skipped_metrics(prompts: PromptSource, dp_group) -> dict[str, float]:
+def skipped_metrics(prompts: PromptSource, data_parallel: DataParallel) -> dict[str, float]:
     """Samples skipped so far over the whole job, by reason (``data/skipped/<reason>``) and in total
     (``data/skipped``): the dataset's index-time skips (the same on every rank) plus the sum over the
-    data-parallel ranks of the read-time skips. Collective over ``dp_group``; ``{}`` for a source that does not
-    count skips."""
+    data-parallel ranks of the read-time skips. Collective over ``data_parallel``; ``{}`` for a source that
+    does not count skips."""
     if not hasattr(prompts, "skipped_counts"):
         return {}
     at_index, at_read = prompts.skipped_counts()
     read = torch.tensor([float(at_read.get(reason, 0)) for reason in READ_SKIP_REASONS], dtype=torch.float64)
-    read = collectives.all_reduce(read, group=dp_group)
+    read = data_parallel.all_reduce(read)
     totals = dict(at_index)
     for reason, count in zip(READ_SKIP_REASONS, read.tolist()):
         totals[reason] = totals.get(reason, 0) + count
@@ -180,7 +167,7 @@ def assemble_rollout(
             groups.append(group)
             row_ids.append(sample_ids[group])
             image_sets.append(image_set)
-            truncated.append(sample.finish_reason == "length")
+            truncated.append(sample.truncated)
     length = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     response_mask = torch.zeros((len(rows), length), dtype=torch.bool)
@@ -246,7 +233,7 @@ def _rollout_groups(prompts: PromptSource, generator, reward_model, processor, c
     texts = [sample.text for samples in responses for sample in samples]
     ground_truths = [p.ground_truth for p in batch_prompts for _ in range(config.n)]
     ids = [p.sample_id for p in batch_prompts for _ in range(config.n)]
-    truncated = [sample.finish_reason == "length" for samples in responses for sample in samples]
+    truncated = [sample.truncated for samples in responses for sample in samples]
     rewards = reward_model.score(texts, ground_truths, ids, truncated)
     groups = [_Group(p, q, list(r), rewards[i * config.n : (i + 1) * config.n])
               for i, (p, q, r) in enumerate(zip(batch_prompts, requests, responses))]
@@ -254,13 +241,16 @@ def _rollout_groups(prompts: PromptSource, generator, reward_model, processor, c
 
 
 def collect_groups(prompts: PromptSource, generator, reward_model, processor, config: RLConfig, step: int,
-                   dp_rank: int, dp_world: int, min_over_ranks=None) -> tuple[list[_Group], dict[str, float]]:
+                   dp_rank: int, dp_world: int, min_over_ranks=None) -> tuple[list[_Group], dict[str, Metric]]:
     """This rank's ``prompts_per_step / dp_world`` groups for one step, refilled under dynamic sampling.
 
     Without ``grpo.dynamic_sampling``: one round of the rank's share. With it: rounds continue while the
     fewest groups with a reward spread held by any rank (``min_over_ranks(local_count)``, a collective, so
     every rank decides alike) is below the share, at most ``max_sampling_tries`` rounds; a rank already
     full draws nothing more. Then the spread groups come first, topped up with equal-reward ones.
+
+    Metrics (declared reductions): ``dynamic_sampling/tries`` (the same on every rank), the spread and filler
+    group counts (summed over the ranks), the rollout and reward times (averaged).
     """
     share = config.prompts_per_rank(dp_world)
     groups, rollout_time, reward_time = _rollout_groups(prompts, generator, reward_model, processor, config, step,
@@ -287,9 +277,10 @@ def collect_groups(prompts: PromptSource, generator, reward_model, processor, co
                            "rounds; %d equal-reward groups fill the batch (masked out)",
                            step, len(kept), share, tries, len(filler))
         groups = kept + filler
-        metrics = {"dynamic_sampling/tries": float(tries), "dynamic_sampling/spread_groups": float(len(kept)),
-                   "dynamic_sampling/filler_groups": float(len(filler))}
-    metrics.update({"time/rollout": rollout_time, "time/reward": reward_time})
+        metrics = {"dynamic_sampling/tries": Metric.replicated(float(tries)),
+                   "dynamic_sampling/spread_groups": Metric.sum(float(len(kept))),
+                   "dynamic_sampling/filler_groups": Metric.sum(float(len(filler)))}
+    metrics.update({"time/rollout": Metric.mean(rollout_time), "time/reward": Metric.mean(reward_time)})
     return groups, metrics
 
 
@@ -305,46 +296,45 @@ def run_rl(
 ) -> list[dict]:
     """Run (or resume) a stage for ``config.steps`` steps. Returns the metrics of the steps run now.
 
-    ``processor`` (the policy's image-only Qwen2.5-VL processor) turns task prompts into token ids (and
-    prepares their images unless the prompt source already did).
+    ``trainer``: a :class:`~nemo_viper.training.grpo.GRPOTrainer`; its ``policy`` (the training interface,
+    :class:`~nemo_viper.models.training.PolicyWorker`) gives the data-parallel context, the pad token and the
+    checkpoints. ``generator`` generates from the same policy and is told after every update
+    (``weights_updated``). ``processor`` (the policy's image-only Qwen2.5-VL processor) turns task prompts
+    into token ids (and prepares their images unless the prompt source already did).
     """
     import torch.distributed as dist
-    from megatron.core import parallel_state
 
+    policy = trainer.policy
+    data_parallel = policy.data_parallel
     run_dir = Path(run_dir)
     checkpoints = CheckpointManager(run_dir / "checkpoints", keep_last=config.keep_last)
-    state = checkpoints.restore(trainer)
+    state = checkpoints.restore(policy)
     start = state["step"] if state else 0
     if state:
-        prompts.load_state_dict(state["prompts"][parallel_state.get_data_parallel_rank()])
+        prompts.load_state_dict(state["prompts"][data_parallel.rank])
         generator.weights_updated()  # the restored weights, not the initial ones
     is_logging_rank = dist.get_rank() == 0
     metrics_log = MetricsLogger(run_dir, resume_step=start, enabled=is_logging_rank)
-    pad_token_id = text_config(trainer.policy.hf_config).get("pad_token_id") or 0
-    dp_rank = parallel_state.get_data_parallel_rank()
-    dp_world = parallel_state.get_data_parallel_world_size()
 
-    def min_over_ranks(count: int) -> int:  # over the whole world: model-parallel peers hold the same count
-        return int(collectives.all_reduce(torch.tensor([count], dtype=torch.int64), op=collectives.ReduceOp.MIN)[0])
+    def min_over_ranks(count: int) -> int:  # model-parallel peers hold the same count: over the replicas
+        return int(data_parallel.all_reduce(torch.tensor([count], dtype=torch.int64), ReduceOp.MIN)[0])
 
     history = []
     for step in range(start + 1, config.steps + 1):
         groups, sampling_metrics = collect_groups(prompts, generator, reward_model, processor, config, step,
-                                                  dp_rank, dp_world, min_over_ranks)
+                                                  data_parallel.rank, data_parallel.size, min_over_ranks)
         rollout = assemble_rollout([g.request for g in groups], [g.responses for g in groups],
                                    [r for g in groups for r in g.rewards], [g.prompt.sample_id for g in groups],
-                                   pad_token_id)
+                                   policy.pad_token_id)
         metrics = trainer.step(rollout)
         generator.weights_updated()
-        metrics.update(sampling_metrics)
-        metrics.update(skipped_metrics(prompts, parallel_state.get_data_parallel_group()))
+        metrics.update(reduce_metrics(sampling_metrics, data_parallel))
+        metrics.update(skipped_metrics(prompts, data_parallel))
         metrics_log.log(step, metrics)
         history.append(metrics)
         if step % config.save_every == 0 or step == config.steps:
-            prompt_states = collectives.all_gather_object(
-                prompts.state_dict(), group=parallel_state.get_data_parallel_group()
-            )
-            checkpoints.save(trainer, step, {"prompts": prompt_states})
+            prompt_states = data_parallel.all_gather_object(prompts.state_dict())
+            checkpoints.save(policy, step, {"prompts": prompt_states})
         if progress is not None:
             progress(step, metrics)
     metrics_log.close()

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from nemo_viper.models.logprobs import PolicyBatch
+from nemo_viper.models.batch import PolicyBatch
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 from nemo_viper.data.images import ImageProcessingConfig, QwenImagePreprocessor, resolve_backend
 from nemo_viper.errors import ConfigError
 from nemo_viper.evaluation.heldout import HeldoutConfig
-from nemo_viper.models.checkpoint import METADATA_FILE, resolve_checkpoint
+from nemo_viper.models.checkpoint_dir import policy_paths
 from nemo_viper.models.hf_checkpoint import check_parallel_layout, read_qwen25_vl_config
 from nemo_viper.runtime.distributed import ParallelLayout
 from nemo_viper.models.policy import PolicyOptions
@@ -93,15 +93,6 @@ class StageConfig:
             raise ConfigError(f"stage={self.stage} must be 1 or 2")
 
 
-def policy_paths(policy: str | Path) -> tuple[Path, Path | None]:
-    """``(hf_dir, megatron_checkpoint or None)`` for a policy checkpoint, an RL run dir (its latest
-    checkpoint) or an HF directory."""
-    policy = resolve_checkpoint(policy)
-    if (policy / METADATA_FILE).is_file():
-        return policy / "hf", policy
-    return policy, None
-
-
 def rl_image_config(hf_dir: str | Path, min_pixels: int, max_pixels: int) -> ImageProcessingConfig:
     """The checkpoint's image processor settings with the run's pixel budget instead of the processor's own
     (Qwen2.5-VL publishes ``max_pixels`` = 12,845,056: up to 16,384 tokens per image). The prompts' images
@@ -112,7 +103,7 @@ def rl_image_config(hf_dir: str | Path, min_pixels: int, max_pixels: int) -> Ima
 def run_stage(config: StageConfig) -> list[dict]:
     """Validate, build and run (or resume) one RL stage. Returns the metrics of the steps run now."""
     from nemo_viper.data.shards import DatasetError, ShardDataset
-    from nemo_viper.models.checkpoint import read_checkpoint_metadata
+    from nemo_viper.models.checkpoint_dir import read_checkpoint_metadata
     from nemo_viper.models.policy import Accelerator, check_precision
 
     check_precision(config.model.precision, config.model.fp8_recipe, config.model.layer_spec, Accelerator.detect())
@@ -153,20 +144,21 @@ def run_stage(config: StageConfig) -> list[dict]:
                                  pipeline_parallel=config.pipeline_parallel, **config.model.options())
     rl = config.rl
     trainer = build_trainer(policy_config, rl.grpo, rl.sampling, init_checkpoint=checkpoint)
+    policy = trainer.policy.model  # the generator plugs in on the trained policy's weights
     if config.rollout.backend == "vllm":
         from nemo_viper.rollout.vllm_backend import VLLMGenerationBackend
 
-        generator = VLLMGenerationBackend(trainer.policy, config.rollout.vllm(rl.sampling.seed))
+        generator = VLLMGenerationBackend(policy, config.rollout.vllm(rl.sampling.seed))
     else:
-        generator = MegatronGenerationBackend(trainer.policy, config.rollout.megatron(rl.sampling.seed))
+        generator = MegatronGenerationBackend(policy, config.rollout.megatron(rl.sampling.seed))
     preprocessor = QwenImagePreprocessor(image_config, image_backend)  # after build_trainer chose this rank's GPU
     heldout = heldout_indices([dataset.record(i).id for i in range(len(dataset))], config.heldout)
     prompts = ShardPromptSource(
         dataset,
         preprocessor,
         seed=rl.sampling.seed,
-        dp_rank=parallel_state.get_data_parallel_rank(),
-        dp_world=parallel_state.get_data_parallel_world_size(),
+        dp_rank=trainer.policy.data_parallel.rank,
+        dp_world=trainer.policy.data_parallel.size,
         prefetch=rl.prefetch_prompts,
         exclude=frozenset(heldout),
     )
@@ -208,7 +200,7 @@ class _SelfEvaluation:
         from megatron.core import parallel_state
 
         from nemo_viper.evaluation.heldout import read_record, score_prompts, summarise_scores, write_record
-        from nemo_viper.prompts import task_prompt
+        from nemo_viper.data.task_prompt import task_prompt
         from nemo_viper.runtime.collectives import all_gather_object
 
         existing = read_record(self.path).get(when)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nemo_viper.algorithms import AGGREGATIONS, ClippedPolicyLoss, LossNormalizer, PolicyLossConfig
+from nemo_viper.runtime.metrics import combine
 
 # peers.md §4.7 token-loss example; eps_low 0.2, eps_high 0.28 (the defaults).
 RATIOS_A = [1.10, 1.35, 0.70]  # A = +1.0
@@ -49,13 +50,13 @@ def test_golden_metrics_split_over_micro_batches():
     assert (norm.num_tokens, norm.num_sequences) == (8, 2)
     rows = (slice(0, 1), slice(1, 2))  # one sequence per micro-batch
     parts = [loss_fn(logprobs[r], old[r], adv[r], mask[r], norm)[1] for r in rows]
-    summed = {k: sum(p[k] for p in parts) for k in parts[0] if k != "ratio_max"}
-    assert summed["clip_frac_low"].item() == pytest.approx(1 / 8)  # ratio 0.75 with A < 0
-    assert summed["clip_frac_high"].item() == pytest.approx(1 / 8)  # ratio 1.35 with A > 0
-    assert summed["dual_clip_frac"].item() == pytest.approx(1 / 8)  # ratio 3.5 > c with A < 0
-    assert summed["ratio_mean"].item() == pytest.approx(10.5 / 8)
-    assert max(p["ratio_max"].item() for p in parts) == pytest.approx(3.5)
-    assert "kl_mean" not in summed
+    combined = {k: combine([p[k] for p in parts]).value for k in parts[0]}  # by each metric's declared reduction
+    assert combined["clip_frac_low"] == pytest.approx(1 / 8)  # ratio 0.75 with A < 0
+    assert combined["clip_frac_high"] == pytest.approx(1 / 8)  # ratio 1.35 with A > 0
+    assert combined["dual_clip_frac"] == pytest.approx(1 / 8)  # ratio 3.5 > c with A < 0
+    assert combined["ratio_mean"] == pytest.approx(10.5 / 8)
+    assert combined["ratio_max"] == pytest.approx(3.5)
+    assert "kl_mean" not in combined
 
 
 def _random_batch(seed, batch=8, length=12, dtype=torch.float32):
@@ -199,7 +200,7 @@ def test_padding_values_never_reach_loss_or_grad():
     loss.backward()
     assert loss.item() == pytest.approx(GOLDEN["token-mean"][0], abs=1e-6)
     assert torch.isfinite(poisoned.grad).all()
-    assert all(torch.isfinite(v) for v in metrics.values())
+    assert all(torch.isfinite(m.value) for m in metrics.values())
 
 
 def test_advantages_per_token_equal_broadcast():
@@ -239,7 +240,7 @@ def test_k3_value():
     k3 = math.exp(-0.5) + 0.5 - 1
     loss, metrics = _one_token(-1.0, -1.5, 0.1, "k3")
     assert loss.item() == pytest.approx(0.1 * k3, rel=1e-6)
-    assert metrics["kl_mean"].item() == pytest.approx(k3, rel=1e-6)
+    assert metrics["kl_mean"].value.item() == pytest.approx(k3, rel=1e-6)
 
 
 def test_k1_value():

@@ -244,12 +244,13 @@ def test_held_out_samples_are_never_handed_out(dataset, preprocessor):
 
 
 def test_skipped_totals_add_index_time_and_read_time_skips():
+    from nemo_viper.runtime.collectives import DataParallel
     from nemo_viper.training.loop import skipped_metrics
 
     class Source:
         def skipped_counts(self):
             return {"invalid_json": 2, "corrupt_image": 1}, {"corrupt_image": 3}
 
-    assert skipped_metrics(Source(), None) == {"data/skipped": 6.0, "data/skipped/invalid_json": 2.0,
-                                               "data/skipped/corrupt_image": 4.0}
-    assert skipped_metrics(object(), None) == {}
+    assert skipped_metrics(Source(), DataParallel()) == {"data/skipped": 6.0, "data/skipped/invalid_json": 2.0,
+                                                         "data/skipped/corrupt_image": 4.0}
+    assert skipped_metrics(object(), DataParallel()) == {}

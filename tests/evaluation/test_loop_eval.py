@@ -3,7 +3,7 @@
 import io
 import sys
 
-from nemo_viper import orchestration
+from nemo_viper import local_run, orchestration
 from nemo_viper.run_state import RunState
 from nemo_viper.recipes import recipe
 
@@ -46,20 +46,20 @@ def test_guard_stop_skips_later_rounds_and_still_exports(tmp_path, monkeypatch):
         code = orchestration.GUARD_STOP_EXIT if phase.name == "round2.eval" else 0
         return [sys.executable, "-c", f"raise SystemExit({code})"]
 
-    monkeypatch.setattr(orchestration, "phase_command", fake_command)
-    monkeypatch.setattr("nemo_viper.run_state.verify_and_record",
+    monkeypatch.setattr(local_run, "phase_command", fake_command)
+    monkeypatch.setattr("nemo_viper.local_run.verify_and_record",
                         lambda phase, phases, run_dir: RunState(run_dir).record_done(phase.name, "stub"))
-    monkeypatch.setattr("nemo_viper.run_state.select_phases", lambda phases, run_dir, start: (
+    monkeypatch.setattr("nemo_viper.local_run.select_phases", lambda phases, run_dir, start: (
         [p for p in phases if p.name not in RunState(run_dir).read()["phases"]], {}))
-    monkeypatch.setattr("nemo_viper.run_state.clear_for_rerun", lambda selected, states, run_dir: [])
+    monkeypatch.setattr("nemo_viper.local_run.clear_for_rerun", lambda selected, states, run_dir: [])
     monkeypatch.setattr("nemo_viper.doctor.check", lambda config, phase: [])
-    orchestration.run_local(config)
+    local_run.run_local(config)
     assert ran[-3:] == ["round2.rl2", "round2.eval", "export"] and not any(n.startswith("round3") for n in ran)
     assert orchestration.stopped_after_round(tmp_path) == 2
     finished = RunState(tmp_path).read()["phases"]
     assert "round2.eval" in finished and "export" in finished
     ran.clear()
-    orchestration.run_local(config)  # a rerun keeps the stop
+    local_run.run_local(config)  # a rerun keeps the stop
     assert ran == []
 
 

@@ -86,6 +86,26 @@ def test_recipes_fit_80gb_and_a_too_large_micro_batch_gets_the_smallest_change()
     assert training.total > 80 * GIB
 
 
+def test_the_vllm_engine_takes_its_share_of_the_gpu_beside_the_resident_trainer():
+    def phase(result, name):
+        return next(p for p in result.plan.phases if p.name == name)
+
+    for name in ("qwen25vl_3b", "qwen25vl_7b"):
+        megatron, vllm = plan_recipe(recipe(name)), plan_recipe(recipe(name, "rollout.backend=vllm"))
+        assert vllm.plan.all_fit, name  # at the default share
+        rollout = phase(vllm, "RL stage 2 rollout")
+        assert rollout.terms["vLLM engine"] == 0.4 * 80 * GIB and "KV cache" not in rollout.terms
+        assert rollout.total - rollout.terms["vLLM engine"] == pytest.approx(
+            sum(v for k, v in phase(megatron, "RL stage 2 rollout").terms.items()
+                if k not in ("KV cache", "prefill temporaries")))
+        # asleep during the step (the default), the engine adds nothing to it; awake, its whole share
+        assert phase(vllm, "RL stage 2 training step").total == phase(megatron, "RL stage 2 training step").total
+        awake = plan_recipe(recipe(name, "rollout.backend=vllm", "rollout.vllm_sleep_mode=false"))
+        assert phase(awake, "RL stage 2 training step").terms["vLLM engine"] == 0.4 * 80 * GIB
+    greedy = plan_recipe(recipe("qwen25vl_7b", "rollout.backend=vllm", "rollout.vllm_gpu_memory_utilization=0.9"))
+    assert not greedy.plan.all_fit and greedy.suggestion == "rollout.vllm_gpu_memory_utilization=0.4"
+
+
 def test_plan_and_launch_commands():
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "nemo_viper.cli", *args], capture_output=True, text=True)

@@ -6,7 +6,7 @@ from PIL import Image
 from skimage import data
 
 from nemo_viper.models.processor import load_processor
-from nemo_viper.models.tiny import VISION_SPECIAL_TOKENS
+from nemo_viper.models.tokens import VISION_SPECIAL_TOKENS
 from nemo_viper.rollout import GenerationRequest
 
 GREEDY_TOKENS = 24

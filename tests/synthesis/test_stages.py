@@ -82,7 +82,7 @@ def test_stage1_records_validate_images_decode_and_counts_add_up(stage1, inputs_
 
 
 def test_stage1_records_feed_the_rl_prompts(stage1):
-    from nemo_viper.prompts import task_prompt
+    from nemo_viper.data.task_prompt import task_prompt
 
     dataset = ShardDataset(stage1[0])
     prompt = task_prompt(dataset.record(0), dataset.images(0))
@@ -208,7 +208,7 @@ def test_config_errors_name_the_key(tiny_hf_dir, tmp_path, override, message):
 
 
 def test_an_rl_run_directory_is_recorded_as_its_latest_checkpoint(tiny_hf_dir, tmp_path):
-    from nemo_viper.models.checkpoint import METADATA_FILE
+    from nemo_viper.models.checkpoint_dir import METADATA_FILE
     from nemo_viper.synthesis.config import resolved_policy
 
     step = tmp_path / "run" / "checkpoints" / "step_0000002"

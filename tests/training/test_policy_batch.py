@@ -1,10 +1,11 @@
-"""PolicyBatch image layouts (nemo_viper.models.logprobs): a rollout stores each prompt's images once for its n
+"""PolicyBatch image layouts (nemo_viper.models.batch): a rollout stores each prompt's images once for its n
 responses, and every selection / micro-batch hands the model exactly the per-row images of the old layout."""
 
 import pytest
 import torch
 
-from nemo_viper.models.logprobs import PolicyBatch, _pad_rows
+from nemo_viper.models.batch import PolicyBatch
+from nemo_viper.models.logprobs import _pad_rows
 from nemo_viper.rewards import RewardBreakdown
 from nemo_viper.rollout import GenerationRequest
 from nemo_viper.rollout.interface import GenerationResponse

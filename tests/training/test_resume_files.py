@@ -6,7 +6,7 @@ import logging
 import pytest
 
 from nemo_viper.errors import NemoViperError
-from nemo_viper.models.checkpoint import METADATA_FILE, latest_checkpoint, resolve_checkpoint
+from nemo_viper.models.checkpoint_dir import METADATA_FILE, latest_checkpoint, resolve_checkpoint
 from nemo_viper.training.metrics_log import MetricsLogger, read_metrics
 
 

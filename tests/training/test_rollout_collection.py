@@ -13,7 +13,8 @@ from nemo_viper.rewards import RewardBreakdown
 from nemo_viper.rollout import GenerationRequest, SamplingParams
 from nemo_viper.rollout.interface import GenerationResponse
 from nemo_viper.training.grpo import GRPOConfig
-from nemo_viper.training.loop import RLConfig, TaskPrompt, assemble_rollout, collect_groups
+from nemo_viper.data.task_prompt import TaskPrompt
+from nemo_viper.training.loop import RLConfig, assemble_rollout, collect_groups
 
 PAD = 0
 
@@ -120,7 +121,7 @@ def test_dynamic_sampling_refills_with_new_prompts_and_new_seeds():
     assert [g.prompt.sample_id for g in groups] == ["p1", "p3", "p5", "p7"]
     assert all(g.has_spread for g in groups)
     assert len(set(generator.seeds)) == 8, "every refill request has its own seed"
-    assert metrics["dynamic_sampling/tries"] == 2 and metrics["dynamic_sampling/filler_groups"] == 0
+    assert metrics["dynamic_sampling/tries"].value == 2 and metrics["dynamic_sampling/filler_groups"].value == 0
 
 
 def test_dynamic_sampling_stops_after_its_tries_and_fills_with_masked_groups(caplog):
@@ -129,7 +130,11 @@ def test_dynamic_sampling_stops_after_its_tries_and_fills_with_masked_groups(cap
         groups, metrics = collect(config(True, tries=3), lambda k: k != 2, prompts)  # only p2 has a spread
     assert prompts.drawn == [4, 4, 4]
     assert [g.prompt.sample_id for g in groups] == ["p2", "p0", "p1", "p3"]  # spread first, then filler
-    assert metrics["dynamic_sampling/spread_groups"] == 1 and metrics["dynamic_sampling/filler_groups"] == 3
+    assert metrics["dynamic_sampling/spread_groups"].value == 1 and metrics["dynamic_sampling/filler_groups"].value == 3
+    # over the data-parallel ranks: the rounds are decided together, the group counts add up, the times average
+    assert {k: m.reduce.value for k, m in metrics.items()} == {
+        "dynamic_sampling/tries": "replicated", "dynamic_sampling/spread_groups": "sum",
+        "dynamic_sampling/filler_groups": "sum", "time/rollout": "mean", "time/reward": "mean"}
     assert "found 1 of 4 groups with a reward spread after 3 rounds" in caplog.text
 
 
@@ -151,7 +156,7 @@ def test_dynamic_sampling_ranks_decide_together():
         prompts = Prompts(start=1000 * rank)
         groups, metrics = collect(config(True, prompts_per_step=4, tries=3), equal, prompts, dp_rank=rank, dp_world=2,
                                   min_over_ranks=min_over_ranks(rank))
-        results[rank] = (prompts.drawn, len(groups), metrics["dynamic_sampling/tries"])
+        results[rank] = (prompts.drawn, len(groups), metrics["dynamic_sampling/tries"].value)
 
     threads = [threading.Thread(target=rank_main, args=(0, lambda k: False)),
                threading.Thread(target=rank_main, args=(1, lambda k: True))]

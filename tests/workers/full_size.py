@@ -32,7 +32,7 @@ def reference(hf: str, out: str) -> None:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from nemo_viper.models.processor import load_processor
-    from nemo_viper.models.tiny import VISION_SPECIAL_TOKENS
+    from nemo_viper.models.tokens import VISION_SPECIAL_TOKENS
     from nemo_viper.rollout import GenerationRequest
 
     processor = load_processor(hf)
@@ -72,7 +72,8 @@ def reference(hf: str, out: str) -> None:
 def megatron(hf: str, inputs: str, out: str, tp: int, export: str | None, **options) -> None:
     from dataclasses import replace
 
-    from nemo_viper.models.logprobs import PolicyBatch, compute_logprobs, run_forward
+    from nemo_viper.models.batch import PolicyBatch
+    from nemo_viper.models.logprobs import compute_logprobs, run_forward
     from nemo_viper.models.policy import PolicyConfig, build_policy
     from nemo_viper.rollout import SamplingParams
 

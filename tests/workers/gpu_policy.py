@@ -8,7 +8,8 @@ import json
 import torch
 
 from nemo_viper.models.checkpoint import load_model_weights, save_policy
-from nemo_viper.models.logprobs import PolicyBatch, compute_logprobs
+from nemo_viper.models.batch import PolicyBatch
+from nemo_viper.models.logprobs import compute_logprobs
 from nemo_viper.models.policy import Accelerator, PolicyConfig, build_policy, check_precision
 
 

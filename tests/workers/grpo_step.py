@@ -39,8 +39,9 @@ from nemo_viper.algorithms import (
     group_advantages,
     mask_truncated,
 )
+from nemo_viper.models.batch import PolicyBatch
 from nemo_viper.models.checkpoint import optimizer_has_stepped
-from nemo_viper.models.logprobs import PolicyBatch, vocab_parallel_token_logprobs
+from nemo_viper.models.logprobs import vocab_parallel_token_logprobs
 from nemo_viper.models.policy import PolicyConfig, build_policy
 from nemo_viper.models.processor import load_processor
 from nemo_viper.training.checkpointing import CheckpointManager
@@ -141,19 +142,20 @@ def reference_gradients(hf_dir: str, config: GRPOConfig, batch: RolloutBatch,
         start_logprobs[rows] if config.loss.kl_beta > 0 else None)
     loss.backward()
     return {"grads": {name: p.grad.detach().clone() for name, p in params.items() if p.requires_grad},
-            "metrics": {k: v.item() for k, v in metrics.items()}}
+            "metrics": {k: m.value.item() for k, m in metrics.items()}}
 
 
-def record_weights_before_each_step(trainer) -> dict[str, torch.Tensor]:
-    """``trainer.optimizer.step`` also copies the weights it is about to change into the returned dict."""
-    (model,) = trainer.policy.chunks
-    weights, step = {}, trainer.optimizer.step
+def record_weights_before_each_step(policy) -> dict[str, torch.Tensor]:
+    """``policy.optimizer.step`` (a :class:`PolicyWorker`'s) also copies the weights it is about to change into the
+    returned dict."""
+    (model,) = policy.model.chunks
+    weights, step = {}, policy.optimizer.step
 
     def recording_step(*args, **kwargs):
         weights.update({name.removeprefix("module."): p.detach().clone() for name, p in model.named_parameters()})
         return step(*args, **kwargs)
 
-    trainer.optimizer.step = recording_step
+    policy.optimizer.step = recording_step
     return weights
 
 
@@ -183,20 +185,20 @@ def main():
         config = grpo_config(case, mbs)
         policy_config = PolicyConfig(hf_path=args.hf, precision=args.precision, fp8_recipe=args.fp8_recipe)
         trainer = build_trainer(policy_config, config)
-        (model,) = trainer.policy.chunks
+        (model,) = trainer.policy.model.chunks
         world, rank = dist.get_world_size(), dist.get_rank()
         batch = rollout_batch(args.hf, [0, 1] if world == 1 else [rank], case["minibatches"],
                               TRUNCATED if case["options"] else ())
-        result = {"reference_loaded": trainer.reference is not None}
+        result = {"reference_loaded": trainer.policy.has_reference}
         if args.never_stepped_resume and index == 0:
-            checkpoints.save(trainer, step=0, trainer_state={"consumed_prompts": 0})
+            checkpoints.save(trainer.policy, step=0, trainer_state={"consumed_prompts": 0})
         if args.never_stepped_resume and index == 1:
             with torch.no_grad():
                 for p in model.parameters():
                     p.zero_()
-            result["restored_state"] = checkpoints.restore(trainer)
-            result["stepped_after_restore"] = optimizer_has_stepped(trainer.optimizer)
-        last_weights = record_weights_before_each_step(trainer)
+            result["restored_state"] = checkpoints.restore(trainer.policy)
+            result["stepped_after_restore"] = optimizer_has_stepped(trainer.policy.optimizer)
+        last_weights = record_weights_before_each_step(trainer.policy)
         result["metrics"] = trainer.step(batch)
         result["grads"] = {} if args.metrics_only else {
             name.removeprefix("module."): p.main_grad.detach().clone() for name, p in model.named_parameters()

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from nemo_viper.models.logprobs import PolicyBatch, compute_logprobs, run_forward
+from nemo_viper.models.batch import PolicyBatch
+from nemo_viper.models.logprobs import compute_logprobs, run_forward
 
 
 def build(source: str, args, **layout):

@@ -9,7 +9,8 @@ import json
 
 import torch
 
-from nemo_viper.models.logprobs import PolicyBatch, compute_logprobs
+from nemo_viper.models.batch import PolicyBatch
+from nemo_viper.models.logprobs import compute_logprobs
 from nemo_viper.models.policy import PolicyConfig, build_policy
 
 

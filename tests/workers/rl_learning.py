@@ -17,7 +17,8 @@ from nemo_viper.rewards import RewardBreakdown
 from nemo_viper.rollout import SamplingParams
 from nemo_viper.rollout.megatron_backend import MegatronGenerationBackend, MegatronGenerationConfig
 from nemo_viper.training.grpo import GRPOConfig, OptimizerSettings, build_trainer
-from nemo_viper.training.loop import RLConfig, TaskPrompt, run_rl
+from nemo_viper.data.task_prompt import TaskPrompt
+from nemo_viper.training.loop import RLConfig, run_rl
 
 COLOURS = {"red", "blue", "green", "yellow", "white", "black", "brown", "grey", "orange", "purple"}
 
@@ -74,7 +75,7 @@ def main():
         grpo=GRPOConfig(optimizer=OptimizerSettings(lr=args.lr, weight_decay=0.0), num_minibatches=1, micro_batch_size=16),
     )
     trainer = build_trainer(PolicyConfig(hf_path=args.hf, precision="fp32"), config.grpo, config.sampling)
-    generator = MegatronGenerationBackend(trainer.policy, MegatronGenerationConfig(max_batch_size=32))
+    generator = MegatronGenerationBackend(trainer.policy.model, MegatronGenerationConfig(max_batch_size=32))
     processor = load_processor(args.hf)
 
     def report(step, metrics):

@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import torch
 
 from nemo_viper.errors import ConfigError
-from nemo_viper.models.logprobs import PolicyBatch, compute_logprobs
+from nemo_viper.models.batch import PolicyBatch
+from nemo_viper.models.logprobs import compute_logprobs
 from nemo_viper.models.policy import PolicyConfig, build_policy
 from nemo_viper.rollout import GenerationRequest, PromptTooLongError, SamplingParams
 

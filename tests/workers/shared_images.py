@@ -12,7 +12,8 @@ import argparse
 
 import torch
 
-from nemo_viper.models.logprobs import PolicyBatch, forward_micro_batch
+from nemo_viper.models.batch import PolicyBatch
+from nemo_viper.models.logprobs import forward_micro_batch
 from nemo_viper.models.policy import PolicyConfig, build_policy
 
 IMAGES = [[(4, 6)], [(6, 4)], [(4, 4), (2, 4)]]  # per prompt: (h, w) of each image in patches

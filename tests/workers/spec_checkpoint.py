@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from nemo_viper.errors import CheckpointError
-from nemo_viper.models.checkpoint import (FILES_KEY, METADATA_FILE, file_hashes, load_model_weights,
-                                         match_checkpoint_keys, save_policy)
+from nemo_viper.models.checkpoint import load_model_weights, match_checkpoint_keys, save_policy
+from nemo_viper.models.checkpoint_dir import FILES_KEY, METADATA_FILE, file_hashes
 from nemo_viper.models.policy import PolicyConfig, build_policy
 
 EXTRA = "language_model.decoder.layers.self_attention.core_attention._extra_state"

@@ -10,7 +10,8 @@ from dataclasses import replace
 
 import torch
 
-from nemo_viper.models.logprobs import PolicyBatch, compute_logprobs, vocab_parallel_token_logprobs
+from nemo_viper.models.batch import PolicyBatch
+from nemo_viper.models.logprobs import compute_logprobs, vocab_parallel_token_logprobs
 from nemo_viper.models.policy import PolicyConfig, build_policy
 
 

@@ -51,7 +51,7 @@ def main():
         micro_batch_size=8,
     )
     trainer = build_trainer(PolicyConfig(hf_path=args.hf, precision="fp32"), config)
-    policy = trainer.policy
+    policy = trainer.policy.model  # the generators run on the trained policy's own weights
     from nemo_viper.rollout.megatron_backend import MegatronGenerationBackend
     from nemo_viper.rollout.vllm_backend import VLLMGenerationBackend, VLLMGenerationConfig
 
