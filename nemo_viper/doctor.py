@@ -123,7 +123,8 @@ def _harness_problems(config: ViperConfig) -> list[str]:
 
     problems = []
     if find_spec("lmms_eval") is None:
-        problems.append("eval phases need lmms-eval, which is not installed (README: Installation, `nemo-viper eval`)")
+        problems.append("eval phases need lmms-eval, which is not installed (scripts/setup.sh and the project image "
+                        "install it; README: Installation)")
     if config.eval.backend == "vllm" and find_spec("vllm") is None:
         problems.append("eval.backend=vllm but vLLM is not installed (eval.backend=qwen2_5_vl uses transformers)")
     return problems

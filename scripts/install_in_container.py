@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Install nemo_viper into the NGC NeMo container (the project image's build step, see ./Dockerfile).
 
-    python scripts/install_in_container.py [--lock container/requirements.lock] [--revision SHA]
+    python scripts/install_in_container.py [--lock container/requirements.lock]
+                                           [--nodeps-lock container/requirements-nodeps.lock] [--revision SHA]
                                            [--base-image IMAGE] [--info-out /opt/nemo_viper/BUILD_INFO.json]
 
 Run it with the container's Python. It
@@ -13,7 +14,10 @@ Run it with the container's Python. It
 3. asks pip what installing them would do (``pip install --dry-run --report``) with the container-owned
    packages (torch, Transformer Engine, apex, megatron-core, Megatron-Bridge) and transformers pinned to
    their installed versions, and stops, having changed nothing, if pip cannot or would install any of them;
-4. installs them, then the project itself (editable, ``--no-deps``);
+4. installs them; then the no-deps lock's entries ``--no-deps`` (packages whose declared dependencies would
+   pull in what the image must not have, e.g. lmms-eval's wandb/spaCy/audio stacks and an unpinned
+   torchvision; the checked lock holds the dependencies their code imports), each unless that exact version
+   is already there; then the project itself (editable, ``--no-deps``);
 5. checks that the container-owned packages are exactly as before, and writes the build info (revision,
    base image, versions, what was installed, the full ``pip freeze``) to ``--info-out``.
 
@@ -103,13 +107,26 @@ def check_plan(requirements: list[str], constraints: Path, frozen: dict[str, str
                                "the container's torch/TE/apex/megatron-core/Megatron-Bridge/transformers must stay")
 
 
-def install(lock_path: Path, revision: str, base_image: str, info_out: Path | None, editable: bool = True) -> dict:
+def without_deps(lock: dict[str, str], nodeps: dict[str, str], installed: dict[str, str]) -> list[str]:
+    """The no-deps lock lines to install: every entry the container does not have at exactly that version
+    (its code's imports were checked for that version only)."""
+    both = sorted(set(lock) & set(nodeps))
+    if both:
+        raise InstallError(f"{', '.join(both)} in both the lock and the no-deps lock")
+    return [line for name, line in nodeps.items()
+            if installed.get(name) != next(iter(Requirement(line).specifier)).version]
+
+
+def install(lock_path: Path, revision: str, base_image: str, info_out: Path | None, editable: bool = True,
+            nodeps_lock_path: Path | None = None) -> dict:
     problems = version_problems()
     if problems:
         raise InstallError("; ".join(problems))
     before = installed_versions()
     frozen = {name: before[name] for name in FROZEN if name in before}
-    needed = lacking(read_lock(lock_path), before)
+    lock = read_lock(lock_path)
+    needed = lacking(lock, before)
+    no_deps = without_deps(lock, read_lock(nodeps_lock_path) if nodeps_lock_path else {}, before)
     with tempfile.TemporaryDirectory() as tmp:
         constraints = Path(tmp) / "container-constraints.txt"
         constraints.write_text("".join(f"{name}=={version}\n" for name, version in frozen.items()))
@@ -118,6 +135,10 @@ def install(lock_path: Path, revision: str, base_image: str, info_out: Path | No
             result = pip("install", "-c", str(constraints), *needed)
             if result.returncode != 0:
                 raise InstallError(f"pip install failed: {result.stderr.strip().splitlines()[-1]}")
+        if no_deps:
+            result = pip("install", "--no-deps", *no_deps)
+            if result.returncode != 0:
+                raise InstallError(f"pip install --no-deps failed: {result.stderr.strip().splitlines()[-1]}")
         result = pip("install", "--no-deps", "--no-build-isolation", *(["-e"] if editable else []), str(REPO))
         if result.returncode != 0:
             raise InstallError(f"installing the project failed: {result.stderr.strip().splitlines()[-1]}")
@@ -130,6 +151,7 @@ def install(lock_path: Path, revision: str, base_image: str, info_out: Path | No
         "base_image": base_image,
         "versions": {name: after[name] for name in (*FROZEN, "nemo-viper") if name in after},
         "installed_from_lock": needed,
+        "installed_without_deps": no_deps,
         "pip_freeze": pip("freeze").stdout.splitlines(),
     }
     if info_out is not None:
@@ -141,17 +163,21 @@ def install(lock_path: Path, revision: str, base_image: str, info_out: Path | No
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lock", type=Path, default=REPO / "container" / "requirements.lock")
+    parser.add_argument("--nodeps-lock", type=Path, default=REPO / "container" / "requirements-nodeps.lock",
+                        help="exact pins installed --no-deps after the lock")
     parser.add_argument("--revision", default="unknown", help="the project's git revision (recorded)")
     parser.add_argument("--base-image", default="unknown", help="the NGC NeMo image built on (recorded)")
     parser.add_argument("--info-out", type=Path, help="where to write the build info JSON")
     args = parser.parse_args(argv)
     try:
-        info = install(args.lock, args.revision, args.base_image, args.info_out)
+        info = install(args.lock, args.revision, args.base_image, args.info_out,
+                       nodeps_lock_path=args.nodeps_lock)
     except InstallError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
-    print(f"nemo_viper {args.revision} installed; added {len(info['installed_from_lock'])} locked packages; {versions}")
+    print(f"nemo_viper {args.revision} installed; added {len(info['installed_from_lock'])} locked packages and "
+          f"{len(info['installed_without_deps'])} without their dependencies; {versions}")
     return 0
 
 

@@ -97,15 +97,21 @@ def wheel_house(tmp_path_factory):
     write_wheel(house, "viper-greedy", "1.0", requires=("torch>=3",))  # would replace the container's torch
     write_wheel(house, "viper-pulls-te", "1.0", requires=("transformer_engine_cu12",))  # would add a TE build
     write_wheel(house, "transformer_engine_cu12", "9.0")
+    # installed --no-deps: with its declared deps it would add viper-heavy and replace the container's transformers
+    write_wheel(house, "viper-harness", "1.0", requires=("viper-heavy", "transformers>=6"))
+    write_wheel(house, "viper-heavy", "1.0")
+    write_wheel(house, "transformers", "6.0.0")
     return house
 
 
-def run_install(venv: Path, repo: Path, lock_lines: list[str], house: Path, tmp_path: Path):
-    lock = tmp_path / "test.lock"
+def run_install(venv: Path, repo: Path, lock_lines: list[str], house: Path, tmp_path: Path,
+                nodeps_lines: tuple[str, ...] = ()):
+    lock, nodeps = tmp_path / "test.lock", tmp_path / "test-nodeps.lock"
     lock.write_text("# test lock\n" + "\n".join(lock_lines) + "\n")
+    nodeps.write_text("# test no-deps lock\n" + "".join(f"{line}\n" for line in nodeps_lines))
     env = {"PATH": "/usr/bin:/bin", "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(house), "HOME": str(tmp_path)}
     return subprocess.run([str(venv / "bin" / "python"), str(repo / "scripts" / "install_in_container.py"),
-                           "--lock", str(lock), "--revision", "abc123", "--base-image", "nvcr.io/nvidia/nemo:26.08",
+                           "--lock", str(lock), "--nodeps-lock", str(nodeps), "--revision", "abc123", "--base-image", "nvcr.io/nvidia/nemo:26.08",
                            "--info-out", str(tmp_path / "BUILD_INFO.json")],
                           capture_output=True, text=True, env=env, timeout=600)
 
@@ -113,15 +119,20 @@ def run_install(venv: Path, repo: Path, lock_lines: list[str], house: Path, tmp_
 def test_installs_what_the_container_lacks_and_leaves_its_stack_untouched(tmp_path, repo_copy, wheel_house):
     venv = make_container(tmp_path, CONTAINER)
     before = snapshot(venv)
-    result = run_install(venv, repo_copy, ["viper-needs-numpy-free==2.0", "diffusers==0.42.1"], wheel_house, tmp_path)
+    result = run_install(venv, repo_copy, ["viper-needs-numpy-free==2.0", "diffusers==0.42.1"], wheel_house, tmp_path,
+                         nodeps_lines=("viper-harness==1.0",))
     assert result.returncode == 0, result.stderr[-3000:]
     assert snapshot(venv) == before, "a container-owned package was modified"
     info = json.loads((tmp_path / "BUILD_INFO.json").read_text())
     assert info["revision"] == "abc123" and info["base_image"] == "nvcr.io/nvidia/nemo:26.08"
     assert info["installed_from_lock"] == ["viper-needs-numpy-free==2.0"]  # diffusers: the container has it
+    assert info["installed_without_deps"] == ["viper-harness==1.0"]
     assert info["versions"]["torch"] == "2.13.0" and info["versions"]["nemo-viper"] == "0.1.0"
-    assert "viper-lacking==1.0" in info["pip_freeze"]
-    check = subprocess.run([str(venv / "bin" / "python"), "-c", "import viper_lacking, nemo_viper.environment"],
+    assert info["versions"]["transformers"] == "5.12.1"
+    assert "viper-lacking==1.0" in info["pip_freeze"] and "viper-harness==1.0" in info["pip_freeze"]
+    assert not any(line.startswith("viper-heavy") for line in info["pip_freeze"]), "a no-deps entry's deps came along"
+    check = subprocess.run([str(venv / "bin" / "python"), "-c",
+                            "import viper_lacking, viper_harness, nemo_viper.environment"],
                            cwd=tmp_path, capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
 
@@ -129,12 +140,15 @@ def test_installs_what_the_container_lacks_and_leaves_its_stack_untouched(tmp_pa
 @pytest.mark.parametrize("entry,message", [
     ("viper-greedy==1.0", "pip cannot install the lock without changing the container's packages"),
     ("viper-pulls-te==1.0", "would replace transformer-engine 2.9.0 with transformer-engine 9.0"),
+    ("nodeps:megatron-core==0.19.2", "megatron-core belongs to the container and cannot be locked"),
 ])
 def test_build_fails_before_changing_anything_if_the_lock_would_replace_the_stack(
         entry, message, tmp_path, repo_copy, wheel_house):
     venv = make_container(tmp_path, CONTAINER)
     before = snapshot(venv)
-    result = run_install(venv, repo_copy, ["viper-lacking==1.0", entry], wheel_house, tmp_path)
+    lock, nodeps = (["viper-lacking==1.0"], (entry.removeprefix("nodeps:"),)) if entry.startswith("nodeps:") \
+        else (["viper-lacking==1.0", entry], ())
+    result = run_install(venv, repo_copy, lock, wheel_house, tmp_path, nodeps_lines=nodeps)
     assert result.returncode == 1 and message in result.stderr, result.stderr[-3000:]
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert snapshot(venv) == before
@@ -146,3 +160,26 @@ def test_build_fails_on_an_unsupported_transformers(tmp_path, repo_copy, wheel_h
     result = run_install(venv, repo_copy, ["viper-lacking==1.0"], wheel_house, tmp_path)
     assert result.returncode == 1
     assert result.stderr.startswith("error: transformers 4.57.0 is outside the supported range >=5.3,<6")
+
+
+def test_the_project_locks_are_exact_pins_of_the_tested_environment():
+    """container/requirements.lock and requirements-nodeps.lock: exact pins, none container-owned, none in
+    both, each the version of constraints.txt (the tested CPU environment); lmms-eval only without its deps."""
+    import importlib.util
+
+    from launch import REPO
+
+    spec = importlib.util.spec_from_file_location("install_in_container", REPO / "scripts" / "install_in_container.py")
+    installer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(installer)
+    lock = installer.read_lock(REPO / "container" / "requirements.lock")
+    nodeps = installer.read_lock(REPO / "container" / "requirements-nodeps.lock")
+    assert installer.without_deps(lock, nodeps, {}) == list(nodeps.values())
+    assert {"lmms-eval", "qwen-vl-utils"} <= set(nodeps) and "lmms-eval" not in lock
+    assert {"sacrebleu", "evaluate", "loguru", "tenacity"} <= set(lock)
+    tested = {installer.normalize(name): version for name, _, version in
+              (line.split("#")[0].strip().partition("==") for line in (REPO / "constraints.txt").read_text().splitlines())
+              if version}
+    pins = {name: next(iter(installer.Requirement(line).specifier)).version for name, line in {**lock, **nodeps}.items()}
+    assert {name: (v, tested[name]) for name, v in pins.items() if name in tested and v != tested[name]} == {}
+    assert set(pins) - set(tested) == {"nvidia-dali-cuda130"}  # the container's CUDA build of the tested DALI

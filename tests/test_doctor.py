@@ -102,7 +102,8 @@ def test_eval_phase_needs_the_harness(cluster, monkeypatch):
     monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name in ("lmms_eval", "vllm") else real(name, *a))
     found = problems([*cluster, "eval.enabled=true", "eval.dataset_root=tiny", "eval.backend=vllm"], "eval")
     assert found == ["phase eval needs eval_data, which is not done: not started",
-                     "eval phases need lmms-eval, which is not installed (README: Installation, `nemo-viper eval`)",
+                     "eval phases need lmms-eval, which is not installed (scripts/setup.sh and the project image "
+                     "install it; README: Installation)",
                      "eval.backend=vllm but vLLM is not installed (eval.backend=qwen2_5_vl uses transformers)"]
     assert problems(cluster, "round1.rl1")[1:] == []  # other phases do not need it
 
