@@ -123,7 +123,8 @@ def main():
 
         cpu_mode_scope.enter_context(cpu_mode.unless_cuda())  # transformers was timed above without it
         policy = build_policy(PolicyConfig(hf_path=str(hf_dir), precision="fp32"))
-        batch = PolicyBatch(inputs["input_ids"], response_mask, inputs["pixel_values"], inputs["image_grid_thw"])
+        batch = PolicyBatch(inputs["input_ids"], response_mask, inputs["pixel_values"], inputs["image_grid_thw"],
+                            images_per_row=torch.ones(len(response_mask), dtype=torch.long))  # one image a row
         run_ours = partial(compute_logprobs, policy, batch, micro_batch_size=args.micro_batch_size)
         (ours, our_seconds), (_, hf_mode_seconds) = timed([run_ours, run_hf], args.warmup, args.repeats)
 

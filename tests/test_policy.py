@@ -13,6 +13,7 @@ import torch
 from launch import REPO, run_cli, run_worker
 from skimage import data
 
+from nemo_viper.models.batch import count_images
 from nemo_viper.models.processor import load_processor
 
 TOLERANCE = 1e-4
@@ -48,6 +49,7 @@ def reference(tiny_hf_dir, tmp_path_factory):
 
     path = tmp_path_factory.mktemp("batch") / "inputs.pt"
     batch = {k: inputs[k] for k in ("input_ids", "pixel_values", "image_grid_thw")}
+    batch["images_per_row"] = count_images(inputs["input_ids"], processor.tokenizer.convert_tokens_to_ids("<|vision_start|>"))
     torch.save({**batch, "response_mask": response_mask}, path)
     return {"path": path, "logits": logits, "logprobs": logprobs.float(), "valid": inputs["attention_mask"].bool()}
 

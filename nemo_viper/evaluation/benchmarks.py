@@ -9,7 +9,9 @@ installed lmms-eval task YAML (prompts, parsers and metrics stay lmms-eval's) an
 - the scorer where lmms-eval's default calls an external judge: HallusionBench's GPT-4 aggregation is
   replaced by lmms-eval's own rule-based yes/no aggregation (``*_intern``);
 - the generation settings where a task samples: Mantis-Eval's ``temperature: 0.2, do_sample: true``
-  becomes greedy (temperature 0), so every task decodes greedily.
+  becomes greedy (temperature 0), so every task decodes greedily;
+- a generation budget where the task states none (MMStar: 128, lmms-eval qwen2_5_vl's default), so every
+  backend decodes the same number of tokens (lmms-eval's vllm model has no per-task default).
 
 Local layout (``datasets.DatasetDict.save_to_disk`` of the hub dataset, see docs/evaluation.md)::
 
@@ -64,7 +66,8 @@ class Benchmark:
 HB_RULES = "lmms_eval.tasks.hallusion_bench.evaluate_hb"
 
 BENCHMARKS: dict[str, Benchmark] = {b.task: b for b in (
-    Benchmark("mmstar", "MMStar", "mmstar/mmstar.yaml", "val", ("average",)),
+    Benchmark("mmstar", "MMStar", "mmstar/mmstar.yaml", "val", ("average",),  # states no budget: qwen2_5_vl's 128
+              overrides={"generation_kwargs": {"max_new_tokens": 128, **GREEDY}}),
     Benchmark("realworldqa", "RealWorldQA", "realworldqa/realworldqa.yaml", "test", ("exact_match",)),
     Benchmark("mmerealworld", "MME-RealWorld (en)", "mme_realworld/mme_realworld.yaml", "train",
               ("mme_realworld_score",)),

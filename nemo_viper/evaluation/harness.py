@@ -23,6 +23,10 @@ from nemo_viper.evaluation.results import summarise, write_summary
 log = logging.getLogger(__name__)
 
 MODEL_BACKENDS = ("qwen2_5_vl", "vllm")
+# The image budget of both backends: lmms-eval's qwen2_5_vl defaults (its processor's min/max pixels). vLLM's
+# Qwen2.5-VL processor would otherwise take the checkpoint's own bounds (3136 .. 12845056 for Qwen's releases),
+# i.e. other image resolutions than the qwen2_5_vl backend for the same checkpoint.
+IMAGE_PIXELS = {"min_pixels": 256 * 28 * 28, "max_pixels": 1605632}
 
 
 @dataclass(frozen=True)
@@ -84,13 +88,28 @@ def _device(device: str) -> str:
 
 
 def model_arguments(config: EvalConfig, hf_dir: Path) -> dict:
-    """lmms-eval ``model_args`` for the backend (``pretrained``/``model`` path, device; user args win)."""
+    """lmms-eval ``model_args`` for the backend (path, device, dtype, image budget; user args win).
+
+    Both backends decode with the same settings: bf16 weights (lmms-eval's ``qwen2_5_vl`` always loads bf16),
+    the :data:`IMAGE_PIXELS` budget (``min_pixels``/``max_pixels`` in ``model_args`` override it for either),
+    and each task's own ``max_new_tokens`` (every task YAML states one, see ``benchmarks.py``): lmms-eval's
+    ``vllm`` model generates ``max(task budget, its max_new_tokens)`` tokens, so its ``max_new_tokens`` is 1.
+    """
     device = _device(config.device)
+    user = dict(config.model_args)
+    pixels = {key: int(user.pop(key, value)) for key, value in IMAGE_PIXELS.items()}
     if config.backend == "vllm":
-        args = {"model": str(hf_dir), "tensor_parallel_size": 1}
+        args = {"model": str(hf_dir), "tensor_parallel_size": 1, "dtype": "bfloat16", "max_new_tokens": 1,
+                "mm_processor_kwargs": pixels, **({} if device.startswith("cuda") else {"enforce_eager": True})}
     else:
-        args = {"pretrained": str(hf_dir), "device": device, "device_map": device}
-    return {**args, **config.model_args}
+        args = {"pretrained": str(hf_dir), "device": device, "device_map": device, **pixels}
+    return {**args, **user}
+
+
+def _arg_string(model_args: dict) -> str:
+    """lmms-eval's ``key=value,key=value`` (dict values as JSON, which its vllm model parses back)."""
+    return ",".join(f"{key}={json.dumps(value) if isinstance(value, dict) else value}"
+                    for key, value in model_args.items())
 
 
 def run_lmms_eval(tasks: tuple[str, ...], model, model_args: dict | None, include_path: Path, config: EvalConfig) -> dict:
@@ -100,8 +119,8 @@ def run_lmms_eval(tasks: tuple[str, ...], model, model_args: dict | None, includ
 
     manager = TaskManager(include_path=str(include_path), include_defaults=False)
     gen_kwargs = f"max_new_tokens={config.max_new_tokens}" if config.max_new_tokens else None
-    if model_args is not None:  # lmms-eval parses "key=value,key=value"
-        model_args = ",".join(f"{key}={value}" for key, value in model_args.items())
+    if model_args is not None:
+        model_args = _arg_string(model_args)
     return simple_evaluate(model=model, model_args=model_args, tasks=list(tasks), task_manager=manager,
                            batch_size=config.batch_size, limit=config.limit, gen_kwargs=gen_kwargs,
                            log_samples=False, bootstrap_iters=0, random_seed=0)
@@ -120,12 +139,20 @@ def evaluate(config: EvalConfig, model=None) -> dict:
     task_dir = out / "tasks"
     task_dir.mkdir(parents=True, exist_ok=True)
     check_datasets(config.tasks, config.dataset_root)
+    if model is None and config.backend == "vllm":
+        from nemo_viper.rollout.vllm_backend import require_vllm
+
+        require_vllm("eval backend")
     pending = tuple(t for t in config.tasks if not (task_dir / f"{t}.json").is_file())
     if pending:
         include_path = write_task_overrides(pending, config.dataset_root, out / "lmms_tasks")
         if model is None:
             hf_dir = hf_model_dir(config.model, out)
             model, model_args = config.backend, model_arguments(config, hf_dir)
+            if config.backend == "vllm":
+                from nemo_viper.rollout.vllm_backend import VLLMGenerationConfig, configure_vllm_environment
+
+                configure_vllm_environment(VLLMGenerationConfig())  # in-process engine; CPU: 1 GiB KV cache
         else:
             model_args = None
         results = run_lmms_eval(pending, model, model_args, include_path, config)

@@ -23,7 +23,10 @@ class PolicyBatch:
       ``pixel_values`` / ``image_grid_thw`` hold the sets ``0, 1, ...`` in order, each once. A GRPO
       rollout stores a prompt's images once for its ``n`` responses this way.
 
-    A row's image count is the number of ``<|vision_start|>`` tokens in it. :meth:`select` keeps the
+    ``images_per_row`` [B] long (required with images) is how many images each row shows, counted once where
+    the batch is assembled (a rollout: its request's images; processor output: the row's
+    ``<|vision_start|>`` tokens, :func:`count_images`); selecting and splitting need no token ids. Rows
+    showing the same set show the same number of images. :meth:`select` keeps the
     layout (shared sets are gathered once, not per row). :func:`forward_micro_batch` runs the vision tower
     once per stored image and scatters the features into every row that shows it; :meth:`model_inputs`
     is the per-row form of the same inputs (each row's own copy of its images).
@@ -34,6 +37,7 @@ class PolicyBatch:
     pixel_values: Tensor | None = None  # [sum of t*h*w over images, C*patch volume]
     image_grid_thw: Tensor | None = None  # [num_images, 3]
     image_sets: Tensor | None = None  # [B] long, shared layout only
+    images_per_row: Tensor | None = None  # [B] long, with images only
 
     def __post_init__(self):
         if self.input_ids.shape != self.response_mask.shape:
@@ -44,18 +48,24 @@ class PolicyBatch:
         check_patches(self.pixel_values, self.image_grid_thw)
         if self.image_sets is not None and self.image_sets.shape != self.input_ids.shape[:1]:
             raise ValueError(f"image_sets has shape {tuple(self.image_sets.shape)}, expected ({self.input_ids.shape[0]},)")
+        if (self.image_grid_thw is None) != (self.images_per_row is None):
+            raise ValueError("images_per_row is required with images (image_grid_thw) and only with them")
+        if self.images_per_row is not None and self.images_per_row.shape != self.input_ids.shape[:1]:
+            raise ValueError(
+                f"images_per_row has shape {tuple(self.images_per_row.shape)}, expected ({self.input_ids.shape[0]},)")
 
-    def select(self, rows, vision_start_token_id: int) -> PolicyBatch:
+    def select(self, rows) -> PolicyBatch:
         """The samples at ``rows`` (indices or a slice), each with exactly its own images, in the same layout."""
         input_ids, response_mask = self.input_ids[rows], self.response_mask[rows]
         if self.image_grid_thw is None:
             return PolicyBatch(input_ids, response_mask)
-        sets, set_sizes = self.image_set_sizes(vision_start_token_id)
+        sets, set_sizes = self.image_set_sizes()
+        images_per_row = self.images_per_row[rows]
         if self.image_sets is None:  # per row: the selected rows' images, in order
             pixel_values, grid = self._gather(sets[rows].reshape(-1), set_sizes)
             if len(grid) == 0:
                 return PolicyBatch(input_ids, response_mask)
-            return PolicyBatch(input_ids, response_mask, pixel_values, grid)
+            return PolicyBatch(input_ids, response_mask, pixel_values, grid, images_per_row=images_per_row)
         selected = sets[rows].reshape(-1)
         used = selected[selected >= 0]
         if used.numel() == 0:
@@ -65,7 +75,7 @@ class PolicyBatch:
         renumber[order] = torch.arange(len(order))
         pixel_values, grid = self._gather(order, set_sizes)
         image_sets = torch.where(selected >= 0, renumber[selected.clamp(min=0)], -1)
-        return PolicyBatch(input_ids, response_mask, pixel_values, grid, image_sets)
+        return PolicyBatch(input_ids, response_mask, pixel_values, grid, image_sets, images_per_row)
 
     def pad_columns(self, multiple: int, pad_token_id: int = 0) -> PolicyBatch:
         """This batch with its token dimension right-padded to a multiple of ``multiple`` (pad tokens, response
@@ -76,32 +86,32 @@ class PolicyBatch:
             return self
         ids = torch.nn.functional.pad(self.input_ids, (0, missing), value=pad_token_id)
         mask = torch.nn.functional.pad(self.response_mask, (0, missing))
-        return PolicyBatch(ids, mask, self.pixel_values, self.image_grid_thw, self.image_sets)
+        return PolicyBatch(ids, mask, self.pixel_values, self.image_grid_thw, self.image_sets, self.images_per_row)
 
-    def split(self, micro_batch_size: int, vision_start_token_id: int) -> list[PolicyBatch]:
+    def split(self, micro_batch_size: int) -> list[PolicyBatch]:
         """Consecutive micro-batches of ``micro_batch_size`` samples (the last may be smaller)."""
         batch_size = self.input_ids.shape[0]
         return [
-            self.select(slice(start, start + micro_batch_size), vision_start_token_id)
+            self.select(slice(start, start + micro_batch_size))
             for start in range(0, batch_size, micro_batch_size)
         ]
 
-    def model_inputs(self, device: torch.device, vision_start_token_id: int) -> dict:
+    def model_inputs(self, device: torch.device) -> dict:
         """The keyword arguments of the Megatron Qwen2.5-VL forward, images per row, on ``device``."""
         inputs = {"input_ids": self.input_ids.to(device), "position_ids": None, "attention_mask": None}
         if self.image_grid_thw is None:
             return inputs
         pixel_values, grid = self.pixel_values, self.image_grid_thw
         if self.image_sets is not None:
-            sets, set_sizes = self.image_set_sizes(vision_start_token_id)
+            sets, set_sizes = self.image_set_sizes()
             pixel_values, grid = self._gather(sets, set_sizes)
         if len(grid):
             inputs.update(pixel_values=pixel_values.to(device), image_grid_thw=grid.to(device))
         return inputs
 
-    def image_set_sizes(self, vision_start_token_id: int) -> tuple[Tensor, Tensor]:
-        """``(image set of each row, images per set)``; checks them against the ``<|vision_start|>`` tokens."""
-        images_per_row = (self.input_ids == vision_start_token_id).sum(dim=1)
+    def image_set_sizes(self) -> tuple[Tensor, Tensor]:
+        """``(image set of each row, images per set)``; checks them against ``images_per_row``."""
+        images_per_row = self.images_per_row.long().cpu()
         if self.image_sets is None:
             sets, set_sizes = torch.arange(len(images_per_row)), images_per_row
         else:
@@ -113,7 +123,7 @@ class PolicyBatch:
                 raise ValueError("rows showing the same image set (image_sets) contain different numbers of images")
         if int(set_sizes.sum()) != self.image_grid_thw.shape[0]:
             raise ValueError(
-                f"input_ids contain {int(set_sizes.sum())} images but image_grid_thw has "
+                f"images_per_row counts {int(set_sizes.sum())} images but image_grid_thw has "
                 f"{self.image_grid_thw.shape[0]} rows"
             )
         return sets, set_sizes
@@ -131,6 +141,11 @@ class PolicyBatch:
         patch_index = concat_ranges(torch.cumsum(patches_per_image, 0) - patches_per_image, patches_per_image, image_index)
         return (self.pixel_values[patch_index.to(self.pixel_values.device)],
                 self.image_grid_thw[image_index.to(self.image_grid_thw.device)])
+
+
+def count_images(input_ids: Tensor, vision_start_token_id: int) -> Tensor:
+    """``images_per_row`` of token ids as the processor writes them: one ``<|vision_start|>`` per image."""
+    return (input_ids == vision_start_token_id).sum(dim=1)
 
 
 def concat_ranges(starts: Tensor, counts: Tensor, items: Tensor) -> Tensor:

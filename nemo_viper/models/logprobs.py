@@ -21,7 +21,7 @@ from nemo_viper.models.batch import PolicyBatch, concat_ranges
 from nemo_viper.runtime import collectives
 
 
-def forward_micro_batch(model, batch: PolicyBatch, device: torch.device, vision_start_token_id: int):
+def forward_micro_batch(model, batch: PolicyBatch, device: torch.device):
     """``model(...)`` on one micro-batch: the output of the Megatron Qwen2.5-VL ``model`` (possibly wrapped).
 
     Shared image sets (``batch.image_sets``) pass the vision tower once per stored image, however many rows
@@ -31,10 +31,10 @@ def forward_micro_batch(model, batch: PolicyBatch, device: torch.device, vision_
     number of rows per image set (``n`` for a GRPO rollout).
     """
     if batch.image_sets is None or batch.image_grid_thw is None:
-        return model(**batch.model_inputs(device, vision_start_token_id))
+        return model(**batch.model_inputs(device))
     from megatron.core.utils import unwrap_model
 
-    sets, set_sizes = batch.image_set_sizes(vision_start_token_id)
+    sets, set_sizes = batch.image_set_sizes()
     image_index = batch.stored_image_index(sets, set_sizes).to(device)
     input_ids, grid = batch.input_ids.to(device), batch.image_grid_thw.to(device)
     inputs = {"input_ids": input_ids, "position_ids": None, "attention_mask": None,
@@ -84,10 +84,12 @@ def _pad_rows(batch: PolicyBatch, rows: int, pad_token_id: int) -> PolicyBatch:
         return batch
     ids = torch.cat([batch.input_ids, batch.input_ids.new_full((missing, batch.input_ids.shape[1]), pad_token_id)])
     mask = torch.cat([batch.response_mask, batch.response_mask.new_zeros((missing, batch.response_mask.shape[1]))])
-    sets = batch.image_sets
+    sets, images_per_row = batch.image_sets, batch.images_per_row
     if sets is not None:
         sets = torch.cat([sets, sets.new_full((missing,), -1)])
-    return PolicyBatch(ids, mask, batch.pixel_values, batch.image_grid_thw, sets)
+    if images_per_row is not None:
+        images_per_row = torch.cat([images_per_row, images_per_row.new_zeros((missing,))])
+    return PolicyBatch(ids, mask, batch.pixel_values, batch.image_grid_thw, sets, images_per_row)
 
 
 @torch.no_grad()
@@ -109,8 +111,7 @@ def run_forward(policy, batch: PolicyBatch, per_micro_batch, micro_batch_size: i
     device = next(chunks[0].parameters()).device
     batch_size, seq_length = batch.input_ids.shape
     micro_batch_size = min(micro_batch_size, batch_size)
-    vision_start_token_id = policy.provider.vision_start_token_id
-    micro_batches = batch.split(micro_batch_size, vision_start_token_id)
+    micro_batches = batch.split(micro_batch_size)
     micro_batches = [
         _pad_rows(mb, micro_batch_size, pad_token_id).pad_columns(policy.config.token_alignment, pad_token_id)
         for mb in micro_batches
@@ -118,7 +119,7 @@ def run_forward(policy, batch: PolicyBatch, per_micro_batch, micro_batch_size: i
 
     def forward_step(data_iterator, model):
         micro_batch = next(data_iterator)
-        output = forward_micro_batch(model, micro_batch, device, vision_start_token_id)
+        output = forward_micro_batch(model, micro_batch, device)
         return output, lambda output_tensor, non_loss_data=True: per_micro_batch(output_tensor, micro_batch)
 
     outputs = get_forward_backward_func()(

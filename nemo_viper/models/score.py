@@ -28,7 +28,8 @@ def build_batch(processor, image: Image.Image, prompt: str, response: str) -> Po
     inputs = processor(text=[prompt_text + response + "<|im_end|>"], images=[image], return_tensors="pt")
     response_mask = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
     response_mask[:, prompt_length:] = True
-    return PolicyBatch(inputs["input_ids"], response_mask, inputs["pixel_values"], inputs["image_grid_thw"])
+    return PolicyBatch(inputs["input_ids"], response_mask, inputs["pixel_values"], inputs["image_grid_thw"],
+                       images_per_row=torch.tensor([len(inputs["image_grid_thw"])]))  # one row, all its images
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -102,9 +102,9 @@ class TrainingBatch:
     def rows(self) -> int:
         return self.sequences.input_ids.shape[0]
 
-    def select(self, rows, vision_start_token_id: int) -> TrainingBatch:
+    def select(self, rows) -> TrainingBatch:
         """The rows ``rows`` (indices or a slice), with their images and tensors."""
-        return TrainingBatch(self.sequences.select(rows, vision_start_token_id),
+        return TrainingBatch(self.sequences.select(rows),
                              {name: tensor[rows] for name, tensor in self.tensors.items()})
 
     def pad_columns(self, multiple: int) -> TrainingBatch:
@@ -206,7 +206,6 @@ class PolicyWorker:
         )
         apply_precision(model.config, optimizer_config=optimizer_config)  # bf16 / FP8 preset, as Bridge does
         self.optimizer = get_megatron_optimizer(optimizer_config, model.chunks)
-        self.vision_start_token_id = model.provider.vision_start_token_id
         self.pad_token_id = text_config(model.hf_config).get("pad_token_id") or 0
         self.data_parallel = DataParallel(
             rank=parallel_state.get_data_parallel_rank(),
@@ -242,7 +241,7 @@ class PolicyWorker:
         for rows in torch.tensor_split(torch.arange(data.rows), num_minibatches):
             if len(rows) == 0:  # fewer rows than mini-batches: the same on every rank
                 continue
-            result = self._update(data.select(rows, self.vision_start_token_id), loss_fn, micro_batch_size,
+            result = self._update(data.select(rows), loss_fn, micro_batch_size,
                                   temperature)
             if result is not None:
                 updates.append(result)
@@ -269,13 +268,13 @@ class PolicyWorker:
             return None
         mbs = min(micro_batch_size, minibatch.rows)
         alignment = self.model.config.token_alignment  # FP8 GEMMs: padded columns are masked out of the loss
-        micro_batches = [minibatch.select(slice(s, s + mbs), self.vision_start_token_id).pad_columns(alignment)
+        micro_batches = [minibatch.select(slice(s, s + mbs)).pad_columns(alignment)
                          for s in range(0, minibatch.rows, mbs)]
         device = next(model.parameters()).device
 
         def forward_step(data_iterator, model):
             micro_batch = next(data_iterator)
-            output = forward_micro_batch(model, micro_batch.sequences, device, self.vision_start_token_id)
+            output = forward_micro_batch(model, micro_batch.sequences, device)
             return output, lambda logits: micro_batch_loss(logits, micro_batch, loss_fn, normalizer, temperature)
 
         losses = get_forward_backward_func()(

@@ -119,9 +119,9 @@ def _cpu_scheduling(context_length: int) -> dict:
     return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(context_length, 8192)}
 
 
-def _configure_vllm_environment(config: VLLMGenerationConfig) -> None:
-    """Environment vLLM reads at import/engine start. In-process engine (the refit hands it tensors by
-    reference); on CPU: the KV-cache size, and no OpenMP re-pinning of the trainer's threads."""
+def configure_vllm_environment(config: VLLMGenerationConfig) -> None:
+    """Environment vLLM reads at import/engine start (also for ``nemo-viper eval --backend vllm``). In-process
+    engine (the refit hands it tensors by reference); on CPU: the KV-cache size, and no OpenMP re-pinning of the trainer's threads."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if not torch.cuda.is_available():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kv_cache_gib))
@@ -161,7 +161,7 @@ class VLLMGenerationBackend:
         self._sleeping = False
         self._stale = True
 
-        _configure_vllm_environment(config)
+        configure_vllm_environment(config)
         from vllm import LLM
 
         tp = parallel_state.get_tensor_model_parallel_world_size()

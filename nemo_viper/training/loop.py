@@ -155,9 +155,11 @@ def assemble_rollout(
     """Rows = prompt + response tokens (right-padded), grouped by request. A request's images are stored once
     and shown by all its rows (:class:`PolicyBatch`'s shared layout): no copy per response."""
     rows, prompt_lengths, groups, row_ids, image_sets, pixel_values, grids, truncated = [], [], [], [], [], [], [], []
+    images_per_row = []
     for group, (request, samples) in enumerate(zip(requests, responses)):
-        image_set = -1
+        image_set, images = -1, 0
         if request.pixel_values is not None:
+            images = len(request.image_grid_thw)
             image_set = len(pixel_values)
             pixel_values.append(request.pixel_values)
             grids.append(request.image_grid_thw)
@@ -167,6 +169,7 @@ def assemble_rollout(
             groups.append(group)
             row_ids.append(sample_ids[group])
             image_sets.append(image_set)
+            images_per_row.append(images)
             truncated.append(sample.truncated)
     length = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
@@ -179,7 +182,8 @@ def assemble_rollout(
         sampler_logprobs[i, start : len(row)] = torch.tensor(sample.logprobs, dtype=torch.float32)
     sequences = PolicyBatch(input_ids, response_mask)
     if pixel_values:
-        sequences = PolicyBatch(input_ids, response_mask, torch.cat(pixel_values), torch.cat(grids), torch.tensor(image_sets))
+        sequences = PolicyBatch(input_ids, response_mask, torch.cat(pixel_values), torch.cat(grids), torch.tensor(image_sets),
+                                torch.tensor(images_per_row))
     reward_metrics = {
         "format": sum(r.format for r in rewards) / len(rewards),
         "correctness": sum(r.correctness for r in rewards) / len(rewards),

@@ -44,10 +44,10 @@ class RolloutBatch:
     def response_lengths(self) -> Tensor:
         return self.sequences.response_mask.sum(dim=1)
 
-    def select(self, rows: Tensor, vision_start_token_id: int) -> RolloutBatch:
+    def select(self, rows: Tensor) -> RolloutBatch:
         """The rows ``rows`` (1-D index tensor), with their images."""
         return RolloutBatch(
-            sequences=self.sequences.select(rows, vision_start_token_id),
+            sequences=self.sequences.select(rows),
             group_index=self.group_index[rows],
             rewards=self.rewards[rows],
             sample_ids=[self.sample_ids[i] for i in rows.tolist()],

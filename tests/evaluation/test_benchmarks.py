@@ -26,6 +26,7 @@ def test_scripted_model_scores_are_exact(tiny_eval_root, tmp_path):
     for task, settings in model.generation_kwargs.items():
         for kwargs in settings:
             assert not kwargs.get("do_sample") and not kwargs.get("temperature"), (task, kwargs)
+            assert kwargs.get("max_new_tokens"), (task, kwargs)  # lmms-eval's vllm model needs every budget stated
     assert set(model.generation_kwargs) >= {"mantis", "hallusion_bench_image", "blink_counting"}
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| RealWorldQA | 60.0 |" in table and "rule-based yes/no scorer" in table
@@ -50,3 +51,15 @@ def test_unknown_task_is_rejected():
     assert parse_tasks("mmstar, blink") == ("mmstar", "blink")
     with pytest.raises(ConfigError, match="mmbench"):
         parse_tasks("mmstar,mmbench")
+
+
+def test_vllm_backend_without_vllm_is_one_line_before_any_model_work(tiny_eval_root, tmp_path, monkeypatch):
+    import importlib.util as util
+
+    from nemo_viper.errors import ConfigError
+
+    real = util.find_spec
+    monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(ConfigError, match="eval backend='vllm' needs the vllm package"):  # --model is no checkpoint:
+        evaluate(EvalConfig(model=str(tmp_path), out=str(tmp_path / "o"), dataset_root=str(tiny_eval_root),  # export
+                            tasks=("realworldqa",), backend="vllm"))  # would fail otherwise

@@ -4,7 +4,7 @@ responses, and every selection / micro-batch hands the model exactly the per-row
 import pytest
 import torch
 
-from nemo_viper.models.batch import PolicyBatch
+from nemo_viper.models.batch import PolicyBatch, count_images
 from nemo_viper.models.logprobs import _pad_rows
 from nemo_viper.rewards import RewardBreakdown
 from nemo_viper.rollout import GenerationRequest
@@ -42,14 +42,16 @@ def rollout():
 
 
 def per_row_reference(requests, sequences: PolicyBatch) -> PolicyBatch:
-    """The same rows with every row's images copied into it (the layout the model takes)."""
+    """The same rows with every row's images copied into it (the layout the model takes), each row's image
+    count read off its <|vision_start|> tokens."""
     with_images = [r for r in requests for _ in range(N) if r.pixel_values is not None]
     return PolicyBatch(sequences.input_ids, sequences.response_mask, torch.cat([r.pixel_values for r in with_images]),
-                       torch.cat([r.image_grid_thw for r in with_images]))
+                       torch.cat([r.image_grid_thw for r in with_images]),
+                       images_per_row=count_images(sequences.input_ids, VISION_START))
 
 
 def assert_same_model_inputs(a: PolicyBatch, b: PolicyBatch):
-    a, b = a.model_inputs(torch.device("cpu"), VISION_START), b.model_inputs(torch.device("cpu"), VISION_START)
+    a, b = a.model_inputs(torch.device("cpu")), b.model_inputs(torch.device("cpu"))
     assert a.keys() == b.keys()
     for key in a:
         assert (a[key] is None and b[key] is None) or torch.equal(a[key], b[key]), key
@@ -60,6 +62,7 @@ def test_a_rollout_stores_each_prompts_images_once(rollout):
     unique_patches = sum(r.pixel_values.shape[0] for r in requests if r.pixel_values is not None)
     assert batch.sequences.pixel_values.shape[0] == unique_patches  # not N times
     assert batch.sequences.image_sets.tolist() == [0] * N + [1] * N + [-1] * N + [2] * N
+    assert torch.equal(batch.sequences.images_per_row, count_images(batch.sequences.input_ids, VISION_START))
     assert_same_model_inputs(batch.sequences, per_row_reference(requests, batch.sequences))
 
 
@@ -68,8 +71,8 @@ def test_selections_keep_sharing_and_match_the_per_row_layout(rollout, rows):
     requests, batch = rollout
     reference = per_row_reference(requests, batch.sequences)
     rows = torch.tensor(rows)
-    shared = batch.sequences.select(rows, VISION_START)
-    assert_same_model_inputs(shared, reference.select(rows, VISION_START))
+    shared = batch.sequences.select(rows)
+    assert_same_model_inputs(shared, reference.select(rows))
     shown = {int(s) for s in batch.sequences.image_sets[rows] if s >= 0}
     stored = shared.pixel_values.shape[0] if shared.pixel_values is not None else 0
     assert stored == sum(requests[[0, 1, 3][s]].pixel_values.shape[0] for s in shown)  # each shown set once
@@ -79,7 +82,7 @@ def test_micro_batches_and_padding_rows_match_the_per_row_layout(rollout):
     requests, batch = rollout
     reference = per_row_reference(requests, batch.sequences)
     for size in (1, 2, 4, 5):
-        for shared, expected in zip(batch.sequences.split(size, VISION_START), reference.split(size, VISION_START)):
+        for shared, expected in zip(batch.sequences.split(size), reference.split(size)):
             assert_same_model_inputs(_pad_rows(shared, size, PAD), _pad_rows(expected, size, PAD))
 
 
@@ -87,12 +90,19 @@ def test_rows_of_one_image_set_must_show_the_same_number_of_images(rollout):
     _, batch = rollout
     sequences = batch.sequences
     broken = PolicyBatch(sequences.input_ids, sequences.response_mask, sequences.pixel_values,
-                         sequences.image_grid_thw, torch.tensor([0] * N + [1] * N + [-1] * N + [1] * N))
+                         sequences.image_grid_thw, torch.tensor([0] * N + [1] * N + [-1] * N + [1] * N),
+                         sequences.images_per_row)
     with pytest.raises(ValueError, match="different numbers of images"):
-        broken.model_inputs(torch.device("cpu"), VISION_START)
+        broken.model_inputs(torch.device("cpu"))
     with pytest.raises(ValueError, match="image_sets has shape"):
         PolicyBatch(sequences.input_ids, sequences.response_mask, sequences.pixel_values, sequences.image_grid_thw,
-                    torch.zeros(3, dtype=torch.long))
+                    torch.zeros(3, dtype=torch.long), sequences.images_per_row)
+    with pytest.raises(ValueError, match="images_per_row is required"):
+        PolicyBatch(sequences.input_ids, sequences.response_mask, sequences.pixel_values, sequences.image_grid_thw,
+                    sequences.image_sets)
+    with pytest.raises(ValueError, match="images_per_row has shape"):
+        PolicyBatch(sequences.input_ids, sequences.response_mask, sequences.pixel_values, sequences.image_grid_thw,
+                    sequences.image_sets, torch.zeros(3, dtype=torch.long))
 
 
 @pytest.fixture(scope="module")

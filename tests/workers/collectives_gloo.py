@@ -48,7 +48,7 @@ def loss_metrics(rank: int) -> dict[str, Metric]:
     loss_fn = GRPOLoss(LOSS)
     parts = []
     for start in range(0, batch.rows, 2):
-        micro = batch.select(slice(start, start + 2), vision_start_token_id=-1)
+        micro = batch.select(slice(start, start + 2))
         loss, metrics = loss_fn(full["logprobs"][rows][start : start + 2], micro, normalizer)
         parts.append({**metrics, "loss": Metric.sum(loss.detach())})
     return {f"train/{k}": combine([p[k] for p in parts]) for k in parts[0]}

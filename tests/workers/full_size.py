@@ -31,6 +31,7 @@ def chats():
 def reference(hf: str, out: str) -> None:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    from nemo_viper.models.batch import count_images
     from nemo_viper.models.processor import load_processor
     from nemo_viper.models.tokens import VISION_SPECIAL_TOKENS
     from nemo_viper.rollout import GenerationRequest
@@ -65,6 +66,7 @@ def reference(hf: str, out: str) -> None:
         greedy.append(row[:end])
     requests = [GenerationRequest.from_chat(processor, chat, chat_images) for chat, chat_images in prompts]
     batch = {k: inputs[k] for k in ("input_ids", "pixel_values", "image_grid_thw")}
+    batch["images_per_row"] = count_images(inputs["input_ids"], processor.tokenizer.convert_tokens_to_ids("<|vision_start|>"))
     torch.save({"batch": {**batch, "response_mask": response_mask}, "requests": requests, "logits": logits,
                 "logprobs": logprobs.float(), "valid": inputs["attention_mask"].bool(), "greedy": greedy}, out)
 

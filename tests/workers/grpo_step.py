@@ -95,7 +95,8 @@ def rollout_batch(hf_dir: str, prompts: list[int], minibatches: int = 1, truncat
     positions = torch.arange(inputs["input_ids"].shape[1])
     mask = (positions[None] >= torch.tensor(prompt_lengths)[:, None]) & inputs["attention_mask"].bool()
     return RolloutBatch(
-        sequences=PolicyBatch(inputs["input_ids"], mask, inputs["pixel_values"], inputs["image_grid_thw"]),
+        sequences=PolicyBatch(inputs["input_ids"], mask, inputs["pixel_values"], inputs["image_grid_thw"],
+                              images_per_row=torch.ones(len(texts), dtype=torch.long)),  # one image a row
         group_index=torch.tensor(groups),
         rewards=torch.tensor(rewards),
         sample_ids=[f"prompt{g}" for g in groups],
@@ -123,7 +124,7 @@ def reference_gradients(hf_dir: str, config: GRPOConfig, batch: RolloutBatch,
     mini-batch's rows with their own counts, ``backward``. Returns the gradients and the loss's metrics."""
     policy = build_policy(PolicyConfig(hf_path=hf_dir, precision="fp32"))
     (model,) = policy.chunks
-    inputs = batch.sequences.model_inputs(torch.device("cpu"), policy.provider.vision_start_token_id)
+    inputs = batch.sequences.model_inputs(torch.device("cpu"))
     ids = batch.sequences.input_ids
     with torch.no_grad():
         start_logprobs = vocab_parallel_token_logprobs(model(**inputs), ids, 1.0)

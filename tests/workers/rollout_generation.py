@@ -43,6 +43,7 @@ def logprob_error(policy, requests, responses, temperature, pad_token_id):
         mask,
         torch.cat([r.pixel_values for r, _ in rows]),
         torch.cat([r.image_grid_thw for r, _ in rows]),
+        images_per_row=torch.tensor([len(r.image_grid_thw) for r, _ in rows]),
     )
     recomputed = compute_logprobs(policy, batch, temperature=temperature, pad_token_id=pad_token_id)
     return (recomputed - expected).abs().max().item()

@@ -21,7 +21,7 @@ IMAGES = [[(4, 6)], [(6, 4)], [(4, 4), (2, 4)]]  # per prompt: (h, w) of each im
 
 def shared_batch(provider, n: int, vocab: int) -> PolicyBatch:
     generator = torch.Generator().manual_seed(0)
-    rows, sets, pixels, grids = [], [], [], []
+    rows, sets, pixels, grids, counts = [], [], [], [], []
     for p, images in enumerate(IMAGES):
         prompt = [1, 2]
         for h, w in images:
@@ -34,20 +34,23 @@ def shared_batch(provider, n: int, vocab: int) -> PolicyBatch:
                                      generator=generator).tolist()
             rows.append((prompt, response))
             sets.append(p)
+            counts.append(len(images))
     rows.append(([1, 2, 3], [25, 26]))
     sets.append(-1)
+    counts.append(0)
     length = max(len(a) + len(b) for a, b in rows)
     ids = torch.zeros(len(rows), length, dtype=torch.long)
     mask = torch.zeros(len(rows), length, dtype=torch.bool)
     for i, (prompt, response) in enumerate(rows):
         ids[i, : len(prompt) + len(response)] = torch.tensor(prompt + response)
         mask[i, len(prompt) : len(prompt) + len(response)] = True
-    return PolicyBatch(ids, mask, torch.cat(pixels), torch.tensor(grids), torch.tensor(sets))
+    return PolicyBatch(ids, mask, torch.cat(pixels), torch.tensor(grids), torch.tensor(sets), torch.tensor(counts))
 
 
-def per_row(batch: PolicyBatch, vision_start_token_id: int) -> PolicyBatch:
-    inputs = batch.model_inputs(torch.device("cpu"), vision_start_token_id)
-    return PolicyBatch(batch.input_ids, batch.response_mask, inputs["pixel_values"], inputs["image_grid_thw"])
+def per_row(batch: PolicyBatch) -> PolicyBatch:
+    inputs = batch.model_inputs(torch.device("cpu"))
+    return PolicyBatch(batch.input_ids, batch.response_mask, inputs["pixel_values"], inputs["image_grid_thw"],
+                       images_per_row=batch.images_per_row)
 
 
 def saved_bytes(run) -> tuple[object, int]:
@@ -73,14 +76,14 @@ def run_mode(hf: str, responses: int, recompute: str, recompute_vision: bool) ->
     shared = shared_batch(provider, responses, provider.vocab_size)
     layouts = {"shared": shared}
     if recompute == "none":
-        layouts["per_row"] = per_row(shared, provider.vision_start_token_id)
+        layouts["per_row"] = per_row(shared)
     weights = torch.rand(shared.input_ids[:, 1:].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     result = {}
     for name, batch in layouts.items():
         model.zero_grad(set_to_none=True)
 
         def forward(batch=batch):
-            return forward_micro_batch(model, batch, torch.device("cpu"), provider.vision_start_token_id)
+            return forward_micro_batch(model, batch, torch.device("cpu"))
 
         logits, saved = saved_bytes(forward)
         # float64 end to end (the project's log-prob kernel works in float32): TP1, so the full vocabulary

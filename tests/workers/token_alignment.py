@@ -19,8 +19,7 @@ def loss_gradients(policy, batch: PolicyBatch) -> dict:
     """Gradients of the summed masked response log-probs, one forward on ``batch`` as given."""
     (model,) = policy.chunks
     model.zero_grad()
-    vision_start = policy.provider.vision_start_token_id
-    logits = model(**batch.model_inputs(torch.device("cpu"), vision_start))
+    logits = model(**batch.model_inputs(torch.device("cpu")))
     (vocab_parallel_token_logprobs(logits, batch.input_ids) * batch.response_mask).sum().backward()
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
