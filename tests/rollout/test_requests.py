@@ -80,9 +80,10 @@ def test_request_validation():
     assert GenerationRequest([1, 2, 3]).prompt_ids.dtype == torch.long
     with pytest.raises(ConfigError, match="n=0"):
         GenerationRequest([1, 2], n=0)
-    with pytest.raises(ConfigError, match="together"):
+    # the image check is the one PolicyBatch uses too (data.images.check_patches): a ValueError, not a config error
+    with pytest.raises(ValueError, match="together"):
         GenerationRequest([1, 2], pixel_values=torch.zeros(4, 1176))
-    with pytest.raises(ConfigError, match="patches"):
+    with pytest.raises(ValueError, match="patches"):
         GenerationRequest([1, 2], pixel_values=torch.zeros(3, 1176), image_grid_thw=torch.tensor([[1, 2, 2]]))
 
 
