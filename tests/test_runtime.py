@@ -22,15 +22,19 @@ def test_cpu_mode_refuses_a_cuda_machine(monkeypatch):
 
 
 @pytest.mark.cpu
-def test_building_a_policy_outside_cpu_mode_fails_in_one_line(tiny_hf_dir):
+def test_building_a_policy_outside_cpu_mode_fails_in_one_line(tiny_hf_dir, monkeypatch):
     import torch.distributed as dist
 
     from nemo_viper.models.policy import PolicyConfig, build_policy
+    from nemo_viper.runtime import distributed
 
+    started = []  # refused before any process group is joined (another test of this process may own one)
+    monkeypatch.setattr(distributed, "init_process_group", lambda: started.append("nemo_viper"))
+    monkeypatch.setattr(dist, "init_process_group", lambda *args, **kwargs: started.append("torch"))
     with pytest.raises(cpu_mode.CpuModeError) as error:
         build_policy(PolicyConfig(hf_path=str(tiny_hf_dir)))
     assert "\n" not in str(error.value) and "CPU mode is off" in str(error.value)
-    assert not dist.is_initialized()  # refused before any process group exists
+    assert started == []
 
 
 SUBPROCESS_CHECK = r"""
