@@ -21,6 +21,18 @@ def test_3b_to_7b_switches_tensor_parallel_and_keeps_batch_arithmetic():
     assert recipe("qwen25vl_3b", "parallel.tensor=2", "parallel.nodes=2").parallel == large.parallel
 
 
+def test_tiny_recipe_shows_images_at_the_warm_start_size():
+    """The tiny policy is warm-started on images at its checkpoint's minimum pixel budget (56x56, 4 image
+    tokens); at a larger budget its stage-1 answers were noise (docs/evaluation.md, "The embedded default
+    learns"), so RL, synthesis and the benchmark phases must all show it images of exactly that size."""
+    from nemo_viper.models.tiny import TinyModelConfig
+
+    config, budget = recipe("tiny"), TinyModelConfig().min_pixels
+    assert config.rl.min_pixels == config.rl.max_pixels == budget
+    assert config.synthesis["vlm"]["max_pixels"] == budget
+    assert int(config.eval.model_args["min_pixels"]) == int(config.eval.model_args["max_pixels"]) == budget
+
+
 def test_yaml_form_round_trips(tmp_path):
     config = recipe("qwen25vl_7b", "rl.steps=7", "rl.sampling.stop_strings=[</answer>]")
     (tmp_path / "viper.yaml").write_text(to_yaml(config))
