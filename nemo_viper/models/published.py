@@ -119,7 +119,7 @@ def write_random_checkpoint(out_dir: str | Path, size: str, num_layers: int | No
 
     from transformers.initialization import no_init_weights
 
-    from nemo_viper.models.processor import ImageOnlyQwen25VLProcessor
+    from nemo_viper.models.processor import ImageOnlyQwen25VLProcessor, save_processor
     from nemo_viper.models.tiny import CHAT_TEMPLATE, build_tokenizer
 
     out = Path(out_dir)
@@ -153,8 +153,8 @@ def write_random_checkpoint(out_dir: str | Path, size: str, num_layers: int | No
             patch_size=14, merge_size=2, temporal_patch_size=2,
             size={"shortest_edge": PUBLISHED_PIXELS["min_pixels"], "longest_edge": PUBLISHED_PIXELS["max_pixels"]},
         )
-        ImageOnlyQwen25VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                   chat_template=CHAT_TEMPLATE).save_pretrained(tmp)
+        save_processor(ImageOnlyQwen25VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                                  chat_template=CHAT_TEMPLATE), tmp)
         GenerationConfig(bos_token_id=ids["bos"], eos_token_id=[ids["eos"]], pad_token_id=ids["pad"],
                          do_sample=False).save_pretrained(tmp)
         if out.exists():
