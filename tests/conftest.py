@@ -6,6 +6,7 @@ are skipped, and tests marked ``gpu`` run (they are skipped where CUDA is not av
 """
 
 import os
+import shutil
 import signal
 import time
 import uuid
@@ -50,6 +51,27 @@ def tiny_hf_dir(tmp_path_factory):
     from nemo_viper.models.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "hf")
+
+
+@pytest.fixture(scope="session")
+def tiny_bf16_checkpoint(tiny_hf_dir, tmp_path_factory):
+    """``(hf_dir, checkpoint)``: the tiny model's weights cast to bf16 (an HF dir saying so) and its policy
+    checkpoint from ``convert import`` (one import serves the export and the checkpoint-trust tests; none
+    of them writes into it)."""
+    import json
+
+    from launch import run_cli
+    from safetensors.torch import load_file, save_file
+
+    bf16_hf = tmp_path_factory.mktemp("tiny_bf16") / "hf"
+    shutil.copytree(tiny_hf_dir, bf16_hf)
+    weights = {k: v.to(torch.bfloat16) for k, v in load_file(tiny_hf_dir / "model.safetensors").items()}
+    save_file(weights, bf16_hf / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((bf16_hf / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    (bf16_hf / "config.json").write_text(json.dumps(config))
+    run_cli("convert", "import", "--hf", str(bf16_hf), "--out", str(bf16_hf.parent / "ckpt"))
+    return bf16_hf, bf16_hf.parent / "ckpt"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -12,7 +12,7 @@ import pickle
 import sys
 
 import pytest
-from launch import REPO, run_cli
+from launch import REPO
 from PIL import Image
 
 from nemo_viper.cli import main
@@ -32,10 +32,9 @@ class Payload:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_hf_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("trust") / "ckpt"
-    run_cli("convert", "import", "--hf", str(tiny_hf_dir), "--out", str(out))
-    return out
+def checkpoint(tiny_bf16_checkpoint):
+    """A checkpoint written here by ``convert import`` (the session's; read, never written)."""
+    return tiny_bf16_checkpoint[1]
 
 
 def test_a_checkpoint_written_here_lists_the_hash_of_every_file(checkpoint):

@@ -116,9 +116,15 @@ def test_tiny_demo_imports_reshards_and_exports_bit_exact(tiny_hf_dir, reference
     load_processor(exported)
 
 
-def test_freeze_options_and_bf16(tiny_hf_dir, reference):
+@pytest.fixture(scope="module")
+def one_rank_report(tiny_hf_dir, reference):
+    """The freeze options, bf16 and FP8 token-alignment checks, from one one-rank worker launch."""
     result = run_worker("policy_options.py", "--hf", str(tiny_hf_dir), "--inputs", str(reference["path"]))
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_freeze_options_and_bf16(one_rank_report):
+    report = one_rank_report
     assert report["freeze_vision_tower"] == {"vision_tower": False, "projector": True, "language_model": True}
     assert report["freeze_projector"] == {"vision_tower": True, "projector": False, "language_model": True}
     assert report["freeze_language_model"] == {"vision_tower": True, "projector": True, "language_model": False}
@@ -126,23 +132,15 @@ def test_freeze_options_and_bf16(tiny_hf_dir, reference):
     assert 0 < report["bf16_max_logprob_diff"] < 0.1, report
 
 
-def test_streaming_export_of_a_bf16_checkpoint_in_many_shards(tiny_hf_dir, tmp_path):
+def test_streaming_export_of_a_bf16_checkpoint_in_many_shards(tiny_bf16_checkpoint, tmp_path):
     """A bf16 checkpoint exported at TP=2 in ~0.1 MiB shards: HF's sharded layout, every tensor bit-exact."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    bf16_hf = tmp_path / "bf16_hf"
-    shutil.copytree(tiny_hf_dir, bf16_hf)
-    original = {k: v.to(torch.bfloat16) for k, v in load_file(tiny_hf_dir / "model.safetensors").items()}
-    save_file(original, bf16_hf / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((bf16_hf / "config.json").read_text())
-    config["dtype"] = "bfloat16"
-    (bf16_hf / "config.json").write_text(json.dumps(config))
-
-    ckpt, exported = tmp_path / "ckpt", tmp_path / "exported"
-    run_cli("convert", "import", "--hf", str(bf16_hf), "--out", str(ckpt))
+    bf16_hf, ckpt = tiny_bf16_checkpoint
+    original = load_file(bf16_hf / "model.safetensors")
+    assert {t.dtype for t in original.values()} == {torch.bfloat16}
+    exported = tmp_path / "exported"
     run_cli("convert", "export", "--ckpt", str(ckpt), "--out", str(exported), "--tp", "2", "--max-shard-mib", "0.1",
             nproc=2)
     index = json.loads((exported / "model.safetensors.index.json").read_text())
@@ -189,10 +187,9 @@ def test_shards_are_written_as_soon_as_they_are_full(tmp_path):
     assert torch.equal(load_file(tmp_path / "model-00005-of-00005.safetensors")["w19"], torch.full((256,), 19.0))
 
 
-def test_fp8_token_alignment_padding_changes_nothing(tiny_hf_dir, reference):
+def test_fp8_token_alignment_padding_changes_nothing(one_rank_report):
     """Micro-batches padded to 128 (blockwise), 32 (mxfp8), 16 columns: same log-probs, same loss gradient."""
-    result = run_worker("token_alignment.py", "--hf", str(tiny_hf_dir), "--inputs", str(reference["path"]))
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = one_rank_report["token_alignment"]
     columns = report["columns"]
     for recipe, multiple in (("blockwise", 128), ("mxfp8", 32), ("tensorwise", 16)):
         assert report["forward_columns"][recipe] == [columns + (-columns % multiple)], report

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+from transformers import (AutoProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                          Qwen2VLImageProcessorPil)
 
 from nemo_viper.cli import main
 from nemo_viper.models.processor import load_processor
@@ -40,6 +41,20 @@ def test_transformers_loads_every_component(tiny_hf_dir):
     with torch.no_grad():
         logits = model(**inputs).logits
     assert torch.isfinite(logits).all()
+
+
+def test_auto_processor_builds_the_full_qwen_processor(tiny_hf_dir):
+    """lmms-eval's qwen2_5_vl model and vLLM load ``AutoProcessor``: it must expand images as ours does, not
+    fall back to the bare tokenizer (which leaves one image placeholder and no pixels)."""
+    processor = AutoProcessor.from_pretrained(tiny_hf_dir)
+    assert type(processor) is Qwen2_5_VLProcessor
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (90, 60, 3), dtype=np.uint8))
+    ours = load_processor(tiny_hf_dir)
+    expected = ours(text=[ours.apply_chat_template(chat, add_generation_prompt=True)], images=[image])
+    got = processor(text=[processor.apply_chat_template(chat, add_generation_prompt=True)], images=[image])
+    assert list(got["input_ids"][0]) == list(expected["input_ids"][0])
+    assert got["pixel_values"].shape == expected["pixel_values"].shape
 
 
 def test_same_seed_same_weights(tmp_path):

@@ -179,9 +179,11 @@ def vocab_parallel_token_entropy(logits: Tensor, temperature: float = 1.0, tp_gr
     ``chunk_rows`` positions at a time, so its temporaries are ``chunk_rows x V/TP`` floats, not
     ``B x S x V/TP``. Metrics only (no gradient).
     """
-    from megatron.core import parallel_state
+    group = tp_group
+    if group is None:  # Megatron's TP group (imported only then: a caller with a group needs no Megatron)
+        from megatron.core import parallel_state
 
-    group = tp_group or parallel_state.get_tensor_model_parallel_group()
+        group = parallel_state.get_tensor_model_parallel_group()
     shard = logits[:, :-1]  # a view: no copy of the logits
     # max(z) = max(logits) / T exactly (division by T > 0 is monotonic, also after rounding)
     z_max = shard.max(dim=-1).values.float() / temperature

@@ -8,10 +8,11 @@ processor out. It loads real Qwen2.5-VL checkpoints as well as the tiny offline 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
-from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLProcessor
+from transformers import Qwen2_5_VLProcessor
 
 
 class ImageOnlyQwen25VLProcessor(Qwen2_5_VLProcessor):
@@ -21,9 +22,20 @@ class ImageOnlyQwen25VLProcessor(Qwen2_5_VLProcessor):
         super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
 
 
-def register_with_auto_processor() -> None:
-    """Make ``AutoProcessor.from_pretrained`` return the image-only processor for Qwen2.5-VL dirs."""
-    AutoProcessor.register(Qwen2_5_VLConfig, ImageOnlyQwen25VLProcessor, exist_ok=True)
+def save_processor(processor: ImageOnlyQwen25VLProcessor, out_dir: str | Path) -> None:
+    """Save ``processor`` to ``out_dir`` as a released Qwen2.5-VL checkpoint declares it.
+
+    ``save_pretrained`` records the saving class (``processor_class``) in ``processor_config.json`` and
+    ``tokenizer_config.json``; ``AutoProcessor`` cannot resolve this project's class name and would silently
+    return the bare tokenizer (lmms-eval's ``qwen2_5_vl`` model would then drop every image). The stock name
+    makes ``AutoProcessor`` build transformers' ``Qwen2_5_VLProcessor``; :func:`load_processor` is unaffected.
+    """
+    out = Path(out_dir)
+    processor.save_pretrained(out)
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        config = json.loads((out / name).read_text())
+        config["processor_class"] = Qwen2_5_VLProcessor.__name__
+        (out / name).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def load_processor(path: str | Path) -> ImageOnlyQwen25VLProcessor:

@@ -6,7 +6,8 @@ from the published files; ``rope_scaling`` with ``mrope_section``, ``tie_word_em
 safetensors shards with the published tensor names and an index, a Qwen2-VL image processor with the
 published pixel budget, and ``generation_config.json``. Everything is full width (hidden sizes, heads,
 GQA groups, the 151936 / 152064 vocabularies, the 32-block vision tower with windowed attention); only
-the number of language-model layers can be cut (``num_layers``) to fit a test or a quick GPU check.
+the number of language-model layers (``num_layers``) and of vision blocks (``vision_depth``) can be cut to
+fit a test or a quick GPU check.
 
 The tokenizer is the tiny checkpoint's (:func:`nemo_viper.models.tiny.build_tokenizer`): its special
 tokens get small ids, written into the config in place of the published ones. That changes no shape.
@@ -80,14 +81,26 @@ PUBLISHED_CONFIGS = {
 PUBLISHED_PIXELS = {"min_pixels": 3136, "max_pixels": 12845056}
 
 
-def published_config(size: str, num_layers: int | None = None, token_ids: dict | None = None) -> dict:
-    """The published ``config.json`` of ``size`` (``3b`` / ``7b``), optionally with fewer LM layers and
-    other special-token ids (keys: ``bos``, ``eos``, ``pad``, ``image``, ``video``, ``vision_start``, ``vision_end``)."""
+def published_config(size: str, num_layers: int | None = None, token_ids: dict | None = None,
+                     vision_depth: int | None = None) -> dict:
+    """The published ``config.json`` of ``size`` (``3b`` / ``7b``), optionally with fewer LM layers, fewer
+    vision blocks and other special-token ids (keys: ``bos``, ``eos``, ``pad``, ``image``, ``video``,
+    ``vision_start``, ``vision_end``).
+
+    A cut vision tower keeps the published attention pattern (full attention in the last block of every
+    group of 8, windowed attention elsewhere) and ends in a full-attention block: ``vision_depth=2`` is one
+    windowed block then one full-attention block; 32 gives the published ``[7, 15, 23, 31]``."""
     if size not in PUBLISHED_CONFIGS:
         raise ValueError(f"size={size!r} is not one of {tuple(PUBLISHED_CONFIGS)}")
     config = copy.deepcopy(PUBLISHED_CONFIGS[size])
     if num_layers is not None:
         config["num_hidden_layers"] = num_layers
+    if vision_depth is not None:
+        if vision_depth < 2:
+            raise ValueError(f"vision_depth={vision_depth}: needs a windowed and a full-attention block (>= 2)")
+        config["vision_config"]["depth"] = vision_depth
+        config["vision_config"]["fullatt_block_indexes"] = [
+            i for i in range(vision_depth) if i % 8 == 7 or i == vision_depth - 1]
     for key, name in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("image", "image_token_id"),
                       ("video", "video_token_id"), ("vision_start", "vision_start_token_id"),
                       ("vision_end", "vision_end_token_id"), ("pad", "pad_token_id")):
@@ -97,7 +110,7 @@ def published_config(size: str, num_layers: int | None = None, token_ids: dict |
 
 
 def write_random_checkpoint(out_dir: str | Path, size: str, num_layers: int | None = None, seed: int = 0,
-                            max_shard_bytes: int = 2**30) -> Path:
+                            max_shard_bytes: int = 2**30, vision_depth: int | None = None) -> Path:
     """Write a random-weight checkpoint of the published ``size`` architecture (see the module doc) to
     ``out_dir`` atomically. Weights: normal with std 0.02 from ``seed`` (transformers' initializer range),
     norm weights 1 + N(0, 0.1) so that a wrongly mapped norm shows. Peak memory: the bf16 model."""
@@ -106,7 +119,7 @@ def write_random_checkpoint(out_dir: str | Path, size: str, num_layers: int | No
 
     from transformers.initialization import no_init_weights
 
-    from nemo_viper.models.processor import ImageOnlyQwen25VLProcessor
+    from nemo_viper.models.processor import ImageOnlyQwen25VLProcessor, save_processor
     from nemo_viper.models.tiny import CHAT_TEMPLATE, build_tokenizer
 
     out = Path(out_dir)
@@ -116,7 +129,7 @@ def write_random_checkpoint(out_dir: str | Path, size: str, num_layers: int | No
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
         ("bos", "<|endoftext|>"), ("pad", "<|endoftext|>"), ("eos", "<|im_end|>"), ("image", "<|image_pad|>"),
         ("video", "<|video_pad|>"), ("vision_start", "<|vision_start|>"), ("vision_end", "<|vision_end|>"))}
-    config = published_config(size, num_layers, ids)
+    config = published_config(size, num_layers, ids, vision_depth)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -140,8 +153,8 @@ def write_random_checkpoint(out_dir: str | Path, size: str, num_layers: int | No
             patch_size=14, merge_size=2, temporal_patch_size=2,
             size={"shortest_edge": PUBLISHED_PIXELS["min_pixels"], "longest_edge": PUBLISHED_PIXELS["max_pixels"]},
         )
-        ImageOnlyQwen25VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                   chat_template=CHAT_TEMPLATE).save_pretrained(tmp)
+        save_processor(ImageOnlyQwen25VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                                  chat_template=CHAT_TEMPLATE), tmp)
         GenerationConfig(bos_token_id=ids["bos"], eos_token_id=[ids["eos"]], pad_token_id=ids["pad"],
                          do_sample=False).save_pretrained(tmp)
         if out.exists():

@@ -220,7 +220,7 @@ def write_tiny_checkpoint(
     """
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
-    from nemo_viper.models.processor import ImageOnlyQwen25VLProcessor
+    from nemo_viper.models.processor import ImageOnlyQwen25VLProcessor, save_processor
 
     out = Path(out_dir)
     recipe = {"model": asdict(config), "warm_start": asdict(warm_start) if warm_start else None}
@@ -255,7 +255,7 @@ def write_tiny_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)  # what a killed attempt left
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
+    save_processor(processor, tmp)
     (tmp / "video_preprocessor_config.json").write_text(json.dumps(video_processor_config(config), indent=2) + "\n")
     generation_config.save_pretrained(tmp)
     del model

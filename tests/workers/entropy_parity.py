@@ -1,4 +1,4 @@
-"""Worker: the entropy metric on vocab-sharded bf16 logits (one shard per rank of a gloo group) against the
+"""Worker: the entropy metric on vocab-sharded bf16 logits (one shard per rank of a gloo group, TP2 and TP1) against the
 previous unchunked implementation and a float64 full-vocabulary reference; records the largest tensor any
 op created during the chunked call."""
 
@@ -40,17 +40,9 @@ def unchunked_entropy(logits, temperature, group):
     return torch.cat([entropy.new_zeros(entropy.shape[0], 1), entropy], dim=1)
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    full = (torch.randn(3, 37, 512, generator=torch.Generator().manual_seed(0)) * 4).to(torch.bfloat16)
-    full[1, 5] = 0  # a uniform row
-    full[2, 7, 3] = 80  # a one-hot row
+def entropies(full, group, rank: int, world: int) -> dict:
+    """The chunked, unchunked and float64 reference entropies of ``full``, vocab-sharded over ``world`` ranks."""
     logits = full.chunk(world, dim=-1)[rank].contiguous()
-    group = dist.group.WORLD
     result = {}
     for temperature in (1.0, 0.7):
         tracker = LargestTensor()
@@ -61,8 +53,25 @@ def main():
                                "reference": torch.cat([torch.zeros(3, 1, dtype=torch.float64), reference], 1),
                                "largest_bytes": tracker.bytes}
     result["shard_float32_bytes"] = logits[:, :-1].numel() * 4
+    return result
+
+
+def main():
+    """On two ranks: TP2 (one shard per rank) and TP1 (rank 0 alone in a one-rank group), one launch for both."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    assert world == 2, "run on two ranks"
+    full = (torch.randn(3, 37, 512, generator=torch.Generator().manual_seed(0)) * 4).to(torch.bfloat16)
+    full[1, 5] = 0  # a uniform row
+    full[2, 7, 3] = 80  # a one-hot row
+    results = {2: entropies(full, dist.group.WORLD, rank, world)}
+    alone = dist.new_group([0])  # every rank takes part in creating it
     if rank == 0:
-        torch.save(result, args.out)
+        results[1] = entropies(full, alone, 0, 1)
+        torch.save(results, args.out)
     dist.destroy_process_group()
 
 

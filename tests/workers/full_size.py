@@ -1,7 +1,9 @@
 """Steps of the full-size architecture checks (``scripts/gpu_check.sh``), one per process so the
 transformers reference and the Megatron policy are never resident together.
 
-- ``write --size S --out DIR``: the random-weight published-architecture checkpoint (2 LM layers).
+- ``write --size S --out DIR [--vision-depth N] [--reference FILE]``: the random-weight published-architecture
+  checkpoint (2 LM layers; the published 32 vision blocks unless ``--vision-depth``); with ``--reference``
+  the ``reference`` step on it follows in the same process (one import of torch and transformers, not two).
 - ``reference --hf DIR --out FILE``: transformers (fp32) on a right-padded two-prompt batch (one with an
   image): logits, response log-probs, and greedy ``generate`` continuations; also the batch and the
   generation requests for the Megatron step.
@@ -112,6 +114,8 @@ def main():
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--export")
     parser.add_argument("--layers", type=int, default=2, help="language-model layers of the written checkpoint")
+    parser.add_argument("--vision-depth", type=int, help="vision blocks of the written checkpoint (default: 32)")
+    parser.add_argument("--reference", help="write: the reference step's --out, run next in this process")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--fp8-recipe", default="blockwise")
     parser.add_argument("--layer-spec", default="auto")
@@ -119,7 +123,9 @@ def main():
     if args.step == "write":
         from nemo_viper.models.published import write_random_checkpoint
 
-        write_random_checkpoint(args.out, args.size, num_layers=args.layers)
+        write_random_checkpoint(args.out, args.size, num_layers=args.layers, vision_depth=args.vision_depth)
+        if args.reference:
+            reference(args.out, args.reference)
     elif args.step == "reference":
         reference(args.hf, args.out)
     else:
