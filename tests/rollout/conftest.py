@@ -53,11 +53,5 @@ def greedy_inputs(hf_dir, out_dir) -> dict:
 
 
 @pytest.fixture(scope="session")
-def make_greedy_inputs():
-    """:func:`greedy_inputs` (``from conftest import`` would find whichever conftest module was loaded first)."""
-    return greedy_inputs
-
-
-@pytest.fixture(scope="session")
 def inputs(tiny_hf_dir, tmp_path_factory):
     return greedy_inputs(tiny_hf_dir, tmp_path_factory.mktemp("rollout"))

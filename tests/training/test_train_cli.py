@@ -1,4 +1,7 @@
-"""``nemo-viper train``: a stage runs on synthesised shards, resumes, and its checkpoint exports to HF."""
+"""``nemo-viper train``: a stage runs on synthesised shards and resumes. That a trained checkpoint exports to
+HF and transformers loads it is checked by tests/test_closed_loop.py (its ``export`` phase runs ``convert
+export`` on the stage-2 checkpoint, and its round-1 evaluation exports that checkpoint and scores it in
+transformers through lmms-eval)."""
 
 import json
 import os
@@ -36,7 +39,7 @@ TRAIN = ["--prompts-per-step", "2", "--responses-per-prompt", "2", "--max-new-to
 
 
 @pytest.mark.slow
-def test_train_stage1_resumes_and_exports(tiny_hf_dir, stage1_data, tmp_path):
+def test_train_stage1_resumes(tiny_hf_dir, stage1_data, tmp_path):
     run = tmp_path / "run"
     run_cli("train", "--stage", "1", "--data", str(stage1_data), "--policy", str(tiny_hf_dir), "--out", str(run),
             "--steps", "2", *TRAIN)
@@ -52,11 +55,6 @@ def test_train_stage1_resumes_and_exports(tiny_hf_dir, stage1_data, tmp_path):
     assert latest.name == "step_0000003"
     state = json.loads((latest / "trainer_state.json").read_text())
     assert state["step"] == 3 and state["prompts"][0]["position"] == 2  # 3 steps x 2 prompts over 4 samples
-
-    run_cli("convert", "export", "--ckpt", str(latest), "--out", str(tmp_path / "hf"))
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "hf")
 
 
 def test_stage_task_mismatch_is_reported_before_building(tiny_hf_dir, stage1_data, tmp_path, capsys):
