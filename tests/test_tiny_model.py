@@ -57,6 +57,19 @@ def test_auto_processor_builds_the_full_qwen_processor(tiny_hf_dir):
     assert got["pixel_values"].shape == expected["pixel_values"].shape
 
 
+def test_export_carries_every_processor_file(tiny_hf_dir):
+    """An exported checkpoint is evaluated through ``AutoProcessor`` too: import/export must copy every
+    non-weight file it reads (the video processor's config included)."""
+    from fnmatch import fnmatch
+
+    from nemo_viper.models.checkpoint import HF_ASSET_PATTERNS
+    from nemo_viper.models.tiny import RECIPE_FILE
+
+    assets = [f.name for f in tiny_hf_dir.iterdir() if not f.name.startswith("model") and f.name != RECIPE_FILE]
+    assert "video_preprocessor_config.json" in assets
+    assert [name for name in assets if not any(fnmatch(name, p) for p in HF_ASSET_PATTERNS)] == []
+
+
 def test_same_seed_same_weights(tmp_path):
     from safetensors.torch import load_file
 

@@ -49,6 +49,7 @@ HF_ASSET_PATTERNS = (
     "chat_template.*",
     "preprocessor_config.json",
     "processor_config.json",
+    "video_preprocessor_config.json",
 )
 
 

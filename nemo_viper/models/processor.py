@@ -28,7 +28,9 @@ def save_processor(processor: ImageOnlyQwen25VLProcessor, out_dir: str | Path) -
     ``save_pretrained`` records the saving class (``processor_class``) in ``processor_config.json`` and
     ``tokenizer_config.json``; ``AutoProcessor`` cannot resolve this project's class name and would silently
     return the bare tokenizer (lmms-eval's ``qwen2_5_vl`` model would then drop every image). The stock name
-    makes ``AutoProcessor`` build transformers' ``Qwen2_5_VLProcessor``; :func:`load_processor` is unaffected.
+    makes ``AutoProcessor`` build transformers' ``Qwen2_5_VLProcessor``, whose video processor reads
+    ``video_preprocessor_config.json`` (written here with the image settings, as JSON: building a video
+    processor needs torchvision, reading the file does not). :func:`load_processor` is unaffected.
     """
     out = Path(out_dir)
     processor.save_pretrained(out)
@@ -36,6 +38,23 @@ def save_processor(processor: ImageOnlyQwen25VLProcessor, out_dir: str | Path) -
         config = json.loads((out / name).read_text())
         config["processor_class"] = Qwen2_5_VLProcessor.__name__
         (out / name).write_text(json.dumps(config, indent=2) + "\n")
+    image = processor.image_processor
+    video = {
+        "video_processor_type": "Qwen2VLVideoProcessor",
+        **{flag: True for flag in ("do_convert_rgb", "do_resize", "do_rescale", "do_normalize")},
+        "do_sample_frames": False,
+        "image_mean": list(image.image_mean),
+        "image_std": list(image.image_std),
+        "rescale_factor": image.rescale_factor,
+        "resample": int(image.resample),
+        "patch_size": image.patch_size,
+        "merge_size": image.merge_size,
+        "temporal_patch_size": image.temporal_patch_size,
+        "min_frames": 4,
+        "max_frames": 768,
+        "size": {"shortest_edge": image.size.shortest_edge, "longest_edge": image.size.longest_edge},
+    }
+    (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2) + "\n")
 
 
 def load_processor(path: str | Path) -> ImageOnlyQwen25VLProcessor:

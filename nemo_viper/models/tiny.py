@@ -181,29 +181,6 @@ def build_hf_config(config: TinyModelConfig, tokenizer):
     )
 
 
-def video_processor_config(config: TinyModelConfig) -> dict:
-    """``video_preprocessor_config.json`` of ``Qwen2VLVideoProcessor`` with the image settings (written as
-    JSON: building the processor object needs torchvision, reading the file does not)."""
-    return {
-        "video_processor_type": "Qwen2VLVideoProcessor",
-        "do_convert_rgb": True,
-        "do_resize": True,
-        "do_rescale": True,
-        "do_normalize": True,
-        "do_sample_frames": False,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "rescale_factor": 1 / 255,
-        "resample": 3,
-        "patch_size": 14,
-        "merge_size": 2,
-        "temporal_patch_size": 2,
-        "min_frames": 4,
-        "max_frames": 768,
-        "size": {"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels},
-    }
-
-
 RECIPE_FILE = "nemo_viper_tiny.json"
 
 
@@ -256,7 +233,6 @@ def write_tiny_checkpoint(
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp)
     save_processor(processor, tmp)
-    (tmp / "video_preprocessor_config.json").write_text(json.dumps(video_processor_config(config), indent=2) + "\n")
     generation_config.save_pretrained(tmp)
     del model
     final_loss = None
