@@ -5,8 +5,10 @@ log-probs), greedy generation against ``transformers.generate``, and a bit-exact
 
 Three cases, each a different model or layout: the 3B at TP1 (the tied matrix exported back bit-exact) and at
 TP2 (QKV with 2 GQA groups and the vocabulary split over 2 ranks, 151936 / 2 not a multiple of 128), the 7B at
-TP2 (4 GQA groups, the untied output layer split, and the export gathered from TP2 bit-exact). A 7B at TP1
-would repeat the 3B's TP1 path with an untied output layer, which the tiny model's TP1 tests already check.
+TP2 (4 GQA groups, the untied output layer split). A 7B at TP1 would repeat the 3B's TP1 path with an untied
+output layer, which the tiny model's TP1 tests already check; the untied export is checked bit-exact on the
+tiny model (tests/test_policy.py, from TP1 and TP2). No 7B export: gathered from TP2 it took a rank past 10 GB
+(OOM-killed at 10.7 GB on the 24 GB development machine while other jobs ran).
 The 3B has the published 32-block vision tower (full attention in blocks 7, 15, 23, 31); the 7B's tower is
 the same but for the merger's output width, so it is cut to 2 full-width blocks (windowed, then full
 attention): 30 more blocks would only repeat the 3B's tower at ~600 M parameters more in every 7B process.
@@ -40,7 +42,7 @@ def run_step(*args: str) -> None:
 
 VISION_DEPTH = {"3b": 32, "7b": 2}  # the published tower in one model (see the module doc)
 CASES = [("3b", 1), ("3b", 2), ("7b", 2)]  # (size, TP)
-EXPORTED = {("3b", 1), ("7b", 2)}  # the tied matrix from TP1, the untied and split ones gathered from TP2
+EXPORTED = {("3b", 1)}  # the tied matrix, at full width (see the module doc)
 
 
 @pytest.fixture(scope="module")
