@@ -47,6 +47,7 @@ ALTERNATIVES = {
     "parallel.cpu_ranks": 2,
     "rl.prompts_per_step": 8,
     "rl.image_backend": "pil",
+    "rl.min_pixels": 784,  # the tiny recipe sets min = max (56x56): a larger min is invalid
     "rl.sampling.top_p": 0.9,
     "rl.sampling.stop_strings": ["</answer>"],
     "rl.grpo.loss.aggregation": "seq-mean-token-mean",
