@@ -79,6 +79,19 @@ def hf_model_dir(model: str | Path, out: Path) -> Path:
     return exported
 
 
+def check_auto_processor(hf_dir: Path) -> None:
+    """Both backends build the processor with ``AutoProcessor``. For a dir declaring a processor class it
+    cannot resolve, it returns the bare tokenizer, and lmms-eval's ``qwen2_5_vl`` model would then drop every
+    image without a word: a one-line error instead."""
+    from transformers import AutoProcessor, ProcessorMixin
+
+    processor = AutoProcessor.from_pretrained(str(hf_dir))
+    if not isinstance(processor, ProcessorMixin):
+        raise ConfigError(f"{hf_dir}: AutoProcessor gives a {type(processor).__name__}, not a Qwen2.5-VL processor "
+                          "(its processor_config.json / tokenizer_config.json must declare processor_class "
+                          "'Qwen2_5_VLProcessor'); the evaluation would drop every image")
+
+
 def _device(device: str) -> str:
     import torch
 
@@ -148,6 +161,7 @@ def evaluate(config: EvalConfig, model=None) -> dict:
         include_path = write_task_overrides(pending, config.dataset_root, out / "lmms_tasks")
         if model is None:
             hf_dir = hf_model_dir(config.model, out)
+            check_auto_processor(hf_dir)
             model, model_args = config.backend, model_arguments(config, hf_dir)
             if config.backend == "vllm":
                 from nemo_viper.rollout.vllm_backend import VLLMGenerationConfig, configure_vllm_environment

@@ -63,3 +63,24 @@ def test_vllm_backend_without_vllm_is_one_line_before_any_model_work(tiny_eval_r
     with pytest.raises(ConfigError, match="eval backend='vllm' needs the vllm package"):  # --model is no checkpoint:
         evaluate(EvalConfig(model=str(tmp_path), out=str(tmp_path / "o"), dataset_root=str(tiny_eval_root),  # export
                             tasks=("realworldqa",), backend="vllm"))  # would fail otherwise
+
+
+def test_a_checkpoint_whose_processor_auto_processor_cannot_build_is_one_line(tiny_hf_dir, tiny_eval_root, tmp_path):
+    """A dir naming a processor class AutoProcessor cannot resolve (as this project's checkpoints did before
+    ``save_processor``) would be evaluated without its images: refused before lmms-eval runs."""
+    import json
+    import shutil
+
+    from nemo_viper.errors import ConfigError
+
+    hf = tmp_path / "hf"
+    shutil.copytree(tiny_hf_dir, hf)
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        config = json.loads((hf / name).read_text())
+        config["processor_class"] = "ImageOnlyQwen25VLProcessor"
+        (hf / name).write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="AutoProcessor gives a Qwen2Tokenizer") as error:
+        evaluate(EvalConfig(model=str(hf), out=str(tmp_path / "o"), dataset_root=str(tiny_eval_root),
+                            tasks=("realworldqa",)))
+    assert str(hf) in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "o" / "tasks" / "realworldqa.json").exists()
