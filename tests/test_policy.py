@@ -2,7 +2,8 @@
 README's smoke run of the policy (scripts/tiny_demo.sh: tiny model, import at TP=2, score at TP=2, export).
 
 Every layout (TP1, TP2, PP2 from HF; the demo's TP=2 checkpoint loaded at TP1) runs in one two-rank torchrun
-job (gloo, CPU mode; ``forwards``), one layout after the other; the reference runs in this process.
+job (gloo, CPU mode; ``forwards``), one layout after the other, then rank 0 alone in a process group of one
+runs the freeze-option, bf16 and FP8-alignment checks; the reference runs in this process.
 """
 
 import json
@@ -85,7 +86,7 @@ def forwards(tiny_hf_dir, reference, demo, tmp_path_factory):
     layouts = [f"{name}:hf:{tp}:{pp}:{mbs}" for name, (tp, pp, mbs) in LAYOUTS.items()] + ["ckpt_tp1:ckpt:1:1:1"]
     run_worker("policy_forward.py", "--hf", str(tiny_hf_dir), "--ckpt", str(demo[0] / "ckpt"), "--inputs",
                str(reference["path"]), "--out", str(out), *[arg for layout in layouts for arg in ("--layout", layout)],
-               nproc=2, timeout=1200)  # four policies
+               "--options-report", str(out / "options.json"), nproc=2, timeout=1200)  # four policies, then six alone
     return out
 
 
@@ -117,10 +118,10 @@ def test_tiny_demo_imports_reshards_and_exports_bit_exact(tiny_hf_dir, reference
 
 
 @pytest.fixture(scope="module")
-def one_rank_report(tiny_hf_dir, reference):
-    """The freeze options, bf16 and FP8 token-alignment checks, from one one-rank worker launch."""
-    result = run_worker("policy_options.py", "--hf", str(tiny_hf_dir), "--inputs", str(reference["path"]))
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def one_rank_report(forwards):
+    """The freeze options, bf16 and FP8 token-alignment checks: rank 0 of the ``forwards`` launch, alone in a
+    process group of one after the layouts (tests/workers/policy_options.py)."""
+    return json.loads((forwards / "options.json").read_text())
 
 
 def test_freeze_options_and_bf16(one_rank_report):

@@ -207,20 +207,6 @@ def run_cases(args, runs: list[tuple[str, int]], out: Path, never_stepped_resume
             torch.save(reference_gradients(args.hf, config, batch, last_weights), out / f"{name}_reference.pt")
 
 
-def leave_for_a_group_of_one() -> bool:
-    """Every rank leaves the launch's process group (and Megatron's parallel state); rank 0 then starts a process
-    group of its own (world size 1, same backend). True on rank 0."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    rank, backend = dist.get_rank(), dist.get_backend()
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
-    if rank == 0:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return rank == 0
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--hf", required=True)
@@ -237,6 +223,8 @@ def main():
     parser.add_argument("--fp8-recipe", default="blockwise")
     parser.add_argument("--metrics-only", action="store_true", help="save no gradients (large models)")
     args = parser.parse_args()
+
+    from group_of_one import leave_for_a_group_of_one  # a sibling (benchmarks import this file as a module)
 
     out = Path(args.out)
     run_cases(args, parse_runs(args.case or ["token-mean:4"]), out, args.never_stepped_resume)

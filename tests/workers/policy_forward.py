@@ -5,13 +5,21 @@ Each ``--layout NAME:SOURCE:TP:PP:MICRO_BATCH_SIZE`` (SOURCE ``hf`` builds from 
 per layout; ranks left over by TP x PP are data-parallel replicas computing the same batch). For each it writes
 ``{"logits": [B, S, V] (vocab gathered, for the test's comparison only), "logprobs": [B, S]}`` to
 ``--out/NAME.pt`` from the rank that holds the last pipeline stage, TP rank 0 and DP rank 0.
+
+``--options-report FILE``: then rank 0 alone, in a process group of one (``group_of_one.py``), runs the
+freeze-option, bf16 and FP8 token-alignment checks of ``policy_options.py`` on the same batch and writes
+their report to FILE as JSON.
 """
 
 import argparse
 import gc
+import json
 from pathlib import Path
 
 import torch
+
+from group_of_one import leave_for_a_group_of_one
+from policy_options import options_report, token_alignment_report
 
 from nemo_viper.models.batch import PolicyBatch
 from nemo_viper.models.logprobs import compute_logprobs, run_forward
@@ -34,6 +42,7 @@ def main():
     parser.add_argument("--hf")
     parser.add_argument("--ckpt")
     parser.add_argument("--layout", action="append", required=True, help="NAME:SOURCE:TP:PP:MICRO_BATCH_SIZE")
+    parser.add_argument("--options-report", help="then the policy_options.py checks on rank 0 alone; JSON file")
     args = parser.parse_args()
 
     batch = PolicyBatch(**torch.load(args.inputs))
@@ -54,6 +63,9 @@ def main():
             torch.save({"logits": logits, "logprobs": logprobs}, Path(args.out) / f"{name}.pt")
         del policy, logits, logprobs
         gc.collect()
+    if args.options_report and leave_for_a_group_of_one():
+        report = {**options_report(args.hf, batch), "token_alignment": token_alignment_report(args.hf, batch)}
+        Path(args.options_report).write_text(json.dumps(report))
 
 
 if __name__ == "__main__":

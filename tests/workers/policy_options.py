@@ -1,7 +1,7 @@
-"""Worker: the policy's freeze options, bf16 precision, and the FP8 token-alignment padding, checked inside one
-Megatron process (one import of Megatron-Bridge for both tests that read its report).
+"""The policy's freeze options, bf16 precision, and the FP8 token-alignment padding, checked in a one-rank process
+group: ``policy_forward.py --options-report`` runs them on rank 0 alone after its layouts, in the same launch.
 
-Prints one JSON line:
+The report:
 - ``freeze_*``: which parameter groups are trainable per freeze option; ``bf16_*``: the parameter dtype and
   the max abs difference between bf16 and fp32 log-probs on the given batch;
 - ``token_alignment``: padding micro-batches to the FP8 token alignment leaves log-probs and the loss
@@ -9,8 +9,6 @@ Prints one JSON line:
   computes in fp32 on CPU: exactly the padding path a GPU run takes.
 """
 
-import argparse
-import json
 from dataclasses import replace
 
 import torch
@@ -71,19 +69,3 @@ def token_alignment_report(hf: str, batch: PolicyBatch) -> dict:
         grads = loss_gradients(policy, batch.pad_columns(policy.config.token_alignment))
         report["grad_diff"][recipe] = max((grads[k] - g).abs().max().item() for k, g in reference_grads.items())
     return report
-
-
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--hf", required=True)
-    parser.add_argument("--inputs", required=True)
-    args = parser.parse_args()
-    batch = PolicyBatch(**torch.load(args.inputs))
-    print(json.dumps({**options_report(args.hf, batch), "token_alignment": token_alignment_report(args.hf, batch)}))
-
-
-if __name__ == "__main__":
-    from nemo_viper.runtime import cpu_mode
-
-    with cpu_mode.unless_cuda():
-        main()
