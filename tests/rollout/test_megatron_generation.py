@@ -1,9 +1,9 @@
 """The Megatron generation backend against transformers' ``generate`` and the policy's log-prob API.
 
-One worker process group per layout (TP=1 with the single-layout checks, TP=2 on two gloo ranks) runs
-every check and saves the results; the transformers reference runs in this process (``inputs``, tests/rollout/conftest.py).
-Tied embeddings (Megatron's output layer without a weight of its own) generate like transformers in
-tests/test_full_size.py (the published 3B, at TP1 and TP2).
+One two-rank launch (gloo, ``layouts``) runs every check at TP=2, then at TP=1 (rank 0 alone in a TP group of
+one, with the single-layout checks) and saves the results; the transformers reference runs in this process
+(``inputs``, tests/rollout/conftest.py). Tied embeddings (Megatron's output layer without a weight of its own)
+generate like transformers in tests/test_full_size.py (the published 3B, at TP1 and TP2).
 """
 
 import pytest
@@ -14,38 +14,33 @@ pytestmark = pytest.mark.slow
 LOGPROB_TOLERANCE = 1e-4
 
 
-def run_layout(hf_dir, inputs, out, tp, *extra, gpu=False):
-    run_worker(
-        "rollout_generation.py",
-        "--hf",
-        str(hf_dir),
-        "--inputs",
-        str(inputs["path"]),
-        "--out",
-        str(out),
-        "--tp",
-        str(tp),
-        *extra,
-        nproc=tp,
-        gpu=gpu,
-    )
-    return [torch.load(f"{out}.rank{rank}", weights_only=False) for rank in range(tp)]
+def run_layouts(hf_dir, inputs, out, layouts, nproc, gpu=False):
+    """``{tp: [result of each TP rank]}`` for the layouts (``TP[:full]``) run one after the other in one launch."""
+    run_worker("rollout_generation.py", "--hf", str(hf_dir), "--inputs", str(inputs["path"]), "--out", str(out),
+               *[arg for layout in layouts for arg in ("--layout", layout)], nproc=nproc, gpu=gpu)
+    sizes = [int(layout.split(":")[0]) for layout in layouts]
+    return {tp: [torch.load(f"{out}.tp{tp}.rank{rank}", weights_only=False) for rank in range(tp)] for tp in sizes}
 
 
 @pytest.fixture(scope="module")
-def tp1(tiny_hf_dir, inputs, tmp_path_factory):
-    return run_layout(tiny_hf_dir, inputs, tmp_path_factory.mktemp("tp1") / "result.pt", 1, "--full")[0]
+def layouts(tiny_hf_dir, inputs, tmp_path_factory):
+    return run_layouts(tiny_hf_dir, inputs, tmp_path_factory.mktemp("generation") / "result.pt", ["2", "1:full"], 2)
 
 
 @pytest.fixture(scope="module")
-def tp2_ranks(tiny_hf_dir, inputs, tmp_path_factory):
-    return run_layout(tiny_hf_dir, inputs, tmp_path_factory.mktemp("tp2") / "result.pt", 2)
+def tp1(layouts):
+    return layouts[1][0]
+
+
+@pytest.fixture(scope="module")
+def tp2_ranks(layouts):
+    return layouts[2]
 
 
 @pytest.fixture(scope="module")
 def gpu_tp1(tiny_hf_dir, inputs, tmp_path_factory):
     """The same checks on the GPU: the policy on its default spec there (Transformer Engine), fp32."""
-    return run_layout(tiny_hf_dir, inputs, tmp_path_factory.mktemp("gpu") / "result.pt", 1, gpu=True)[0]
+    return run_layouts(tiny_hf_dir, inputs, tmp_path_factory.mktemp("gpu") / "result.pt", ["1"], 1, gpu=True)[1][0]
 
 
 @pytest.mark.gpu

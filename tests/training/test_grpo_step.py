@@ -1,8 +1,9 @@
 """The GRPO update on the Megatron policy: gradients independent of micro-batching and data parallelism, equal to
 plain autograd of the documented loss; resume from a checkpoint saved before the optimizer's first step.
 
-Two worker launches serve every test (module fixtures): one rank runs every case at several micro-batch sizes and
-the plain-autograd references; two ranks run every case once and the never-stepped resume."""
+One two-rank worker launch serves every test (module fixtures): both ranks run every case once and the
+never-stepped resume (DP=2), then rank 0 alone, in a process group of one (DP=1), runs every case at several
+micro-batch sizes and the plain-autograd references."""
 
 import json
 
@@ -27,21 +28,23 @@ class Runs:
 
 
 @pytest.fixture(scope="module")
-def dp1(tiny_hf_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("grpo_dp1")
-    run_worker("grpo_step.py", "--hf", str(tiny_hf_dir), "--out", str(out), "--reference",
-               "--case", "token-mean:4,2,1", "--case", "seq-mean-token-mean:4,2,1", "--case", "options:4,1",
-               timeout=900)
-    return Runs(out)
+def launch(tiny_hf_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("grpo")
+    run_worker("grpo_step.py", "--hf", str(tiny_hf_dir), "--out", str(out), "--never-stepped-resume",
+               "--case", "token-mean:2", "--case", "seq-mean-token-mean:2", "--case", "options:1",
+               "--reference", "--alone-case", "token-mean:4,2,1", "--alone-case", "seq-mean-token-mean:4,2,1",
+               "--alone-case", "options:4,1", nproc=2, timeout=900)
+    return out
 
 
 @pytest.fixture(scope="module")
-def dp2(tiny_hf_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("grpo_dp2")
-    run_worker("grpo_step.py", "--hf", str(tiny_hf_dir), "--out", str(out), "--never-stepped-resume",
-               "--case", "token-mean:2", "--case", "seq-mean-token-mean:2", "--case", "options:1",
-               nproc=2, timeout=900)
-    return Runs(out)
+def dp1(launch):
+    return Runs(launch / "alone")
+
+
+@pytest.fixture(scope="module")
+def dp2(launch):
+    return Runs(launch)
 
 
 def assert_same_gradients(a, b, label, tolerance=1e-6):

@@ -21,9 +21,15 @@ starting weights (an independent check of the absolute gradient, clipping includ
 ``--never-stepped-resume``: the first run saves a training checkpoint (``OUT/never_stepped``) before its first
 optimizer step; the second run overwrites its weights with zeros, restores that checkpoint and then steps, so
 its gradients (checked like any run's) prove the restore loaded every weight and kept a fresh optimizer.
+
+``--alone-case`` (same syntax as ``--case``): after the ``--case`` runs on every rank of the launch, every rank
+leaves the launch's process group and rank 0 runs these cases alone, in a process group of its own (world size
+1: data-parallel size 1), writing to ``OUT/alone/`` (with ``--reference``, its references too). One launch
+then serves both a DP=2 and a DP=1 run (one import of Megatron fewer than two launches).
 """
 
 import argparse
+import gc
 import json
 from pathlib import Path
 
@@ -160,26 +166,16 @@ def record_weights_before_each_step(policy) -> dict[str, torch.Tensor]:
     return weights
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--hf", required=True)
-    parser.add_argument("--out", required=True, help="directory; writes <case>_mbs<N>.pt")
-    parser.add_argument("--case", action="append", metavar="NAME:MBS[,MBS...]",
-                        help=f"a case of {sorted(CASES)} and its micro-batch sizes (repeatable; default token-mean:4)")
-    parser.add_argument("--reference", action="store_true", help="also save each case's plain-autograd gradient")
-    parser.add_argument("--never-stepped-resume", action="store_true",
-                        help="the first run saves before its first step, the second resumes from that checkpoint")
-    parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--fp8-recipe", default="blockwise")
-    parser.add_argument("--metrics-only", action="store_true", help="save no gradients (large models)")
-    args = parser.parse_args()
+def parse_runs(specs: list[str]) -> list[tuple[str, int]]:
+    """``NAME:MBS[,MBS...]`` specs as (case name, micro-batch size) runs, in order."""
+    return [(name, int(mbs)) for spec in specs for name, sizes in [spec.split(":")] for mbs in sizes.split(",")]
 
+
+def run_cases(args, runs: list[tuple[str, int]], out: Path, never_stepped_resume: bool) -> None:
+    """Each run on a trainer built afresh from ``args.hf``; saves ``out/<case>_mbs<N>.pt`` from rank 0."""
     import torch.distributed as dist
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [(name, int(mbs)) for spec in args.case or ["token-mean:4"]
-            for name, sizes in [spec.split(":")] for mbs in sizes.split(",")]
     checkpoints = CheckpointManager(out / "never_stepped")
     for index, (name, mbs) in enumerate(runs):
         case = CASES[name]
@@ -191,9 +187,9 @@ def main():
         batch = rollout_batch(args.hf, [0, 1] if world == 1 else [rank], case["minibatches"],
                               TRUNCATED if case["options"] else ())
         result = {"reference_loaded": trainer.policy.has_reference}
-        if args.never_stepped_resume and index == 0:
+        if never_stepped_resume and index == 0:
             checkpoints.save(trainer.policy, step=0, trainer_state={"consumed_prompts": 0})
-        if args.never_stepped_resume and index == 1:
+        if never_stepped_resume and index == 1:
             with torch.no_grad():
                 for p in model.parameters():
                     p.zero_()
@@ -209,6 +205,44 @@ def main():
             print(json.dumps({"case": name, "micro_batch_size": mbs, **result["metrics"]}), flush=True)
         if args.reference and world == 1 and (name, mbs) == next(run for run in runs if run[0] == name):
             torch.save(reference_gradients(args.hf, config, batch, last_weights), out / f"{name}_reference.pt")
+
+
+def leave_for_a_group_of_one() -> bool:
+    """Every rank leaves the launch's process group (and Megatron's parallel state); rank 0 then starts a process
+    group of its own (world size 1, same backend). True on rank 0."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    rank, backend = dist.get_rank(), dist.get_backend()
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+    if rank == 0:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return rank == 0
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hf", required=True)
+    parser.add_argument("--out", required=True, help="directory; writes <case>_mbs<N>.pt")
+    parser.add_argument("--case", action="append", metavar="NAME:MBS[,MBS...]",
+                        help=f"a case of {sorted(CASES)} and its micro-batch sizes (repeatable; default token-mean:4)")
+    parser.add_argument("--alone-case", action="append", default=[], metavar="NAME:MBS[,MBS...]",
+                        help="then run this case on rank 0 alone, in a process group of one (writes OUT/alone/)")
+    parser.add_argument("--reference", action="store_true",
+                        help="also save each case's plain-autograd gradient (runs in a world of one rank)")
+    parser.add_argument("--never-stepped-resume", action="store_true",
+                        help="the first run saves before its first step, the second resumes from that checkpoint")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--fp8-recipe", default="blockwise")
+    parser.add_argument("--metrics-only", action="store_true", help="save no gradients (large models)")
+    args = parser.parse_args()
+
+    out = Path(args.out)
+    run_cases(args, parse_runs(args.case or ["token-mean:4"]), out, args.never_stepped_resume)
+    gc.collect()  # the last trainer (its DDP buffers hold the launch's groups) goes before the groups do
+    if args.alone_case and leave_for_a_group_of_one():
+        run_cases(args, parse_runs(args.alone_case), out / "alone", never_stepped_resume=False)
 
 
 if __name__ == "__main__":

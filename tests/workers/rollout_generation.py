@@ -1,11 +1,16 @@
-"""Worker: generation checks on the Megatron policy at one TP layout, all in one process group.
+"""Worker: generation checks on the Megatron policy at one or more TP layouts, one after another in one group.
 
-Reads the test's requests (``--inputs``), writes ``{check: result}`` to ``--out`` with ``.rank<r>``
-appended (every rank writes, so the test can see that TP ranks agree). ``--full`` adds the checks
-that need only one layout (EOS, stop strings, context limits).
+Reads the test's requests (``--inputs``). Each ``--layout TP`` (``TP:full`` adds the checks that need only one
+layout: EOS, stop strings, context limits) builds the policy afresh (Megatron's parallel state re-initialised),
+runs every check with its own counters, and writes ``{check: result}`` to ``--out`` with ``.tp<TP>.rank<r>``
+appended: every TP rank of data-parallel rank 0 writes (so the test can see that TP ranks agree). Ranks left
+over by TP are data-parallel replicas: they build the policy (the parallel state is collective) and skip the
+checks. So on two ranks, ``--layout 2 --layout 1:full`` runs TP2 on both ranks, then TP1 on rank 0 alone (TP
+group of one, data-parallel rank 0: the seeds of a one-rank job).
 """
 
 import argparse
+import gc
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -101,22 +106,13 @@ def slot_counts(policy, backend, tp):
     return counts
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--hf", required=True)
-    parser.add_argument("--inputs", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--full", action="store_true")
-    args = parser.parse_args()
-
-    policy = build_policy(PolicyConfig(hf_path=args.hf, tensor_parallel=args.tp, precision="fp32"))
-    from megatron.core import parallel_state
-
+def run_checks(policy, requests, tp: int, full: bool) -> dict:
+    """Every generation check on ``policy`` at tensor-parallel size ``tp``; the attention counters and the
+    counting patch live for this call only."""
     from nemo_viper.rollout.kv_cache import SlotKVCache
     from nemo_viper.rollout.megatron_backend import MegatronGenerationBackend, MegatronGenerationConfig
 
-    one_image, two_images, text_only = torch.load(args.inputs, weights_only=False)["requests"]
+    one_image, two_images, text_only = requests
     backend = MegatronGenerationBackend(policy)
     # The attention mask every call of megatron's own core attention receives, by phase, and the calls of
     # the KV cache's attention (which replaces it during cached generation).
@@ -136,9 +132,24 @@ def main():
         return attend(self, *args, **kwargs)
 
     SlotKVCache.attend = counted_attend
+    try:
+        result = generation_results(policy, backend, one_image, two_images, text_only, phase, full)
+        result.update(slot_counts(policy, backend, tp))
+    finally:
+        SlotKVCache.attend = attend
+    result["slot_attention_calls"] = slot_calls[0]
+    result["megatron_attention_calls_cached"] = len(masks_seen["cached"])
+    result["megatron_attention_calls_no_cache"] = len(masks_seen["no_cache"])
+    result["attention_masks_passed"] = sum(m is not None for masks in masks_seen.values() for m in masks)
+    return result
+
+
+def generation_results(policy, backend, one_image, two_images, text_only, phase, full: bool) -> dict:
+    """The generated tokens and log-prob errors of every check; ``phase[0]`` names the phase for the mask hook."""
+    from nemo_viper.rollout.megatron_backend import MegatronGenerationBackend, MegatronGenerationConfig
+
     pad = backend.tokenizer.pad_token_id
     result = {}
-
     greedy = [with_sampling(r, greedy=True, max_new_tokens=24) for r in (one_image, two_images, text_only)]
     result["greedy"] = tokens_of(backend.generate(greedy))
     if torch.cuda.is_available():
@@ -180,7 +191,7 @@ def main():
     result["mixed_budgets_refilled"] = tokens_of(refilled.generate(budgets))
     result["mixed_budgets_separately"] = [tokens_of(backend.generate([request]))[0] for request in budgets]
 
-    if args.full:
+    if full:
         reference = result["greedy"][0][0]
         text = backend.tokenizer.decode(reference, skip_special_tokens=True)
         result["greedy_text"] = text
@@ -207,13 +218,29 @@ def main():
         except PromptTooLongError as error:
             result["too_long_error"] = str(error)
 
-    result.update(slot_counts(policy, backend, args.tp))
-    result["slot_attention_calls"] = slot_calls[0]
-    result["megatron_attention_calls_cached"] = len(masks_seen["cached"])
-    result["megatron_attention_calls_no_cache"] = len(masks_seen["no_cache"])
-    result["attention_masks_passed"] = sum(m is not None for masks in masks_seen.values() for m in masks)
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    torch.save(result, f"{args.out}.rank{rank}")
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hf", required=True)
+    parser.add_argument("--inputs", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--layout", action="append", required=True, metavar="TP[:full]")
+    args = parser.parse_args()
+
+    requests = torch.load(args.inputs, weights_only=False)["requests"]
+    for layout in args.layout:
+        tp, _, full = layout.partition(":")
+        policy = build_policy(PolicyConfig(hf_path=args.hf, tensor_parallel=int(tp), precision="fp32"))
+        from megatron.core import parallel_state  # (after the build: it prepares megatron's import)
+
+        if parallel_state.get_data_parallel_rank() == 0:
+            result = run_checks(policy, requests, int(tp), full == "full")
+            rank = parallel_state.get_tensor_model_parallel_rank()
+            torch.save(result, f"{args.out}.tp{tp}.rank{rank}")
+        del policy
+        gc.collect()
 
 
 if __name__ == "__main__":
