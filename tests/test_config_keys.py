@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import re
+from collections.abc import Iterator
 
 import pytest
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -139,20 +141,19 @@ def perturbed(key: str, value, tmp) -> object:
     raise AssertionError(f"{key}: no generic perturbation of {value!r}; add it to ALTERNATIVES")
 
 
-def job_inputs(config) -> list[str]:
-    """What every phase task's job is given, as the job builds it from its command line and the run files."""
+def job_inputs(config) -> Iterator[str]:
+    """What every phase task's job is given, as the job builds it from its command line and the run files, one
+    phase placement or task at a time (a comparison stops building at the first difference)."""
     write_run_files(config)
     parser = build_parser()
     builders = {"train": train_config, "synth": synth_config}
-    inputs = []
     for phase in plan(config):
-        inputs.append(repr((phase.name, phase.distributed, phase.nodes, phase.ranks_per_node, phase.gpus_per_node,
-                            phase.tasks)))
+        yield repr((phase.name, phase.distributed, phase.nodes, phase.ranks_per_node, phase.gpus_per_node,
+                    phase.tasks))
         for index in range(phase.tasks):
             args = parser.parse_args(list(phase.task_args(index)))
             build = builders.get(args.command)
-            inputs.append(repr(build(args) if build else sorted(vars(args).items(), key=str)))
-    return inputs
+            yield repr(build(args) if build else sorted(vars(args).items(), key=str))
 
 
 def launcher_inputs(config) -> dict[str, str]:
@@ -204,7 +205,7 @@ class Base:
         self.data, self.tmp_path = data, tmp_path
         config = build(ViperConfig, data)
         validate(config, check_paths=False)
-        self.jobs, self.launch = job_inputs(config), launcher_inputs(config)
+        self.jobs, self.launch = list(job_inputs(config)), launcher_inputs(config)
         assert launcher_inputs(config) == self.launch, "two renders of one config differ: no key could be found dead"
 
     def reached_by(self, key: str, value) -> bool:
@@ -212,7 +213,8 @@ class Base:
         run_dir = f"{self.tmp_path}/run_{key}"
         changed = build(ViperConfig, set_key(set_key(self.data, key, value), "run_dir", run_dir))
         validate(changed, check_paths=False)
-        if [line.replace(run_dir, f"{self.tmp_path}/run") for line in job_inputs(changed)] != self.jobs:
+        changed_jobs = (line.replace(run_dir, f"{self.tmp_path}/run") for line in job_inputs(changed))
+        if any(a != b for a, b in itertools.zip_longest(changed_jobs, self.jobs)):
             return True
         scripts = {name: text.replace(run_dir, f"{self.tmp_path}/run") for name, text in launcher_inputs(changed).items()}
         return scripts != self.launch

@@ -117,6 +117,30 @@ def test_tiny_demo_imports_reshards_and_exports_bit_exact(tiny_hf_dir, reference
     load_processor(exported)
 
 
+def test_a_parameter_the_hf_load_leaves_unwritten_is_refused_by_name():
+    """``build_policy`` skips random init when HF weights load; its hooks around Megatron-Bridge's (non-strict)
+    load refuse a parameter the load did not write. The forwards above show the real load writes all."""
+    from nemo_viper.errors import ConfigError
+    from nemo_viper.models.policy import fill_parameters_with_nan, require_every_parameter_loaded
+
+    chunks = [torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LayerNorm(2)), torch.nn.Linear(2, 2)]
+    fill_parameters_with_nan(chunks)
+    for name, parameter in [*chunks[0].named_parameters(), *chunks[1].named_parameters()]:
+        assert torch.isnan(parameter).all(), name
+    with torch.no_grad():
+        chunks[0][0].weight.zero_()
+        chunks[0][0].bias.zero_()
+        chunks[1].weight.zero_()
+        chunks[1].bias.zero_()
+        chunks[0][1].weight[0] = 1.0  # half written
+    with pytest.raises(ConfigError, match=r"^/hf: the HF weights did not set '1.weight' \(2 parameters not loaded"):
+        require_every_parameter_loaded("/hf", chunks)
+    with torch.no_grad():
+        chunks[0][1].weight.fill_(1.0)
+        chunks[0][1].bias.zero_()
+    assert require_every_parameter_loaded("/hf", chunks) is chunks
+
+
 @pytest.fixture(scope="module")
 def one_rank_report(forwards):
     """The freeze options, bf16 and FP8 token-alignment checks: rank 0 of the ``forwards`` launch, alone in a
