@@ -275,7 +275,7 @@ def require_every_parameter_loaded(hf_path: str, chunks: list) -> list:
             if parameter.is_floating_point() and torch.isnan(parameter).any()]
     if left:
         raise ConfigError(f"{hf_path}: the HF weights did not set {left[0]!r} ({len(left)} parameters not loaded "
-                          "or NaN): the checkpoint does not match this architecture")
+                          "or NaN): the checkpoint lacks them (another architecture) or holds NaN")
     return chunks
 
 
@@ -284,10 +284,10 @@ def build_policy(config: PolicyConfig, load_weights: bool = True, wrap_with_ddp:
     """Build this rank's part of the policy from ``config.hf_path``.
 
     With ``load_weights`` the HF weights are loaded into uninitialised parameters, as Megatron-Bridge intends
-    (random initialisation would be overwritten; on CPU it is ~20 % of a full-size build). That load is not
-    strict, so every parameter is NaN before it and none may be NaN after it
-    (:func:`require_every_parameter_loaded`). ``load_weights=False`` builds the architecture only (random init), e.g. before loading a Megatron
-    checkpoint; with ``initialize=False`` too, the parameters are allocated but not initialised (megatron's
+    (random initialisation would be overwritten, and on CPU its temporaries raise the host peak: 3B at TP1,
+    7.2 -> 6.0 GB). That load is not strict, so every parameter is NaN before it and none may be NaN after it
+    (:func:`require_every_parameter_loaded`). ``load_weights=False`` builds the architecture only (random
+    init), e.g. before loading a Megatron checkpoint; with ``initialize=False`` too, the parameters are allocated but not initialised (megatron's
     ``perform_initialization``), for a caller that loads every weight next with a strict load
     (:func:`~nemo_viper.models.checkpoint.load_policy`): initialisation would be wasted time, and on CPU
     its float32 temporaries set the host peak (2-layer full-width 7B in bf16: 10.4 -> 3.4 GiB at build). ``wrap_with_ddp=True`` prepares the model for training: Megatron DDP with
