@@ -1,11 +1,13 @@
 """CPU mode: explicit, scoped (restored on exit), refused where CUDA is available, required by Megatron;
-the TE import guard makes Megatron-Bridge importable."""
+the TE import guard makes Megatron-Bridge importable; long-lived imports are frozen out of the collector."""
 
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from launch import REPO
 
 from nemo_viper.runtime import cpu_mode
 
@@ -101,6 +103,8 @@ except ImportError as exc:
     assert "Transformer Engine" in str(exc)
 else:
     raise AssertionError("placeholder did not fail")
+import gc  # prepare_megatron imported Megatron-Bridge outside the collector's walks (gc_heap)
+assert gc.isenabled() and gc.get_freeze_count() > 300_000, gc.get_freeze_count()
 print("OK")
 """
 
@@ -111,3 +115,43 @@ def test_cpu_mode_patches_while_entered_and_restores_on_exit():
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stderr[-4000:]
     # logged once, although entered three times
     assert result.stdout.count("CPU mode on") == 1, result.stdout
+
+
+GC_HEAP_CHECK = r"""
+import gc, sys, weakref
+from nemo_viper.runtime.gc_heap import import_long_lived
+
+class Node:
+    pass
+
+def cycle():
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    return weakref.ref(a)
+
+garbage = cycle()  # unreachable, kept alive only by its cycle
+full = []
+gc.callbacks.append(lambda phase, info: phase == "start" and full.append(info["generation"]))
+before = gc.get_freeze_count()
+import_long_lived("heavy_module")
+assert full == [2], full                       # no automatic collection during the import, then one full one
+assert garbage() is None                       # that collection freed the garbage alive before the call
+frozen = gc.get_freeze_count() - before
+assert frozen > len(sys.modules["heavy_module"].TABLE), frozen   # the import's objects are frozen
+assert gc.isenabled()
+import_long_lived("heavy_module")              # imported already: nothing collected or frozen
+assert full == [2] and gc.get_freeze_count() == before + frozen
+gc.disable()
+import_long_lived("json")                      # the collector's state is restored, not switched on
+assert not gc.isenabled()
+print("OK")
+"""
+
+
+def test_import_long_lived_imports_without_collecting_then_freezes(tmp_path):
+    """The module's ~300 k containers would trigger automatic full collections (gen 2) while it imports."""
+    (tmp_path / "heavy_module.py").write_text("TABLE = [[i] for i in range(300_000)]\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", GC_HEAP_CHECK], capture_output=True, text=True, timeout=60,
+                            env=env, cwd=REPO)
+    assert result.returncode == 0 and result.stdout.strip() == "OK", result.stderr[-2000:]

@@ -59,6 +59,7 @@ from nemo_viper.rollout.interface import (
     request_seeds,
 )
 from nemo_viper.rollout.stopping import response_texts
+from nemo_viper.runtime import gc_heap
 
 IMAGES_PER_PROMPT = 2
 PLACEHOLDER_TOKENS = ("<|image_pad|>", "<|video_pad|>")
@@ -162,6 +163,7 @@ class VLLMGenerationBackend:
         self._stale = True
 
         configure_vllm_environment(config)
+        gc_heap.import_long_lived("vllm")
         from vllm import LLM
 
         tp = parallel_state.get_tensor_model_parallel_world_size()

@@ -10,14 +10,16 @@ import torch
 import torch.distributed as dist
 
 from nemo_viper.errors import ConfigError
-from nemo_viper.runtime import cpu_mode, te_import_guard
+from nemo_viper.runtime import cpu_mode, gc_heap, te_import_guard
 
 
 def prepare_megatron() -> None:
-    """Make megatron-core / Megatron-Bridge importable here; without CUDA, require the entry point's CPU mode.
-    Call before importing them."""
+    """Without CUDA, require the entry point's CPU mode; then import megatron-core and Megatron-Bridge (through
+    the TE import guard; once per process, frozen out of the garbage collector's walks:
+    :mod:`nemo_viper.runtime.gc_heap`). Call before using them."""
     te_import_guard.install()
     cpu_mode.require()
+    gc_heap.import_long_lived("megatron.bridge")
 
 
 def _free_port() -> int:

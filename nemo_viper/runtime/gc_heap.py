@@ -1,0 +1,38 @@
+"""Import the big frameworks once, out of the cyclic garbage collector's way.
+
+``import megatron.bridge`` creates ~0.7 M objects that the collector tracks (modules, classes, functions,
+their dicts), and ``import vllm`` ~0.3 M more; they live until the process exits. CPython runs a full
+collection each time the objects that survived earlier collections have grown by a quarter, so one
+import of that size runs ~10-16 full collections, each walking every tracked object alive at the time, and
+every later full collection (automatic ones, vLLM's explicit ones, the interpreter's at exit) walks them
+all again. On the tiny model that is 1.2-3.5 CPU-s of an 8-15 CPU-s phase process (docs/benchmarks.md).
+
+:func:`import_long_lived` imports modules with automatic collection paused, then runs one full collection
+(so no garbage is kept) and freezes every survivor (``gc.freeze``: moved to a generation that no later
+collection walks; reference counting still frees a frozen object whose count drops to zero). vLLM freezes
+its engine's startup heap the same way (``vllm.utils.gc_utils.freeze_gc_heap``).
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import sys
+
+
+def import_long_lived(*names: str) -> None:
+    """Import ``names`` (no-op for those imported already) with automatic collection paused; then
+    ``gc.collect()`` once and ``gc.freeze()`` everything alive. Restores the collector's enabled state."""
+    missing = [name for name in names if name not in sys.modules]
+    if not missing:
+        return
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for name in missing:
+            importlib.import_module(name)
+    finally:
+        gc.collect()
+        gc.freeze()
+        if was_enabled:
+            gc.enable()
