@@ -5,7 +5,10 @@ their dicts), and ``import vllm`` ~0.3 M more; they live until the process exits
 collection each time the objects that survived earlier collections have grown by a quarter, so one
 import of that size runs ~10-16 full collections, each walking every tracked object alive at the time, and
 every later full collection (automatic ones, vLLM's explicit ones, the interpreter's at exit) walks them
-all again. On the tiny model that is 1.2-3.5 CPU-s of an 8-15 CPU-s phase process (docs/benchmarks.md).
+all again. In a process that has imported torch and transformers already (every Megatron worker and phase),
+most full collections have happened by then: measured on the test suite, the collector costs ~10 % of the
+processes' CPU and this freeze saves 1-2 % of the suite on an idle machine, more where memory is slow
+(docs/benchmarks.md, "Session 6").
 
 :func:`import_long_lived` imports modules with automatic collection paused, then runs one full collection
 (so no garbage is kept) and freezes every survivor (``gc.freeze``: moved to a generation that no later
