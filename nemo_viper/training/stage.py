@@ -26,6 +26,7 @@ from nemo_viper.models.policy import PolicyOptions
 from nemo_viper.rewards import RewardConfig
 from nemo_viper.rollout.megatron_backend import MegatronGenerationConfig
 from nemo_viper.rollout.vllm_backend import VLLMGenerationConfig, require_vllm
+from nemo_viper.runtime.collectives import DataParallel
 from nemo_viper.training.loop import RLConfig
 
 log = logging.getLogger(__name__)
@@ -131,8 +132,6 @@ def run_stage(config: StageConfig) -> list[dict]:
     from megatron.core import parallel_state  # heavy imports only after the checks above
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from nemo_viper.data.prompt_source import ShardPromptSource
-    from nemo_viper.evaluation.heldout import heldout_indices
     from nemo_viper.models.policy import PolicyConfig
     from nemo_viper.models.processor import load_processor
     from nemo_viper.rewards import ViperReward
@@ -152,19 +151,11 @@ def run_stage(config: StageConfig) -> list[dict]:
     else:
         generator = MegatronGenerationBackend(policy, config.rollout.megatron(rl.sampling.seed))
     preprocessor = QwenImagePreprocessor(image_config, image_backend)  # after build_trainer chose this rank's GPU
-    heldout = heldout_indices([dataset.record(i).id for i in range(len(dataset))], config.heldout)
-    prompts = ShardPromptSource(
-        dataset,
-        preprocessor,
-        seed=rl.sampling.seed,
-        dp_rank=trainer.policy.data_parallel.rank,
-        dp_world=trainer.policy.data_parallel.size,
-        prefetch=rl.prefetch_prompts,
-        exclude=frozenset(heldout),
-    )
+    prompts, heldout = stage_prompts(config, dataset, preprocessor, trainer.policy.data_parallel)
     processor = load_processor(hf_dir)
     reward = ViperReward(config.reward)
-    self_eval = _SelfEvaluation(config, dataset, heldout, preprocessor, generator, reward, processor)
+    self_eval = _SelfEvaluation(config, dataset, heldout, preprocessor, generator, reward, processor,
+                                trainer.policy.data_parallel)
     columns = (TextColumn(f"RL stage {config.stage}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("reward {task.fields[reward]:.3f}"), TimeRemainingColumn())
     show = parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0
@@ -183,6 +174,19 @@ def run_stage(config: StageConfig) -> list[dict]:
     return history
 
 
+def stage_prompts(config: StageConfig, dataset, preprocessor, data_parallel: DataParallel):
+    """This data-parallel rank's training prompts (a :class:`~nemo_viper.data.prompt_source.ShardPromptSource`)
+    and the stage's held-out split (sorted dataset indices), which the prompts never include."""
+    from nemo_viper.data.prompt_source import ShardPromptSource
+    from nemo_viper.evaluation.heldout import heldout_indices
+
+    heldout = heldout_indices([dataset.record(i).id for i in range(len(dataset))], config.heldout)
+    prompts = ShardPromptSource(dataset, preprocessor, seed=config.rl.sampling.seed, dp_rank=data_parallel.rank,
+                                dp_world=data_parallel.size, prefetch=config.rl.prefetch_prompts,
+                                exclude=frozenset(heldout))
+    return prompts, heldout
+
+
 class _SelfEvaluation:
     """Scores the policy on the held-out split (:mod:`nemo_viper.evaluation.heldout`) into ``out/heldout.json``.
 
@@ -190,32 +194,31 @@ class _SelfEvaluation:
     final step. Each data-parallel rank scores its share of the held-out prompts; rank 0 pools and writes.
     """
 
-    def __init__(self, config: StageConfig, dataset, heldout: list[int], preprocessor, generator, reward, processor):
-        self.config, self.dataset, self.heldout = config, dataset, heldout
+    def __init__(self, config: StageConfig, dataset, heldout: list[int], preprocessor, generator, reward, processor,
+                 data_parallel: DataParallel):
+        self.config, self.dataset, self.heldout, self.data_parallel = config, dataset, heldout, data_parallel
         self.preprocessor, self.generator, self.reward, self.processor = preprocessor, generator, reward, processor
         self.path = Path(config.out) / "heldout.json"
 
     def record(self, when: str) -> None:
         import torch.distributed as dist
-        from megatron.core import parallel_state
 
         from nemo_viper.evaluation.heldout import read_record, score_prompts, summarise_scores, write_record
         from nemo_viper.data.task_prompt import task_prompt
-        from nemo_viper.runtime.collectives import all_gather_object
 
         existing = read_record(self.path).get(when)
         if not self.heldout or (existing and (when == "before" or existing["step"] == self.config.rl.steps)):
             return
         if when == "before" and (Path(self.config.out) / "checkpoints" / "latest").exists():
             return  # the starting policy is gone; never score a trained one as "before"
-        rank, world = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        rank, world = self.data_parallel.rank, self.data_parallel.size
         mine = self.heldout[rank::world]
         images = self.preprocessor([self.dataset.image_bytes(i) for i in mine]) if mine else []
         prompts = [task_prompt(self.dataset.record(i), image) for i, image in zip(mine, images)]
         samples = self.config.heldout.samples or self.config.rl.n
         scores = score_prompts(self.generator, self.reward, self.processor, prompts, self.config.rl.sampling,
                                samples, seed=self.config.heldout.seed + rank)
-        pooled = all_gather_object(scores, group=parallel_state.get_data_parallel_group())
+        pooled = self.data_parallel.all_gather_object(scores)
         if dist.get_rank() == 0:
             merged = {key: [r for part in pooled for r in part[key]] for key in ("greedy", "sampled")}
             step = 0 if when == "before" else self.config.rl.steps

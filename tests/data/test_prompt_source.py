@@ -254,3 +254,22 @@ def test_skipped_totals_add_index_time_and_read_time_skips():
     assert skipped_metrics(Source(), DataParallel()) == {"data/skipped": 6.0, "data/skipped/invalid_json": 2.0,
                                                          "data/skipped/corrupt_image": 4.0}
     assert skipped_metrics(object(), DataParallel()) == {}
+
+
+def test_the_rl_stage_never_trains_on_its_heldout_split(dataset, preprocessor):
+    from nemo_viper.evaluation.heldout import HeldoutConfig
+    from nemo_viper.runtime.collectives import DataParallel
+    from nemo_viper.training.loop import RLConfig
+    from nemo_viper.training.stage import StageConfig, stage_prompts
+
+    config = StageConfig(stage=1, data=str(dataset.directory), policy="-", out="-", heldout=HeldoutConfig(count=3),
+                         rl=RLConfig(prefetch_prompts=4))
+    ranks = [stage_prompts(config, dataset, preprocessor, DataParallel(rank=r, size=2)) for r in range(2)]
+    heldout = {dataset.record(i).id for i in ranks[0][1]}
+    assert len(heldout) == 3 and ranks[1][1] == ranks[0][1]
+    trained = []
+    for source, _ in ranks:
+        with source:
+            trained += ids(source, len(dataset) - 3)  # at least one epoch of either rank's share
+    assert not heldout & set(trained)
+    assert set(trained) == {dataset.record(i).id for i in range(len(dataset))} - heldout
