@@ -103,3 +103,21 @@ def test_stop_strings(processor):
     assert cut_at_stop_string(text, ["</answer>", "b"], include=False) == "<answer>a"
     assert cut_at_stop_string(text, ["</answer>", "b"], include=True) == "<answer>a</answer>"
     assert cut_at_stop_string(text, ["zzz"], include=False) == text
+
+
+def test_an_eos_or_stop_string_on_the_last_allowed_token_is_not_a_truncation(processor):
+    """With a budget of 2 tokens, the 2nd token decides: EOS -> "eos", a stop string -> "stop", else "length"."""
+    from nemo_viper.rollout.stopping import SampleLog
+
+    tokenizer = processor.tokenizer
+    word, other, stop = (tokenizer.encode(text, add_special_tokens=False)[0] for text in ("a", "b", "x"))
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    params = [SamplingParams(max_new_tokens=2), SamplingParams(max_new_tokens=2),
+              SamplingParams(max_new_tokens=2, stop_strings=("x",))]
+    samples = SampleLog(params, torch.tensor([2, 2, 2]), torch.tensor([eos]), tokenizer)
+    rows = torch.arange(3)
+    assert not samples.record(0, rows, torch.tensor([word, word, word]), torch.zeros(3)).any()
+    assert samples.record(1, rows, torch.tensor([eos, other, stop]), torch.zeros(3)).all()
+    responses = samples.responses()
+    assert [r.finish_reason for r in responses] == ["eos", "length", "stop"]
+    assert [len(r.token_ids) for r in responses] == [2, 2, 2]
