@@ -6,7 +6,11 @@ Per response token ``t`` of sequence ``i`` (mask ``m_it``, ``|o_i| = Σ_t m_it``
     ℓ  = −min(r·A, clip(r, 1 − eps_low, 1 + eps_high)·A)
     ℓ  = min(ℓ, −A·c)            for A < 0, when dual-clip c is set
     ℓ += β·k                     when β > 0, with k1 = logp − ref_logp
-                                          or k3 = exp(ref_logp − logp) − (ref_logp − logp) − 1
+                                          or k3 = min(exp(d) − d − 1, 10),  d = ref_logp − logp
+
+k3 is capped at 10 as verl caps its ``low_var_kl`` (clamped to ±10; k3 ≥ 0): at ``|d|`` = 20 the bare
+estimator is ~4.9e8, and one such token would swamp the mini-batch's loss. A capped token adds no KL
+gradient (the bound is constant), as in verl.
 
 Aggregation over the optimizer mini-batch (``N_tok`` response tokens, ``N_seq`` sequences, both
 counted over the *whole* mini-batch on all data-parallel ranks):
@@ -34,6 +38,8 @@ AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-
 KL_ESTIMATORS = ("k1", "k3")
 # Log-ratios are clamped to this range before exp(), so one wild token cannot produce inf/NaN.
 _LOG_RATIO_LIMIT = 20.0
+# Upper bound of the per-token k3 estimate (verl's low_var_kl bound).
+K3_LIMIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -223,7 +229,7 @@ class ClippedPolicyLoss:
         if self.config.kl_estimator == "k1":
             return self._masked_log_diff(logprobs, ref_logprobs, valid, dtype)
         d = self._masked_log_diff(ref_logprobs, logprobs, valid, dtype)
-        return torch.exp(d) - d - 1.0
+        return (torch.exp(d) - d - 1.0).clamp(max=K3_LIMIT)
 
     def _aggregate(self, masked_loss: Tensor, m: Tensor, normalizer: LossNormalizer) -> Tensor:
         cfg = self.config

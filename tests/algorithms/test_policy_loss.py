@@ -243,6 +243,26 @@ def test_k3_value():
     assert metrics["kl_mean"].value.item() == pytest.approx(k3, rel=1e-6)
 
 
+def test_k3_is_capped_as_verl_caps_it_at_large_divergence():
+    """verl's low_var_kl: d = clamp(ref - logp, ±20), k3 = clamp(exp(d) - d - 1, ±10); loss and gradient match it
+    from |d| = 0 to beyond the log-ratio limit (a capped token adds no KL gradient)."""
+    d = torch.tensor([[-25.0, -20.0, -5.0, -0.5, 0.0, 0.5, 2.0, 2.7, 5.0, 20.0, 25.0]], dtype=torch.float64)
+    logp = torch.full_like(d, -30.0, requires_grad=True)
+    mask = torch.ones_like(d, dtype=torch.bool)
+    config = PolicyLossConfig(kl_beta=0.5)
+    loss, _ = ClippedPolicyLoss(config)(logp, logp.detach(), torch.zeros(1), mask, LossNormalizer.from_masks([mask]),
+                                        ref_logprobs=logp.detach() + d)
+    (grad,) = torch.autograd.grad(loss, logp)
+
+    lp64 = logp.detach().clone().requires_grad_()
+    kl = (logp.detach() + d - lp64).clamp(-20, 20)
+    expected = 0.5 * (torch.exp(kl) - kl - 1).clamp(-10, 10).mean()
+    (expected_grad,) = torch.autograd.grad(expected, lp64)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=0)
+    assert expected_grad[0, -4:].abs().max() == 0  # d >= 2.7: k3 > 10, capped
+
+
 def test_k1_value():
     loss, _ = _one_token(-1.0, -1.5, 0.1, "k1")
     assert loss.item() == pytest.approx(0.1 * 0.5, rel=1e-6)
