@@ -43,6 +43,7 @@ from typing import Any, Optional, get_origin, get_type_hints
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+import nemo_viper.conf
 from nemo_viper.errors import ConfigError, NemoViperError
 from nemo_viper.evaluation.benchmarks import TASKS as BENCHMARK_TASKS
 from nemo_viper.evaluation.benchmarks import parse_tasks
@@ -53,7 +54,7 @@ from nemo_viper.rewards import RewardConfig
 from nemo_viper.training.loop import RLConfig
 from nemo_viper.training.stage import RolloutConfig
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"  # package data (the repository's conf/)
+CONF_DIR = Path(nemo_viper.conf.__file__).resolve().parent  # package data (the repository's conf/)
 EXECUTORS = ("local", "slurm")
 
 

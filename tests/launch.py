@@ -15,7 +15,7 @@ WORKERS = Path(__file__).resolve().parent / "workers"
 
 def copy_checkout(target: Path) -> Path:
     """The tracked and untracked-but-not-ignored files of the checkout at ``target`` (as ``COPY .`` and a
-    clone see them); symlinks stay symlinks (``nemo_viper/{recipes,launcher,conf}``)."""
+    clone see them); symlinks stay symlinks."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout.split()
     for rel in files:

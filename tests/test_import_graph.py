@@ -1,6 +1,7 @@
 """The package boundaries of ``nemo_viper`` (docs/architecture.md "Package boundaries"), checked on the source.
 
-The graph is static (``ast`` over every module, symlinked ``recipes``/``launcher`` included). Its nodes are
+The graph is static (``ast`` over every module, ``recipes``/``launcher`` included: the build maps these top-level
+directories to ``nemo_viper.recipes`` / ``nemo_viper.launcher``, see :func:`package_dirs`). Its nodes are
 the sub-packages of ``nemo_viper`` and the modules directly in it (``config``, ``prompts``, ``cli``, ...).
 An edge is any import that runs: at module level *and* inside functions (a lazy import is still a
 dependency; it only defers the cost). Imports under ``if TYPE_CHECKING:`` are left out: they never run.
@@ -11,6 +12,7 @@ import ast
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 from launch import REPO
@@ -23,15 +25,25 @@ MEGATRON_FREE_MODULES = ("nemo_viper.training.loop", "nemo_viper.training.grpo",
                          "nemo_viper.runtime.metrics", "nemo_viper.runtime.collectives")
 
 
-def modules(root: Path = PACKAGE) -> dict[str, Path]:
-    """``{dotted name: path}`` of every module under ``root`` (symlinked sub-packages followed)."""
+def package_dirs() -> dict[str, Path]:
+    """The build's package-dir mapping (``pyproject.toml``): ``{package: its directory in the checkout}``."""
+    mapping = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    return {package: REPO / directory for package, directory in mapping.items()}
+
+
+def modules(roots: dict[str, Path] | None = None) -> dict[str, Path]:
+    """``{dotted name: path}`` of every module of the packages ``{package: directory}`` (default: the build's
+    mapping); a package mapped on its own is not also walked as a sub-directory of its parent."""
+    roots = roots or package_dirs()
     found = {}
-    for directory, _, files in os.walk(root, followlinks=True):
-        for name in files:
-            if name.endswith(".py"):
-                path = Path(directory) / name
-                parts = ("nemo_viper", *path.relative_to(root).with_suffix("").parts)
-                found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    for package, root in roots.items():
+        for directory, subdirs, files in os.walk(root):
+            subdirs[:] = [d for d in subdirs if d != "__pycache__"]
+            for name in files:
+                if name.endswith(".py"):
+                    path = Path(directory) / name
+                    parts = (*package.split("."), *path.relative_to(root).with_suffix("").parts)
+                    found.setdefault(".".join(parts[:-1] if parts[-1] == "__init__" else parts), path)
     return found
 
 
@@ -111,7 +123,8 @@ def test_no_import_cycles_between_packages():
 
 
 def test_the_architecture_diagram_shows_the_imports():
-    """docs/architecture.md's diagram has exactly the graph's arrows (``errors`` and ``environment`` aside)."""
+    """docs/architecture.md's diagram has exactly the graph's arrows (``errors``, ``environment`` and the YAML's
+    package ``conf`` aside)."""
     text = (REPO / "docs" / "architecture.md").read_text()
     diagram = text[text.index("```mermaid"):].split("```")[1]
     drawn = set()
@@ -120,7 +133,7 @@ def test_the_architecture_diagram_shows_the_imports():
             left, right = (side.split("&") for side in line.split("-->"))
             drawn |= {(a.strip(), b.strip()) for a in left for b in right}
     graph = package_graph(modules())
-    actual = {(a, b) for a, targets in graph.items() for b in targets if not {a, b} & {"errors", "environment"}}
+    actual = {(a, b) for a, targets in graph.items() for b in targets if not {a, b} & {"errors", "environment", "conf"}}
     assert drawn == actual, f"missing from the diagram: {sorted(actual - drawn)}; not imports: {sorted(drawn - actual)}"
 
 
@@ -134,9 +147,9 @@ def test_the_scan_finds_a_cycle_through_a_function_level_import(tmp_path):
     (root / "b" / "__init__.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
                                             "    from nemo_viper.a import other\n")
     (root / "b" / "mod.py").write_text("def f():\n    from ..a import other\n")
-    assert find_cycle(package_graph(modules(root), root))[0].startswith("a -> b")
+    assert find_cycle(package_graph(modules({"nemo_viper": root}), root))[0].startswith("a -> b")
     (root / "b" / "mod.py").write_text("")
-    assert find_cycle(package_graph(modules(root), root)) is None
+    assert find_cycle(package_graph(modules({"nemo_viper": root}), root)) is None
 
 
 def test_algorithms_rewards_data_and_the_rl_algorithm_side_do_not_import_megatron():

@@ -11,13 +11,22 @@ import os
 import subprocess
 import sys
 import sysconfig
+import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
 from launch import REPO, copy_checkout
+from test_import_graph import modules, package_dirs
 
-pytestmark = pytest.mark.slow
+
+def test_the_build_lists_every_package_of_the_tree_and_no_symlink():
+    """``packages`` in pyproject.toml names every directory with an ``__init__.py`` under the mapped directories."""
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    in_tree = {name for name, path in modules().items() if path.name == "__init__.py"}
+    assert sorted(packages) == sorted(in_tree)
+    links = [str(p.relative_to(REPO)) for root in package_dirs().values() for p in root.rglob("*") if p.is_symlink()]
+    assert links == []
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +47,19 @@ def installed(tmp_path_factory):
     return venv, wheel
 
 
+def test_a_checkout_on_pythonpath_imports_its_own_mapped_packages(tmp_path):
+    """A copy of the checkout used without installing it (PYTHONPATH, as NeMo-Run's packaged code) imports
+    ``nemo_viper.recipes`` / ``.launcher`` / ``.conf`` from its own top-level directories, not the installed ones."""
+    tree = copy_checkout(tmp_path / "tree")
+    names = ("nemo_viper", "nemo_viper.recipes", "nemo_viper.launcher", "nemo_viper.conf")
+    where = subprocess.run([sys.executable, "-c", "import importlib.util, sys\nfor name in sys.argv[1:]:\n"
+                            "    print(importlib.util.find_spec(name).origin)", *names], cwd="/", timeout=120,
+                           env=dict(os.environ, PYTHONPATH=str(tree)), capture_output=True, text=True)
+    assert where.returncode == 0, where.stderr[-3000:]
+    assert where.stdout.split() == [str(tree / d / "__init__.py") for d in ("nemo_viper", "recipes", "launcher", "conf")]
+
+
+@pytest.mark.slow
 def test_wheel_holds_recipes_launcher_and_yaml_inside_the_package(installed):
     _, wheel = installed
     names = zipfile.ZipFile(wheel).namelist()
@@ -46,9 +68,11 @@ def test_wheel_holds_recipes_launcher_and_yaml_inside_the_package(installed):
     assert {"nemo_viper/recipes/__init__.py", "nemo_viper/launcher/nemo_run_jobs.py",
             "nemo_viper/conf/recipes/tiny.yaml", "nemo_viper/conf/cluster/slurm.yaml"} <= set(names)
     yaml_in_repo = {str(p.relative_to(REPO)) for p in (REPO / "conf").rglob("*.yaml")}
-    assert {n.removeprefix("nemo_viper/") for n in names if n.startswith("nemo_viper/conf/")} == yaml_in_repo
+    assert {n.removeprefix("nemo_viper/") for n in names if n.startswith("nemo_viper/conf/") and n.endswith(".yaml")} \
+        == yaml_in_repo
 
 
+@pytest.mark.slow
 def test_installed_wheel_launches_a_dry_run_from_the_root_directory(installed, tmp_path):
     venv, _ = installed
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
