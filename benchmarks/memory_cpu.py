@@ -174,7 +174,8 @@ def cmd_estimator(args) -> str:
 
     from nemo_viper.algorithms import LossNormalizer, PolicyLossConfig
     from nemo_viper.models.logprobs import forward_micro_batch
-    from nemo_viper.models.training import TrainingBatch, micro_batch_loss
+    from nemo_viper.models.interfaces import TrainingBatch
+    from nemo_viper.models.training import micro_batch_loss
     from nemo_viper.models.policy import PolicyConfig, build_policy
     from nemo_viper.planning.memory import Architecture, Layout, TrainingShape, training_phase
     from nemo_viper.training.grpo import GRPOLoss

@@ -19,10 +19,11 @@ from launch import REPO
 
 PACKAGE = REPO / "nemo_viper"
 MEGATRON_FREE = ("algorithms", "rewards", "data")
-# The algorithm side of the policy interface (docs/architecture.md "The policy / algorithm boundary"): the RL loop
-# and the GRPO step reach Megatron only through the policy object they are given.
-MEGATRON_FREE_MODULES = ("nemo_viper.training.loop", "nemo_viper.training.grpo", "nemo_viper.training.checkpointing",
-                         "nemo_viper.runtime.metrics", "nemo_viper.runtime.collectives")
+# The policy / algorithm boundary (docs/architecture.md "The policy / algorithm boundary"): the interface module,
+# and the RL loop and the GRPO step, which reach Megatron only through the policy object they are given.
+MEGATRON_FREE_MODULES = ("nemo_viper.models.interfaces", "nemo_viper.training.loop", "nemo_viper.training.grpo",
+                         "nemo_viper.training.checkpointing", "nemo_viper.runtime.metrics",
+                         "nemo_viper.runtime.collectives")
 
 
 def package_dirs() -> dict[str, Path]:
@@ -150,6 +151,37 @@ def test_the_scan_finds_a_cycle_through_a_function_level_import(tmp_path):
     assert find_cycle(package_graph(modules({"nemo_viper": root}), root))[0].startswith("a -> b")
     (root / "b" / "mod.py").write_text("")
     assert find_cycle(package_graph(modules({"nemo_viper": root}), root)) is None
+
+
+# Imported by every process (the package's __init__), importing Megatron only inside a function that patches it
+# for a caller that already uses it.
+MEGATRON_PATCHERS = {"nemo_viper.runtime.lifetime": "megatron-core's checkpoint writer, patched by a checkpoint save"}
+
+
+def reachable(name: str, sources: dict[str, Path]) -> dict[str, str]:
+    """``{module: the module that imports it}`` for every ``nemo_viper`` module that importing ``name`` can run,
+    lazy imports included (an import of ``a.b.c`` also runs the packages ``a.b`` and ``a``)."""
+    seen, stack = {name: ""}, [name]
+    while stack:
+        current = stack.pop()
+        for target, _ in imports(current, sources[current]):
+            parts = target.split(".")
+            for module in (".".join(parts[:i]) for i in range(len(parts), 0, -1)):
+                if module in sources and module not in seen:
+                    seen[module] = current
+                    stack.append(module)
+    return seen
+
+
+def test_no_megatron_is_reachable_from_the_boundary_even_through_lazy_imports():
+    """Statically: no module that the policy interface, the GRPO step, the RL loop, ``algorithms/`` or
+    ``rewards/`` can import, at any depth and inside functions too, imports Megatron."""
+    sources = modules()
+    megatron = {name for name, path in sources.items() if name not in MEGATRON_PATCHERS
+                and any(target.split(".")[0] == "megatron" for target, _ in imports(name, path))}
+    roots = [name for name in sources if node_of(name) in ("algorithms", "rewards")] + list(MEGATRON_FREE_MODULES)
+    found = {root: sorted(set(reachable(root, sources)) & megatron) for root in roots}
+    assert {root: via for root, via in found.items() if via} == {}, "Megatron reachable from the boundary"
 
 
 def test_algorithms_rewards_data_and_the_rl_algorithm_side_do_not_import_megatron():

@@ -1,12 +1,16 @@
-"""The policy's training interface over Megatron (the boundary NeMo-RL's ``PolicyInterface`` draws).
+"""The policy's training interface over Megatron: :class:`PolicyWorker`, the Megatron
+:class:`~nemo_viper.models.interfaces.TrainablePolicy` (the boundary NeMo-RL's ``PolicyInterface`` draws; the
+interface, its batch, loss-function contract and optimizer settings live in :mod:`nemo_viper.models.interfaces`,
+which imports no Megatron).
 
-An RL algorithm sees the policy only through :class:`PolicyWorker`:
+An RL algorithm sees the policy only through that interface:
 
 - :meth:`~PolicyWorker.get_logprobs` / :meth:`~PolicyWorker.get_reference_logprobs`: per-token log-probs of
   a :class:`~nemo_viper.models.logprobs.PolicyBatch` under the policy / the frozen KL reference
   (:func:`~nemo_viper.models.logprobs.compute_logprobs`);
 - :meth:`~PolicyWorker.train` ``(data, loss_fn, ...)``: optimizer updates over mini-batches of a
-  :class:`TrainingBatch`, with the algorithm's loss function (:class:`LossFunction`, pure torch) applied to
+  :class:`~nemo_viper.models.interfaces.TrainingBatch`, with the algorithm's loss function
+  (:class:`~nemo_viper.models.interfaces.LossFunction`, pure torch) applied to
   each micro-batch's token log-probs;
 - ``data_parallel`` (:class:`~nemo_viper.runtime.collectives.DataParallel`), ``pad_token_id``,
   ``save_checkpoint`` / ``load_checkpoint``.
@@ -26,17 +30,15 @@ exactly ``Σ ∇c``: the gradient of the aggregated loss, whatever the micro-bat
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from nemo_viper.algorithms.policy_loss import LossNormalizer
-from nemo_viper.errors import ConfigError
 from nemo_viper.models.hf_checkpoint import text_config
 from nemo_viper.models.batch import PolicyBatch
+from nemo_viper.models.interfaces import LossFunction, OptimizerSettings, TrainingBatch
 from nemo_viper.models.logprobs import (
     compute_logprobs,
     forward_micro_batch,
@@ -47,85 +49,6 @@ from nemo_viper.models.policy import MegatronPolicy, PolicyConfig, apply_precisi
 from nemo_viper.runtime import collectives
 from nemo_viper.runtime.collectives import DataParallel
 from nemo_viper.runtime.metrics import Metric, combine, reduce_metrics
-
-
-@dataclass(frozen=True)
-class OptimizerSettings:
-    """AdamW with decoupled weight decay and global-norm gradient clipping (SPEC §7 defaults).
-
-    ``distributed_optimizer=None`` (auto) shards optimizer state over data-parallel ranks on GPU and
-    keeps it whole on CPU: without apex/Transformer Engine, megatron-core 0.19 falls back to torch's
-    Adam, whose per-parameter ``step`` tensor its distributed-optimizer checkpoint loader cannot
-    restore (it trains, but cannot resume).
-    """
-
-    lr: float = 1e-6
-    weight_decay: float = 0.01
-    clip_grad: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    distributed_optimizer: bool | None = None
-
-    def __post_init__(self):
-        if not self.lr > 0:
-            raise ConfigError(f"lr={self.lr} must be > 0")
-        for name in ("weight_decay", "clip_grad"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0 (0 = off)")
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1)")
-        if not self.adam_eps > 0:
-            raise ConfigError(f"adam_eps={self.adam_eps} must be > 0")
-
-    @property
-    def use_distributed_optimizer(self) -> bool:
-        return torch.cuda.is_available() if self.distributed_optimizer is None else self.distributed_optimizer
-
-
-@dataclass
-class TrainingBatch:
-    """What :meth:`PolicyWorker.train` consumes: the sequences, plus the loss function's per-row tensors
-    (``[B]``, or ``[B, S]`` per token like the sequences), selected and padded along with them."""
-
-    sequences: PolicyBatch
-    tensors: dict[str, Tensor] = field(default_factory=dict)
-
-    def __post_init__(self):
-        rows, columns = self.sequences.input_ids.shape
-        for name, tensor in self.tensors.items():
-            if tensor.shape[0] != rows or (tensor.dim() == 2 and tensor.shape[1] != columns) or tensor.dim() > 2:
-                raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected ({rows},) or ({rows}, {columns})")
-
-    @property
-    def rows(self) -> int:
-        return self.sequences.input_ids.shape[0]
-
-    def select(self, rows) -> TrainingBatch:
-        """The rows ``rows`` (indices or a slice), with their images and tensors."""
-        return TrainingBatch(self.sequences.select(rows),
-                             {name: tensor[rows] for name, tensor in self.tensors.items()})
-
-    def pad_columns(self, multiple: int) -> TrainingBatch:
-        """Token columns right-padded to a multiple of ``multiple`` (response mask 0, per-token tensors 0)."""
-        padding = (0, -self.sequences.input_ids.shape[1] % multiple)
-        return TrainingBatch(self.sequences.pad_columns(multiple),
-                             {name: torch.nn.functional.pad(t, padding) if t.dim() == 2 else t
-                              for name, t in self.tensors.items()})
-
-
-class LossFunction(Protocol):
-    """The algorithm's loss on one micro-batch: ``loss, metrics = loss_fn(logprobs, batch, normalizer)``.
-
-    ``logprobs`` [b, S'] (with grad) are the log-probs of ``batch``'s tokens at the step's temperature;
-    ``normalizer`` holds the mini-batch's global response-token and sequence counts. ``loss`` is this
-    micro-batch's additive share of the mini-batch loss (see the module docstring); ``metrics`` declare
-    their reductions (:class:`~nemo_viper.runtime.metrics.Metric`: ``SUM`` contributions, ``MAX``, ...).
-    """
-
-    def __call__(self, logprobs: Tensor, batch: TrainingBatch,
-                 normalizer: LossNormalizer) -> tuple[Tensor, dict[str, Metric]]: ...
 
 
 def build_policy_worker(policy_config: PolicyConfig, optimizer: OptimizerSettings, with_reference: bool = False,

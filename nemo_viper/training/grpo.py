@@ -14,10 +14,11 @@ One :meth:`GRPOTrainer.step` consumes a :class:`~nemo_viper.training.rollout_bat
 3. ``policy.train(data, loss_fn, ...)``: ``num_minibatches`` optimizer updates with :class:`GRPOLoss`
    (:class:`~nemo_viper.algorithms.ClippedPolicyLoss` on each micro-batch's log-probs).
 
-The policy (:class:`TrainablePolicy`; the Megatron one is :class:`~nemo_viper.models.training.PolicyWorker`)
-owns everything Megatron: micro-batches, the pipeline schedule, the global loss normaliser, gradient
-reductions, clipping and the optimizer. This module imports no Megatron; it combines its own per-rank
-statistics over the data-parallel ranks through the policy's
+The policy (:class:`~nemo_viper.models.interfaces.TrainablePolicy`; the Megatron one is
+:class:`~nemo_viper.models.training.PolicyWorker`, built by :func:`~nemo_viper.training.stage.build_trainer`) owns
+everything Megatron: micro-batches, the pipeline schedule, the global loss normaliser, gradient
+reductions, clipping and the optimizer. This module imports no Megatron, not even lazily; it combines its own
+per-rank statistics over the data-parallel ranks through the policy's
 :class:`~nemo_viper.runtime.collectives.DataParallel` context, each by the reduction it declares
 (:mod:`nemo_viper.runtime.metrics`).
 """
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Protocol
 
 from torch import Tensor
 
@@ -42,10 +42,8 @@ from nemo_viper.algorithms import (
     truncated_importance_weights,
 )
 from nemo_viper.errors import ConfigError
-from nemo_viper.models.batch import PolicyBatch
-from nemo_viper.models.training import OptimizerSettings, TrainingBatch
+from nemo_viper.models.interfaces import OptimizerSettings, TrainablePolicy, TrainingBatch
 from nemo_viper.rollout.interface import SamplingParams
-from nemo_viper.runtime.collectives import DataParallel
 from nemo_viper.runtime.metrics import Metric, reduce_metrics, summary
 from nemo_viper.training.rollout_batch import RolloutBatch
 
@@ -80,34 +78,6 @@ class GRPOConfig:
                 raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
         if self.importance_sampling_cap is not None and not self.importance_sampling_cap > 0:
             raise ConfigError(f"importance_sampling_cap={self.importance_sampling_cap} must be > 0 (or None: off)")
-
-
-class TrainablePolicy(Protocol):
-    """What the GRPO step needs from a policy (:class:`~nemo_viper.models.training.PolicyWorker`)."""
-
-    data_parallel: DataParallel
-    has_reference: bool
-
-    def get_logprobs(self, batch: PolicyBatch, micro_batch_size: int, temperature: float) -> Tensor: ...
-
-    def get_reference_logprobs(self, batch: PolicyBatch, micro_batch_size: int, temperature: float) -> Tensor: ...
-
-    def train(self, data: TrainingBatch, loss_fn, num_minibatches: int, micro_batch_size: int,
-              temperature: float) -> dict[str, float]: ...
-
-
-def build_trainer(policy_config, config: GRPOConfig, sampling: SamplingParams = SamplingParams(),
-                  init_checkpoint=None) -> GRPOTrainer:
-    """The Megatron policy built for training (:func:`~nemo_viper.models.training.build_policy_worker`) and
-    its GRPO trainer. Weights from ``policy_config.hf_path`` or the policy checkpoint ``init_checkpoint``; a
-    frozen KL reference only with ``config.loss.kl_beta > 0``. ``sampling``: how the rollouts are drawn
-    (log-probs are taken at its temperature; its ``max_new_tokens`` is the ``L`` of
-    ``seq-mean-token-sum-norm`` unless the loss sets one)."""
-    from nemo_viper.models.training import build_policy_worker
-
-    policy = build_policy_worker(policy_config, config.optimizer, with_reference=config.loss.kl_beta > 0,
-                                 init_checkpoint=init_checkpoint)
-    return GRPOTrainer(policy, config, sampling)
 
 
 class GRPOLoss:

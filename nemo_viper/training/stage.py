@@ -27,6 +27,8 @@ from nemo_viper.rewards import RewardConfig
 from nemo_viper.rollout.megatron_backend import MegatronGenerationConfig
 from nemo_viper.rollout.vllm_backend import VLLMGenerationConfig, require_vllm
 from nemo_viper.runtime.collectives import DataParallel
+from nemo_viper.rollout.interface import SamplingParams
+from nemo_viper.training.grpo import GRPOConfig, GRPOTrainer
 from nemo_viper.training.loop import RLConfig
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,20 @@ class StageConfig:
             raise ConfigError(f"stage={self.stage} must be 1 or 2")
 
 
+def build_trainer(policy_config, config: GRPOConfig, sampling: SamplingParams = SamplingParams(),
+                  init_checkpoint=None) -> GRPOTrainer:
+    """The Megatron policy built for training (:func:`~nemo_viper.models.training.build_policy_worker`) and
+    its GRPO trainer. Weights from ``policy_config.hf_path`` or the policy checkpoint ``init_checkpoint``; a
+    frozen KL reference only with ``config.loss.kl_beta > 0``. ``sampling``: how the rollouts are drawn
+    (log-probs are taken at its temperature; its ``max_new_tokens`` is the ``L`` of
+    ``seq-mean-token-sum-norm`` unless the loss sets one)."""
+    from nemo_viper.models.training import build_policy_worker
+
+    policy = build_policy_worker(policy_config, config.optimizer, with_reference=config.loss.kl_beta > 0,
+                                 init_checkpoint=init_checkpoint)
+    return GRPOTrainer(policy, config, sampling)
+
+
 def rl_image_config(hf_dir: str | Path, min_pixels: int, max_pixels: int) -> ImageProcessingConfig:
     """The checkpoint's image processor settings with the run's pixel budget instead of the processor's own
     (Qwen2.5-VL publishes ``max_pixels`` = 12,845,056: up to 16,384 tokens per image). The prompts' images
@@ -136,7 +152,6 @@ def run_stage(config: StageConfig) -> list[dict]:
     from nemo_viper.models.processor import load_processor
     from nemo_viper.rewards import ViperReward
     from nemo_viper.rollout.megatron_backend import MegatronGenerationBackend
-    from nemo_viper.training.grpo import build_trainer
     from nemo_viper.training.loop import run_rl
 
     policy_config = PolicyConfig(hf_path=str(hf_dir), tensor_parallel=config.tensor_parallel,

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from nemo_viper.algorithms import LossNormalizer, PolicyLossConfig, group_advantages, logprob_mismatch
 from nemo_viper.models.batch import PolicyBatch
-from nemo_viper.models.training import TrainingBatch
+from nemo_viper.models.interfaces import TrainingBatch
 from nemo_viper.runtime import collectives
 from nemo_viper.runtime.metrics import Metric, combine, reduce_metrics
 from nemo_viper.training.grpo import GRPOLoss, rollout_statistics
