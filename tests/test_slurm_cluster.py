@@ -18,6 +18,7 @@ every phase done, the exported HF policy.
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 PHOTOS = ("astronaut.png", "camera.png", "chelsea.png", "coffee.png")  # two per synthesis shard
 # Short phases: 2 RL steps of 2 prompts (a checkpoint after each: the scancel drill needs step 1's), a
 # briefly warm-started tiny model; synthesis in 2 array tasks.
-SHORT = ["rl.steps=2", "rl.save_every=1", "rl.n=4", "rl.prompts_per_step=2", "synthesis.num_shards=2",
+NAME = "slurmdrill"  # the jobs' name prefix
+SHORT = [f"name={NAME}", "rl.steps=2", "rl.save_every=1", "rl.n=4", "rl.prompts_per_step=2", "synthesis.num_shards=2",
          "model.tiny_warm_start_steps=20", "cluster.container_image=null"]
 PHASE_TIMEOUT_S = 600
 
@@ -88,9 +90,13 @@ def drilled(slurm_cluster, tmp_path_factory):
 
 def _drill(run_dir: Path, account: str, seen: dict) -> None:
     # 1 + 2: two launches at once of a config whose first job fails its preflight.
+    started = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 1))
     first, second = (launch(run_dir, account, "cluster.min_free_disk_gb=1e9", wait=False) for _ in range(2))
     seen["concurrent"] = [p.communicate(timeout=300) + (p.returncode,) for p in (first, second)]
     seen["jobs_after_concurrent"] = recorded_jobs(run_dir)
+    seen["prepare_jobs"] = subprocess.run(  # every prepare job submitted since the launches began
+        ["sacct", "-X", "-n", "-P", "-o", "JobID", f"--name={NAME}.prepare", "-S", started], capture_output=True,
+        text=True, check=True).stdout.split()
     jobs = seen["jobs_after_concurrent"]
     wait_until(lambda: all(finished(job["job_id"]) for job in jobs.values()), 180,
                "the failed prepare job and its cancelled dependents")
@@ -126,7 +132,10 @@ def _drill(run_dir: Path, account: str, seen: dict) -> None:
     subprocess.run(["scontrol", "update", f"nodename={node}", "state=down", "reason=nemo_viper_drill"], check=True)
     wait_until(lambda: int(job_field(rl2, "Restarts") or 0) >= 1, 60, "stage-2 RL requeued after its node went down")
     seen["rl2_restarts"] = int(job_field(rl2, "Restarts"))
-    subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], check=True)
+    # Back in service: by hand, or by itself once its slurmd answers (ReturnToService=2 in local_slurm.sh).
+    subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], capture_output=True)
+    wait_until(lambda: not subprocess.run(["sinfo", "-h", "-n", node, "-o", "%T"], capture_output=True,
+                                          text=True).stdout.strip().startswith(("down", "drain")), 60, "the node back")
 
     export = recorded_jobs(run_dir)["export"]["job_id"]
     wait_until(lambda: finished(export), PHASE_TIMEOUT_S * 2, "the export job")
@@ -141,6 +150,7 @@ def test_two_launches_at_once_one_refuses_with_one_line(drilled):
     (_, _, ok), (_, err, refused) = results
     assert (ok, refused) == (0, 2)
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert seen["prepare_jobs"] == [seen["jobs_after_concurrent"]["prepare"]["job_id"]]
     assert len(seen["jobs_after_concurrent"]) == 6  # one set of jobs: prepare, synth1, rl1, synth2, rl2, export
     assert len(set(j["job_id"] for j in seen["jobs_after_concurrent"].values())) == 6
 
