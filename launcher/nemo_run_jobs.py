@@ -5,10 +5,12 @@ forces a restart point), each with ``afterok`` dependencies on the submitted pha
 
 - ``slurm``: a ``SlurmExecutor`` per phase with the project image through pyxis (``cluster.container_image``),
   container mounts derived from the config's paths (:func:`nemo_viper.cluster.container_mounts`), the code
-  of the image or shipped with the job (``cluster.code``), ``cluster.env``, the phase kind's time limit
-  (``cluster.time.<kind>``) and GPUs, ``--requeue`` (a requeued job resumes: RL from its last checkpoint,
-  synthesis from its committed chunks), ``--exclusive`` for RL, job names ``<name>.<phase>`` and logs in
-  ``run_dir/logs/<phase>/``. A synthesis phase is **one job array** (``--array=0-(N-1)[%max_parallel]``),
+  of the image or shipped with the job (``cluster.code``) -- or, with ``container_image: null``, on the
+  nodes' own environment after ``cluster.setup`` -- ``cluster.env``, the phase kind's time limit
+  (``cluster.time.<kind>``), GPUs and site options (``cluster.options.<kind>``), ``--requeue`` (a requeued
+  job resumes: RL from its last checkpoint, synthesis from its committed chunks), ``--kill-on-invalid-dep=yes``
+  (the dependents of a failed job are cancelled, not left pending for ever), ``--exclusive`` for RL, job
+  names ``<name>.<phase>`` and logs in ``run_dir/logs/<phase>/``. A synthesis phase is **one job array** (``--array=0-(N-1)[%max_parallel]``),
   each task running ``--shard-index $SLURM_ARRAY_TASK_ID``; the RL job after it depends on the whole array.
   RL phases are one multi-node ``torchrun`` job.
 - ``local``: a ``LocalExecutor`` per task (``torchrun`` for RL), run one after the other.
@@ -27,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import nemo_viper
@@ -78,6 +81,8 @@ def _slurm_executor(config: ViperConfig, phase: Phase):
     from nemo_run.core.execution.slurm import SlurmJobDetails
 
     cluster = config.cluster
+    options = getattr(cluster.options, phase.kind)
+    gpus = phase.gpus_per_node if options.gpus_per_node is None else options.gpus_per_node
     packager = (run.GitArchivePackager(basepath=str(REPO), check_uncommitted_changes=True)
                 if cluster.code == "package" else run.Packager())
     executor = run.SlurmExecutor(
@@ -87,14 +92,22 @@ def _slurm_executor(config: ViperConfig, phase: Phase):
         time=getattr(cluster.time, phase.kind),
         nodes=phase.nodes,
         ntasks_per_node=phase.ranks_per_node if phase.distributed else 1,
-        gpus_per_node=phase.gpus_per_node or None,
+        gpus_per_node=gpus or None,
+        qos=options.qos,
+        constraint=options.constraint,
+        gres=options.gres,
+        mem=options.mem,
+        cpus_per_task=options.cpus_per_task,
+        srun_args=list(options.srun_args) or None,
+        setup_lines=cluster.setup or None,
         exclusive=True if phase.kind == "rl" and cluster.exclusive_rl else None,
         array=(f"0-{phase.tasks - 1}" + (f"%{cluster.synthesis_max_parallel}" if cluster.synthesis_max_parallel else "")
                if phase.tasks > 1 else None),
         container_image=cluster.container_image,
-        container_mounts=container_mounts(config),
+        container_mounts=container_mounts(config) if cluster.container_image is not None else [],
         env_vars={name: shlex.quote(value) for name, value in cluster.env.items()},  # pasted into `export K=V`
-        additional_parameters={"requeue": True},  # NeMo-Run's sbatch command line has it too; shown here
+        # requeue: NeMo-Run's sbatch command line has it too; shown here
+        additional_parameters={"requeue": True, "kill_on_invalid_dep": "yes", **options.sbatch},
         tunnel=run.LocalTunnel(job_dir=str(_job_dir(config) / "experiments")),  # = the experiment's own dir
         packager=packager,
         launcher="torchrun" if phase.distributed else None,
@@ -118,17 +131,64 @@ def _script(text: str):
     return run.Script(inline=text)
 
 
-def slurm_job_states(job_ids: list[str]) -> dict[str, list[str]]:
-    """Slurm job id -> the states of its tasks (``sacct``); empty when Slurm is not reachable from here."""
+@dataclass(frozen=True)
+class SlurmTask:
+    """One job or array task as the scheduler reports it: ``sacct``'s state, exit code and elapsed time, and
+    ``squeue``'s reason while it waits (``Dependency``, ``Resources``, ...; empty when it is not queued)."""
+
+    task: str  # 1234 or 1234_5 (array task; 1234_[0-3] for array tasks not started yet)
+    raw_id: str  # the id Slurm gives this task's process (%j in its log's name)
+    state: str
+    exit_code: str = ""
+    elapsed: str = ""
+    reason: str = ""
+
+
+def slurm_tasks(job_ids: list[str]) -> dict[str, list[SlurmTask]]:
+    """Slurm job id -> its tasks (``sacct``, with ``squeue``'s pending reasons); empty without Slurm here."""
     if not job_ids or shutil.which("sacct") is None:
         return {}
-    result = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)],
-                            capture_output=True, text=True)
-    states: dict[str, list[str]] = {}
+    result = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,JobIDRaw,State,ExitCode,Elapsed", "-j",
+                             ",".join(job_ids)], capture_output=True, text=True)
+    reasons = {}
+    if shutil.which("squeue"):
+        queued = subprocess.run(["squeue", "-h", "-o", "%i|%r", "-j", ",".join(job_ids)], capture_output=True,
+                                text=True)
+        reasons = dict(line.split("|", 1) for line in queued.stdout.splitlines() if "|" in line)
+    tasks: dict[str, list[SlurmTask]] = {}
     for line in result.stdout.splitlines():
-        job, _, state = line.partition("|")
-        states.setdefault(job.split("_")[0].split(".")[0], []).append(state.split()[0] if state else "UNKNOWN")
-    return states
+        task, raw, state, exit_code, elapsed = (line.split("|") + [""] * 5)[:5]
+        reason = reasons.get(task, "")
+        tasks.setdefault(task.split("_")[0].split(".")[0], []).append(SlurmTask(
+            task, raw, state.split()[0] if state else "UNKNOWN", exit_code, elapsed,
+            "" if reason in ("None", "(null)") else reason))
+    return tasks
+
+
+def slurm_job_states(job_ids: list[str]) -> dict[str, list[str]]:
+    """Slurm job id -> the states of its tasks (``sacct``); empty when Slurm is not reachable from here."""
+    return {job: [t.state for t in tasks] for job, tasks in slurm_tasks(job_ids).items()}
+
+
+FAILED_SLURM_STATES = ("FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "CANCELLED", "BOOT_FAIL", "DEADLINE",
+                       "PREEMPTED")
+
+
+def task_log(run_dir: Path, phase_name: str, task: SlurmTask) -> Path | None:
+    """The newest log of one Slurm task (NeMo-Run's ``srun --output`` ``log-<job>_<raw id>_<restart>.out``)."""
+    logs = sorted((run_dir / "logs" / phase_name).glob(f"log-*_{task.raw_id}_*.out"), key=lambda p: p.stat().st_mtime)
+    return logs[-1] if logs else None
+
+
+def check_pyxis() -> None:
+    """With a container image, ``srun`` must take ``--container-image`` (the pyxis plugin): checked on the
+    login node before anything is submitted, instead of every job failing at its first ``srun``."""
+    if shutil.which("srun") is None:
+        raise NemoViperError("srun not found: launch from a Slurm login node (or cluster.executor=local)")
+    if "--container-image" not in subprocess.run(["srun", "--help"], capture_output=True, text=True).stdout:
+        raise NemoViperError("this cluster's srun has no --container-image (the pyxis plugin is not installed): "
+                             "set cluster.container_image=null to run jobs without a container (cluster.setup "
+                             "names their Python environment)")
 
 
 def _refuse_in_flight(selected: list[Phase], run_dir: Path) -> None:
@@ -188,7 +248,17 @@ def launch(config: ViperConfig, dry_run: bool = False, start: str | None = None)
         return report
     if not selected:
         return report + "\nnothing to submit: every phase is done"
+    from nemo_viper.runtime.locks import exclusive_writer
+
+    with exclusive_writer(run_dir, "launch"):  # a second launch of this run dir at the same time fails at once
+        return _launch_selected(config, run_dir, report, selected, states)
+
+
+def _launch_selected(config: ViperConfig, run_dir: Path, report: str, selected: list[Phase],
+                     states: dict[str, PhaseState]) -> str:
     _refuse_in_flight(selected, run_dir)
+    if config.cluster.executor == "slurm" and config.cluster.container_image is not None:
+        check_pyxis()
     revision = _packaged_revision() if config.cluster.executor == "slurm" and config.cluster.code == "package" else None
     write_run_files(config)
     moved = clear_for_rerun(selected, states, run_dir)
@@ -246,24 +316,47 @@ def _submit(config: ViperConfig, selected: list[Phase]) -> dict[str, dict]:
 
 
 def status(run_dir: str | Path) -> str:
-    """``nemo-viper status RUN_DIR``: each phase's state, why, and its Slurm job (with ``sacct``'s states)."""
+    """``nemo-viper status RUN_DIR``: each phase's state and why; its Slurm job with the scheduler's states,
+    the reason it waits (``squeue``), exit code and elapsed time (``sacct``); then the log of each failed task."""
     from nemo_viper.orchestration import load_run_config
     from nemo_viper.run_state import phase_states
 
     config = load_run_config(run_dir)
     phases = plan(config)
-    states = phase_states(phases, RunPaths(config.run_dir).root)
+    root = RunPaths(config.run_dir).root
+    states = phase_states(phases, root)
     jobs = RunState(config.run_dir).read()["jobs"]
-    slurm = slurm_job_states([j["job_id"] for j in jobs.values()])
+    slurm = slurm_tasks([j["job_id"] for j in jobs.values()])
     rows = [("phase", "state", "slurm job", "detail")]
+    failures = []
     for phase in phases:
         state = states[phase.name]
         job = jobs.get(phase.name)
         job_text = ""
         if job:
-            counts = slurm.get(job["job_id"], [])
-            summary = ",".join(f"{s}:{counts.count(s)}" if len(counts) > 1 else s for s in sorted(set(counts)))
-            job_text = job["job_id"] + (f" {summary}" if summary else "")
+            tasks = slurm.get(job["job_id"], [])
+            job_text = " ".join([job["job_id"], _summary(tasks)]).strip()
+            failures += [(phase.name, t) for t in tasks if t.state in FAILED_SLURM_STATES]
         rows.append((phase.name, "done" if state.done else "pending", job_text, state.detail))
     widths = [max(len(row[i]) for row in rows) + 2 for i in range(3)]
-    return "\n".join("".join(cell.ljust(w) for cell, w in zip(row, widths)) + row[3] for row in rows)
+    lines = ["".join(cell.ljust(w) for cell, w in zip(row, widths)) + row[3] for row in rows]
+    for name, task in failures:
+        log = task_log(root, name, task)
+        lines.append(f"{name}: Slurm job {task.task} {task.state} (exit {task.exit_code}, after {task.elapsed}), "
+                     f"log: {log or 'none written'}")
+    return "\n".join(lines)
+
+
+def _summary(tasks: list[SlurmTask]) -> str:
+    """One job: ``STATE exit X elapsed T`` or ``STATE (reason)``; an array: ``STATE:count`` per state."""
+    if len(tasks) == 1:
+        task = tasks[0]
+        if task.reason:
+            return f"{task.state} ({task.reason})"
+        if task.state in ACTIVE_SLURM_STATES:
+            return f"{task.state} elapsed {task.elapsed}"
+        return f"{task.state} exit {task.exit_code} elapsed {task.elapsed}"
+    states = [t.state for t in tasks]
+    reasons = sorted({t.reason for t in tasks if t.reason})
+    return ",".join(f"{s}:{states.count(s)}" for s in sorted(set(states))) + (
+        f" ({', '.join(reasons)})" if reasons else "")

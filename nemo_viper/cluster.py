@@ -147,10 +147,30 @@ def validate_cluster(config: ViperConfig, check_paths: bool) -> None:
     if cluster.executor == "slurm":
         if not cluster.account:
             raise ConfigError("cluster.account is required with cluster.executor='slurm'")
-        if not cluster.container_image:
-            raise ConfigError("cluster.container_image is required with cluster.executor='slurm' (the project image: "
-                              "see README, 'Running on Slurm')")
-        if not SAFE_IMAGE.fullmatch(cluster.container_image):  # NeMo-Run pastes it into srun's command unquoted
+        if cluster.container_image == "":
+            raise ConfigError("cluster.container_image is required with cluster.executor='slurm': the project image "
+                              "(README, 'Running on Slurm'), or null for jobs without a container (cluster.setup)")
+        if cluster.container_image is not None and not SAFE_IMAGE.fullmatch(cluster.container_image):  # NeMo-Run pastes it into srun's command unquoted
             raise ConfigError(f"cluster.container_image={cluster.container_image!r} is not a squashfs path or an "
                               "image reference (letters, digits and . _ / : @ # + = -)")
+    _check_job_options(cluster)
     check_model_sources(config, check_paths)
+
+
+# Set by the launcher (from the plan and the cluster.* keys) or by cluster.options.<kind>.<key>: not `sbatch` entries.
+LAUNCHER_SBATCH_KEYS = ("array", "dependency", "job-name", "output", "error", "requeue", "nodes", "ntasks-per-node",
+                        "time", "account", "partition", "kill-on-invalid-dep", "qos", "constraint", "gres",
+                        "gpus-per-node", "mem", "cpus-per-task")
+
+
+def _check_job_options(cluster) -> None:
+    """``cluster.options.<kind>.sbatch``: option names only, none that the launcher sets itself."""
+    for kind, options in vars(cluster.options).items():
+        for key in options.sbatch:
+            flag = str(key).replace("_", "-")
+            if not SAFE_NAME.fullmatch(flag) or flag.startswith("-"):
+                raise ConfigError(f"cluster.options.{kind}.sbatch key {key!r} is not an sbatch option name "
+                                  "(without the leading --)")
+            if flag in LAUNCHER_SBATCH_KEYS:
+                raise ConfigError(f"cluster.options.{kind}.sbatch.{key}: set by the launcher (the plan, cluster.*, "
+                                  f"or cluster.options.{kind}.{flag.replace('-', '_')}), not an extra sbatch option")

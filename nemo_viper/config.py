@@ -114,12 +114,52 @@ class PhaseTimes:
 
 
 @dataclass
+class JobOptions:
+    """Site options of one kind of phase job, as NeMo-Run's ``SlurmExecutor`` takes them (``None``: not passed).
+
+    ``gpus_per_node``: ``None`` = what the plan needs (``--gpus-per-node``), ``0`` = not requested that way (a
+    site that wants ``gres`` instead). ``sbatch``: further ``#SBATCH --KEY=VALUE`` lines (``KEY: true`` for a
+    bare flag); ``srun_args``: arguments added to the job's ``srun``.
+    """
+
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    gres: Optional[str] = None
+    gpus_per_node: Optional[int] = None
+    mem: Optional[str] = None  # --mem: e.g. 200G; 0 = all of each node's memory
+    cpus_per_task: Optional[int] = None
+    sbatch: dict[str, Any] = field(default_factory=dict)
+    srun_args: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        for key, least in (("gpus_per_node", 0), ("cpus_per_task", 1)):
+            value = getattr(self, key)
+            if value is not None and value < least:
+                raise ConfigError(f"{key}={value} must be >= {least}")
+
+
+@dataclass
+class PhaseJobOptions:
+    """:class:`JobOptions` per kind of phase. RL jobs take whole nodes (``exclusive_rl``) and, by default,
+    all of their memory (``--mem=0``: without it Slurm grants an exclusive job only its default per-CPU share)."""
+
+    prepare: JobOptions = field(default_factory=JobOptions)
+    synth: JobOptions = field(default_factory=JobOptions)
+    rl: JobOptions = field(default_factory=lambda: JobOptions(mem="0"))
+    export: JobOptions = field(default_factory=JobOptions)
+    eval: JobOptions = field(default_factory=JobOptions)
+    eval_data: JobOptions = field(default_factory=JobOptions)
+
+
+@dataclass
 class ClusterSection:
     """Where jobs run: ``local`` or ``slurm`` (NeMo-Run ``SlurmExecutor``, the project image through pyxis).
 
     ``code``: ``image`` runs the project installed in ``container_image`` (built from the repository's
     ``Dockerfile``); ``package`` ships the repository's committed ``HEAD`` with every job (NeMo-Run's
-    ``GitArchivePackager``) and runs it on top of the image's environment. The jobs' container mounts are
+    ``GitArchivePackager``) and runs it on top of the image's environment. ``container_image: null`` runs
+    the jobs without a container (no pyxis), on the nodes' own Python environment, which ``setup`` prepares
+    (a module load, a venv on the shared filesystem). The jobs' container mounts are
     derived from the config's paths (run dir, models, data); ``container_mounts`` adds more (``SRC:DST``).
     """
 
@@ -127,7 +167,9 @@ class ClusterSection:
     account: str = ""
     partition: str = ""
     time: PhaseTimes = field(default_factory=PhaseTimes)
-    container_image: str = ""  # the project image: a squashfs file (enroot import) or a registry image
+    container_image: Optional[str] = ""  # the project image (a squashfs file or a registry image); null = none
+    setup: str = ""  # shell lines every Slurm job runs first (e.g. `module load ...; source VENV/bin/activate`)
+    options: PhaseJobOptions = field(default_factory=PhaseJobOptions)  # site options per kind of phase
     code: str = "image"  # image | package
     container_mounts: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=lambda: {"HF_HUB_OFFLINE": "1"})

@@ -1,6 +1,7 @@
-"""Stand-ins for the Slurm commands a login node has (``sbatch``, ``sacct``) and those a job calls (``srun``,
-``scontrol``, and ``python`` as the task script calls it), as executables on ``PATH``, so that the real
-NeMo-Run submission path and the real rendered scripts run without a cluster. Each records its argv."""
+"""Stand-ins for the Slurm commands a login node has (``sbatch``; ``srun --help`` with pyxis) and those a job
+calls (``srun``, ``scontrol``, and ``python`` as the task script calls it), as executables on ``PATH``, so that
+rendered scripts run with every command they would run recorded (the hostile-strings tests), and for what the
+local cluster cannot show (pyxis; the code a ``cluster.code=package`` job is shipped). Each records its argv."""
 
 import json
 import os
@@ -21,12 +22,9 @@ shutil.copy(sys.argv[-1], os.path.join({root!r}, f"job_{{n}}.sh"))
 print(n)
 """
 
-SACCT = RECORD_ARGV + """
-path = os.path.join({root!r}, "sacct.out")
-print(open(path).read() if os.path.exists(path) else "", end="")
-"""
-
 SRUN = RECORD_ARGV + """
+if "--help" in sys.argv:
+    print("      --container-image=[USER@][REGISTRY#]IMAGE[:TAG]|PATH")  # pyxis
 if "hostname" in sys.argv:
     print("127.0.0.1")
 """
@@ -42,8 +40,7 @@ class FakeSlurm:
         self.bin = root / "bin"
         self.bin.mkdir(parents=True)
         self.log = root / "calls.jsonl"
-        for name, body in (("sbatch", SBATCH), ("sacct", SACCT), ("srun", SRUN), ("scontrol", SCONTROL),
-                           ("python", RECORD_ARGV)):
+        for name, body in (("sbatch", SBATCH), ("srun", SRUN), ("scontrol", SCONTROL), ("python", RECORD_ARGV)):
             path = self.bin / name
             path.write_text(body.format(python=python, log=str(self.log), root=str(root)))
             path.chmod(0o755)
@@ -55,9 +52,3 @@ class FakeSlurm:
         if not self.log.is_file():
             return []
         return [c[1:] for c in map(json.loads, self.log.read_text().splitlines()) if c[0] == name]
-
-    def set_sacct(self, text: str) -> None:
-        (self.root / "sacct.out").write_text(text)
-
-    def job_script(self, job_id: str) -> str:
-        return (self.root / f"job_{job_id}.sh").read_text()

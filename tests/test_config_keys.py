@@ -101,6 +101,11 @@ ALTERNATIVES = {
     "synthesis.filters.entity_candidates": "policy",
     "synthesis.filters.min_changed_fraction": 0.01,
     "synthesis.filters.max_changed_fraction": 0.5,
+    "cluster.container_image": None,  # jobs without a container
+    **{f"cluster.options.{kind}.{key}": value
+       for kind in ("prepare", "synth", "rl", "export", "eval", "eval_data")
+       for key, value in (("qos", "high"), ("constraint", "a100"), ("gres", "gpu:1"), ("gpus_per_node", 2),
+                          ("mem", "100G"), ("cpus_per_task", 4))},
 }
 
 

@@ -45,8 +45,10 @@ def string_keys(config: ViperConfig) -> list[str]:
                 elif dataclasses.is_dataclass(inner):
                     keys += [f"{section.name}.{leaf.name}.{f.name}" for f in dataclasses.fields(inner)
                              if isinstance(getattr(inner, f.name), str)]
+    keys.remove("cluster.setup")  # shell lines by design (module load, venv activation): run as written
     return keys + ["synthesis.images", "synthesis.redraw.model", "synthesis.edit.model", "synthesis.redraw.pipeline",
-                   "cluster.env.HF_HOME", "cluster.container_mounts[0]"]
+                   "cluster.env.HF_HOME", "cluster.container_mounts[0]", "cluster.options.rl.qos",
+                   "cluster.options.rl.mem", "cluster.options.synth.constraint"]
 
 
 def set_key(config: ViperConfig, key: str, value: str) -> None:

@@ -1,27 +1,33 @@
-"""``launch`` through NeMo-Run's real submission path against stand-in Slurm commands; ``status``; relaunch."""
+"""The Slurm jobs as rendered (site options, jobs without a container), the checks before submission, and
+``cluster.code=package`` through NeMo-Run's real submission path against a stand-in ``sbatch``. Submission,
+dependencies, ``status`` and relaunch against a real cluster: ``test_slurm_cluster.py``."""
 
 import io
 import json
+import os
 import re
 import subprocess
 import sys
 
 import pytest
 from slurm_fakes import FakeSlurm
-from test_launch import fake_dataset, record
+from test_launch import _scripts
 
 from nemo_viper.cli import main
-from nemo_viper.recipes import recipe
 
 pytestmark = pytest.mark.slow  # real NeMo-Run submissions and executed scripts
+
+
+@pytest.fixture(autouse=True)
+def nemo_run_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEMORUN_HOME", str(tmp_path / "nemorun"))
+    monkeypatch.setattr("sys.stdin", io.StringIO())  # NeMo-Run's local tunnel (invoke) reads stdin
 
 
 @pytest.fixture
 def slurm(tmp_path, monkeypatch):
     fake = FakeSlurm(tmp_path / "slurm", sys.executable)
     monkeypatch.setenv("PATH", fake.env()["PATH"])
-    monkeypatch.setenv("NEMORUN_HOME", str(tmp_path / "nemorun"))
-    monkeypatch.setattr("sys.stdin", io.StringIO())  # NeMo-Run's local tunnel (invoke) reads stdin
     return fake
 
 
@@ -35,65 +41,57 @@ def overrides(tmp_path):
             f"synthesis.edit.model={tmp_path / 'models' / 'Qwen-Image-Edit'}"]
 
 
-def submissions(slurm):
-    """(job id, dependency flag or None, script) per sbatch call, in order."""
-    result = []
-    for n, argv in enumerate(slurm.calls("sbatch")):
-        dependency = next((a.split("=", 1)[1] for a in argv if a.startswith("--dependency=")), None)
-        job_id = str(1001 + n)
-        result.append((job_id, dependency, slurm.job_script(job_id)))
-    return result
+def test_site_options_per_phase_kind_and_jobs_without_a_container_render(overrides, tmp_path, capsys):
+    assert main(["launch", "--recipe", "qwen25vl_3b", "--dry-run", *overrides, "cluster.container_image=null",
+                 "cluster.setup=module load cuda/12 && source /shared/venv/bin/activate",
+                 "cluster.options.rl.qos=high", "cluster.options.rl.constraint=h100&ib", "cluster.options.rl.gres=gpu:8",
+                 "cluster.options.rl.gpus_per_node=0", "cluster.options.rl.cpus_per_task=16",
+                 "cluster.options.rl.sbatch.reservation=viper resv", "cluster.options.rl.sbatch.requeue_on_fail=true",
+                 "cluster.options.rl.srun_args=[--mpi=pmix,--cpu-bind=none]",
+                 "cluster.options.synth.mem=64G", "cluster.options.synth.qos=low"]) == 0
+    scripts = _scripts(capsys.readouterr().out)
+    rl, synth, export = scripts["round1-rl1"], scripts["round1-synth1"], scripts["export"]
+    for line in ("#SBATCH --qos=high", "#SBATCH --constraint='h100&ib'", "#SBATCH --gres=gpu:8",
+                 "#SBATCH --cpus-per-task=16", "#SBATCH --reservation='viper resv'", "#SBATCH --requeue-on-fail",
+                 "#SBATCH --mem=0", "#SBATCH --exclusive"):
+        assert line + "\n" in rl, line
+    assert "--gpus-per-node" not in rl  # 0: requested through gres instead
+    assert re.search(r"^srun .* --wait=60 --kill-on-bad-exit=1 --mpi=pmix --cpu-bind=none torchrun ", rl, re.M)
+    assert "#SBATCH --mem=64G\n" in synth and "#SBATCH --qos=low\n" in synth and "--mpi=pmix" not in synth
+    assert "#SBATCH --gpus-per-node=1\n" in synth  # the plan's GPUs where the site sets none
+    assert "--qos" not in export and "--mem" not in export  # options belong to their kind only
+    for text in scripts.values():
+        assert "#SBATCH --kill-on-invalid-dep=yes\n" in text  # dependents of a failed job are cancelled
+        assert "--container-image" not in text and "--container-mounts" not in text
+        assert "\nmodule load cuda/12 && source /shared/venv/bin/activate\n" in text.split("# Command 1")[0]
+        assert "--chdir " in text
 
 
-def test_launch_submits_arrays_with_dependencies_and_status_shows_the_jobs(slurm, overrides, tmp_path, capsys):
-    assert main(["launch", "--recipe", "qwen25vl_3b", *overrides]) == 0
-    jobs = submissions(slurm)
-    names = [re.search(r"#SBATCH --job-name=qwen25vl_3b\.(\S+)", script).group(1) for _, _, script in jobs]
-    assert names == ["prepare", "round1-synth1", "round1-rl1", "round1-synth2", "round1-rl2", "export"]
-    deps = [dep for _, dep, _ in jobs]
-    assert deps == [None, "afterok:1001", "afterok:1002", "afterok:1003", "afterok:1004", "afterok:1005"]
-    assert "#SBATCH --array=0-2%2" in jobs[1][2] and "#SBATCH --array=0-2%2" in jobs[3][2]
-    state = json.loads((tmp_path / "run" / "state.json").read_text())
-    assert state["jobs"]["round1.synth1"]["job_id"] == "1002" and state["jobs"]["round1.synth1"]["array"] == "0-2"
-    for phase in ("prepare", "round1.synth1"):
-        assert (tmp_path / "run" / "logs" / phase).is_dir(), "Slurm does not create its --output directory"
+@pytest.mark.parametrize("override,message", [
+    ("cluster.options.rl.qoss=high", "qoss"),
+    ("cluster.options.train.qos=high", "train"),
+    ("cluster.options.rl.sbatch.array=0-3", "cluster.options.rl.sbatch.array: set by the launcher"),
+    ("cluster.options.synth.sbatch.mem=1G", "or cluster.options.synth.mem"),
+    ("cluster.options.rl.cpus_per_task=0", "cpus_per_task=0 must be >= 1"),
+    ("cluster.container_image=''", "or null for jobs without a container"),
+])
+def test_bad_site_options_are_rejected_before_anything_is_submitted(override, message, overrides, tmp_path, capsys):
+    assert main(["launch", "--recipe", "qwen25vl_3b", *overrides, override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
 
-    # The job's task script (as NeMo-Run wrote it) runs the preflight, this array task's shard, then the record.
-    task = next((tmp_path / "run" / "nemo_run").rglob("round1-synth1/scripts/round1-synth1.sh"))
-    subprocess.run(["bash", str(task)], env=slurm.env(SLURM_ARRAY_TASK_ID="2"), check=True)
-    doctor, synth, mark = slurm.calls("python")
-    assert doctor[:4] == ["-m", "nemo_viper.cli", "doctor", "--run-dir"]
-    assert synth[synth.index("--shard-index") + 1] == "2" and synth[-2:] == ["--num-shards", "3"]
-    assert mark[-3:] == ["--phase", "round1.synth1", "--partial-ok"]
 
-    slurm.set_sacct("1001|COMPLETED\n1002_0|COMPLETED\n1002_1|RUNNING\n1002_2|PENDING\n1003|PENDING\n")
-    capsys.readouterr()
-    assert main(["status", str(tmp_path / "run")]) == 0
-    table = capsys.readouterr().out
-    assert re.search(r"round1\.synth1\s+pending\s+1002 COMPLETED:1,PENDING:1,RUNNING:1\s+not started", table)
-    assert re.search(r"round1\.rl1\s+pending\s+1003 PENDING", table)
-
-    # A relaunch while the jobs are queued would run two writers in one phase directory: refused.
+def test_launch_with_an_image_needs_pyxis_on_the_login_node(overrides, tmp_path, monkeypatch, capsys):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    srun = bin_dir / "srun"  # a Slurm without the pyxis plugin: its srun --help has no --container-image
+    srun.write_text("#!/bin/sh\necho 'Usage: srun [OPTIONS(0)...] executable [args...]'\necho '  --container=path'\n")
+    srun.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     assert main(["launch", "--recipe", "qwen25vl_3b", *overrides]) == 2
-    assert "phases still queued or running on Slurm: round1.synth1 (job 1002" in capsys.readouterr().err
-
-
-def test_relaunch_after_a_failure_submits_only_unfinished_phases(slurm, overrides, tmp_path, capsys):
-    config = recipe("qwen25vl_3b", *overrides)
-    (tmp_path / "run" / "base_model").mkdir(parents=True)
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
-        (tmp_path / "run" / "base_model" / name).write_text("{}")
-    fake_dataset(tmp_path / "run" / "round1" / "synth1")
-    record(config, "prepare", "round1.synth1")
-    slurm.set_sacct("1001|COMPLETED\n1002_0|COMPLETED\n")  # an earlier launch's jobs: finished
-
-    assert main(["launch", "--recipe", "qwen25vl_3b", *overrides]) == 0
-    jobs = submissions(slurm)
-    names = [re.search(r"#SBATCH --job-name=qwen25vl_3b\.(\S+)", script).group(1) for _, _, script in jobs]
-    assert names == ["round1-rl1", "round1-synth2", "round1-rl2", "export"]
-    assert [dep for _, dep, _ in jobs] == [None, "afterok:1001", "afterok:1002", "afterok:1003"]
-    output = capsys.readouterr().out
-    assert re.search(r"skip\s+prepare\s+done", output) and re.search(r"skip\s+round1\.synth1\s+done", output)
+    assert "srun has no --container-image (the pyxis plugin" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "nemo_run").exists() and not (tmp_path / "run" / "state.json").exists()
 
 
 def test_package_mode_ships_the_committed_head_with_every_job(slurm, overrides, tmp_path, monkeypatch, capsys):

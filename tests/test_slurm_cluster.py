@@ -1,0 +1,210 @@
+"""The tiny recipe as real Slurm jobs (``tests/local_slurm.py``: ``scripts/local_slurm.sh up``), with the fault
+drills a cluster user meets, all on one launched run (one tiny loop is the cost; each drill adds a restart):
+
+1. two launches of the run dir at once: one submits, the other refuses with one line;
+2. a phase that fails (its preflight: ``cluster.min_free_disk_gb`` too large): its dependents are cancelled,
+   not left pending for ever (``--kill-on-invalid-dep=yes``); ``status`` names the failed job and its log;
+   the next ``launch`` (fixed config) resubmits from the failed phase, no ``scancel`` by hand;
+3. ``scancel`` of the running stage-1 RL job after its first checkpoint: the next ``launch`` resumes it from
+   that checkpoint (the step-1 checkpoint is not rewritten);
+4. ``scontrol requeue`` of one running stage-2 synthesis array task: it runs again, its shard is completed
+   once (no duplicate sample ids);
+5. the node set DOWN while the stage-2 RL job runs: the job is requeued (``--requeue``) and, the node back,
+   finishes;
+and the loop's outputs: synthesis as a 2-task job array, RL under ``srun`` + ``torchrun``, ``afterok`` chains,
+every phase done, the exported HF policy.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import skimage
+from local_slurm import job_field, recorded_jobs, sacct, slurm_cluster, wait_until  # noqa: F401 (fixture)
+
+from nemo_viper.data.shards import ShardDataset
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
+PHOTOS = ("astronaut.png", "camera.png", "chelsea.png", "coffee.png")  # two per synthesis shard
+# Short phases: 2 RL steps of 2 prompts (a checkpoint after each: the scancel drill needs step 1's), a
+# briefly warm-started tiny model; synthesis in 2 array tasks.
+NAME = "slurmdrill"  # the jobs' name prefix
+SHORT = [f"name={NAME}", "rl.steps=2", "rl.save_every=1", "rl.n=4", "rl.prompts_per_step=2", "synthesis.num_shards=2",
+         "model.tiny_warm_start_steps=20", "cluster.container_image=null"]
+PHASE_TIMEOUT_S = 600
+
+
+def launch(run_dir: Path, account: str, *extra: str, wait: bool = True):
+    """``nemo-viper launch`` of the tiny recipe on Slurm, in a process of its own (as a user runs it)."""
+    photos = run_dir.parent / "photos.txt"
+    photos.write_text("".join(f"{Path(skimage.data_dir) / name}\n" for name in PHOTOS))
+    args = [sys.executable, "-m", "nemo_viper.cli", "launch", "--recipe", "tiny", "--executor", "slurm",
+            f"run_dir={run_dir}", f"cluster.account={account}", f"synthesis.images={photos}",
+            f"cluster.setup='source {Path(sys.prefix) / 'bin' / 'activate'}'", *SHORT, *extra]
+    env = {**os.environ, "NEMORUN_HOME": str(run_dir.parent / "nemorun")}
+    process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env)
+    return process.communicate(timeout=300) + (process.returncode,) if wait else process
+
+
+def status(run_dir: Path) -> str:
+    return subprocess.run([sys.executable, "-m", "nemo_viper.cli", "status", str(run_dir)], capture_output=True,
+                          text=True, check=True).stdout
+
+
+def done(run_dir: Path) -> set[str]:
+    import json
+
+    path = run_dir / "state.json"
+    return set(json.loads(path.read_text())["phases"]) if path.is_file() else set()
+
+
+def states(job_id: str) -> set[str]:
+    return {row["State"].split()[0] for row in sacct(job_id)}
+
+
+def finished(job_id: str) -> bool:
+    return bool(states(job_id)) and not states(job_id) & {"PENDING", "RUNNING", "REQUEUED", "COMPLETING",
+                                                          "CONFIGURING"}
+
+
+@pytest.fixture(scope="module")
+def drilled(slurm_cluster, tmp_path_factory):
+    """Runs the drills in order on one run dir; returns what each observed (asserted by the tests below)."""
+    run_dir = tmp_path_factory.mktemp("slurm") / "run"
+    seen = {}
+    try:
+        _drill(run_dir, slurm_cluster, seen)
+    finally:  # nothing of this run may outlive the module
+        ids = [job["job_id"] for job in recorded_jobs(run_dir).values()] if (run_dir / "state.json").is_file() else []
+        if ids:
+            subprocess.run(["scancel", *ids], capture_output=True)
+        subprocess.run(["scontrol", "update", f"nodename={os.uname().nodename.split('.')[0]}", "state=resume"],
+                       capture_output=True)
+    return run_dir, seen
+
+
+def _drill(run_dir: Path, account: str, seen: dict) -> None:
+    # 1 + 2: two launches at once of a config whose first job fails its preflight.
+    started = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 1))
+    first, second = (launch(run_dir, account, "cluster.min_free_disk_gb=1e9", wait=False) for _ in range(2))
+    seen["concurrent"] = [p.communicate(timeout=300) + (p.returncode,) for p in (first, second)]
+    seen["jobs_after_concurrent"] = recorded_jobs(run_dir)
+    seen["prepare_jobs"] = subprocess.run(  # every prepare job submitted since the launches began
+        ["sacct", "-X", "-n", "-P", "-o", "JobID", f"--name={NAME}.prepare", "-S", started], capture_output=True,
+        text=True, check=True).stdout.split()
+    jobs = seen["jobs_after_concurrent"]
+    wait_until(lambda: all(finished(job["job_id"]) for job in jobs.values()), 180,
+               "the failed prepare job and its cancelled dependents")
+    seen["failed_states"] = {name: states(job["job_id"]) for name, job in jobs.items()}
+    seen["failed_status"] = status(run_dir)
+    seen["relaunch"] = launch(run_dir, account)
+
+    # 3: scancel stage-1 RL after its first checkpoint; relaunch; it resumes from that checkpoint.
+    rl1 = recorded_jobs(run_dir)["round1.rl1"]["job_id"]
+    step1 = run_dir / "round1" / "rl1" / "checkpoints" / "step_0000001"
+    wait_until(lambda: (step1 / "nemo_viper_checkpoint.json").is_file() or finished(rl1), PHASE_TIMEOUT_S * 2,
+               "stage-1 RL's first checkpoint", poll_s=0.5)
+    seen["rl1_cancelled_running"] = "RUNNING" in states(rl1)
+    subprocess.run(["scancel", rl1], check=True)
+    seen["step1_before"] = (step1 / "nemo_viper_checkpoint.json").stat().st_mtime_ns
+    wait_until(lambda: finished(rl1) and all(finished(j["job_id"]) for j in recorded_jobs(run_dir).values()),
+               120, "the cancelled RL job's dependents to be cancelled")
+    seen["rl1_states"] = states(rl1)
+    seen["resume_launch"] = launch(run_dir, account)
+
+    # 4: requeue one running stage-2 synthesis array task.
+    synth2 = recorded_jobs(run_dir)["round1.synth2"]["job_id"]
+    task = f"{synth2}_1"
+    wait_until(lambda: job_field(task, "JobState") == "RUNNING", PHASE_TIMEOUT_S * 2, "synthesis task 1 running",
+               poll_s=0.5)
+    subprocess.run(["scontrol", "requeue", task], check=True)
+    wait_until(lambda: int(job_field(task, "Restarts") or 0) >= 1, 60, "the requeued task's restart")
+
+    # 5: the node DOWN while stage-2 RL runs: requeued; the node back, it finishes.
+    rl2 = recorded_jobs(run_dir)["round1.rl2"]["job_id"]
+    node = wait_until(lambda: job_field(rl2, "JobState") == "RUNNING" and job_field(rl2, "NodeList"),
+                      PHASE_TIMEOUT_S * 2, "stage-2 RL running", poll_s=0.5)
+    subprocess.run(["scontrol", "update", f"nodename={node}", "state=down", "reason=nemo_viper_drill"], check=True)
+    wait_until(lambda: int(job_field(rl2, "Restarts") or 0) >= 1, 60, "stage-2 RL requeued after its node went down")
+    seen["rl2_restarts"] = int(job_field(rl2, "Restarts"))
+    # Back in service: by hand, or by itself once its slurmd answers (ReturnToService=2 in local_slurm.sh).
+    subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], capture_output=True)
+    wait_until(lambda: not subprocess.run(["sinfo", "-h", "-n", node, "-o", "%T"], capture_output=True,
+                                          text=True).stdout.strip().startswith(("down", "drain")), 60, "the node back")
+
+    export = recorded_jobs(run_dir)["export"]["job_id"]
+    wait_until(lambda: finished(export), PHASE_TIMEOUT_S * 2, "the export job")
+    seen["synth2_tasks"] = sacct(synth2)
+    seen["synth2_restarts"] = int(job_field(task, "Restarts") or 0)
+    seen["final_status"] = status(run_dir)
+
+
+def test_two_launches_at_once_one_refuses_with_one_line(drilled):
+    run_dir, seen = drilled
+    results = sorted(seen["concurrent"], key=lambda r: r[2])
+    (_, _, ok), (_, err, refused) = results
+    assert (ok, refused) == (0, 2)
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert seen["prepare_jobs"] == [seen["jobs_after_concurrent"]["prepare"]["job_id"]]
+    assert len(seen["jobs_after_concurrent"]) == 6  # one set of jobs: prepare, synth1, rl1, synth2, rl2, export
+    assert len(set(j["job_id"] for j in seen["jobs_after_concurrent"].values())) == 6
+
+
+def test_a_failed_phase_cancels_its_dependents_status_names_its_log_and_launch_resubmits(drilled):
+    run_dir, seen = drilled
+    failed = seen["failed_states"]
+    assert failed["prepare"] == {"FAILED"}
+    assert all(s == {"CANCELLED"} for name, s in failed.items() if name != "prepare"), failed
+    prepare_id = seen["jobs_after_concurrent"]["prepare"]["job_id"]
+    line = next(l for l in seen["failed_status"].splitlines() if l.startswith(f"prepare: Slurm job {prepare_id} "))
+    assert "FAILED (exit 2:0" in line
+    log = Path(line.rsplit("log: ", 1)[1])
+    assert "free" in log.read_text() and log.is_relative_to(run_dir / "logs" / "prepare")
+    out, err, code = seen["relaunch"]
+    assert code == 0, err
+    assert "submit prepare" in out and "export: Slurm job" in out
+
+
+def test_a_cancelled_rl_job_resumes_from_its_checkpoint(drilled):
+    run_dir, seen = drilled
+    assert seen["rl1_cancelled_running"] and seen["rl1_states"] == {"CANCELLED"}
+    out, err, code = seen["resume_launch"]
+    assert code == 0, err
+    assert "skip   round1.synth1" in out and "submit round1.rl1" in out
+    step1 = run_dir / "round1" / "rl1" / "checkpoints" / "step_0000001" / "nemo_viper_checkpoint.json"
+    assert step1.stat().st_mtime_ns == seen["step1_before"], "stage-1 RL restarted from step 0"
+    assert (run_dir / "round1" / "rl1" / "checkpoints" / "step_0000002").is_dir()
+
+
+def test_a_requeued_synthesis_task_completes_its_shard_once(drilled):
+    run_dir, seen = drilled
+    assert seen["synth2_restarts"] >= 1
+    assert {row["State"] for row in seen["synth2_tasks"]} == {"COMPLETED"} and len(seen["synth2_tasks"]) == 2
+    data = ShardDataset(run_dir / "round1" / "synth2")
+    ids = [data.record(i).id for i in range(len(data))]
+    assert ids and len(ids) == len(set(ids))
+
+
+def test_a_job_on_a_node_set_down_is_requeued_and_finishes(drilled):
+    run_dir, seen = drilled
+    assert seen["rl2_restarts"] >= 1
+    assert (run_dir / "round1" / "rl2" / "checkpoints" / "step_0000002").is_dir()
+
+
+def test_the_loop_ran_as_slurm_jobs_to_the_end(drilled):
+    run_dir, seen = drilled
+    assert done(run_dir) == {"prepare", "round1.synth1", "round1.rl1", "round1.synth2", "round1.rl2", "export"}
+    assert (run_dir / "final_hf" / "config.json").is_file()
+    jobs = recorded_jobs(run_dir)
+    synth1 = sacct(jobs["round1.synth1"]["job_id"])
+    assert sorted(row["JobID"] for row in synth1) == [f"{jobs['round1.synth1']['job_id']}_{i}" for i in (0, 1)]
+    rl_script = next((run_dir / "nemo_run").rglob("round1-rl1_sbatch.sh")).read_text()
+    assert "srun " in rl_script and " torchrun " in rl_script and "--kill-on-invalid-dep=yes" in rl_script
+    rows = {line.split()[0]: line.split()[1:4] for line in seen["final_status"].splitlines()[1:]}
+    assert rows["round1.rl1"] == ["done", jobs["round1.rl1"]["job_id"], "COMPLETED"]
+    assert rows["round1.synth1"] == ["done", jobs["round1.synth1"]["job_id"], "COMPLETED:2"]
