@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 SAFE_PATH = re.compile(r"[A-Za-z0-9._/+@=-]+")  # no whitespace, quotes, ; & | $ ` ( ) < > * ? [ ] # ~ , :
 SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+SLURM_PARTITIONS = re.compile(r"[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*")  # sbatch --partition takes a list
 SAFE_IMAGE = re.compile(r"[A-Za-z0-9._/:@#+=-]+")  # a squashfs path or a registry reference (host#repo:tag@digest)
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 SLURM_TIME = re.compile(r"(\d+-)?\d+(:\d{2}){0,2}")
@@ -62,6 +63,8 @@ def job_paths(config: ViperConfig) -> dict[str, str]:
     images = str(config.synthesis.get("images", "skimage"))
     if images != "skimage":
         paths["synthesis.images"] = images
+    if config.eval.enabled and config.eval.dataset_root != "tiny":  # "tiny": copies written under run_dir
+        paths["eval.dataset_root"] = config.eval.dataset_root
     return {key: os.path.abspath(value) for key, value in paths.items()}
 
 
@@ -123,6 +126,11 @@ def validate_cluster(config: ViperConfig, check_paths: bool) -> None:
     cluster = config.cluster
     if not SAFE_NAME.fullmatch(config.name):
         raise ConfigError(f"name={config.name!r} must be letters, digits and . _ - (it names jobs and directories)")
+    for key, pattern, form in (("account", SAFE_NAME, "letters, digits and . _ -"),
+                               ("partition", SLURM_PARTITIONS, "letters, digits and . _ -, several joined by ,")):
+        value = getattr(cluster, key)
+        if value and not pattern.fullmatch(value):  # an #SBATCH line ends at a newline; a space starts an option
+            raise ConfigError(f"cluster.{key}={value!r} is not a Slurm {key} name ({form})")
     for key, path in job_paths(config).items():
         check_shell_safe_path(key, path)
     for mount in cluster.container_mounts:

@@ -34,6 +34,7 @@ re-encoding of it as flags. To add a key, see ``docs/architecture.md`` ("Adding 
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -382,11 +383,34 @@ def _validate_synthesis(config: ViperConfig) -> None:
             raise ConfigError(f"synthesis: {message}") from exc
 
 
+def _refuse_non_finite(tree, key: str = "") -> None:
+    """No setting is infinite or NaN: every number configures a rate, a weight, a size or a limit, and a
+    non-finite one would pass the range checks (``inf > 0``) and fail, or silently do nothing, mid-run. The
+    ``synthesis`` section is kept as written (its library parses it), so there ``'inf'`` and ``'nan'`` strings
+    count too."""
+    if isinstance(tree, dict):
+        for name, value in tree.items():
+            _refuse_non_finite(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            _refuse_non_finite(value, f"{key}[{i}]")
+    elif isinstance(tree, str) and key.startswith("synthesis."):
+        try:
+            number = float(tree)
+        except ValueError:
+            return
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}={tree!r} is not a finite number")
+    elif isinstance(tree, float) and not math.isfinite(tree):
+        raise ConfigError(f"{key}={tree!r} is not a finite number")
+
+
 def validate(config: ViperConfig, check_paths: bool = True) -> None:
     """Every value and cross-section rule, before any work starts. Raises :class:`ConfigError` naming key
     and value. Rebuilds the whole tree (every library config's own checks), so a config assembled in
     Python (``dataclasses.replace``) is checked like a composed one."""
     build(ViperConfig, asdict(config))
+    _refuse_non_finite(asdict(config))
     if not config.model.hf_path:
         raise ConfigError("model.hf_path is required: a Hugging Face Qwen2.5-VL directory, or 'tiny'")
     parallel = config.parallel

@@ -89,3 +89,37 @@ def test_tampered_or_foreign_checkpoints_are_refused_and_the_payload_does_not_ru
                        "--out", str(tmp_path / "hf"), "--trust-checkpoint"], capture_output=True, text=True,
                       timeout=300, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
     assert marker.exists(), f"the payload did not run when trusted: {trusted.stderr[-2000:]}"
+
+
+def test_a_symbolic_link_cannot_take_files_out_of_the_manifest(tmp_path):
+    """A crafted checkpoint whose ``model/`` links to a directory outside it (so the walk over its files would not
+    enter it, and its manifest need not list ``model/.metadata``), a linked file, and a ``step_N`` that links to
+    a foreign directory: each is refused before anything is read from it."""
+    from nemo_viper.errors import CheckpointError
+    from nemo_viper.models.checkpoint_dir import FORMAT, file_hashes, read_checkpoint_metadata
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / ".metadata").write_bytes(pickle.dumps(Payload(tmp_path / "PWNED")))
+    crafted = tmp_path / "crafted"
+    (crafted / "hf").mkdir(parents=True)
+    (crafted / "hf" / "config.json").write_text("{}")
+    (crafted / "model").symlink_to(elsewhere, target_is_directory=True)
+    metadata = {"format": FORMAT, "files": {}}
+    metadata["files"] = {"hf/config.json": file_hashes(crafted / "hf")["config.json"]}
+    (crafted / METADATA_FILE).write_text(json.dumps(metadata))
+    with pytest.raises(CheckpointError, match=r"crafted contains a symbolic link, model -> .*elsewhere"):
+        read_checkpoint_metadata(crafted)
+
+    (crafted / "model").unlink()
+    (crafted / "model").mkdir()
+    (crafted / "model" / ".metadata").symlink_to(elsewhere / ".metadata")
+    with pytest.raises(CheckpointError, match=r"symbolic link, model/.metadata ->"):
+        read_checkpoint_metadata(crafted)
+
+    step = tmp_path / "checkpoints" / "step_1"
+    step.parent.mkdir()
+    step.symlink_to(crafted, target_is_directory=True)
+    with pytest.raises(CheckpointError, match=r"step_1 is a symbolic link"):
+        read_checkpoint_metadata(step)
+    assert not (tmp_path / "PWNED").exists()

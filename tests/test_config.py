@@ -91,12 +91,26 @@ def test_yaml_form_round_trips(tmp_path):
         (["eval.tasks=[foo]"], "eval.tasks='foo': unknown"),
         (["eval.heldout.count=-1"], "eval.heldout.count=-1 must be >= 0"),
         (["eval.backend=x"], "eval.backend='x' is not one of"),
+        # Non-finite numbers pass range checks (inf > 0): refused by name, the synthesis section's strings too.
+        (["rl.grpo.optimizer.lr=inf"], "rl.grpo.optimizer.lr=inf is not a finite number"),
+        (["rl.grpo.loss.kl_beta=inf"], "rl.grpo.loss.kl_beta=inf is not a finite number"),
+        (["rl.grpo.loss.dual_clip_c=inf"], "rl.grpo.loss.dual_clip_c=inf is not a finite number"),
+        (["synthesis.vlm.temperature=inf"], "synthesis.vlm.temperature='inf' is not a finite number"),
+        (["synthesis.filters.max_changed_fraction=-Infinity"], "is not a finite number"),
+        # Account and partition are pasted into #SBATCH lines: a space or newline would add or cut options.
+        (["cluster.account='acct --qos=high'"], "cluster.account='acct --qos=high' is not a Slurm account name"),
+        (["cluster.account='acct\nX'"], "is not a Slurm account name"),
+        (["cluster.partition='gpu --exclusive'"], "is not a Slurm partition name"),
     ],
 )
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as exc:
         validate(recipe("tiny", *overrides))
     assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_a_partition_list_and_plain_names_pass():
+    validate(recipe("tiny", "cluster.account=proj-a.b_1", "cluster.partition=gpu,gpu_long"))
 
 
 def test_unknown_recipe():

@@ -105,10 +105,10 @@ def test_every_string_key_is_refused_or_carried_safely(tmp_path, monkeypatch):
             assert not value.startswith("/") or key not in ("model.hf_path", "reward.embedding_model"), \
                 "a local model path is mounted: it must be shell-safe"
     # These are pasted unquoted into shell commands or mount lists by NeMo-Run/pyxis: never accepted.
+    # Account and partition become sbatch options: names only (a space would start another option).
     assert not {"run_dir", "name", "cluster.job_dir", "cluster.container_image", "synthesis.images",
-                "cluster.container_mounts[0]", "cluster.time.rl"} & set(accepted)
-    assert {"cluster.account", "cluster.partition", "cluster.env.HF_HOME", "model.hf_path",
-            "reward.embedding_model"} <= set(accepted), accepted
+                "cluster.container_mounts[0]", "cluster.time.rl", "cluster.account", "cluster.partition"} & set(accepted)
+    assert {"cluster.env.HF_HOME", "model.hf_path", "reward.embedding_model"} <= set(accepted), accepted
 
     config = base_config(tmp_path)
     for key, value in accepted.items():

@@ -87,11 +87,31 @@ def forget_verified(ckpt_dir: str | Path) -> None:
     _verified.pop(Path(ckpt_dir).resolve(), None)
 
 
+def _checkpoint_files(ckpt_dir: Path) -> list[Path]:
+    """Every file under ``ckpt_dir`` but the metadata file. A checkpoint this project writes holds no symbolic
+    link, and a link would take its target out of the manifest's reach (a linked ``model/`` is not walked, a
+    linked file can change after hashing), so one anywhere, ``ckpt_dir`` itself included, is refused."""
+    if ckpt_dir.is_symlink():
+        raise CheckpointError(f"{ckpt_dir} is a symbolic link (to {os.readlink(ckpt_dir)}); a checkpoint is "
+                              "verified only as a real directory: give its own path, or pass --trust-checkpoint")
+    files = []
+    for parent, dirs, names in os.walk(ckpt_dir):
+        for name in (*dirs, *names):
+            path = Path(parent, name)
+            if path.is_symlink():
+                raise CheckpointError(
+                    f"{ckpt_dir} contains a symbolic link, {path.relative_to(ckpt_dir)} -> {os.readlink(path)}: "
+                    "its target is outside the file manifest; pass --trust-checkpoint only if you trust it")
+        files += [Path(parent, name) for name in names if name != METADATA_FILE or Path(parent) != ckpt_dir]
+    return sorted(files)
+
+
 def file_hashes(ckpt_dir: Path) -> dict[str, str]:
-    """sha256 of every file under ``ckpt_dir`` but the metadata file, by relative path (up to 8 threads)."""
+    """sha256 of every file under ``ckpt_dir`` but the metadata file, by relative path (up to 8 threads);
+    a symbolic link in it is a :class:`CheckpointError` (:func:`_checkpoint_files`)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    files = sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and p.name != METADATA_FILE)
+    files = _checkpoint_files(ckpt_dir)
 
     def digest(path: Path) -> str:
         sha = hashlib.sha256()

@@ -78,3 +78,6 @@ def test_slurm_dry_run_submits_one_gpu_job_per_benchmark_shard(tmp_path, monkeyp
     collect = scripts["round1-eval_collect"]
     assert "afterok:<round1-eval>" in collect and f"--collect {tmp_path}/eval/round1" in collect
     assert "afterok:<round1-eval_collect>" in scripts["export"]
+    # the benchmark copies are mounted into every job that reads them (without, each eval job fails after queueing)
+    mounts = next(line for line in shards.splitlines() if "--container-mounts" in line)
+    assert "/data:/data" in mounts, mounts
