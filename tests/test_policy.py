@@ -16,6 +16,7 @@ from skimage import data
 
 from nemo_viper.models.batch import count_images
 from nemo_viper.models.processor import load_processor
+from nemo_viper.models.vision_attention import VISION_ATTENTION
 
 TOLERANCE = 1e-4
 pytestmark = pytest.mark.slow
@@ -154,6 +155,7 @@ def test_freeze_options_and_bf16(one_rank_report):
     assert report["freeze_projector"] == {"vision_tower": True, "projector": False, "language_model": True}
     assert report["freeze_language_model"] == {"vision_tower": True, "projector": True, "language_model": False}
     assert report["bf16_param_dtype"] == "torch.bfloat16"
+    assert report["vision_attention"] == VISION_ATTENTION  # its parity with transformers' sdpa: test_policy_matches_transformers
     assert 0 < report["bf16_max_logprob_diff"] < 0.1, report
 
 

@@ -19,6 +19,7 @@ import torch
 
 from nemo_viper.errors import ConfigError
 from nemo_viper.models.hf_checkpoint import check_parallel_layout, mrope_section, read_qwen25_vl_config
+from nemo_viper.models.vision_attention import use_packed_window_attention
 from nemo_viper.runtime.distributed import ParallelLayout, init_model_parallel
 
 log = logging.getLogger(__name__)
@@ -279,6 +280,20 @@ def require_every_parameter_loaded(hf_path: str, chunks: list) -> list:
     return chunks
 
 
+def configure_vision_tower(chunks: list, recompute: bool) -> None:
+    """The vision tower of the first pipeline stage attends within its windows in one call per block
+    (:mod:`nemo_viper.models.vision_attention`) and, with ``recompute``, checkpoints every block."""
+    from megatron.core.utils import unwrap_model
+
+    for chunk in chunks:
+        visual = getattr(unwrap_model(chunk), "visual", None)  # first pipeline stage only
+        if visual is None:
+            continue
+        use_packed_window_attention(visual)
+        if recompute:
+            visual.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def build_policy(config: PolicyConfig, load_weights: bool = True, wrap_with_ddp: bool = False, ddp_config=None,
                  initialize: bool = True):
     """Build this rank's part of the policy from ``config.hf_path``.
@@ -324,13 +339,7 @@ def build_policy(config: PolicyConfig, load_weights: bool = True, wrap_with_ddp:
         ddp_config=ddp_config,
         use_cpu_initialization=not accelerator.cuda,
     )
-    if config.recompute_vision:
-        from megatron.core.utils import unwrap_model
-
-        for chunk in chunks:
-            visual = getattr(unwrap_model(chunk), "visual", None)  # first pipeline stage only
-            if visual is not None:
-                visual.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    configure_vision_tower(chunks, config.recompute_vision)
     log.info(
         "policy built: TP=%d PP=%d precision=%s layer_spec=%s",
         config.tensor_parallel,

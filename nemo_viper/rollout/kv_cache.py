@@ -17,13 +17,19 @@ positions it is given), writes the keys/values into the cache and attends with
   samples), attention is causal within the prompt. Padding columns lie after every real one, so no
   real query sees them, and decoding overwrites them.
 - **decode** (:meth:`SlotKVCache.decode`): one new token for slots ``0 .. B-1``, written at column
-  ``fill[s]`` of its slot; slot ``s`` attends to its columns ``0 .. fill[s]`` (an explicit boolean mask
-  on a view of the first ``width`` columns: no copy of the cache).
+  ``fill[s]`` of its slot; slot ``s`` attends to its columns ``0 .. fill[s]`` (a boolean mask on a view
+  of the first ``width`` columns: no copy of the cache).
 
-The mask goes to PyTorch's SDPA, which honours it on every backend (CPU math, CUDA flash/efficient);
-megatron's and Transformer Engine's core-attention kernels never run during cached generation, so
-their mask conventions do not matter. Exact for vanilla softmax attention without sliding windows
-(checked, ``ConfigError`` otherwise).
+Kernels. SDPA runs a boolean mask only on its math backend when it is combined with ``enable_gqa``
+(CUDA's flash kernel takes no mask, its memory-efficient kernel no grouped query heads), and the math
+backend copies every key/value group once per query head. Decode therefore folds the query heads of a
+group into the query-length axis: with one new token per slot, query ``[B, heads, 1, d]`` is viewed as
+``[B, groups, heads / groups, d]``, which attends to keys/values ``[B, groups, width, d]`` as plain
+multi-head attention (head ``h`` reads group ``h // (heads / groups)``, megatron's and SDPA's grouping),
+so the masked call is one the memory-efficient kernel runs. Prefill has no mask (causal) and keeps
+``enable_gqa``, which CUDA's flash kernel runs. Megatron's and Transformer Engine's core-attention
+kernels never run during cached generation, so their mask conventions do not matter. Exact for vanilla
+softmax attention without sliding windows (checked, ``ConfigError`` otherwise).
 """
 
 from __future__ import annotations
@@ -103,27 +109,35 @@ class SlotKVCache:
         if plan is None:
             raise RuntimeError("SlotKVCache.attend outside a prefill/decode block")
         keys, values = self._buffers(layer, key)
-        q = query.permute(1, 2, 0, 3)  # [B, heads, q, d]
         new_k, new_v = key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)  # [B, groups, q, d]
-        if isinstance(plan, _Prefill):
-            length = key.shape[0]
-            keys[plan.slots, :, :length] = new_k[plan.sources]
-            values[plan.slots, :, :length] = new_v[plan.sources]
-            out = scaled_dot_product_attention(q, new_k, new_v, is_causal=True, scale=scale, enable_gqa=True)
-        else:
-            rows = torch.arange(len(plan.fill), device=plan.fill.device)
-            keys[rows, :, plan.fill] = new_k[:, :, 0]
-            values[rows, :, plan.fill] = new_v[:, :, 0]
-            visible = torch.arange(plan.width, device=plan.fill.device) <= plan.fill[:, None]  # [B, width]
-            out = scaled_dot_product_attention(
-                q,
-                keys[: len(rows), :, : plan.width],
-                values[: len(rows), :, : plan.width],
-                attn_mask=visible[:, None, None, :],
-                scale=scale,
-                enable_gqa=True,
-            )
+        if isinstance(plan, _Decode):
+            return self._decode_attention(plan, keys, values, query, new_k, new_v, scale)
+        length = key.shape[0]
+        keys[plan.slots, :, :length] = new_k[plan.sources]
+        values[plan.slots, :, :length] = new_v[plan.sources]
+        q = query.permute(1, 2, 0, 3)  # [B, heads, q, d]
+        out = scaled_dot_product_attention(q, new_k, new_v, is_causal=True, scale=scale, enable_gqa=True)
         return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
+
+    @staticmethod
+    def _decode_attention(plan: _Decode, keys: Tensor, values: Tensor, query: Tensor, new_k: Tensor,
+                          new_v: Tensor, scale: float) -> Tensor:
+        """Write the new token of each slot and attend with the query heads of a group folded into the query
+        axis (see the module doc): a masked SDPA call without ``enable_gqa``."""
+        batch, heads, groups = query.shape[1], query.shape[2], keys.shape[1]
+        rows = torch.arange(batch, device=plan.fill.device)
+        keys[rows, :, plan.fill] = new_k[:, :, 0]
+        values[rows, :, plan.fill] = new_v[:, :, 0]
+        visible = torch.arange(plan.width, device=plan.fill.device) <= plan.fill[:, None]  # [B, width]
+        grouped = query[0].reshape(batch, groups, heads // groups, query.shape[3])  # [B, groups, heads/groups, d]
+        out = scaled_dot_product_attention(
+            grouped,
+            keys[:batch, :, : plan.width],
+            values[:batch, :, : plan.width],
+            attn_mask=visible[:, None, None, :],
+            scale=scale,
+        )
+        return out.reshape(1, batch, heads * query.shape[3])
 
 
 class SlotAttention(torch.nn.Module):

@@ -70,3 +70,39 @@ def test_attend_outside_a_plan_is_an_error():
     cache = SlotKVCache(slots=1, columns=4)
     with pytest.raises(RuntimeError, match="outside a prefill/decode block"):
         cache.attend(0, *(torch.zeros(1, 1, 2, DIM) for _ in range(3)), 1.0)
+
+
+def test_decode_calls_sdpa_as_the_memory_efficient_kernel_can_run_it(monkeypatch):
+    """CUDA's SDPA runs a boolean mask together with ``enable_gqa`` only on its math kernel (flash takes no mask,
+    memory-efficient no grouped heads); CPU's kernels accept both, so the call itself is checked: decode passes
+    its mask with as many query heads as key heads, contiguous last dimensions, and the result stays exact."""
+    import nemo_viper.rollout.kv_cache as kv_cache
+
+    calls = []
+    real = kv_cache.scaled_dot_product_attention
+
+    def recording(query, key, value, **kwargs):
+        calls.append((query, key, value, kwargs))
+        return real(query, key, value, **kwargs)
+
+    monkeypatch.setattr(kv_cache, "scaled_dot_product_attention", recording)
+    torch.manual_seed(1)
+    heads, groups, fill = 6, 2, torch.tensor([4, 1, 6])
+    cache = SlotKVCache(slots=3, columns=8)
+    history = torch.randn(2, 3, groups, 8, DIM)  # keys/values of the earlier tokens
+    cache.layers[0] = tuple(h.clone() for h in history)
+    query, key, value = torch.randn(1, 3, heads, DIM), torch.randn(1, 3, groups, DIM), torch.randn(1, 3, groups, DIM)
+    with cache.decode(fill, int(fill.max()) + 1):
+        out = cache.attend(0, query, key, value, 0.3)
+
+    (q, k, v, kwargs), = calls
+    assert kwargs.get("attn_mask") is not None and not kwargs.get("enable_gqa", False)
+    assert q.shape[1] == k.shape[1] == v.shape[1] == groups
+    assert all(t.stride(-1) == 1 for t in (q, k, v))
+    for slot in range(3):
+        keys = torch.cat([history[0, slot, :, : fill[slot]], key[0, slot, :, None]], dim=1).transpose(0, 1)
+        values = torch.cat([history[1, slot, :, : fill[slot]], value[0, slot, :, None]], dim=1).transpose(0, 1)
+        reps = heads // groups
+        weights = torch.softmax(0.3 * torch.einsum("hd,thd->ht", query[0, slot], keys.repeat_interleave(reps, 1)), -1)
+        expected = torch.einsum("ht,thd->hd", weights, values.repeat_interleave(reps, 1)).reshape(-1)
+        torch.testing.assert_close(out[0, slot], expected)

@@ -36,6 +36,7 @@ def options_report(hf: str, batch: PolicyBatch) -> dict:
     fp32 = compute_logprobs(build_policy(PolicyConfig(hf_path=hf, precision="fp32")), batch)
     bf16_policy = build_policy(PolicyConfig(hf_path=hf, precision="bf16"))
     report["bf16_param_dtype"] = str(next(bf16_policy.chunks[0].parameters()).dtype)
+    report["vision_attention"] = getattr(bf16_policy.chunks[0], "module", bf16_policy.chunks[0]).visual.config._attn_implementation
     report["bf16_max_logprob_diff"] = (compute_logprobs(bf16_policy, batch) - fp32).abs().max().item()
     return report
 
