@@ -367,10 +367,10 @@ def plan_memory(arch: Architecture, layout: Layout, shapes: dict[str, TrainingSh
 
 
 def training_changes(shape: TrainingShape, layout: Layout, arch: Architecture, gpus: int, vllm_share: float = 0.4):
-    """Candidate single changes to an RL job, cheapest first: ``(description, shape, layout)``. The last one
-    doubles the pipeline stages (each holds half the layers' weights, gradients and optimizer state); a
-    pipeline-parallel policy generates on vLLM (``vllm_share``: the engine's share of the GPU when the
-    job used the Megatron backend)."""
+    """Candidate single changes to an RL job, cheapest first: ``(description, shape, layout)``. The last ones
+    double the pipeline stages (each holds half the layers' weights, gradients and optimizer state); a
+    pipeline-parallel policy generates on vLLM (from the Megatron backend: at ``vllm_share`` of the GPU,
+    the configured share, then smaller ones)."""
     if shape.recompute == "none":
         yield "recompute=selective", replace(shape, recompute="selective"), layout
     if not shape.recompute_vision:
@@ -393,6 +393,11 @@ def training_changes(shape: TrainingShape, layout: Layout, arch: Architecture, g
         yield f"parallel.tensor={tensor}", shape, replace(layout, tensor=tensor, data=gpus // (tensor * layout.pipeline))
     pipeline = layout.pipeline * 2
     if arch.layers % pipeline == 0 and gpus % (layout.tensor * pipeline) == 0:
-        on_vllm = shape if shape.vllm_memory_fraction else replace(shape, vllm_memory_fraction=vllm_share)
-        yield (f"parallel.pipeline={pipeline}" + ("" if shape.vllm_memory_fraction else " rollout.backend=vllm"),
-               on_vllm, replace(layout, pipeline=pipeline, data=gpus // (layout.tensor * pipeline)))
+        split = replace(layout, pipeline=pipeline, data=gpus // (layout.tensor * pipeline))
+        if shape.vllm_memory_fraction:
+            yield f"parallel.pipeline={pipeline}", shape, split
+            return
+        shares = [vllm_share] + [t / 10 for t in range(math.ceil(vllm_share * 10) - 1, 1, -1)]
+        for share in shares:  # the Megatron backend refuses PP: vLLM at the configured share, then 0.1 less each
+            yield (f"parallel.pipeline={pipeline} rollout.backend=vllm vllm_memory_fraction={share}",
+                   replace(shape, vllm_memory_fraction=share), split)

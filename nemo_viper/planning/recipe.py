@@ -169,8 +169,8 @@ def _smallest_change(arch, layout, shapes, synth, plan: Plan, gpus: int, vllm_sh
         current_layout = _apply(current_layout, candidate_layout, layout)
         changes.append(_as_key(description))
         if fit(current, current_layout):
-            return " ".join(changes)
-    return "no change found: " + " ".join(changes) + " still does not fit"
+            return _last_values(changes)
+    return "no change found: " + _last_values(changes) + " still does not fit"
 
 
 def _apply(current, candidate, base):
@@ -186,6 +186,15 @@ def _apply(current, candidate, base):
 _KEYS = {"recompute": "model.recompute", "recompute_vision": "model.recompute_vision",
          "micro_batch_size": "rl.grpo.micro_batch_size", "generation_batch_size": "rollout.megatron_batch_size",
          "vllm_memory_fraction": "rollout.vllm_gpu_memory_utilization", "vllm_sleep_mode": "rollout.vllm_sleep_mode"}
+
+
+def _last_values(changes: list[str]) -> str:
+    """Space-separated ``key=value`` items, each key once with its last value, in order of first mention."""
+    values = {}
+    for item in " ".join(changes).split():
+        key, _, value = item.partition("=")
+        values[key] = value
+    return " ".join(f"{key}={value}" for key, value in values.items())
 
 
 def _as_key(description: str) -> str:

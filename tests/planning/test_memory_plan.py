@@ -140,9 +140,12 @@ def test_pipeline_parallelism_is_what_fits_the_7b_on_32gb_and_the_engine_holds_e
     assert "pipeline parallelism is what makes it fit" in format_plan(result, "qwen25vl_7b")
     assert "pipeline parallelism" not in format_plan(plan_recipe(recipe("qwen25vl_7b", "rl.grpo.micro_batch_size=8")),
                                                      "qwen25vl_7b")
-    # from the Megatron backend, the pipeline change brings the vLLM backend with it (the Megatron one refuses PP)
-    megatron = plan_recipe(recipe("qwen25vl_7b", "parallel.tensor=4"), 32)
-    assert "parallel.pipeline=2 rollout.backend=vllm" in megatron.suggestion
+    # from the recipe's Megatron backend, the pipeline change brings vLLM (the Megatron backend refuses PP), at a
+    # share of the GPU that fits; each key once
+    megatron = plan_recipe(recipe("qwen25vl_7b"), 32).suggestion
+    assert "parallel.tensor=4 parallel.pipeline=2 rollout.backend=vllm rollout.vllm_gpu_memory_utilization=" in megatron
+    assert plan_recipe(recipe("qwen25vl_7b", *megatron.split()), 32).plan.all_fit
+    assert len({item.split("=")[0] for item in megatron.split()}) == len(megatron.split())
 
     shape = TrainingShape(vllm_memory_fraction=0.01)
     split, whole = Layout(tensor=2, pipeline=4), Layout(tensor=2)
