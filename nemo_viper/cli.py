@@ -246,9 +246,8 @@ def cmd_run(args) -> None:
 
 def cmd_plan(args) -> None:
     from nemo_viper.planning.recipe import format_plan, plan_recipe
-    from nemo_viper.recipes import recipe
 
-    config = recipe(args.recipe, *args.overrides)
+    config = _recipe_config(args, check_paths=False)
     print(format_plan(plan_recipe(config, args.gpu_memory), args.recipe))
 
 

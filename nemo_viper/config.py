@@ -53,7 +53,7 @@ from nemo_viper.evaluation.heldout import HeldoutConfig
 from nemo_viper.models.policy import PolicyOptions
 from nemo_viper.rewards import RewardConfig
 from nemo_viper.training.loop import RLConfig
-from nemo_viper.training.stage import RolloutConfig
+from nemo_viper.training.stage import RolloutConfig, check_rollout_layout
 
 CONF_DIR = Path(nemo_viper.conf.__file__).resolve().parent  # package data (the repository's conf/)
 EXECUTORS = ("local", "slurm")
@@ -425,6 +425,7 @@ def validate(config: ViperConfig, check_paths: bool = True) -> None:
     except ConfigError as exc:
         raise ConfigError(f"rl.{exc} (parallel: {parallel.world_size} ranks / (tensor {parallel.tensor} x "
                           f"pipeline {parallel.pipeline}))") from exc
+    check_rollout_layout(config.rollout.backend, parallel.pipeline)
     if config.model.precision == "fp8" and parallel.gpus_per_node == 0:
         raise ConfigError("model.precision='fp8' needs GPUs (parallel.gpus_per_node > 0)")
     if config.eval.enabled and config.eval.dataset_root != "tiny" and check_paths:

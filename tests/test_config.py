@@ -85,6 +85,7 @@ def test_yaml_form_round_trips(tmp_path):
         (["rl.min_pixels=10"], "rl.min_pixels=10 must be >= 784"),
         (["rl.grpo.importance_sampling_cap=0"], "rl.grpo.importance_sampling_cap=0.0 must be > 0"),
         (["rollout.backend=x"], "rollout.backend='x' is not one of"),
+        (["parallel.pipeline=2", "parallel.cpu_ranks=2"], "parallel.pipeline=2 needs rollout.backend=vllm"),
         (["rollout.megatron_batch_size=0"], "rollout.megatron_batch_size=0 must be >= 1"),
         (["rollout.vllm_gpu_memory_utilization=2"], "rollout.vllm_gpu_memory_utilization=2.0 must be in (0, 1]"),
         (["eval.batch_size=0"], "eval.batch_size=0 must be >= 1"),

@@ -125,6 +125,21 @@ def test_rl_job_reads_the_layout_and_batch_from_the_run_config(name, tensor, per
 
 
 
+@pytest.mark.parametrize("command", [["launch", "--executor", "slurm", "--dry-run"], ["plan"], ["doctor"], ["run"]])
+def test_pipeline_parallel_rl_needs_the_vllm_backend_before_any_job(command, capsys, tmp_path):
+    """The Megatron generation backend runs on one pipeline stage: PP > 1 with it is refused in one line by every
+    command that takes a recipe, before anything is written or submitted; with vLLM the dry run goes through."""
+    layout = ["parallel.pipeline=2", f"run_dir={tmp_path / 'run'}", *MODELS]
+    assert main([*command, "--recipe", "qwen25vl_7b", *layout]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: parallel.pipeline=2 needs rollout.backend=vllm (rollout.backend=megatron generates on the policy's "
+        "own layers, which pipeline parallelism splits)")
+    assert not (tmp_path / "run").exists()
+    if command[0] == "launch":
+        assert main([*command, "--recipe", "qwen25vl_7b", *layout, "rollout.backend=vllm"]) == 0
+        assert "--config" in capsys.readouterr().out
+
+
 def test_hub_id_with_offline_jobs_is_a_config_error(capsys, tmp_path):
     assert main(["launch", "--recipe", "qwen25vl_7b", "--dry-run", f"run_dir={tmp_path}",
                  "synthesis.edit.model=Qwen/Qwen-Image-Edit"]) == 2

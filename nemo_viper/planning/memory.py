@@ -13,7 +13,8 @@ Terms, in bytes, for one GPU (one rank of the ``tensor x pipeline x data`` layou
   q/k/v, attention output, gate/up/activation), plus the unfused attention's probabilities
   ``2·e·b·(a/t)·S²`` when attention is not a fused kernel and is not recomputed (``selective``).
   ``full`` recomputation keeps ``e·T·h`` per layer plus one layer's activations. With pipeline
-  parallelism the first stage holds ``min(p, micro-batches)`` micro-batches of its ``L/p`` layers (1F1B);
+  parallelism the first stage holds ``min(p, micro-batches)`` micro-batches of its ``L/p`` layers (1F1B):
+  as many activations as one stage-less micro-batch, so PP saves model states, not activations;
 - **vision activations** per patch and block: ``34·hv + 6·fv`` bytes in bf16 (the bf16 inputs of the
   norms, qkv, attention, projection and MLP, and HF's float32 norm and rotary copies; measured ~62 KB
   for the 7B tower), over the *distinct* images of the micro-batch (shared image sets: one copy per
@@ -23,6 +24,8 @@ Terms, in bytes, for one GPU (one rank of the ``tensor x pipeline x data`` layou
   ``min(S, entropy_chunk)`` positions of one row;
 - **KV cache** of a rollout batch: ``2·L/p·B·S·(g/t)·d·e``, plus the prefill's largest temporary
   (MLP activations and unfused attention scores of the prompts of one batch);
+- **vLLM engine** (``rollout.backend: vllm``): its share of the GPU, at least the whole model's weights
+  over TP (every pipeline stage's rank holds all layers) and one full-length sequence of KV cache;
 - **reward model** and **diffusion pipeline**: their weights (and the pipeline's transformer
   activations, ``16·batch·tokens·hidden`` bytes, an unvalidated rule of thumb).
 """
@@ -295,7 +298,7 @@ def rollout_phase(arch: Architecture, layout: Layout, shape: TrainingShape, gpu_
     phase = PhaseMemory("RL rollout", model_states(arch, layout, shape.precision))
     e = shape.element_bytes
     if shape.vllm_memory_fraction:
-        phase.terms["vLLM engine"] = shape.vllm_memory_fraction * gpu_bytes
+        phase.terms["vLLM engine"] = max(shape.vllm_memory_fraction * gpu_bytes, vllm_engine_minimum(arch, layout, shape))
     else:
         phase.terms["KV cache"] = kv_cache(arch, layout, shape.generation_batch_size, shape.sequence_length(arch), e)
         prompts = math.ceil(shape.generation_batch_size / shape.responses_per_prompt)
@@ -304,6 +307,15 @@ def rollout_phase(arch: Architecture, layout: Layout, shape: TrainingShape, gpu_
             shape.fused_attention)
     phase.terms["reward model"] = shape.reward_params * shape.reward_bytes_per_param
     return phase
+
+
+def vllm_engine_minimum(arch: Architecture, layout: Layout, shape: TrainingShape) -> float:
+    """What a vLLM engine needs at least: the whole model's weights split over TP only (the engine does not
+    follow the trainer's pipeline stages: every rank holds all layers) and one full-length sequence of KV
+    cache. Below it vLLM refuses to start, so the engine takes this much whatever its share says."""
+    whole = Layout(layout.tensor, 1, layout.data, layout.distributed_optimizer)
+    weights = (arch.total_params - arch.vision_params) / layout.tensor + arch.vision_params
+    return weights * shape.element_bytes + kv_cache(arch, whole, 1, shape.sequence_length(arch), shape.element_bytes)
 
 
 def synthesis_phase(name: str, arch: Architecture, synth: SynthesisShape) -> PhaseMemory:
@@ -354,8 +366,11 @@ def plan_memory(arch: Architecture, layout: Layout, shapes: dict[str, TrainingSh
     return Plan(phases, gpu_bytes, margin)
 
 
-def training_changes(shape: TrainingShape, layout: Layout, arch: Architecture, gpus: int):
-    """Candidate single changes to an RL job, cheapest first: ``(description, shape, layout)``."""
+def training_changes(shape: TrainingShape, layout: Layout, arch: Architecture, gpus: int, vllm_share: float = 0.4):
+    """Candidate single changes to an RL job, cheapest first: ``(description, shape, layout)``. The last ones
+    double the pipeline stages (each holds half the layers' weights, gradients and optimizer state); a
+    pipeline-parallel policy generates on vLLM (from the Megatron backend: at ``vllm_share`` of the GPU,
+    the configured share, then smaller ones)."""
     if shape.recompute == "none":
         yield "recompute=selective", replace(shape, recompute="selective"), layout
     if not shape.recompute_vision:
@@ -376,3 +391,13 @@ def training_changes(shape: TrainingShape, layout: Layout, arch: Architecture, g
     tensor = layout.tensor * 2
     if arch.heads % tensor == 0 and arch.kv_heads % tensor == 0 and gpus % (tensor * layout.pipeline) == 0:
         yield f"parallel.tensor={tensor}", shape, replace(layout, tensor=tensor, data=gpus // (tensor * layout.pipeline))
+    pipeline = layout.pipeline * 2
+    if arch.layers % pipeline == 0 and gpus % (layout.tensor * pipeline) == 0:
+        split = replace(layout, pipeline=pipeline, data=gpus // (layout.tensor * pipeline))
+        if shape.vllm_memory_fraction:
+            yield f"parallel.pipeline={pipeline}", shape, split
+            return
+        shares = [vllm_share] + [t / 10 for t in range(math.ceil(vllm_share * 10) - 1, 1, -1)]
+        for share in shares:  # the Megatron backend refuses PP: vLLM at the configured share, then 0.1 less each
+            yield (f"parallel.pipeline={pipeline} rollout.backend=vllm vllm_memory_fraction={share}",
+                   replace(shape, vllm_memory_fraction=share), split)

@@ -137,11 +137,12 @@ def plan_recipe(config, gpu_gib: float = 80, margin: float = DEFAULT_MARGIN) -> 
                     distributed_optimizer=parallel.gpus_per_node > 0)
     shapes, synth = training_shapes(config), synthesis_shape(config)
     plan = plan_memory(arch, layout, shapes, synth, gpu_gib * GIB, margin)
-    suggestion = None if plan.all_fit else _smallest_change(arch, layout, shapes, synth, plan, gpus)
+    suggestion = None if plan.all_fit else _smallest_change(arch, layout, shapes, synth, plan, gpus,
+                                                            config.rollout.vllm_gpu_memory_utilization)
     return RecipePlan(plan, arch, source, layout, suggestion)
 
 
-def _smallest_change(arch, layout, shapes, synth, plan: Plan, gpus: int) -> str:
+def _smallest_change(arch, layout, shapes, synth, plan: Plan, gpus: int, vllm_share: float) -> str:
     """The synthesis switches the synthesis phase needs, then the first RL candidate (in order of cost)
     that makes every phase fit alone, else the RL candidates applied one after another until they do."""
     changes, fits = [], False
@@ -158,24 +159,28 @@ def _smallest_change(arch, layout, shapes, synth, plan: Plan, gpus: int) -> str:
     base = next(iter(shapes.values()))
     if fit(shapes, layout):
         return " ".join(changes)
-    candidates = list(training_changes(base, layout, arch, gpus))
+    candidates = list(training_changes(base, layout, arch, gpus, vllm_share))
     for description, candidate, candidate_layout in candidates:
         if fit({k: _apply(s, candidate, base) for k, s in shapes.items()}, candidate_layout):
             return " ".join([*changes, _as_key(description)])
-    current = dict(shapes)
+    current, current_layout = dict(shapes), layout
     for description, candidate, candidate_layout in candidates:
         current = {k: _apply(s, candidate, base) for k, s in current.items()}
-        layout = candidate_layout if candidate_layout != layout else layout
+        current_layout = _apply(current_layout, candidate_layout, layout)
         changes.append(_as_key(description))
-        if fit(current, layout):
-            return " ".join(changes)
-    return "no change found: " + " ".join(changes) + " still does not fit"
+        if fit(current, current_layout):
+            return _last_values(changes)
+    return "no change found: " + _last_values(changes) + " still does not fit"
 
 
-def _apply(stage_shape: TrainingShape, candidate: TrainingShape, base: TrainingShape) -> TrainingShape:
-    """``stage_shape`` with the fields that ``candidate`` changed relative to ``base``."""
+def _apply(current, candidate, base):
+    """``current`` (a shape or layout) with the fields that ``candidate`` changed relative to ``base``; the
+    data-parallel size follows the model-parallel ones."""
     changed = {k: v for k, v in vars(candidate).items() if getattr(base, k) != v}
-    return replace(stage_shape, **changed)
+    result = replace(current, **changed)
+    if isinstance(result, Layout) and changed:
+        result = replace(result, data=base.tensor * base.pipeline * base.data // (result.tensor * result.pipeline))
+    return result
 
 
 _KEYS = {"recompute": "model.recompute", "recompute_vision": "model.recompute_vision",
@@ -183,9 +188,19 @@ _KEYS = {"recompute": "model.recompute", "recompute_vision": "model.recompute_vi
          "vllm_memory_fraction": "rollout.vllm_gpu_memory_utilization", "vllm_sleep_mode": "rollout.vllm_sleep_mode"}
 
 
+def _last_values(changes: list[str]) -> str:
+    """Space-separated ``key=value`` items, each key once with its last value, in order of first mention."""
+    values = {}
+    for item in " ".join(changes).split():
+        key, _, value = item.partition("=")
+        values[key] = value
+    return " ".join(f"{key}={value}" for key, value in values.items())
+
+
 def _as_key(description: str) -> str:
-    key, _, value = description.partition("=")
-    return f"{_KEYS.get(key, key)}={value}"
+    """The config keys of a candidate's description (``name=value`` items, space-separated)."""
+    items = (item.partition("=") for item in description.split())
+    return " ".join(f"{_KEYS.get(key, key)}={value}" for key, _, value in items)
 
 
 def refuse_if_not_fitting(config, gpu_gib: float = 80) -> None:
@@ -218,4 +233,7 @@ def format_plan(result: RecipePlan, name: str) -> str:
         lines.append(f"every phase fits {plan.gpu_bytes / GIB:.0f} GiB")
     else:
         lines.append(f"does not fit {plan.gpu_bytes / GIB:.0f} GiB; smallest change that fits: {result.suggestion}")
+        if "parallel.pipeline=" in result.suggestion and not result.suggestion.startswith("no change found"):
+            lines.append("pipeline parallelism is what makes it fit: no cheaper change does; each stage holds its "
+                         "share of the layers' weights, gradients and optimizer state, and rollouts run on vLLM")
     return "\n".join(lines)

@@ -74,6 +74,15 @@ class RolloutConfig:
                                     seed=seed)
 
 
+def check_rollout_layout(backend: str, pipeline_parallel: int) -> None:
+    """The generation backend can serve a policy split into ``pipeline_parallel`` stages: the Megatron backend
+    generates on the policy's own modules, so on one stage only; vLLM holds the whole model per engine,
+    refitted from every stage. A one-line ``ConfigError`` otherwise (checked before any job starts)."""
+    if pipeline_parallel > 1 and backend != "vllm":
+        raise ConfigError(f"parallel.pipeline={pipeline_parallel} needs rollout.backend=vllm (rollout.backend="
+                          f"{backend} generates on the policy's own layers, which pipeline parallelism splits)")
+
+
 @dataclass(frozen=True)
 class StageConfig:
     """One ``train`` job: which stage, data, starting policy and output, and the run config's sections it
@@ -94,6 +103,7 @@ class StageConfig:
     def __post_init__(self):
         if self.stage not in STAGE_TASKS:
             raise ConfigError(f"stage={self.stage} must be 1 or 2")
+        check_rollout_layout(self.rollout.backend, self.pipeline_parallel)
 
 
 def build_trainer(policy_config, config: GRPOConfig, sampling: SamplingParams = SamplingParams(),

@@ -122,3 +122,33 @@ def test_plan_and_launch_commands():
     assert forced.returncode == 0, forced.stderr
     assert "nemo_viper.cli train --stage 2 --data" in forced.stdout  # the RL jobs are submitted (the value
     # reaches them through the run config: tests/test_config_keys.py)
+
+
+def test_pipeline_parallelism_is_what_fits_the_7b_on_32gb_and_the_engine_holds_every_layer():
+    """The 7B with vLLM rollouts on 32 GiB GPUs: TP=4 (the most its 4 KV heads allow) with every cheaper change
+    still does not fit; splitting the layers over 2 stages does. The suggestion, applied, fits; the plan says
+    that PP made it fit. The engine's term never drops below the whole model's weights over TP (not PP)."""
+    from nemo_viper.planning.memory import rollout_phase, vllm_engine_minimum
+    from nemo_viper.planning.recipe import format_plan
+
+    on_vllm = ["rollout.backend=vllm", "rollout.vllm_gpu_memory_utilization=0.25"]
+    result = plan_recipe(recipe("qwen25vl_7b", *on_vllm), 32)
+    assert result.suggestion.endswith("parallel.tensor=4 parallel.pipeline=2"), result.suggestion
+    assert plan_recipe(recipe("qwen25vl_7b", *on_vllm, *result.suggestion.split()), 32).plan.all_fit
+    without_pp = result.suggestion.replace(" parallel.pipeline=2", "").split()
+    assert not plan_recipe(recipe("qwen25vl_7b", *on_vllm, *without_pp), 32).plan.all_fit
+    assert "pipeline parallelism is what makes it fit" in format_plan(result, "qwen25vl_7b")
+    assert "pipeline parallelism" not in format_plan(plan_recipe(recipe("qwen25vl_7b", "rl.grpo.micro_batch_size=8")),
+                                                     "qwen25vl_7b")
+    # from the recipe's Megatron backend, the pipeline change brings vLLM (the Megatron backend refuses PP), at a
+    # share of the GPU that fits; each key once
+    megatron = plan_recipe(recipe("qwen25vl_7b"), 32).suggestion
+    assert "parallel.tensor=4 parallel.pipeline=2 rollout.backend=vllm rollout.vllm_gpu_memory_utilization=" in megatron
+    assert plan_recipe(recipe("qwen25vl_7b", *megatron.split()), 32).plan.all_fit
+    assert len({item.split("=")[0] for item in megatron.split()}) == len(megatron.split())
+
+    shape = TrainingShape(vllm_memory_fraction=0.01)
+    split, whole = Layout(tensor=2, pipeline=4), Layout(tensor=2)
+    minimum = vllm_engine_minimum(SEVEN_B, split, shape)
+    assert minimum == vllm_engine_minimum(SEVEN_B, whole, shape) > 2 * SEVEN_B.total_params / 2
+    assert rollout_phase(SEVEN_B, split, shape, 80 * GIB).terms["vLLM engine"] == minimum
