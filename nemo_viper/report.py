@@ -123,7 +123,7 @@ def _heldout_section(records: dict[str, dict], r: int, out: Path) -> list[str]:
 
 
 def _benchmark_section(run_dir: Path, rounds: int, out: Path) -> list[str]:
-    from nemo_viper.evaluation.results import comparison_markdown, load_summary, plot_comparison
+    from nemo_viper.evaluation.results import comparison_markdown, load_summary, plot_comparison, smoke_settings
 
     names = ["base"] + [f"round{r}" for r in range(1, rounds + 1)]
     summaries = [(n, load_summary(run_dir / "eval" / n)) for n in names if (run_dir / "eval" / n / "results.json").is_file()]
@@ -132,7 +132,7 @@ def _benchmark_section(run_dir: Path, rounds: int, out: Path) -> list[str]:
     plot_comparison(summaries, out / "benchmarks.png")
     lines = ["## Benchmarks", "", comparison_markdown(summaries), "![benchmarks](benchmarks.png)", ""]
     notes = {note for _, s in summaries for note in s["notes"].values()}
-    capped = [n for n, s in summaries if any(r.get("max_new_tokens_cap") or r.get("limit") for r in s["runs"].values())]
+    capped = [n for n, s in summaries if any(smoke_settings(r) for r in s["runs"].values())]
     lines += [f"- {note}" for note in sorted(notes)]
     if capped:
         lines.append(f"- {', '.join(capped)}: run with a max_new_tokens cap or a document limit (not comparable to "

@@ -86,7 +86,7 @@ def test_tiny_loop_survives_a_kill_after_rl_stage1(tmp_path):
         summary = json.loads((run_dir / "eval" / name / "results.json").read_text())
         assert summary["complete"] and set(summary["scores"]) == set(TASKS)
         assert all(0.0 <= score <= 100.0 for score in summary["scores"].values()), summary["scores"]
-        assert summary["runs"]["mmstar"]["max_new_tokens_cap"] == 8 and summary["runs"]["mmstar"]["limit"] == 1
+        assert summary["runs"]["mmstar"]["generation"]["max_new_tokens_cap"] == 8 and summary["runs"]["mmstar"]["limit"] == 1
         assert "not comparable to full runs" in (run_dir / "eval" / name / "results.md").read_text()
     assert {p.name for p in (run_dir / "report").glob("*.png")} >= {
         "round1_reward.png", "round1_response_length.png", "round1_clip_fractions.png", "round1_synthesis.png",

@@ -3,9 +3,11 @@
 A Hugging Face Qwen2.5-VL dir is evaluated as it is; a policy checkpoint or an RL run dir (Megatron
 distributed checkpoint) is exported to ``OUT/hf_model`` first. lmms-eval runs in this process on the
 task YAMLs of :func:`~nemo_viper.evaluation.benchmarks.write_task_overrides` (local datasets, offline
-scorers, greedy decoding). Each task's lmms-eval result is kept as ``OUT/tasks/<task>.json`` (a rerun
-skips finished tasks; shard jobs of one evaluation write into the same ``OUT``), and ``OUT/results.json``
-+ ``OUT/results.md`` are rewritten from every task file present.
+scorers, greedy decoding). Each task's lmms-eval result is kept as ``OUT/tasks/<task>.json`` with the
+:func:`~nemo_viper.evaluation.provenance.run_key` that produced it: a rerun reuses a task only when the key
+is the same (model content, backend, decoding settings, limit, task data, lmms-eval version) and recomputes
+it otherwise; shard jobs of one evaluation write into the same ``OUT``. ``OUT/results.json`` +
+``OUT/results.md`` are rewritten from the task files of this run's model and settings.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nemo_viper.errors import ConfigError
-from nemo_viper.evaluation.benchmarks import BENCHMARKS, check_datasets, write_task_overrides
+from nemo_viper.evaluation.benchmarks import BENCHMARKS, check_datasets, dataset_dirs, write_task_overrides
+from nemo_viper.evaluation.provenance import DigestCache, dataset_digest, key_differences, run_key
 from nemo_viper.evaluation.results import summarise, write_summary
 
 log = logging.getLogger(__name__)
@@ -57,9 +60,8 @@ class EvalConfig:
             raise ConfigError(f"eval max_new_tokens={self.max_new_tokens} must be >= 1")
 
 
-def hf_model_dir(model: str | Path, out: Path) -> Path:
-    """The HF dir to evaluate: ``model`` itself, or ``out/hf_model`` exported from a Megatron checkpoint."""
-    from nemo_viper.models.checkpoint import export_checkpoint
+def model_source(model: str | Path) -> Path:
+    """The files that are the model: a Hugging Face dir itself, or the (latest) policy checkpoint."""
     from nemo_viper.models.checkpoint_dir import METADATA_FILE, resolve_checkpoint
 
     model = Path(model)
@@ -68,14 +70,24 @@ def hf_model_dir(model: str | Path, out: Path) -> Path:
     checkpoint = resolve_checkpoint(model)
     if not (checkpoint / METADATA_FILE).is_file():
         raise ConfigError(f"--model {model}: neither a Hugging Face dir (config.json) nor a policy checkpoint")
+    return checkpoint
+
+
+def hf_model_dir(source: Path, model_sha256: str, out: Path) -> Path:
+    """The HF dir to evaluate: ``source`` itself, or ``out/hf_model`` exported from a Megatron checkpoint
+    (re-exported unless it was exported from a checkpoint with the same content digest)."""
+    from nemo_viper.models.checkpoint import export_checkpoint
+
+    if (source / "config.json").is_file():
+        return source
     exported = out / "hf_model"
     stamp = exported / ".exported_from"
-    if not (stamp.is_file() and stamp.read_text() == str(checkpoint.resolve())):
+    if not (stamp.is_file() and stamp.read_text() == model_sha256):
         from nemo_viper.runtime import cpu_mode
 
         with cpu_mode.unless_cuda():  # Megatron runs for the export only; lmms-eval runs outside CPU mode
-            export_checkpoint(checkpoint, exported)
-        stamp.write_text(str(checkpoint.resolve()))
+            export_checkpoint(source, exported)
+        stamp.write_text(model_sha256)
     return exported
 
 
@@ -100,8 +112,9 @@ def _device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def model_arguments(config: EvalConfig, hf_dir: Path) -> dict:
-    """lmms-eval ``model_args`` for the backend (path, device, dtype, image budget; user args win).
+def decoding_arguments(config: EvalConfig) -> dict:
+    """lmms-eval ``model_args`` for the backend except the model path (device, dtype, image budget; user
+    args win).
 
     Both backends decode with the same settings: bf16 weights (lmms-eval's ``qwen2_5_vl`` always loads bf16),
     the :data:`IMAGE_PIXELS` budget (``min_pixels``/``max_pixels`` in ``model_args`` override it for either),
@@ -112,11 +125,22 @@ def model_arguments(config: EvalConfig, hf_dir: Path) -> dict:
     user = dict(config.model_args)
     pixels = {key: int(user.pop(key, value)) for key, value in IMAGE_PIXELS.items()}
     if config.backend == "vllm":
-        args = {"model": str(hf_dir), "tensor_parallel_size": 1, "dtype": "bfloat16", "max_new_tokens": 1,
-                "mm_processor_kwargs": pixels, **({} if device.startswith("cuda") else {"enforce_eager": True})}
+        args = {"tensor_parallel_size": 1, "dtype": "bfloat16", "max_new_tokens": 1, "mm_processor_kwargs": pixels,
+                **({} if device.startswith("cuda") else {"enforce_eager": True})}
     else:
-        args = {"pretrained": str(hf_dir), "device": device, "device_map": device, **pixels}
+        args = {"device": device, "device_map": device, **pixels}
     return {**args, **user}
+
+
+def model_arguments(config: EvalConfig, hf_dir: Path) -> dict:
+    """lmms-eval ``model_args``: the model path and :func:`decoding_arguments`."""
+    return {("model" if config.backend == "vllm" else "pretrained"): str(hf_dir), **decoding_arguments(config)}
+
+
+def generation_settings(config: EvalConfig) -> dict:
+    """The decoding settings a result depends on (part of its run key)."""
+    return {"model_args": decoding_arguments(config), "batch_size": config.batch_size,
+            "max_new_tokens_cap": config.max_new_tokens}
 
 
 def _arg_string(model_args: dict) -> str:
@@ -145,22 +169,55 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def task_keys(config: EvalConfig, model_sha256: str, cache: DigestCache) -> dict[str, dict]:
+    """Each task's :func:`~nemo_viper.evaluation.provenance.run_key` for ``config``."""
+    shared = {"model_sha256": model_sha256, "backend": config.backend, "generation": generation_settings(config),
+              "limit": config.limit, "lmms_eval_version": _lmms_version()}
+    return {task: run_key(**shared, dataset_sha256=dataset_digest(cache, dataset_dirs(BENCHMARKS[task],
+                                                                                      config.dataset_root)))
+            for task in config.tasks}
+
+
+def _reusable(task_file: Path, key: dict) -> bool:
+    """Whether ``task_file`` holds a result produced with ``key`` (logs what differs otherwise)."""
+    if not task_file.is_file():
+        return False
+    differences = key_differences(json.loads(task_file.read_text()).get("key"), key)
+    if differences:
+        log.warning("eval task %s: recomputing, its stored result differs in %s", task_file.stem,
+                    ", ".join(differences))
+    return not differences
+
+
+RUN_FIELDS = ("model_sha256", "backend", "generation", "limit", "lmms_eval_version")  # every task of one run shares
+
+
+def _same_run(a: dict | None, b: dict) -> bool:
+    return bool(a) and not key_differences({k: a.get(k) for k in RUN_FIELDS}, {k: b[k] for k in RUN_FIELDS})
+
+
 def evaluate(config: EvalConfig, model=None) -> dict:
-    """Run the unfinished tasks of ``config`` and rewrite the summary. ``model``: an lmms-eval model object
-    to use instead of loading ``config.model`` (tests' scripted model). Returns the summary."""
+    """Run the tasks of ``config`` without a reusable result and rewrite the summary. ``model``: an lmms-eval
+    model object to use instead of loading ``config.model`` (tests' scripted model; the run key still takes
+    the content digest of ``config.model``). Returns the summary."""
     out = Path(config.out)
     task_dir = out / "tasks"
-    task_dir.mkdir(parents=True, exist_ok=True)
     check_datasets(config.tasks, config.dataset_root)
     if model is None and config.backend == "vllm":
         from nemo_viper.rollout.vllm_backend import require_vllm
 
         require_vllm("eval backend")
-    pending = tuple(t for t in config.tasks if not (task_dir / f"{t}.json").is_file())
+    source = model_source(config.model)
+    task_dir.mkdir(parents=True, exist_ok=True)
+    cache = DigestCache(out / ".content_sha256.json")
+    model_sha256 = cache.tree_digest(source)
+    keys = task_keys(config, model_sha256, cache)
+    cache.save()
+    pending = tuple(t for t in config.tasks if not _reusable(task_dir / f"{t}.json", keys[t]))
     if pending:
         include_path = write_task_overrides(pending, config.dataset_root, out / "lmms_tasks")
         if model is None:
-            hf_dir = hf_model_dir(config.model, out)
+            hf_dir = hf_model_dir(source, model_sha256, out)
             check_auto_processor(hf_dir)
             model, model_args = config.backend, model_arguments(config, hf_dir)
             if config.backend == "vllm":
@@ -170,15 +227,20 @@ def evaluate(config: EvalConfig, model=None) -> dict:
         else:
             model_args = None
         results = run_lmms_eval(pending, model, model_args, include_path, config)
-        run_info = {"model": str(config.model), "backend": config.backend, "model_args": model_args,
-                    "max_new_tokens_cap": config.max_new_tokens, "limit": config.limit,
-                    "lmms_eval_version": _lmms_version()}
         for task in pending:
             task_results = {name: value for name, value in results["results"].items()
                             if name == task or name.startswith(f"{task}_")}
             _write_json(task_dir / f"{task}.json", {"task": task, "results": task_results,
-                                                    "n_samples": results.get("n-samples", {}), **run_info})
-    return write_summary(out, summarise(_read_task_files(task_dir), model=str(config.model)))
+                                                    "n_samples": results.get("n-samples", {}),
+                                                    "model": str(config.model), "model_args": model_args,
+                                                    "key": keys[task]})
+    files = _read_task_files(task_dir)
+    current = next(iter(keys.values()))
+    others = sorted(t for t, data in files.items() if not _same_run(data.get("key"), current))
+    if others:
+        log.warning("eval: %s/tasks/%s left out of the summary (another model or other settings)", out,
+                    ",".join(others))
+    return write_summary(out, summarise({t: d for t, d in files.items() if t not in others}, model=str(config.model)))
 
 
 def _read_task_files(task_dir: Path) -> dict[str, dict]:
@@ -186,13 +248,18 @@ def _read_task_files(task_dir: Path) -> dict[str, dict]:
 
 
 def collect(out: str | Path) -> dict:
-    """Rewrite ``out/results.{json,md}`` from the task files that shard jobs wrote."""
+    """Rewrite ``out/results.{json,md}`` from the task files that shard jobs wrote (all of one run key)."""
     out = Path(out)
     files = _read_task_files(out / "tasks")
     if not files:
         raise ConfigError(f"{out}/tasks holds no task results")
-    model = next(iter(files.values())).get("model", str(out))
-    return write_summary(out, summarise(files, model=model))
+    first, data = next(iter(files.items()))
+    keyless = sorted(t for t, d in files.items() if not d.get("key"))
+    others = keyless or sorted(t for t, d in files.items() if not _same_run(d["key"], data["key"]))
+    if others:
+        raise ConfigError(f"{out}/tasks: {','.join(others)} not produced with the model and settings of "
+                          f"{first} (the run key in each task file); rerun them with nemo-viper eval")
+    return write_summary(out, summarise(files, model=data.get("model", str(out))))
 
 
 def _lmms_version() -> str:

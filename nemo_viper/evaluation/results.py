@@ -53,7 +53,7 @@ def summarise(task_files: dict[str, dict], model: str) -> dict:
             domains = mmstar_domains(data["results"])
         if BENCHMARKS[task].notes:
             notes[task] = BENCHMARKS[task].notes
-        runs[task] = {k: data.get(k) for k in ("max_new_tokens_cap", "limit", "backend", "lmms_eval_version")}
+        runs[task] = {"model": data.get("model"), **data.get("key", {})}  # what produced it (provenance.run_key)
     present = [s for s in scores.values() if s is not None]
     return {
         "model": model,
@@ -70,23 +70,30 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}"
 
 
+def smoke_settings(run: dict) -> str | None:
+    """``"max_new_tokens cap 8, limit 1"`` for a task run with a cap or a document limit, else None."""
+    cap = (run.get("generation") or {}).get("max_new_tokens_cap")
+    parts = ([f"max_new_tokens cap {cap}"] if cap else []) + ([f"limit {run['limit']}"] if run.get("limit") else [])
+    return ", ".join(parts) or None
+
+
 def summary_markdown(summary: dict) -> str:
     lines = [f"# Benchmarks: {summary['model']}", "", "| benchmark | score |", "|---|---|"]
     for task in TASKS:
         if task in summary["scores"]:
             lines.append(f"| {BENCHMARKS[task].title} | {_fmt(summary['scores'][task])} |")
-    average = "average" if summary["complete"] else f"average of {len(summary['scores'])} of {len(TASKS)}"
+    scored = sum(score is not None for score in summary["scores"].values())
+    average = "average" if summary["complete"] else f"average of {scored} of {len(TASKS)}"
     lines += [f"| **{average}** | **{_fmt(summary['average'])}** |", ""]
     if "mmstar" in summary["scores"]:
-        lines += ["MMStar sub-domains:", "", "| " + " | ".join(MMSTAR_DOMAINS) + " |",
-                  "|" + "---|" * len(MMSTAR_DOMAINS),
+        lines += ["MMStar sub-domains (each: mean over its sub-categories, as lmms-eval aggregates):", "",
+                  "| " + " | ".join(MMSTAR_DOMAINS) + " |", "|" + "---|" * len(MMSTAR_DOMAINS),
                   "| " + " | ".join(_fmt(summary["mmstar_domains"][d]) for d in MMSTAR_DOMAINS) + " |", ""]
-    caps = {t: r for t, r in summary["runs"].items() if r.get("max_new_tokens_cap") or r.get("limit")}
-    if summary["notes"] or caps:
+    smoke = {t: text for t, r in summary["runs"].items() if (text := smoke_settings(r))}
+    if summary["notes"] or smoke:
         lines.append("Notes:")
         lines += [f"- {BENCHMARKS[t].title}: {note}" for t, note in summary["notes"].items()]
-        lines += [f"- {BENCHMARKS[t].title}: run with max_new_tokens cap {r['max_new_tokens_cap']}, "
-                  f"limit {r['limit']} (not comparable to full runs)" for t, r in caps.items()]
+        lines += [f"- {BENCHMARKS[t].title}: run with {text} (not comparable to full runs)" for t, text in smoke.items()]
         lines.append("")
     return "\n".join(lines)
 

@@ -1,4 +1,5 @@
-"""An lmms-eval model whose answers are scripted from each document: right on even doc ids, wrong on odd.
+"""An lmms-eval model whose answers are scripted from each document: right on even doc ids, wrong on odd
+(or as ``right(doc_id)`` says).
 
 It reads the gold answer from the document in the benchmark's own schema and answers it (or a wrong
 option), so the expected score of every task is known exactly. It records each task's generation
@@ -31,8 +32,9 @@ def gold_answer(task: str, doc: dict) -> tuple[str, str]:
 
 
 class ScriptedModel(lmms):
-    def __init__(self):
+    def __init__(self, right=lambda doc_id: doc_id % 2 == 0):
         super().__init__()
+        self.right = right
         self.generation_kwargs: dict[str, list[dict]] = {}
 
     def generate_until(self, requests) -> list[str]:
@@ -41,7 +43,7 @@ class ScriptedModel(lmms):
             _context, gen_kwargs, _visual, doc_id, task, split = request.args
             self.generation_kwargs.setdefault(task, []).append(dict(gen_kwargs))
             right, wrong = gold_answer(task, self.task_dict[task][split][doc_id])
-            out.append(right if doc_id % 2 == 0 else wrong)
+            out.append(right if self.right(doc_id) else wrong)
         return out
 
     def loglikelihood(self, requests):
@@ -49,3 +51,10 @@ class ScriptedModel(lmms):
 
     def generate_until_multi_round(self, requests):
         raise NotImplementedError
+
+
+class UnusableModel(ScriptedModel):
+    """Fails any generation: passed where a result must be reused, not recomputed."""
+
+    def generate_until(self, requests) -> list[str]:
+        raise AssertionError("a reusable task result was recomputed")

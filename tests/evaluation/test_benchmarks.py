@@ -9,13 +9,14 @@ from nemo_viper.evaluation.benchmarks import MMSTAR_DOMAINS, TASKS
 from nemo_viper.evaluation.harness import EvalConfig, evaluate
 
 
-def test_scripted_model_scores_are_exact(tiny_eval_root, tmp_path):
+def test_scripted_model_scores_are_exact(tiny_eval_root, tmp_path, model_dir):
     """Right on even doc ids, wrong on odd: 3 of 5 -> 60.0; BLINK 1 of 2 per subtask -> 50.0; MMStar's six
     sub-domains alternate 100/0 -> average 50.0. Every task decodes greedily (Mantis' sampling overridden)."""
-    from tests.evaluation.scripted_model import ScriptedModel
+    from tests.evaluation.scripted_model import ScriptedModel, UnusableModel
 
     model = ScriptedModel()
-    summary = evaluate(EvalConfig(model="scripted", out=str(tmp_path / "out"), dataset_root=str(tiny_eval_root)),
+    weights = model_dir("scripted", b"scripted")
+    summary = evaluate(EvalConfig(model=str(weights), out=str(tmp_path / "out"), dataset_root=str(tiny_eval_root)),
                        model=model)
     expected = {task: 60.0 for task in TASKS} | {"blink": 50.0, "mmstar": 50.0}
     assert summary["scores"] == pytest.approx(expected)
@@ -31,8 +32,8 @@ def test_scripted_model_scores_are_exact(tiny_eval_root, tmp_path):
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| RealWorldQA | 60.0 |" in table and "rule-based yes/no scorer" in table
     # a rerun finds every task done and only rewrites the summary
-    assert evaluate(EvalConfig(model="scripted", out=str(tmp_path / "out"), dataset_root=str(tiny_eval_root)),
-                    model=None)["scores"] == summary["scores"]
+    assert evaluate(EvalConfig(model=str(weights), out=str(tmp_path / "out"), dataset_root=str(tiny_eval_root)),
+                    model=UnusableModel())["scores"] == summary["scores"]
 
 
 def test_missing_dataset_is_one_line_naming_task_and_path(tmp_path):
