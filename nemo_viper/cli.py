@@ -100,6 +100,8 @@ TRAIN_SWITCHES = {"--dynamic-sampling": "rl.grpo.dynamic_sampling", "--overlong-
 def train_config(args):
     """The :class:`~nemo_viper.training.stage.StageConfig` of a ``train`` command line: the run config
     (``--config`` file, else the defaults), then ``KEY=VALUE`` overrides, then the flags."""
+    from dataclasses import asdict
+
     from nemo_viper.config import compose
     from nemo_viper.models.policy import PolicyOptions
     from nemo_viper.training.stage import StageConfig
@@ -116,7 +118,7 @@ def train_config(args):
     return StageConfig(stage=args.stage, data=args.data, policy=args.policy, out=args.out, rl=config.rl,
                        rollout=config.rollout, reward=config.reward, model=PolicyOptions(**config.model.options()),
                        tensor_parallel=config.parallel.tensor, pipeline_parallel=config.parallel.pipeline,
-                       heldout=config.eval.heldout)
+                       heldout=config.eval.heldout, logger=config.logger, run_config=asdict(config))
 
 
 def _dest(flag: str) -> str:

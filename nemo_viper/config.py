@@ -17,6 +17,8 @@ default and every allowed value is written once, in that dataclass:
 ``cluster``     :class:`ClusterSection`: where jobs run
 ``eval``        :class:`EvalSection`: benchmark phases and ``eval.heldout``
                 (:class:`~nemo_viper.evaluation.heldout.HeldoutConfig`, read by the RL jobs)
+``logger``      :class:`~nemo_viper.training.trackers.LoggerConfig`: W&B / MLflow trackers, sample
+                generations and alert thresholds of the RL jobs
 ==============  ==============================================================================
 
 A recipe YAML (``conf/recipes/NAME.yaml``) lists the parts it is made of under ``defaults`` (e.g.
@@ -54,6 +56,8 @@ from nemo_viper.models.policy import PolicyOptions
 from nemo_viper.rewards import RewardConfig
 from nemo_viper.training.loop import RLConfig
 from nemo_viper.training.stage import RolloutConfig, check_rollout_layout
+from nemo_viper.training.trackers import LoggerConfig
+from nemo_viper.training.trackers import check_installed as check_trackers_installed
 
 CONF_DIR = Path(nemo_viper.conf.__file__).resolve().parent  # package data (the repository's conf/)
 EXECUTORS = ("local", "slurm")
@@ -243,6 +247,7 @@ class ViperConfig:
     synthesis: dict[str, Any] = field(default_factory=dict)  # nemo_viper.synthesis.config.SynthConfig keys
     cluster: ClusterSection = field(default_factory=ClusterSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
     def __post_init__(self):
         if self.rounds < 1:
@@ -435,6 +440,7 @@ def validate(config: ViperConfig, check_paths: bool = True) -> None:
     from nemo_viper.cluster import validate_cluster
 
     validate_cluster(config, check_paths)  # first: strings that must be shell-safe paths are refused as such
+    check_trackers_installed(config.logger)
     _validate_synthesis(config)
     if not check_paths:
         return

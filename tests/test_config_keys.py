@@ -58,6 +58,7 @@ ALTERNATIVES = {
     "rl.grpo.loss.kl_estimator": "k1",
     "rl.grpo.optimizer.distributed_optimizer": True,
     "rl.grpo.optimizer.adam_beta1": 0.8,
+    "logger.wandb.mode": "offline",
     "rl.grpo.optimizer.adam_beta2": 0.99,
     "rl.grpo.importance_sampling_cap": 2.0,
     "rollout.backend": "vllm",

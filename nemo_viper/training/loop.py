@@ -297,6 +297,7 @@ def run_rl(
     config: RLConfig,
     run_dir: str | Path,
     progress=None,
+    monitor=None,
 ) -> list[dict]:
     """Run (or resume) a stage for ``config.steps`` steps. Returns the metrics of the steps run now.
 
@@ -304,7 +305,9 @@ def run_rl(
     :class:`~nemo_viper.models.training.PolicyWorker`) gives the data-parallel context, the pad token and the
     checkpoints. ``generator`` generates from the same policy and is told after every update
     (``weights_updated``). ``processor`` (the policy's image-only Qwen2.5-VL processor) turns task prompts
-    into token ids (and prepares their images unless the prompt source already did).
+    into token ids (and prepares their images unless the prompt source already did). ``monitor``: a
+    :class:`~nemo_viper.training.monitor.StageMonitor` (trackers, sample generations, alerts), told after
+    every step on every rank (it acts on rank 0 only).
     """
     import torch.distributed as dist
 
@@ -335,6 +338,8 @@ def run_rl(
         metrics.update(reduce_metrics(sampling_metrics, data_parallel))
         metrics.update(skipped_metrics(prompts, data_parallel))
         metrics_log.log(step, metrics)
+        if monitor is not None:
+            monitor.after_step(step, metrics, groups)
         history.append(metrics)
         if step % config.save_every == 0 or step == config.steps:
             prompt_states = data_parallel.all_gather_object(prompts.state_dict())

@@ -30,6 +30,8 @@ from nemo_viper.runtime.collectives import DataParallel
 from nemo_viper.rollout.interface import SamplingParams
 from nemo_viper.training.grpo import GRPOConfig, GRPOTrainer
 from nemo_viper.training.loop import RLConfig
+from nemo_viper.training.trackers import LoggerConfig
+from nemo_viper.training.trackers import check_installed as check_trackers_installed
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,8 @@ class StageConfig:
     pipeline_parallel: int = 1
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     heldout: HeldoutConfig = field(default_factory=HeldoutConfig)  # self-evaluation split, scored before/after
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # trackers, sample generations, alerts
+    run_config: dict = field(default_factory=dict, repr=False, compare=False)  # logged once to the trackers
 
     def __post_init__(self):
         if self.stage not in STAGE_TASKS:
@@ -154,6 +158,7 @@ def run_stage(config: StageConfig) -> list[dict]:
     image_backend = resolve_backend(config.rl.image_backend)
     if config.rollout.backend == "vllm":
         require_vllm("rollout.backend")
+    check_trackers_installed(config.logger)
 
     from megatron.core import parallel_state  # heavy imports only after the checks above
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -163,6 +168,7 @@ def run_stage(config: StageConfig) -> list[dict]:
     from nemo_viper.rewards import ViperReward
     from nemo_viper.rollout.megatron_backend import MegatronGenerationBackend
     from nemo_viper.training.loop import run_rl
+    from nemo_viper.training.monitor import StageMonitor
 
     policy_config = PolicyConfig(hf_path=str(hf_dir), tensor_parallel=config.tensor_parallel,
                                  pipeline_parallel=config.pipeline_parallel, **config.model.options())
@@ -184,6 +190,10 @@ def run_stage(config: StageConfig) -> list[dict]:
     columns = (TextColumn(f"RL stage {config.stage}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("reward {task.fields[reward]:.3f}"), TimeRemainingColumn())
     show = parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0
+    import torch.distributed as dist
+
+    monitor = StageMonitor(config.logger, config.out, config.run_config, config.reward.alert_gap,
+                           enabled=dist.get_rank() == 0)
     with prompts, Progress(*columns, disable=not show) as progress:
         self_eval.record("before")
         task = progress.add_task("steps", total=config.rl.steps, reward=0.0)
@@ -191,8 +201,10 @@ def run_stage(config: StageConfig) -> list[dict]:
         def advance(step: int, metrics: dict) -> None:
             progress.update(task, completed=step, reward=metrics["reward/mean"])
 
-        history = run_rl(trainer, generator, reward, prompts, processor, config.rl, config.out, progress=advance)
+        history = run_rl(trainer, generator, reward, prompts, processor, config.rl, config.out, progress=advance,
+                         monitor=monitor)
         self_eval.record("after")
+    monitor.close()
     skipped = {k: v for k, v in (history[-1] if history else {}).items() if k.startswith("data/skipped/") and v}
     if skipped and show:
         log.warning("RL stage %d skipped %d samples in total: %s", config.stage, sum(skipped.values()), skipped)
