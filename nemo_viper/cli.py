@@ -1,4 +1,4 @@
-"""``nemo-viper``: the command line of the project (see SPEC §9 for the contract).
+"""nemo-viper: the command line of the ViPER recipe (the commands: README.md, "Commands").
 
 User-facing errors (:class:`~nemo_viper.errors.NemoViperError`) are printed as one line,
 ``error: <message>``, with exit status 2. Multi-rank commands run under ``torchrun``.
@@ -244,6 +244,12 @@ def cmd_run(args) -> None:
     console.print(f"run report: {report}")
 
 
+def cmd_config(args) -> None:
+    from nemo_viper.config import to_yaml
+
+    print(to_yaml(_recipe_config(args, check_paths=False)), end="")
+
+
 def cmd_plan(args) -> None:
     from nemo_viper.planning.recipe import format_plan, plan_recipe
     from nemo_viper.recipes import recipe
@@ -371,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--policy", required=True, help="policy checkpoint or HF Qwen2.5-VL directory to start from")
     train.add_argument("--out", required=True, help="run directory (checkpoints/, metrics.jsonl, tensorboard/)")
     train.add_argument("--config", help="run config YAML (a run's config/viper.yaml, or any part of the tree); "
-                       "default: the built-in defaults (SPEC §7)")
+                       "default: the config dataclasses' defaults (`nemo-viper config --recipe NAME` prints a tree)")
     for flag, key in TRAIN_FLAGS.items():
         train.add_argument(flag, metavar="VALUE", help=f"sets {key}")
     for flag, key in TRAIN_SWITCHES.items():
@@ -445,6 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--ignore-memory-plan", action="store_true",
                              help="launch even if `nemo-viper plan` says a phase does not fit")
         sub.set_defaults(func=cmd_run if name == "run" else cmd_launch)
+
+    config = commands.add_parser("config", help="print a recipe's resolved config (YAML) after overrides",
+                                 description="Print a recipe's resolved config, every key, as the run would use it "
+                                 "(values and cross-section rules checked; paths not). KEY=VALUE sets a key; "
+                                 "GROUP=PART swaps a part of conf/ (e.g. parallel=h100_tp1, reward=minilm).")
+    config.add_argument("--recipe", required=True, help="tiny | qwen25vl_3b | qwen25vl_7b")
+    config.add_argument("overrides", nargs="*", metavar="KEY=VALUE|GROUP=PART", help="config overrides")
+    config.set_defaults(func=cmd_config)
 
     plan = commands.add_parser("plan", help="per-GPU memory of every phase of a recipe; verdict; what to change")
     plan.add_argument("--recipe", required=True, help="tiny | qwen25vl_3b | qwen25vl_7b")

@@ -21,6 +21,31 @@ def test_3b_to_7b_switches_tensor_parallel_and_keeps_batch_arithmetic():
     assert recipe("qwen25vl_3b", "parallel.tensor=2", "parallel.nodes=2").parallel == large.parallel
 
 
+def test_a_group_override_swaps_the_recipes_part():
+    """``parallel=h100_tp1`` replaces the recipe's ``parallel: h100_tp2`` (Hydra's group override), so the 7B
+    recipe then has the 3B layout; the recipe's own keys and later key overrides still apply on top."""
+    swapped = recipe("qwen25vl_7b", "parallel=h100_tp1", "parallel.cpu_ranks=3", "reward=minilm")
+    assert swapped.parallel == recipe("qwen25vl_3b", "parallel.cpu_ranks=3").parallel
+    assert swapped.parallel.nodes == 1 and swapped.reward.threshold == 0.7  # conf/reward/minilm.yaml
+    assert swapped.model.hf_path.endswith("7B-Instruct") and swapped.model.recompute == "selective"
+    with pytest.raises(ConfigError, match=r"parallel=nope: parallel has no part 'nope' \(parts: cpu, h100_tp1, h100_tp2\)"):
+        recipe("tiny", "parallel=nope")
+
+
+def test_the_config_command_prints_the_resolved_tree(capsys, tmp_path):
+    from nemo_viper.cli import main
+
+    overrides = ["parallel=h100_tp1", "rl.steps=3"]
+    assert main(["config", "--recipe", "qwen25vl_7b", *overrides]) == 0
+    (tmp_path / "viper.yaml").write_text(capsys.readouterr().out)
+    printed = compose(tmp_path / "viper.yaml")
+    assert printed.parallel.tensor == 1 and printed.rl.steps == 3
+    expected = recipe("qwen25vl_7b", *overrides)
+    assert printed == ViperConfig(**{**expected.__dict__, "run_dir": printed.run_dir})
+    assert main(["config", "--recipe", "tiny", "rl.grpo.loss.eps_low=1.5"]) == 2
+    assert "rl.grpo.loss.eps_low=1.5 must be < 1" in capsys.readouterr().err
+
+
 def test_tiny_recipe_shows_images_at_the_warm_start_size():
     """The tiny policy is warm-started on images at its checkpoint's minimum pixel budget (56x56, 4 image
     tokens); at a larger budget its stage-1 answers were noise (docs/evaluation.md, "The embedded default
