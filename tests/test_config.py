@@ -127,3 +127,47 @@ def test_config_errors_name_the_key(overrides, message):
 def test_unknown_recipe():
     with pytest.raises(ConfigError, match="recipe='qwen99' is not one of"):
         recipe("qwen99")
+
+
+def _leaves(data: dict, prefix: str = ""):
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _at(data, key: str):
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return KeyError  # not a key of the reference: nothing repeated
+        data = data[part]
+    return data
+
+
+def test_no_yaml_in_conf_repeats_a_default():
+    """Each default is written once, in its dataclass: a part of ``conf/<group>/`` states only what differs from
+    the section's dataclass (``synthesis``: :class:`SynthConfig`, less the keys the plan passes as flags), and a
+    recipe's own keys only what differs from its parts."""
+    from omegaconf import OmegaConf
+
+    from nemo_viper.config import CONF_DIR, schema
+    from nemo_viper.synthesis.config import SynthConfig
+
+    defaults = OmegaConf.to_container(schema())
+    defaults["synthesis"] = OmegaConf.to_container(OmegaConf.structured(SynthConfig))
+    for key in ("images", "num_shards"):  # the synth jobs' flags (config.synthesis_settings), set by each part
+        defaults["synthesis"].pop(key)
+    repeated = []
+    for path in sorted(CONF_DIR.glob("*/*.yaml")):
+        data = OmegaConf.to_container(OmegaConf.load(path)) or {}
+        if path.parent.name == "recipes":
+            parts = {group: name for part in data.pop("defaults") for group, name in part.items()}
+            reference = OmegaConf.to_container(OmegaConf.merge(schema(), *(
+                {group: OmegaConf.load(CONF_DIR / group / f"{name}.yaml")} for group, name in parts.items())))
+            reference["synthesis"] = {**defaults["synthesis"], **reference["synthesis"]}
+        else:
+            reference = defaults[path.parent.name]
+        repeated += [f"{path.relative_to(CONF_DIR)}: {key}={value!r}" for key, value in _leaves(data)
+                     if _at(reference, key) == value]
+    assert repeated == [], "YAML keys that repeat the value they already have"
