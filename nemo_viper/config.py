@@ -25,7 +25,8 @@ A recipe YAML (``conf/recipes/NAME.yaml``) lists the parts it is made of under `
 ``model: qwen25vl_7b``, ``parallel: h100_tp2``) and may override any key below them; each part is
 ``conf/<group>/<part>.yaml``. Composition order, later wins: the dataclass defaults, the parts in the
 listed order, the recipe's own keys, then command-line ``key=value`` overrides (OmegaConf dot-list:
-``rl.steps=20 rl.grpo.optimizer.lr=2e-6``). OmegaConf's structured mode rejects unknown keys and values of
+``rl.steps=20 rl.grpo.optimizer.lr=2e-6``); an override ``group=part`` (``parallel=h100_tp1``) swaps a part,
+as Hydra's group overrides do. ``nemo-viper config --recipe NAME [overrides]`` prints the result. OmegaConf's structured mode rejects unknown keys and values of
 the wrong type; :func:`build` then constructs every dataclass, whose own checks reject bad values
 (``rl.grpo.loss.eps_low=1.5``) with the full key in the message; :func:`validate` adds the cross-section
 rules (layout against GPUs and heads, paths that must exist, the synthesis jobs' configs) — all before any
@@ -324,19 +325,35 @@ def _load_yaml(path: Path) -> dict:
 
 def compose(recipe_yaml: str | Path | None, overrides: list[str] = (), conf_dir: Path = CONF_DIR) -> ViperConfig:
     """Compose ``recipe_yaml`` (its ``defaults`` parts, then its own keys; ``None``: the defaults only) and
-    ``overrides`` into a :class:`ViperConfig`. A run's resolved ``config/viper.yaml`` composes as it is."""
+    ``overrides`` into a :class:`ViperConfig`. A run's resolved ``config/viper.yaml`` composes as it is.
+
+    As in Hydra, an override ``GROUP=PART`` (``parallel=h100_tp1``) swaps the part the recipe lists for that
+    group (``conf/GROUP/PART.yaml``; a group the recipe does not list is added); every other override is a
+    ``key=value`` of the tree."""
     recipe = _load_yaml(Path(recipe_yaml)) if recipe_yaml is not None else {}
-    parts = recipe.pop("defaults", [])
+    parts = {group: name for part in recipe.pop("defaults", []) for group, name in part.items()}
+    keys = []
+    for override in overrides:
+        group, _, name = override.partition("=")
+        if group in _SECTIONS and (conf_dir / group).is_dir():
+            if not (conf_dir / group / f"{name}.yaml").is_file():
+                choices = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+                raise ConfigError(f"{override}: {group} has no part {name!r} (parts: {', '.join(choices)})")
+            parts[group] = name
+        else:
+            keys.append(override)
     try:
         merged = schema()
-        for part in parts:
-            ((group, name),) = part.items()
+        for group, name in parts.items():
             merged = OmegaConf.merge(merged, {group: _load_yaml(conf_dir / group / f"{name}.yaml")})
-        merged = OmegaConf.merge(merged, recipe, OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(merged, recipe, OmegaConf.from_dotlist(keys))
         data = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{recipe_yaml or 'config'}: {_one_line(exc)}") from exc
     return build(ViperConfig, data)
+
+
+_SECTIONS = {f.name for f in fields(ViperConfig)}
 
 
 def _one_line(exc: OmegaConfBaseException) -> str:

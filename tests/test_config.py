@@ -21,6 +21,31 @@ def test_3b_to_7b_switches_tensor_parallel_and_keeps_batch_arithmetic():
     assert recipe("qwen25vl_3b", "parallel.tensor=2", "parallel.nodes=2").parallel == large.parallel
 
 
+def test_a_group_override_swaps_the_recipes_part():
+    """``parallel=h100_tp1`` replaces the recipe's ``parallel: h100_tp2`` (Hydra's group override), so the 7B
+    recipe then has the 3B layout; the recipe's own keys and later key overrides still apply on top."""
+    swapped = recipe("qwen25vl_7b", "parallel=h100_tp1", "parallel.cpu_ranks=3", "reward=minilm")
+    assert swapped.parallel == recipe("qwen25vl_3b", "parallel.cpu_ranks=3").parallel
+    assert swapped.parallel.nodes == 1 and swapped.reward.threshold == 0.7  # conf/reward/minilm.yaml
+    assert swapped.model.hf_path.endswith("7B-Instruct") and swapped.model.recompute == "selective"
+    with pytest.raises(ConfigError, match=r"parallel=nope: parallel has no part 'nope' \(parts: cpu, h100_tp1, h100_tp2\)"):
+        recipe("tiny", "parallel=nope")
+
+
+def test_the_config_command_prints_the_resolved_tree(capsys, tmp_path):
+    from nemo_viper.cli import main
+
+    overrides = ["parallel=h100_tp1", "rl.steps=3"]
+    assert main(["config", "--recipe", "qwen25vl_7b", *overrides]) == 0
+    (tmp_path / "viper.yaml").write_text(capsys.readouterr().out)
+    printed = compose(tmp_path / "viper.yaml")
+    assert printed.parallel.tensor == 1 and printed.rl.steps == 3
+    expected = recipe("qwen25vl_7b", *overrides)
+    assert printed == ViperConfig(**{**expected.__dict__, "run_dir": printed.run_dir})
+    assert main(["config", "--recipe", "tiny", "rl.grpo.loss.eps_low=1.5"]) == 2
+    assert "rl.grpo.loss.eps_low=1.5 must be < 1" in capsys.readouterr().err
+
+
 def test_tiny_recipe_shows_images_at_the_warm_start_size():
     """The tiny policy is warm-started on images at its checkpoint's minimum pixel budget (56x56, 4 image
     tokens); at a larger budget its stage-1 answers were noise (docs/evaluation.md, "The embedded default
@@ -117,3 +142,47 @@ def test_a_partition_list_and_plain_names_pass():
 def test_unknown_recipe():
     with pytest.raises(ConfigError, match="recipe='qwen99' is not one of"):
         recipe("qwen99")
+
+
+def _leaves(data: dict, prefix: str = ""):
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _at(data, key: str):
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return KeyError  # not a key of the reference: nothing repeated
+        data = data[part]
+    return data
+
+
+def test_no_yaml_in_conf_repeats_a_default():
+    """Each default is written once, in its dataclass: a part of ``conf/<group>/`` states only what differs from
+    the section's dataclass (``synthesis``: :class:`SynthConfig`, less the keys the plan passes as flags), and a
+    recipe's own keys only what differs from its parts."""
+    from omegaconf import OmegaConf
+
+    from nemo_viper.config import CONF_DIR, schema
+    from nemo_viper.synthesis.config import SynthConfig
+
+    defaults = OmegaConf.to_container(schema())
+    defaults["synthesis"] = OmegaConf.to_container(OmegaConf.structured(SynthConfig))
+    for key in ("images", "num_shards"):  # the synth jobs' flags (config.synthesis_settings), set by each part
+        defaults["synthesis"].pop(key)
+    repeated = []
+    for path in sorted(CONF_DIR.glob("*/*.yaml")):
+        data = OmegaConf.to_container(OmegaConf.load(path)) or {}
+        if path.parent.name == "recipes":
+            parts = {group: name for part in data.pop("defaults") for group, name in part.items()}
+            reference = OmegaConf.to_container(OmegaConf.merge(schema(), *(
+                {group: OmegaConf.load(CONF_DIR / group / f"{name}.yaml")} for group, name in parts.items())))
+            reference["synthesis"] = {**defaults["synthesis"], **reference["synthesis"]}
+        else:
+            reference = defaults[path.parent.name]
+        repeated += [f"{path.relative_to(CONF_DIR)}: {key}={value!r}" for key, value in _leaves(data)
+                     if _at(reference, key) == value]
+    assert repeated == [], "YAML keys that repeat the value they already have"

@@ -8,7 +8,7 @@ every later full collection (automatic ones, vLLM's explicit ones, the interpret
 all again. In a process that has imported torch and transformers already (every Megatron worker and phase),
 most full collections have happened by then: measured on the test suite, the collector costs ~10 % of the
 processes' CPU and this freeze saves 1-2 % of the suite on an idle machine, more where memory is slow
-(docs/benchmarks.md, "Session 6").
+(docs/benchmarks.md, "Test suite cost").
 
 :func:`import_long_lived` imports modules with automatic collection paused, then runs one full collection
 (so no garbage is kept) and freezes every survivor (``gc.freeze``: moved to a generation that no later

@@ -1,5 +1,5 @@
 """Reward-hacking guards: the contradiction rules, the coverage term, the precision/recall alert, and their
-measured effect on the hack cases of issue 16 with the packaged MiniLM (benchmarks/reward_hacking.py)."""
+measured effect on the hack cases of benchmarks/reward_hacking.py with the packaged MiniLM."""
 
 import logging
 import sys
