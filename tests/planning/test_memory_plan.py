@@ -100,10 +100,10 @@ def test_the_vllm_engine_takes_its_share_of_the_gpu_beside_the_resident_trainer(
                 if k not in ("KV cache", "prefill temporaries")))
         # asleep during the step (the default), the engine adds nothing to it; awake, its whole share
         assert phase(vllm, "RL stage 2 training step").total == phase(megatron, "RL stage 2 training step").total
-        awake = plan_recipe(recipe(name, "rollout.backend=vllm", "rollout.vllm_sleep_mode=false"))
+        awake = plan_recipe(recipe(name, "rollout.backend=vllm", "rollout.vllm.enable_sleep_mode=false"))
         assert phase(awake, "RL stage 2 training step").terms["vLLM engine"] == 0.4 * 80 * GIB
-    greedy = plan_recipe(recipe("qwen25vl_7b", "rollout.backend=vllm", "rollout.vllm_gpu_memory_utilization=0.9"))
-    assert not greedy.plan.all_fit and greedy.suggestion == "rollout.vllm_gpu_memory_utilization=0.4"
+    greedy = plan_recipe(recipe("qwen25vl_7b", "rollout.backend=vllm", "rollout.vllm.gpu_memory_utilization=0.9"))
+    assert not greedy.plan.all_fit and greedy.suggestion == "rollout.vllm.gpu_memory_utilization=0.4"
 
 
 def test_plan_and_launch_commands():
