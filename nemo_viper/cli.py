@@ -76,9 +76,9 @@ TRAIN_FLAGS = {
     "--max-pixels": "rl.max_pixels",
     "--importance-sampling-cap": "rl.grpo.importance_sampling_cap",
     "--rollout-backend": "rollout.backend",
-    "--generation-batch-size": "rollout.megatron_batch_size",
-    "--vllm-gpu-memory-utilization": "rollout.vllm_gpu_memory_utilization",
-    "--vllm-cpu-kv-cache-gib": "rollout.vllm_cpu_kv_cache_gib",
+    "--generation-batch-size": "rollout.megatron.max_batch_size",
+    "--vllm-gpu-memory-utilization": "rollout.vllm.gpu_memory_utilization",
+    "--vllm-cpu-kv-cache-gib": "rollout.vllm.cpu_kv_cache_gib",
     "--reward-model": "reward.embedding_model",
     "--reward-mode": "reward.mode",
     "--reward-threshold": "reward.threshold",
@@ -94,7 +94,7 @@ TRAIN_FLAGS = {
 }
 TRAIN_SWITCHES = {"--dynamic-sampling": "rl.grpo.dynamic_sampling", "--overlong-filtering": "rl.grpo.overlong_filtering",
                   "--no-std": "rl.grpo.advantage.normalize_by_std=false", "--recompute-vision": "model.recompute_vision",
-                  "--no-vllm-sleep-mode": "rollout.vllm_sleep_mode=false"}
+                  "--no-vllm-sleep-mode": "rollout.vllm.enable_sleep_mode=false"}
 
 
 def train_config(args):
@@ -104,6 +104,7 @@ def train_config(args):
 
     from nemo_viper.config import compose
     from nemo_viper.models.policy import PolicyOptions
+    from nemo_viper.planning.recipe import caption_tokens
     from nemo_viper.training.stage import StageConfig
 
     overrides = list(args.overrides)
@@ -118,7 +119,8 @@ def train_config(args):
     return StageConfig(stage=args.stage, data=args.data, policy=args.policy, out=args.out, rl=config.rl,
                        rollout=config.rollout, reward=config.reward, model=PolicyOptions(**config.model.options()),
                        tensor_parallel=config.parallel.tensor, pipeline_parallel=config.parallel.pipeline,
-                       heldout=config.eval.heldout, logger=config.logger, run_config=asdict(config))
+                       heldout=config.eval.heldout, logger=config.logger, run_config=asdict(config),
+                       caption_tokens=caption_tokens(config.synthesis))
 
 
 def _dest(flag: str) -> str:

@@ -10,8 +10,8 @@ default and every allowed value is written once, in that dataclass:
 ``rl``          :class:`~nemo_viper.training.loop.RLConfig`: steps, batch, ``rl.sampling``
                 (:class:`~nemo_viper.rollout.SamplingParams`), ``rl.grpo``
                 (:class:`~nemo_viper.training.grpo.GRPOConfig`: ``advantage``, ``loss``, ``optimizer``)
-``rollout``     :class:`~nemo_viper.training.stage.RolloutConfig`: the RL jobs' generation engine
-                (``megatron`` or ``vllm``) and its settings
+``rollout``     :class:`~nemo_viper.rollout.backends.GenerationBackendConfig`: the RL jobs' generation
+                engine (``megatron`` or ``vllm``) and each engine's settings under its name
 ``reward``      :class:`~nemo_viper.rewards.RewardConfig`
 ``synthesis``   keys of :class:`~nemo_viper.synthesis.config.SynthConfig` (partial: its presets apply first)
 ``cluster``     :class:`ClusterSection`: where jobs run
@@ -56,7 +56,9 @@ from nemo_viper.evaluation.heldout import HeldoutConfig
 from nemo_viper.models.policy import PolicyOptions
 from nemo_viper.rewards import RewardConfig
 from nemo_viper.training.loop import RLConfig
-from nemo_viper.training.stage import RolloutConfig, check_rollout_layout
+from nemo_viper.rollout.backends import GenerationBackendConfig
+from nemo_viper.structured import structured_defaults
+from nemo_viper.training.stage import check_rollout_layout
 from nemo_viper.training.trackers import LoggerConfig
 from nemo_viper.training.trackers import check_installed as check_trackers_installed
 
@@ -243,7 +245,7 @@ class ViperConfig:
     model: ModelSection = field(default_factory=ModelSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     rl: RLConfig = field(default_factory=RLConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rollout: GenerationBackendConfig = field(default_factory=GenerationBackendConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     synthesis: dict[str, Any] = field(default_factory=dict)  # nemo_viper.synthesis.config.SynthConfig keys
     cluster: ClusterSection = field(default_factory=ClusterSection)
@@ -296,20 +298,11 @@ def schema() -> DictConfig:
     """The structured (typed, closed) OmegaConf tree of :class:`ViperConfig` defaults, writable (a copy)."""
     global _SCHEMA
     if _SCHEMA is None:
-        _SCHEMA = OmegaConf.structured(ViperConfig)
-        _set_writable(_SCHEMA)  # frozen library dataclasses come out read-only
+        _SCHEMA = structured_defaults(ViperConfig)
     return copy.deepcopy(_SCHEMA)
 
 
 _SCHEMA: DictConfig | None = None
-
-
-def _set_writable(node: DictConfig) -> None:
-    OmegaConf.set_readonly(node, False)
-    for key in node:
-        child = node._get_node(key)
-        if isinstance(child, DictConfig):
-            _set_writable(child)
 
 
 def to_yaml(config: ViperConfig) -> str:

@@ -13,7 +13,10 @@
   a sentence-transformers directory, the diffusion models diffusers directories; a hub id where jobs run
   with ``HF_HUB_OFFLINE=1`` is a problem;
 - **inputs** of the phase: the phases it depends on are done (:mod:`nemo_viper.run_state`);
-- **harness** of a benchmark phase (``eval``): lmms-eval importable, and vLLM for ``eval.backend=vllm``;
+- **harness** of a benchmark phase (``eval``): lmms-eval importable;
+- **vLLM** where a phase generates on it (``rollout.backend``, ``synthesis.vlm.generation.backend`` or
+  ``eval.backend`` = ``vllm``): installed, in the supported version range, with every call the backend
+  makes (:func:`nemo_viper.rollout.vllm_backend.vllm_problems`);
 - **disk**: at least ``cluster.min_free_disk_gb`` free where the run dir lives.
 """
 
@@ -125,9 +128,25 @@ def _harness_problems(config: ViperConfig) -> list[str]:
     if find_spec("lmms_eval") is None:
         problems.append("eval phases need lmms-eval, which is not installed (scripts/setup.sh and the project image "
                         "install it; README: Installation)")
-    if config.eval.backend == "vllm" and find_spec("vllm") is None:
-        problems.append("eval.backend=vllm but vLLM is not installed (eval.backend=qwen2_5_vl uses transformers)")
     return problems
+
+
+def vllm_keys(config: ViperConfig, kind: str | None) -> list[str]:
+    """The keys choosing vLLM for the phases of ``kind`` (``None``: every phase)."""
+    chosen = {"rl": config.rollout.backend,
+              "synth": config.synthesis.get("vlm", {}).get("generation", {}).get("backend", "megatron"),
+              "eval": config.eval.backend}
+    keys = {"rl": "rollout.backend", "synth": "synthesis.vlm.generation.backend", "eval": "eval.backend"}
+    return [keys[k] for k, backend in chosen.items() if backend == "vllm" and kind in (None, k)]
+
+
+def _vllm_problems(config: ViperConfig, kind: str | None) -> list[str]:
+    keys = vllm_keys(config, kind)
+    if not keys:
+        return []
+    from nemo_viper.rollout.vllm_backend import vllm_problems
+
+    return [f"{' and '.join(keys)}=vllm: {problem}" for problem in vllm_problems()]
 
 
 def check(config: ViperConfig, phase_name: str | None = None, gpu: bool | None = None) -> list[str]:
@@ -146,6 +165,8 @@ def check(config: ViperConfig, phase_name: str | None = None, gpu: bool | None =
         problems += _input_problems(config, phase_name)
         if phase is not None and phase.kind == "eval":
             problems += _harness_problems(config)
+    if phase_name is None or phase is not None:
+        problems += _vllm_problems(config, phase.kind if phase is not None else None)
     if gpu is None:
         if phase is not None:
             gpu = phase.gpus_per_node > 0

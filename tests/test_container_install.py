@@ -101,17 +101,22 @@ def wheel_house(tmp_path_factory):
     write_wheel(house, "viper-harness", "1.0", requires=("viper-heavy", "transformers>=6"))
     write_wheel(house, "viper-heavy", "1.0")
     write_wheel(house, "transformers", "6.0.0")
+    # vLLM wheels built for the container's torch and for another one; both declare more than the engine needs
+    write_wheel(house, "vllm", "0.32.0", requires=("torch==2.13.0", "viper-heavy"))
+    write_wheel(house, "vllm", "0.32.5", requires=("torch==2.14.0", "viper-heavy"))
     return house
 
 
 def run_install(venv: Path, repo: Path, lock_lines: list[str], house: Path, tmp_path: Path,
-                nodeps_lines: tuple[str, ...] = ()):
-    lock, nodeps = tmp_path / "test.lock", tmp_path / "test-nodeps.lock"
+                nodeps_lines: tuple[str, ...] = (), vllm_lines: tuple[str, ...] = ()):
+    lock, nodeps, vllm = tmp_path / "test.lock", tmp_path / "test-nodeps.lock", tmp_path / "test-vllm.lock"
     lock.write_text("# test lock\n" + "\n".join(lock_lines) + "\n")
     nodeps.write_text("# test no-deps lock\n" + "".join(f"{line}\n" for line in nodeps_lines))
+    vllm.write_text("# test vLLM lock\n" + "".join(f"{line}\n" for line in vllm_lines))
     env = {"PATH": "/usr/bin:/bin", "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(house), "HOME": str(tmp_path)}
     return subprocess.run([str(venv / "bin" / "python"), str(repo / "scripts" / "install_in_container.py"),
-                           "--lock", str(lock), "--nodeps-lock", str(nodeps), "--revision", "abc123", "--base-image", "nvcr.io/nvidia/nemo:26.08",
+                           "--lock", str(lock), "--nodeps-lock", str(nodeps), "--vllm-lock", str(vllm),
+                           "--revision", "abc123", "--base-image", "nvcr.io/nvidia/nemo:26.08",
                            "--info-out", str(tmp_path / "BUILD_INFO.json")],
                           capture_output=True, text=True, env=env, timeout=600)
 
@@ -153,6 +158,47 @@ def test_build_fails_before_changing_anything_if_the_lock_would_replace_the_stac
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert snapshot(venv) == before
     assert not list(site_packages(venv).glob("viper_lacking*")), "nothing is installed when the plan fails"
+
+
+def test_a_containers_own_vllm_in_the_supported_range_is_kept(tmp_path, repo_copy, wheel_house):
+    venv = make_container(tmp_path, {**CONTAINER, "vllm": "0.32.1"})
+    sentinel = site_packages(venv) / "vllm" / "SENTINEL"
+    result = run_install(venv, repo_copy, ["viper-lacking==1.0"], wheel_house, tmp_path, vllm_lines=("vllm==0.32.0",))
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((tmp_path / "BUILD_INFO.json").read_text())
+    assert info["vllm"] == {"version": "0.32.1", "source": "container 0.32.1"}
+    assert sentinel.read_text() == "container build of vllm\n"
+
+
+def test_a_containers_vllm_outside_the_supported_range_stops_the_build(tmp_path, repo_copy, wheel_house):
+    venv = make_container(tmp_path, {**CONTAINER, "vllm": "0.20.1"})
+    result = run_install(venv, repo_copy, ["viper-lacking==1.0"], wheel_house, tmp_path, vllm_lines=("vllm==0.32.0",))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: the container's vllm 0.20.1 is outside the supported range >=0.32,<0.33")
+    assert not list(site_packages(venv).glob("viper_lacking*")), "nothing is installed"
+
+
+def test_without_a_container_vllm_the_wheel_for_its_torch_comes_without_dependencies(tmp_path, repo_copy,
+                                                                                        wheel_house):
+    venv = make_container(tmp_path, CONTAINER)
+    before = snapshot(venv)
+    result = run_install(venv, repo_copy, ["viper-lacking==1.0"], wheel_house, tmp_path, vllm_lines=("vllm==0.32.0",))
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((tmp_path / "BUILD_INFO.json").read_text())
+    assert info["vllm"] == {"version": "0.32.0", "source": "wheel"}
+    assert snapshot(venv) == before and info["versions"]["torch"] == "2.13.0"
+    assert not any(line.startswith("viper-heavy") for line in info["pip_freeze"]), "vLLM's declared deps came along"
+
+
+def test_a_vllm_wheel_for_another_torch_is_built_against_the_containers_instead(tmp_path, repo_copy, wheel_house):
+    """The wheel needs torch 2.14.0: the installer builds from source (no sdist in this house: the build step
+    fails, and says so), never installing that wheel or another torch."""
+    venv = make_container(tmp_path, CONTAINER)
+    before = snapshot(venv)
+    result = run_install(venv, repo_copy, ["viper-lacking==1.0"], wheel_house, tmp_path, vllm_lines=("vllm==0.32.5",))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: installing vllm==0.32.5 (built against the container's torch) failed")
+    assert snapshot(venv) == before and not list(site_packages(venv).glob("vllm-*"))
 
 
 def test_build_fails_on_an_unsupported_transformers(tmp_path, repo_copy, wheel_house):

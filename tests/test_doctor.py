@@ -99,13 +99,25 @@ def test_eval_phase_needs_the_harness(cluster, monkeypatch):
     import importlib.util as util
 
     real = util.find_spec
-    monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name in ("lmms_eval", "vllm") else real(name, *a))
-    found = problems([*cluster, "eval.enabled=true", "eval.dataset_root=tiny", "eval.backend=vllm"], "eval")
+    monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name == "lmms_eval" else real(name, *a))
+    found = problems([*cluster, "eval.enabled=true", "eval.dataset_root=tiny"], "eval")
     assert found == ["phase eval needs eval_data, which is not done: not started",
                      "eval phases need lmms-eval, which is not installed (scripts/setup.sh and the project image "
-                     "install it; README: Installation)",
-                     "eval.backend=vllm but vLLM is not installed (eval.backend=qwen2_5_vl uses transformers)"]
+                     "install it; README: Installation)"]
     assert problems(cluster, "round1.rl1")[1:] == []  # other phases do not need it
+
+
+def test_phases_that_generate_on_vllm_need_a_vllm_with_the_backends_calls(cluster, monkeypatch):
+    """Only the phases whose backend is vLLM are checked; the line names the keys and what is missing."""
+    from nemo_viper.rollout import vllm_backend
+
+    monkeypatch.setattr(vllm_backend, "vllm_problems", lambda: ["vllm 0.9.0 lacks LLM.reset_mm_cache"])
+    run = [*cluster, "eval.enabled=true", "eval.dataset_root=tiny", "rollout.backend=vllm",
+           "synthesis.vlm.generation.backend=vllm"]
+    assert problems(run, "round1.rl1")[1:] == ["rollout.backend=vllm: vllm 0.9.0 lacks LLM.reset_mm_cache"]
+    assert problems(run, "round1.synth1")[1:] == [
+        "synthesis.vlm.generation.backend=vllm: vllm 0.9.0 lacks LLM.reset_mm_cache"]
+    assert "vllm 0.9.0" not in " ".join(problems(run, "eval"))  # eval.backend is qwen2_5_vl here
 
 
 def test_fp8_capability_and_te(cluster, monkeypatch):

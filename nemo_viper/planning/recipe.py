@@ -69,12 +69,33 @@ def _reward_params(embedding_model: str) -> float:
     return REWARD_MODELS[""]
 
 
-def training_shapes(config) -> dict[str, TrainingShape]:
-    """The two RL stages' shapes: stage 1 shows one image and a synthesised caption, stage 2 two images."""
+def stage_prompt_budget(stage: int, caption_tokens: int) -> dict:
+    """The recipe's prompt budget of RL stage ``stage`` (``TrainingShape`` fields): stage 1 shows one image
+    and a synthesised caption of at most ``caption_tokens`` tokens, stage 2 two images."""
+    if stage == 1:
+        return {"prompt_text_tokens": PROMPT_TEMPLATE_TOKENS + caption_tokens, "images_per_prompt": 1}
+    return {"prompt_text_tokens": PROMPT_TEMPLATE_TOKENS, "images_per_prompt": 2}
+
+
+def caption_tokens(synthesis: dict) -> int:
+    """The synthesis section's caption budget (stage-1 prompts show the caption)."""
     from nemo_viper.synthesis.config import VLMConfig
 
+    return synthesis.get("vlm", {}).get("caption_tokens", VLMConfig.caption_tokens)
+
+
+def rl_context_length(stage: int, caption_budget: int, max_pixels: int, max_new_tokens: int, hf_config: dict) -> int:
+    """Prompt + response tokens of the longest sample RL stage ``stage`` allows: its prompt budget (every
+    image at ``max_pixels``) plus ``max_new_tokens`` (the vLLM engine's ``max_model_len``)."""
+    shape = TrainingShape(max_pixels=max_pixels, max_new_tokens=max_new_tokens,
+                          **stage_prompt_budget(stage, caption_budget))
+    return shape.sequence_length(Architecture.from_hf_config(hf_config))
+
+
+def training_shapes(config) -> dict[str, TrainingShape]:
+    """The two RL stages' shapes (:func:`stage_prompt_budget`)."""
     rl, parallel = config.rl, config.parallel
-    caption_tokens = config.synthesis.get("vlm", {}).get("caption_tokens", VLMConfig.caption_tokens)
+    rollout = config.rollout
     rows_per_rank = rl.prompts_per_step * rl.n // (rl.grpo.num_minibatches * parallel.data_parallel)
     base = TrainingShape(
         micro_batch_size=rl.grpo.micro_batch_size,
@@ -83,16 +104,16 @@ def training_shapes(config) -> dict[str, TrainingShape]:
         max_pixels=rl.max_pixels,
         max_new_tokens=rl.sampling.max_new_tokens,
         # null: the backend fills half the free memory with decode slots; the plan then counts its default batch
-        generation_batch_size=config.rollout.megatron_batch_size or TrainingShape.generation_batch_size,
-        vllm_memory_fraction=config.rollout.vllm_gpu_memory_utilization if config.rollout.backend == "vllm" else 0.0,
-        vllm_sleep_mode=config.rollout.vllm_sleep_mode,
+        generation_batch_size=rollout.megatron.max_batch_size or TrainingShape.generation_batch_size,
+        vllm_memory_fraction=rollout.vllm.gpu_memory_utilization if rollout.backend == "vllm" else 0.0,
+        vllm_sleep_mode=rollout.vllm.enable_sleep_mode,
         precision=config.model.precision,
         recompute=config.model.recompute,
         recompute_vision=config.model.recompute_vision,
         reward_params=int(_reward_params(config.reward.embedding_model)),
     )
-    return {"RL stage 1": replace(base, prompt_text_tokens=PROMPT_TEMPLATE_TOKENS + caption_tokens),
-            "RL stage 2": replace(base, prompt_text_tokens=PROMPT_TEMPLATE_TOKENS, images_per_prompt=2)}
+    captions = caption_tokens(config.synthesis)
+    return {f"RL stage {stage}": replace(base, **stage_prompt_budget(stage, captions)) for stage in (1, 2)}
 
 
 def synthesis_shape(config) -> SynthesisShape | None:
@@ -100,10 +121,11 @@ def synthesis_shape(config) -> SynthesisShape | None:
     does not know (the tiny ones: a few MB)."""
     from omegaconf import OmegaConf
 
+    from nemo_viper.structured import structured_defaults
     from nemo_viper.synthesis.config import DIFFUSION_PRESETS, SynthConfig, resolve_preset
 
     preset = resolve_preset(config.synthesis.get("diffusion_preset", "auto"), cuda_available=True)
-    merged = OmegaConf.merge(OmegaConf.structured(SynthConfig), DIFFUSION_PRESETS[preset], config.synthesis,
+    merged = OmegaConf.merge(structured_defaults(SynthConfig), DIFFUSION_PRESETS[preset], config.synthesis,
                              {"out": "plan", "vlm": {"policy": config.model.hf_path}})
     synth = OmegaConf.to_object(merged)
     known = [(PIPELINES[d.model], d) for d in (synth.redraw, synth.edit) if d.model in PIPELINES]
@@ -111,7 +133,7 @@ def synthesis_shape(config) -> SynthesisShape | None:
         return None
     (total, largest, hidden, tokens), diffusion = max(known, key=lambda item: item[0][3])
     return SynthesisShape(
-        vlm_batch_size=synth.vlm.max_batch_size,
+        vlm_batch_size=synth.vlm.generation.megatron.max_batch_size or SynthesisShape.vlm_batch_size,
         vlm_tokens=max(synth.vlm.caption_tokens, synth.vlm.critique_tokens) + PROMPT_TEMPLATE_TOKENS,
         vlm_pixels=synth.vlm.max_pixels or config.rl.max_pixels,
         pipeline_params=int(total), largest_component_params=int(largest), pipeline_hidden=hidden,
@@ -138,7 +160,7 @@ def plan_recipe(config, gpu_gib: float = 80, margin: float = DEFAULT_MARGIN) -> 
     shapes, synth = training_shapes(config), synthesis_shape(config)
     plan = plan_memory(arch, layout, shapes, synth, gpu_gib * GIB, margin)
     suggestion = None if plan.all_fit else _smallest_change(arch, layout, shapes, synth, plan, gpus,
-                                                            config.rollout.vllm_gpu_memory_utilization)
+                                                            config.rollout.vllm.gpu_memory_utilization)
     return RecipePlan(plan, arch, source, layout, suggestion)
 
 
@@ -184,8 +206,9 @@ def _apply(current, candidate, base):
 
 
 _KEYS = {"recompute": "model.recompute", "recompute_vision": "model.recompute_vision",
-         "micro_batch_size": "rl.grpo.micro_batch_size", "generation_batch_size": "rollout.megatron_batch_size",
-         "vllm_memory_fraction": "rollout.vllm_gpu_memory_utilization", "vllm_sleep_mode": "rollout.vllm_sleep_mode"}
+         "micro_batch_size": "rl.grpo.micro_batch_size", "generation_batch_size": "rollout.megatron.max_batch_size",
+         "vllm_memory_fraction": "rollout.vllm.gpu_memory_utilization",
+         "vllm_sleep_mode": "rollout.vllm.enable_sleep_mode"}
 
 
 def _last_values(changes: list[str]) -> str:

@@ -88,8 +88,6 @@ class MegatronGenerationConfig:
     - ``use_kv_cache``: ``False`` recomputes the whole sequence every step (reference/benchmark).
     - ``eos_token_ids``: tokens that end a sample; ``None`` = the tokenizer's EOS plus the EOS ids of
       ``generation_config.json``.
-    - ``seed``: base of the seeds drawn for requests without one (with the data-parallel rank, so DP
-      ranks differ); the same sequence of ``generate`` calls then gives the same samples.
     - ``top_p_candidates``: logits per TP rank gathered for top-p (see ``sampling``).
     """
 
@@ -98,7 +96,6 @@ class MegatronGenerationConfig:
     max_context_length: int | None = None
     use_kv_cache: bool = True
     eos_token_ids: tuple[int, ...] | None = None
-    seed: int = 0
     top_p_candidates: int = 64
 
     def __post_init__(self):
@@ -168,10 +165,12 @@ class MegatronGenerationBackend:
     """Generation on a :class:`~nemo_viper.models.policy.MegatronPolicy` (see the module doc).
 
     Always generates from the policy's current weights (no copy). ``tokenizer`` defaults to the one
-    in the policy's HF directory.
+    in the policy's HF directory. ``seed``: base of the seeds drawn for requests without one (with the
+    data-parallel rank, so DP ranks differ); the same sequence of ``generate`` calls gives the same samples.
     """
 
-    def __init__(self, policy, config: MegatronGenerationConfig = MegatronGenerationConfig(), tokenizer=None):
+    def __init__(self, policy, config: MegatronGenerationConfig = MegatronGenerationConfig(), tokenizer=None,
+                 seed: int = 0):
         from megatron.core import parallel_state
 
         self.config = config
@@ -203,7 +202,7 @@ class MegatronGenerationBackend:
         self._suppressed = torch.zeros(local_vocab, dtype=torch.bool, device=self._device)
         self._suppressed[local_ids[(local_ids >= 0) & (local_ids < local_vocab)].to(self._device)] = True
         self._seed_generator = torch.Generator().manual_seed(
-            config.seed * 1_000_003 + parallel_state.get_data_parallel_rank()
+            seed * 1_000_003 + parallel_state.get_data_parallel_rank()
         )
 
     def weights_updated(self) -> None:

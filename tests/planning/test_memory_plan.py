@@ -100,10 +100,10 @@ def test_the_vllm_engine_takes_its_share_of_the_gpu_beside_the_resident_trainer(
                 if k not in ("KV cache", "prefill temporaries")))
         # asleep during the step (the default), the engine adds nothing to it; awake, its whole share
         assert phase(vllm, "RL stage 2 training step").total == phase(megatron, "RL stage 2 training step").total
-        awake = plan_recipe(recipe(name, "rollout.backend=vllm", "rollout.vllm_sleep_mode=false"))
+        awake = plan_recipe(recipe(name, "rollout.backend=vllm", "rollout.vllm.enable_sleep_mode=false"))
         assert phase(awake, "RL stage 2 training step").terms["vLLM engine"] == 0.4 * 80 * GIB
-    greedy = plan_recipe(recipe("qwen25vl_7b", "rollout.backend=vllm", "rollout.vllm_gpu_memory_utilization=0.9"))
-    assert not greedy.plan.all_fit and greedy.suggestion == "rollout.vllm_gpu_memory_utilization=0.4"
+    greedy = plan_recipe(recipe("qwen25vl_7b", "rollout.backend=vllm", "rollout.vllm.gpu_memory_utilization=0.9"))
+    assert not greedy.plan.all_fit and greedy.suggestion == "rollout.vllm.gpu_memory_utilization=0.4"
 
 
 def test_plan_and_launch_commands():
@@ -131,7 +131,7 @@ def test_pipeline_parallelism_is_what_fits_the_7b_on_32gb_and_the_engine_holds_e
     from nemo_viper.planning.memory import rollout_phase, vllm_engine_minimum
     from nemo_viper.planning.recipe import format_plan
 
-    on_vllm = ["rollout.backend=vllm", "rollout.vllm_gpu_memory_utilization=0.25"]
+    on_vllm = ["rollout.backend=vllm", "rollout.vllm.gpu_memory_utilization=0.25"]
     result = plan_recipe(recipe("qwen25vl_7b", *on_vllm), 32)
     assert result.suggestion.endswith("parallel.tensor=4 parallel.pipeline=2"), result.suggestion
     assert plan_recipe(recipe("qwen25vl_7b", *on_vllm, *result.suggestion.split()), 32).plan.all_fit
@@ -143,7 +143,7 @@ def test_pipeline_parallelism_is_what_fits_the_7b_on_32gb_and_the_engine_holds_e
     # from the recipe's Megatron backend, the pipeline change brings vLLM (the Megatron backend refuses PP), at a
     # share of the GPU that fits; each key once
     megatron = plan_recipe(recipe("qwen25vl_7b"), 32).suggestion
-    assert "parallel.tensor=4 parallel.pipeline=2 rollout.backend=vllm rollout.vllm_gpu_memory_utilization=" in megatron
+    assert "parallel.tensor=4 parallel.pipeline=2 rollout.backend=vllm rollout.vllm.gpu_memory_utilization=" in megatron
     assert plan_recipe(recipe("qwen25vl_7b", *megatron.split()), 32).plan.all_fit
     assert len({item.split("=")[0] for item in megatron.split()}) == len(megatron.split())
 

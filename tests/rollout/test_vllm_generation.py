@@ -42,6 +42,18 @@ def test_seeded_samples_are_reproducible_and_differ_within_a_group(result):
     assert result["sampled_again"] == sampled
 
 
+def test_one_request_per_prompt_draws_the_single_sample_requests_samples(result):
+    """Sample j of an n-sample request is the sample of a single-sample request seeded stream_base(seed) + j:
+    the same streams (so the same distribution and reproducibility) as n separate requests."""
+    assert result["sampled"] == result["single_sample_requests"]
+
+
+def test_images_are_never_hashed(result):
+    """Every image carries a multi_modal_uuids entry: vLLM hashes none of the features."""
+    assert result["images"] > 0
+    assert result["image_hashes"] == 0
+
+
 def test_more_seeded_prompt_tokens_than_a_scheduler_step_takes(result):
     assert result["many_seeded_prompt_tokens"] > 4096
     assert [len(samples) for samples in result["many_seeded_samples"]] == [40]

@@ -192,7 +192,8 @@ def test_config_hash_ignores_the_work_split_but_not_the_settings(tiny_hf_dir, tm
     from nemo_viper.synthesis.config import config_hash
 
     base = config(1, tmp_path, tiny_hf_dir)
-    split = config(1, tmp_path / "elsewhere", tiny_hf_dir, "batch_size=5", "vlm.max_batch_size=3", shard_index=1,
+    split = config(1, tmp_path / "elsewhere", tiny_hf_dir, "batch_size=5", "vlm.generation.backend=vllm",
+                   "vlm.generation.megatron.max_batch_size=3", shard_index=1,
                    num_shards=2)
     changed = config(1, tmp_path, tiny_hf_dir, "seed=1")
     assert config_hash(base, "x") == config_hash(split, "x") != config_hash(changed, "x")

