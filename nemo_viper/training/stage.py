@@ -196,7 +196,8 @@ def run_stage(config: StageConfig) -> list[dict]:
 
 
 class _SelfEvaluation:
-    """Scores the policy on the held-out split (:mod:`nemo_viper.evaluation.heldout`) into ``out/heldout.json``.
+    """Scores the policy on the held-out split (:mod:`nemo_viper.evaluation.heldout`) into ``out/heldout.json``,
+    with the greedy answers to the first ``logger.num_samples`` held-out prompts (``examples``).
 
     ``before`` is recorded once, before the first step (a resumed stage keeps it); ``after`` for the stage's
     final step. Each data-parallel rank scores its share of the held-out prompts; rank 0 pools and writes.
@@ -211,7 +212,8 @@ class _SelfEvaluation:
         import torch.distributed as dist
         from megatron.core import parallel_state
 
-        from nemo_viper.evaluation.heldout import read_record, score_prompts, summarise_scores, write_record
+        from nemo_viper.evaluation.heldout import (answer_examples, read_record, score_prompts, summarise_scores,
+                                                   write_record)
         from nemo_viper.data.task_prompt import task_prompt
         from nemo_viper.runtime.collectives import all_gather_object
 
@@ -227,8 +229,11 @@ class _SelfEvaluation:
         samples = self.config.heldout.samples or self.config.rl.n
         scores = score_prompts(self.generator, self.reward, self.processor, prompts, self.config.rl.sampling,
                                samples, seed=self.config.heldout.seed + rank)
-        pooled = all_gather_object(scores, group=parallel_state.get_data_parallel_group())
+        examples = answer_examples(prompts, scores, self.config.logger.num_samples)
+        pooled = all_gather_object((scores, examples), group=parallel_state.get_data_parallel_group())
         if dist.get_rank() == 0:
-            merged = {key: [r for part in pooled for r in part[key]] for key in ("greedy", "sampled")}
+            merged = {key: [r for part, _ in pooled for r in part[key]] for key in ("greedy", "sampled")}
+            examples = [e for _, part in pooled for e in part][: self.config.logger.num_samples]
             step = 0 if when == "before" else self.config.rl.steps
-            write_record(self.path, when, {"step": step, "samples_per_prompt": samples, **summarise_scores(merged)})
+            write_record(self.path, when, {"step": step, "samples_per_prompt": samples, **summarise_scores(merged),
+                                           "examples": examples})
