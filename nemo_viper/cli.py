@@ -244,7 +244,7 @@ def cmd_run(args) -> None:
             console.print(f"{phase.name:<16} {'already done' if status == 'skip' else 'done'}")
 
         run_local(config, on_phase=show, start=args.start)
-    report = write_report(config.run_dir, config.rounds, config.reward.alert_gap)
+    report = write_report(config.run_dir, config.rounds, config.reward.alert_gap, config.logger.alerts)
     console.print(f"run report: {report}")
 
 

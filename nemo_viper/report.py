@@ -1,9 +1,11 @@
 """The run report: ``run_dir/report/report.md`` with PNG plots, from the files the phases wrote.
 
 Per round: reward and its breakdown (format, correctness, recall) per step for both RL stages, precision
-against recall and answer-sentence counts (with an alert line where mean precision exceeds mean recall by
-more than the run's ``reward.alert_gap``: answers that state few, safe facts), response length, clip
-fractions, the samples each RL stage skipped (by reason); the synthesis manifests' counts (inputs, samples
+against recall and answer-sentence counts, response length, clip fractions, the samples each RL stage
+skipped (by reason); the alerts of each stage's metrics history (:mod:`nemo_viper.training.alerts`: a reward
+part falling while the total rises, precision far above recall, entropy collapse, clipping, log-prob
+mismatch, growing truncation), each with the step it began; "What the policy says": the greedy answers to a
+few held-out prompts before and after each stage; the synthesis manifests' counts (inputs, samples
 written, skipped and filtered by reason) and time per sub-step; the held-out self-evaluation of both stages
 (reward before/after, greedy and sampled, table + plot). With benchmark phases: the benchmark table of the
 base model and of every round side by side, with deltas and a plot (:mod:`nemo_viper.evaluation.results`).
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import matplotlib
 
+from nemo_viper.training.alerts import AlertConfig, detect_alerts
 from nemo_viper.training.metrics_log import read_metrics
 
 matplotlib.use("Agg")
@@ -122,6 +125,34 @@ def _heldout_section(records: dict[str, dict], r: int, out: Path) -> list[str]:
     return lines + ["", f"![held-out](round{r}_heldout.png)", ""]
 
 
+def _one_line(text: str, limit: int = 300) -> str:
+    """``text`` as one table cell: newlines shown as ``⏎``, pipes escaped, cut at ``limit`` characters."""
+    text = text.strip().replace("\n", " ⏎ ").replace("|", "\\|")
+    return text if len(text) <= limit else text[:limit] + " …"
+
+
+def _policy_says_section(records: dict[str, dict]) -> list[str]:
+    """The greedy answers to the same held-out prompts before and after each stage, with their rewards."""
+    lines = []
+    for stage, rec in records.items():
+        before = {e["sample_id"]: e for e in rec["before"].get("examples", [])}
+        after = [e for e in rec["after"].get("examples", []) if e["sample_id"] in before]
+        if not after:
+            continue
+        if not lines:
+            lines = ["What the policy says (greedy answers to held-out prompts; reward = total, format, "
+                     "correctness):", ""]
+        lines += [f"| {stage}: prompt | before | after |", "|---|---|---|"]
+        for example in after:
+            old = before[example["sample_id"]]
+            cells = [f"`{example['sample_id']}`: {_one_line(example['prompt'], 160)}"]
+            for e in (old, example):
+                cells.append(f"{_one_line(e['answer'])} ({e['reward']:.2f}, {e['format']:.0f}, {e['correctness']:.2f})")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 def _benchmark_section(run_dir: Path, rounds: int, out: Path) -> list[str]:
     from nemo_viper.evaluation.results import comparison_markdown, load_summary, plot_comparison, smoke_settings
 
@@ -145,10 +176,11 @@ def _benchmark_section(run_dir: Path, rounds: int, out: Path) -> list[str]:
     return lines + [""]
 
 
-def write_report(run_dir: str | Path, rounds: int, alert_gap: float) -> Path:
+def write_report(run_dir: str | Path, rounds: int, alert_gap: float, alerts: AlertConfig | None = None) -> Path:
     """Write the report for ``rounds`` rounds of the run in ``run_dir``; returns ``report.md``'s path.
 
-    ``alert_gap``: the run's ``reward.alert_gap``."""
+    ``alert_gap``: the run's ``reward.alert_gap``; ``alerts``: its ``logger.alerts`` thresholds."""
+    alerts = alerts or AlertConfig()
     run_dir = Path(run_dir)
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -163,6 +195,7 @@ def write_report(run_dir: str | Path, rounds: int, alert_gap: float) -> Path:
         heldout = _heldout(round_dir)
         if heldout:
             lines += _heldout_section(heldout, r, out)
+            lines += _policy_says_section(heldout)
         if manifests:
             _plot_synthesis(manifests, out / f"round{r}_synthesis.png")
             lines += ["| dataset | inputs | samples | skipped | filtered | time per sub-step (s) |", "|---|---|---|---|---|---|"]
@@ -181,11 +214,10 @@ def write_report(run_dir: str | Path, rounds: int, alert_gap: float) -> Path:
                              f"{_skipped(records)} |")
             lines.append("")
             for name, records in stages.items():
-                flagged = [r["step"] for r in records if r.get("reward/precision_recall_gap", 0.0) > alert_gap]
-                if flagged:
-                    lines += [f"**Alert ({name}):** mean precision exceeds mean recall by more than {alert_gap} at "
-                              f"steps {flagged}: the policy may state few, safe facts (reward hacking; see "
-                              "docs/rewards.md: `reward.mode=f1`, `reward.min_coverage`).", ""]
+                found = detect_alerts(records, alerts, alert_gap)
+                if found:
+                    lines += [f"**Alerts ({name}):**", ""]
+                    lines += [f"- step {a.step}, `{a.metric}`: {a.message}" for a in found] + [""]
             for panel, keys in PANELS.items():
                 _plot(stages, keys, panel.replace("_", " "), out / f"round{r}_{panel}.png")
                 lines += [f"![{panel}](round{r}_{panel}.png)", ""]

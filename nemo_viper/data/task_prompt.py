@@ -35,3 +35,13 @@ def task_prompt(record: Record, images) -> TaskPrompt:
     else:
         messages = visual_op_messages()
     return TaskPrompt(sample_id=record.id, messages=messages, images=images, ground_truth=ground_truth(record))
+
+
+def prompt_text(messages: list[dict]) -> str:
+    """The text parts of a chat prompt (images shown as ``<image>``)."""
+    parts = []
+    for message in messages:
+        content = message["content"]
+        for part in [content] if isinstance(content, str) else content:
+            parts.append(part if isinstance(part, str) else part.get("text", "<image>"))
+    return "\n".join(parts)

@@ -64,8 +64,8 @@ def mean_breakdown(rewards: Sequence) -> dict[str, float]:
 def score_prompts(generator, reward_model, processor, prompts: Sequence, sampling, samples: int, seed: int) -> dict:
     """Rewards of greedy answers (one per prompt) and of ``samples`` sampled answers per prompt.
 
-    Returns ``{"greedy": [RewardBreakdown per prompt], "sampled": [... per answer]}`` (lists, so data-parallel
-    ranks can pool them before averaging).
+    Returns ``{"greedy": [RewardBreakdown per prompt], "sampled": [... per answer], "greedy_answers": [text per
+    prompt]}`` (lists, so data-parallel ranks can pool them before averaging).
     """
     from nemo_viper.rollout.interface import GenerationRequest
 
@@ -79,7 +79,18 @@ def score_prompts(generator, reward_model, processor, prompts: Sequence, samplin
         ids = [p.sample_id for p in prompts for _ in range(n)]
         truncated = [s.truncated for group in responses for s in group]
         out[name] = reward_model.score(texts, truths, ids, truncated) if texts else []
+        out[f"{name}_answers"] = texts
     return out
+
+
+def answer_examples(prompts: Sequence, scores: dict, count: int) -> list[dict]:
+    """The first ``count`` prompts' greedy answers with their rewards and ground truth (what the report shows
+    as "What the policy says"). ``scores``: :func:`score_prompts`' result for ``prompts``."""
+    from nemo_viper.data.task_prompt import prompt_text
+
+    return [{"sample_id": p.sample_id, "prompt": prompt_text(p.messages), "ground_truth": list(p.ground_truth),
+             "answer": answer, "reward": r.total, "format": r.format, "correctness": r.correctness}
+            for p, answer, r in zip(prompts[:count], scores["greedy_answers"], scores["greedy"])]
 
 
 def summarise_scores(pooled: dict) -> dict:

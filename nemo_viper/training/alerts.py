@@ -2,8 +2,9 @@
 
 Each detector scans the history step by step and reports the first step where its condition holds, the
 metric that shows it and the value. Trends are measured over ``window`` steps as the mean of the window's
-second half minus the mean of its first half (robust to one noisy step), and an alert's ``step`` is the
-first step of the first window that shows it.
+second half minus the mean of its first half (robust to one noisy step); a trend alert's ``step`` is where
+the move began in the first window that shows it (the step after the window's last peak or trough), a
+threshold alert's the first step over it.
 
 - ``part_falls``: a reward part (format, correctness, precision, recall) falls by more than ``part_drop``
   while ``reward/mean`` rises: the policy trades that part for the others (a low-weight format reward
@@ -67,14 +68,18 @@ def _trend(values: Sequence[float]) -> float:
     return sum(values[-half:]) / half - sum(values[:half]) / half
 
 
-def _first_trend(history: Sequence[dict], key: str, window: int, holds) -> tuple[int, float] | None:
-    """``(first step of the window, trend)`` of the first ``window``-step window where ``holds(trend, end)``."""
+def _first_trend(history: Sequence[dict], key: str, window: int, holds, rising: bool) -> tuple[int, float] | None:
+    """``(onset, trend)`` of the first ``window``-step window where ``holds(trend, last step)``; the onset is the
+    step after the window's last minimum (``rising``) or maximum (falling): where the move began."""
     series = _series(history, key)
     for end in range(window, len(series) + 1):
         chunk = series[end - window:end]
-        change = _trend([v for _, v in chunk])
+        values = [v for _, v in chunk]
+        change = _trend(values)
         if holds(change, chunk[-1][0]):
-            return chunk[0][0], change
+            extreme = min(values) if rising else max(values)
+            last = max(i for i, v in enumerate(values) if v == extreme)
+            return chunk[min(last + 1, window - 1)][0], change
     return None
 
 
@@ -92,7 +97,7 @@ def detect_alerts(history: Sequence[dict], config: AlertConfig, precision_recall
             steps = [s for s, _ in _series(history, part) if s <= end][-window:]
             total = [totals[s] for s in steps if s in totals]
             return change < -config.part_drop and len(total) == window and _trend(total) > 0
-        found = _first_trend(history, part, window, falls_while_total_rises)
+        found = _first_trend(history, part, window, falls_while_total_rises, rising=False)
         if found:
             alerts.append(Alert("part_falls", part, found[0],
                                 f"{part} fell by {-found[1]:.2f} over {window} steps from step {found[0]} while "
@@ -124,7 +129,7 @@ def detect_alerts(history: Sequence[dict], config: AlertConfig, precision_recall
                             f"{found[0]}: the sampler's log-probs disagree with the trainer's "
                             "(rl.grpo.importance_sampling_cap)"))
     found = _first_trend(history, "response/truncated_fraction", window,
-                         lambda change, end: change > config.truncated_rise)
+                         lambda change, end: change > config.truncated_rise, rising=True)
     if found:
         alerts.append(Alert("truncation_grows", "response/truncated_fraction", found[0],
                             f"response/truncated_fraction rose by {found[1]:.2f} over {window} steps from step "

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from nemo_viper.data.task_prompt import prompt_text
 from nemo_viper.training.alerts import detect_alerts
 from nemo_viper.training.metrics_log import read_metrics
 from nemo_viper.training.trackers import LoggerConfig, Trackers
@@ -22,16 +23,6 @@ from nemo_viper.training.trackers import LoggerConfig, Trackers
 log = logging.getLogger(__name__)
 
 SAMPLES_FILE = "samples.jsonl"
-
-
-def prompt_text(messages: Sequence[dict]) -> str:
-    """The text parts of a chat prompt (images shown as ``<image>``)."""
-    parts = []
-    for message in messages:
-        content = message["content"]
-        for part in [content] if isinstance(content, str) else content:
-            parts.append(part if isinstance(part, str) else part.get("text", "<image>"))
-    return "\n".join(parts)
 
 
 def sample_rows(step: int, groups: Sequence, count: int) -> list[dict]:

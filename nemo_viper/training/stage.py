@@ -190,7 +190,8 @@ def stage_prompts(config: StageConfig, dataset, preprocessor, data_parallel: Dat
 
 
 class _SelfEvaluation:
-    """Scores the policy on the held-out split (:mod:`nemo_viper.evaluation.heldout`) into ``out/heldout.json``.
+    """Scores the policy on the held-out split (:mod:`nemo_viper.evaluation.heldout`) into ``out/heldout.json``,
+    with the greedy answers to the first ``logger.num_samples`` held-out prompts (``examples``).
 
     ``before`` is recorded once, before the first step (a resumed stage keeps it); ``after`` for the stage's
     final step. Each data-parallel rank scores its share of the held-out prompts; rank 0 pools and writes.
@@ -205,7 +206,8 @@ class _SelfEvaluation:
     def record(self, when: str) -> None:
         import torch.distributed as dist
 
-        from nemo_viper.evaluation.heldout import read_record, score_prompts, summarise_scores, write_record
+        from nemo_viper.evaluation.heldout import (answer_examples, read_record, score_prompts, summarise_scores,
+                                                   write_record)
         from nemo_viper.data.task_prompt import task_prompt
 
         existing = read_record(self.path).get(when)
@@ -220,8 +222,11 @@ class _SelfEvaluation:
         samples = self.config.heldout.samples or self.config.rl.n
         scores = score_prompts(self.generator, self.reward, self.processor, prompts, self.config.rl.sampling,
                                samples, seed=self.config.heldout.seed + rank)
-        pooled = self.data_parallel.all_gather_object(scores)
+        examples = answer_examples(prompts, scores, self.config.logger.num_samples)
+        pooled = self.data_parallel.all_gather_object((scores, examples))
         if dist.get_rank() == 0:
-            merged = {key: [r for part in pooled for r in part[key]] for key in ("greedy", "sampled")}
+            merged = {key: [r for part, _ in pooled for r in part[key]] for key in ("greedy", "sampled")}
+            examples = [e for _, part in pooled for e in part][: self.config.logger.num_samples]
             step = 0 if when == "before" else self.config.rl.steps
-            write_record(self.path, when, {"step": step, "samples_per_prompt": samples, **summarise_scores(merged)})
+            write_record(self.path, when, {"step": step, "samples_per_prompt": samples, **summarise_scores(merged),
+                                           "examples": examples})
