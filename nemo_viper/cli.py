@@ -254,11 +254,21 @@ def cmd_config(args) -> None:
     print(to_yaml(_recipe_config(args, check_paths=False)), end="")
 
 
+def _add_time_plan_arguments(parser) -> None:
+    from nemo_viper.planning.synthesis_time import GPU_BF16_TFLOPS
+
+    parser.add_argument("--gpu", choices=tuple(GPU_BF16_TFLOPS), default="H100",
+                        help="GPU model the synthesis time is estimated for (default H100)")
+    parser.add_argument("--synthesis-images", type=int, default=None, metavar="N",
+                        help="input images of a synthesis round (default: synthesis.images counted, if readable here)")
+
+
 def cmd_plan(args) -> None:
     from nemo_viper.planning.recipe import format_plan, plan_recipe
 
     config = _recipe_config(args, check_paths=False)
-    print(format_plan(plan_recipe(config, args.gpu_memory), args.recipe))
+    print(format_plan(plan_recipe(config, args.gpu_memory, gpu=args.gpu, synthesis_images=args.synthesis_images),
+                      args.recipe))
 
 
 def cmd_launch(args) -> None:
@@ -269,6 +279,11 @@ def cmd_launch(args) -> None:
         from nemo_viper.planning.recipe import refuse_if_not_fitting
 
         refuse_if_not_fitting(config, args.gpu_memory)
+    if config.cluster.executor == "slurm" and not args.ignore_time_plan:
+        from nemo_viper.planning.recipe import count_synthesis_inputs, refuse_if_synthesis_exceeds_time
+
+        images = args.synthesis_images if args.synthesis_images is not None else count_synthesis_inputs(config)
+        refuse_if_synthesis_exceeds_time(config, args.gpu, images)
     print(launch(config, dry_run=args.dry_run, start=args.start))
 
 
@@ -455,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--gpu-memory", type=float, default=80, help="GiB per GPU the memory plan checks against")
             sub.add_argument("--ignore-memory-plan", action="store_true",
                              help="launch even if `nemo-viper plan` says a phase does not fit")
+            _add_time_plan_arguments(sub)
+            sub.add_argument("--ignore-time-plan", action="store_true",
+                             help="launch even if `nemo-viper plan` says a synthesis task exceeds cluster.time.synth")
         sub.set_defaults(func=cmd_run if name == "run" else cmd_launch)
 
     config = commands.add_parser("config", help="print a recipe's resolved config (YAML) after overrides",
@@ -469,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--recipe", required=True, help="tiny | qwen25vl_3b | qwen25vl_7b")
     plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. rl.grpo.micro_batch_size=4")
     plan.add_argument("--gpu-memory", type=float, default=80, help="GiB per GPU (default 80)")
+    _add_time_plan_arguments(plan)
     plan.set_defaults(func=cmd_plan)
 
     status = commands.add_parser("status", help="each phase of a run: done or pending (and why), its Slurm job")

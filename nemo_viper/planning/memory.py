@@ -26,8 +26,15 @@ Terms, in bytes, for one GPU (one rank of the ``tensor x pipeline x data`` layou
   (MLP activations and unfused attention scores of the prompts of one batch);
 - **vLLM engine** (``rollout.backend: vllm``): its share of the GPU, at least the whole model's weights
   over TP (every pipeline stage's rank holds all layers) and one full-length sequence of KV cache;
-- **reward model** and **diffusion pipeline**: their weights (and the pipeline's transformer
-  activations, ``16·batch·tokens·hidden`` bytes, an unvalidated rule of thumb).
+- **pixel values**: the float32 patches of the images the step holds on the GPU (``3·tp·p²`` values per
+  patch), plus their bf16 copy that the patch embedding saves for its weight gradient (training);
+- **reward model**: its weights, resident for the whole RL job (rollout and training step);
+- **CUDA/NCCL context**: memory the caching allocator never sees: the CUDA context with cuBLAS/cuDNN
+  workspaces and loaded kernels (:data:`CUDA_CONTEXT_BYTES`) and NCCL's buffers for each process group
+  of more than one rank that runs collectives (tensor, pipeline, data parallel;
+  :data:`NCCL_COMMUNICATOR_BYTES` each);
+- **diffusion pipeline**: its weights and its transformer activations (``16·batch·tokens·hidden``
+  bytes, an unvalidated rule of thumb).
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ import math
 from dataclasses import dataclass, field, replace
 
 GIB = 2**30
+CUDA_CONTEXT_BYTES = 1.0 * GIB  # CUDA context, cuBLAS/cuDNN workspaces, lazily loaded kernels (torch on Hopper)
+NCCL_COMMUNICATOR_BYTES = 0.5 * GIB  # one communicator's channel buffers (NCCL_BUFFSIZE x channels x peers)
 RECOMPUTE = ("none", "selective", "full")
 RESIDENCY = ("together", "alternate")
 
@@ -265,11 +274,32 @@ def loss_temporaries(arch: Architecture, layout: Layout, shape: TrainingShape) -
     }
 
 
+def pixel_value_bytes(arch: Architecture, images: int, pixels: int, copy_bytes: int = 0) -> float:
+    """The float32 ``pixel_values`` of ``images`` images of at most ``pixels`` pixels, each value ``4 +
+    copy_bytes`` bytes (``copy_bytes``: a lower-precision copy kept alongside)."""
+    return images * arch.image_patches(pixels) * 3 * arch.temporal_patch * arch.patch**2 * (4 + copy_bytes)
+
+
+def context_reserve(layout: Layout) -> float:
+    """CUDA context plus one NCCL communicator per parallel dimension of more than one rank."""
+    groups = sum(size > 1 for size in (layout.tensor, layout.pipeline, layout.data))
+    return CUDA_CONTEXT_BYTES + groups * NCCL_COMMUNICATOR_BYTES
+
+
+def resident_terms(layout: Layout, shape: TrainingShape) -> dict[str, float]:
+    """What an RL job holds in every phase besides the policy: the reward model and the context."""
+    return {"reward model": shape.reward_params * shape.reward_bytes_per_param,
+            "CUDA/NCCL context": context_reserve(layout)}
+
+
 def training_phase(arch: Architecture, layout: Layout, shape: TrainingShape) -> PhaseMemory:
     phase = PhaseMemory("RL training step", model_states(arch, layout, shape.precision))
     phase.terms["LM activations"] = lm_activations(arch, layout, shape)
     phase.terms["vision activations"] = vision_activations(arch, layout, shape)
+    phase.terms["pixel values"] = pixel_value_bytes(arch, distinct_images(shape), shape.max_pixels,
+                                                    copy_bytes=shape.element_bytes)
     phase.terms.update(loss_temporaries(arch, layout, shape))
+    phase.terms.update(resident_terms(layout, shape))
     return phase
 
 
@@ -293,8 +323,9 @@ def prefill_temporaries(arch: Architecture, layout: Layout, prompts: int, prompt
 
 def rollout_phase(arch: Architecture, layout: Layout, shape: TrainingShape, gpu_bytes: float) -> PhaseMemory:
     """Generation in the RL job: the trainer's states stay resident, plus the generator — Megatron's: the KV
-    cache of one batch and the prefill temporaries; vLLM's: the engine's whole share of the GPU
-    (``gpu_memory_utilization`` x GPU: its weights, KV cache and activations) — and the reward model."""
+    cache of one batch, the prefill temporaries and its prompts' pixel values; vLLM's: the engine's whole
+    share of the GPU (``gpu_memory_utilization`` x GPU: its weights, KV cache and activations) — and the
+    reward model and the context."""
     phase = PhaseMemory("RL rollout", model_states(arch, layout, shape.precision))
     e = shape.element_bytes
     if shape.vllm_memory_fraction:
@@ -305,7 +336,8 @@ def rollout_phase(arch: Architecture, layout: Layout, shape: TrainingShape, gpu_
         phase.terms["prefill temporaries"] = prefill_temporaries(
             arch, layout, prompts, shape.prompt_length(arch), shape.max_pixels, shape.images_per_prompt, e,
             shape.fused_attention)
-    phase.terms["reward model"] = shape.reward_params * shape.reward_bytes_per_param
+        phase.terms["pixel values"] = pixel_value_bytes(arch, prompts * shape.images_per_prompt, shape.max_pixels)
+    phase.terms.update(resident_terms(layout, shape))
     return phase
 
 
@@ -328,12 +360,13 @@ def synthesis_phase(name: str, arch: Architecture, synth: SynthesisShape) -> Pha
     resident_pipeline = synth.largest_component_params if synth.cpu_offload else synth.pipeline_params
     pipeline = resident_pipeline * 2
     pipeline_work = 16 * synth.pipeline_batch_size * synth.pipeline_tokens * synth.pipeline_hidden
+    context = {"CUDA/NCCL context": context_reserve(single)}
     if synth.residency == "alternate":
         if policy + policy_work >= pipeline + pipeline_work:
-            return PhaseMemory(name, {"policy weights": policy, "policy KV cache + prefill": policy_work})
-        return PhaseMemory(name, {"diffusion pipeline": pipeline, "diffusion activations": pipeline_work})
+            return PhaseMemory(name, {"policy weights": policy, "policy KV cache + prefill": policy_work, **context})
+        return PhaseMemory(name, {"diffusion pipeline": pipeline, "diffusion activations": pipeline_work, **context})
     return PhaseMemory(name, {"policy weights": policy, "policy KV cache + prefill": policy_work,
-                              "diffusion pipeline": pipeline, "diffusion activations": pipeline_work})
+                              "diffusion pipeline": pipeline, "diffusion activations": pipeline_work, **context})
 
 
 @dataclass(frozen=True)

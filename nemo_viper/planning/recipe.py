@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from nemo_viper.errors import ConfigError
+from nemo_viper.errors import ConfigError, NemoViperError
 from nemo_viper.planning.memory import (
     GIB,
     Architecture,
@@ -22,6 +22,7 @@ from nemo_viper.planning.memory import (
     plan_memory,
     training_changes,
 )
+from nemo_viper.planning.synthesis_time import DiffusionWork, TaskTime, task_time
 
 # The published config.json values the plan needs (huggingface.co/Qwen/Qwen2.5-VL-{3B,7B}-Instruct).
 _VISION = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "patch_size": 14,
@@ -34,13 +35,15 @@ PUBLISHED = {
                       "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
                       "tie_word_embeddings": False, "vision_config": _VISION},
 }
-# Parameters of the diffusion pipelines of the presets: (all components, largest component, transformer
-# hidden size, latent tokens per 1024^2 image). Qwen-Image: 20.4B MMDiT + Qwen2.5-VL-7B text encoder + VAE.
-PIPELINES = {"Qwen/Qwen-Image": (28.85e9, 20.43e9, 3072, 4096), "Qwen/Qwen-Image-Edit": (28.85e9, 20.43e9, 3072, 8192)}
+# Parameters of the diffusion pipelines of the presets: (all components, largest component = the transformer,
+# transformer hidden size, latent tokens per 1024^2 image, transformer layers). Qwen-Image: 20.4B MMDiT of 60
+# blocks + Qwen2.5-VL-7B text encoder + VAE; the editor's tokens are the target's and the reference image's.
+PIPELINES = {"Qwen/Qwen-Image": (28.85e9, 20.43e9, 3072, 4096, 60),
+             "Qwen/Qwen-Image-Edit": (28.85e9, 20.43e9, 3072, 8192, 60)}
 # Reward embedding models: parameters (float32 on the GPU).
 REWARD_MODELS = {"bge-m3": 568e6, "": 22.7e6}  # "" = the packaged all-MiniLM-L6-v2
 PROMPT_TEMPLATE_TOKENS = 160  # chat template + task text of the RL prompts (nemo_viper.prompts), rounded up
-DEFAULT_MARGIN = 0.15  # kept free: the estimator measured up to 10 % low on CPU (docs/benchmarks.md) + CUDA context
+DEFAULT_MARGIN = 0.10  # kept free: the estimator measured up to 10 % low on CPU (docs/benchmarks.md)
 
 
 def architecture(hf_path: str) -> tuple[Architecture, str]:
@@ -116,9 +119,14 @@ def training_shapes(config) -> dict[str, TrainingShape]:
     return {f"RL stage {stage}": replace(base, **stage_prompt_budget(stage, captions)) for stage in (1, 2)}
 
 
-def synthesis_shape(config) -> SynthesisShape | None:
-    """The heavier of the two synthesis stages' pipelines with the policy; ``None`` for pipelines the plan
-    does not know (the tiny ones: a few MB)."""
+def pipeline_sizes(model: str) -> tuple | None:
+    """:data:`PIPELINES` entry of a hub id or of a local directory named as the model (``/models/Qwen-Image``)."""
+    name = Path(model).name.lower()
+    return next((sizes for hub_id, sizes in PIPELINES.items() if hub_id.rpartition("/")[2].lower() == name), None)
+
+
+def synthesis_config(config):
+    """The recipe's :class:`~nemo_viper.synthesis.config.SynthConfig` on a GPU (its preset applied)."""
     from omegaconf import OmegaConf
 
     from nemo_viper.structured import structured_defaults
@@ -127,11 +135,56 @@ def synthesis_shape(config) -> SynthesisShape | None:
     preset = resolve_preset(config.synthesis.get("diffusion_preset", "auto"), cuda_available=True)
     merged = OmegaConf.merge(structured_defaults(SynthConfig), DIFFUSION_PRESETS[preset], config.synthesis,
                              {"out": "plan", "vlm": {"policy": config.model.hf_path}})
-    synth = OmegaConf.to_object(merged)
-    known = [(PIPELINES[d.model], d) for d in (synth.redraw, synth.edit) if d.model in PIPELINES]
+    return OmegaConf.to_object(merged)
+
+
+def count_synthesis_inputs(config) -> int | None:
+    """Input images of a synthesis round (``synthesis.images``), when they can be listed here."""
+    from nemo_viper.synthesis.inputs import list_inputs
+
+    try:
+        return len(list_inputs(config.synthesis.get("images", "skimage")))
+    except (NemoViperError, OSError):
+        return None
+
+
+def synthesis_task_times(config, gpu: str, images: int | None) -> list[TaskTime]:
+    """Each synthesis stage's array task on ``gpu`` for ``images`` inputs per round (``None``: unknown), against
+    ``cluster.time.synth``; stages whose pipeline the plan does not know are left out."""
+    synth = synthesis_config(config)
+    times = []
+    for stage, diffusion in (("synthesis stage 1", synth.redraw), ("synthesis stage 2", synth.edit)):
+        if not pipeline_sizes(diffusion.model):
+            continue
+        _, transformer, hidden, tokens, layers = pipeline_sizes(diffusion.model)
+        kwargs = diffusion.call_kwargs
+        true_cfg = kwargs.get("true_cfg_scale", 1.0) > 1 and kwargs.get("negative_prompt") is not None
+        work = DiffusionWork(transformer, layers, hidden, tokens, kwargs.get("num_inference_steps", 50), true_cfg)
+        times.append(task_time(stage, work, gpu, images, synth.num_shards, config.cluster.synthesis_gpus_per_task,
+                               config.cluster.time.synth))
+    return times
+
+
+def refuse_if_synthesis_exceeds_time(config, gpu: str, images: int | None) -> None:
+    """``ConfigError`` (one line) when a synthesis task cannot finish within ``cluster.time.synth``, naming the
+    shard count that would."""
+    for task in synthesis_task_times(config, gpu, images):
+        if not task.fits:
+            raise ConfigError(
+                f"synthesis time: {task.stage} draws {task.images_per_worker} images per task at ~"
+                f"{task.seconds_per_image:.0f} s each on {gpu} ({task.seconds / 3600:.1f} h) > cluster.time.synth="
+                f"{config.cluster.time.synth}; set synthesis.num_shards={task.shards_needed(images)} (or raise "
+                "cluster.time.synth); or launch with --ignore-time-plan")
+
+
+def synthesis_shape(config) -> SynthesisShape | None:
+    """The heavier of the two synthesis stages' pipelines with the policy; ``None`` for pipelines the plan
+    does not know (the tiny ones: a few MB)."""
+    synth = synthesis_config(config)
+    known = [(pipeline_sizes(d.model), d) for d in (synth.redraw, synth.edit) if pipeline_sizes(d.model)]
     if not known:
         return None
-    (total, largest, hidden, tokens), diffusion = max(known, key=lambda item: item[0][3])
+    (total, largest, hidden, tokens, _), diffusion = max(known, key=lambda item: item[0][3])
     return SynthesisShape(
         vlm_batch_size=synth.vlm.generation.megatron.max_batch_size or SynthesisShape.vlm_batch_size,
         vlm_tokens=max(synth.vlm.caption_tokens, synth.vlm.critique_tokens) + PROMPT_TEMPLATE_TOKENS,
@@ -149,9 +202,18 @@ class RecipePlan:
     source: str
     layout: Layout
     suggestion: str | None  # the smallest change that makes every phase fit, when some phase does not
+    synthesis_times: list[TaskTime]
+    gpu: str
+    synthesis_images: int | None
 
 
-def plan_recipe(config, gpu_gib: float = 80, margin: float = DEFAULT_MARGIN) -> RecipePlan:
+def plan_recipe(config, gpu_gib: float = 80, margin: float = DEFAULT_MARGIN, gpu: str = "H100",
+                synthesis_images: int | None = None) -> RecipePlan:
+    """Memory of every phase on ``gpu_gib`` GPUs, and the synthesis tasks' time on ``gpu`` for
+    ``synthesis_images`` inputs per round (default: ``synthesis.images`` counted, when it is readable here)."""
+    if synthesis_images is None:
+        synthesis_images = count_synthesis_inputs(config)
+    times = synthesis_task_times(config, gpu, synthesis_images)
     arch, source = architecture(config.model.hf_path)
     parallel = config.parallel
     gpus = parallel.world_size
@@ -161,7 +223,7 @@ def plan_recipe(config, gpu_gib: float = 80, margin: float = DEFAULT_MARGIN) -> 
     plan = plan_memory(arch, layout, shapes, synth, gpu_gib * GIB, margin)
     suggestion = None if plan.all_fit else _smallest_change(arch, layout, shapes, synth, plan, gpus,
                                                             config.rollout.vllm.gpu_memory_utilization)
-    return RecipePlan(plan, arch, source, layout, suggestion)
+    return RecipePlan(plan, arch, source, layout, suggestion, times, gpu, synthesis_images)
 
 
 def _smallest_change(arch, layout, shapes, synth, plan: Plan, gpus: int, vllm_share: float) -> str:
@@ -259,4 +321,16 @@ def format_plan(result: RecipePlan, name: str) -> str:
         if "parallel.pipeline=" in result.suggestion and not result.suggestion.startswith("no change found"):
             lines.append("pipeline parallelism is what makes it fit: no cheaper change does; each stage holds its "
                          "share of the layers' weights, gradients and optimizer state, and rollouts run on vLLM")
-    return "\n".join(lines)
+    return "\n".join(lines + [format_task_time(task, result) for task in result.synthesis_times])
+
+
+def format_task_time(task: TaskTime, result: RecipePlan) -> str:
+    """One line: a synthesis task's estimated time against its limit, and the shard count that fits."""
+    head = f"{task.stage} on {result.gpu}: ~{task.seconds_per_image:.0f} s per image"
+    if task.seconds is None:
+        return (f"{head}; the inputs are not readable here: one task of the limit holds "
+                f"{task.images_within_limit} images per GPU (synthesis.num_shards >= inputs / "
+                f"{task.images_within_limit * task.workers_per_shard}; nemo-viper plan --synthesis-images N)")
+    verdict = "fits" if task.fits else f"DOES NOT FIT: synthesis.num_shards={task.shards_needed(result.synthesis_images)}"
+    return (f"{head}, {task.images_per_worker} per GPU task: {task.seconds / 3600:.1f} h against "
+            f"{task.limit_seconds / 3600:.1f} h ({verdict})")

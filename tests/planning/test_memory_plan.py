@@ -1,5 +1,6 @@
 """The memory plan's arithmetic (nemo_viper.planning) on known configurations, and `nemo-viper plan` / `launch`."""
 
+import math
 import subprocess
 import sys
 
@@ -7,7 +8,9 @@ import pytest
 
 from nemo_viper.errors import ConfigError
 from nemo_viper.planning.memory import (
+    CUDA_CONTEXT_BYTES,
     GIB,
+    NCCL_COMMUNICATOR_BYTES,
     Architecture,
     Layout,
     TrainingShape,
@@ -15,9 +18,23 @@ from nemo_viper.planning.memory import (
     lm_activations,
     model_states,
     rank_params,
+    rollout_phase,
     training_phase,
 )
-from nemo_viper.planning.recipe import PUBLISHED, plan_recipe, refuse_if_not_fitting
+from nemo_viper.planning.recipe import (
+    PUBLISHED,
+    plan_recipe,
+    refuse_if_not_fitting,
+    refuse_if_synthesis_exceeds_time,
+    synthesis_task_times,
+)
+from nemo_viper.planning.synthesis_time import (
+    DIFFUSION_EFFICIENCY,
+    NON_DIFFUSION_SHARE,
+    DiffusionWork,
+    slurm_seconds,
+    task_time,
+)
 from nemo_viper.recipes import recipe
 
 SEVEN_B = Architecture.from_hf_config(PUBLISHED["Qwen2.5-VL-7B"])
@@ -70,6 +87,27 @@ def test_activation_terms_by_hand():
     assert distinct_images(TrainingShape(micro_batch_size=4, shared_images=False)) == 4
 
 
+def test_the_reward_model_pixel_values_and_context_are_counted_in_every_rl_phase():
+    """Worked by hand at non-default sizes: TP2 x PP2 (two communicators), a 1,000-parameter fp16 reward model,
+    two 4-patch images per prompt and micro-batches of 3 rows with 2 responses per prompt (2 distinct prompts)."""
+    arch = Architecture(hidden=64, ffn=128, layers=2, heads=4, kv_heads=2, vocab=1000, tied_embeddings=False,
+                        vision_depth=2, vision_hidden=32, vision_ffn=64)
+    shape = TrainingShape(micro_batch_size=3, responses_per_prompt=2, images_per_prompt=2, max_pixels=28 * 28,
+                          prompt_text_tokens=10, max_new_tokens=20, generation_batch_size=4, reward_params=1000,
+                          reward_bytes_per_param=2)
+    layout = Layout(tensor=2, pipeline=2, data=1)
+    patch_values = 4 * 3 * 2 * 14 * 14  # patches x (channels x temporal patch x patch^2)
+    context = CUDA_CONTEXT_BYTES + 2 * NCCL_COMMUNICATOR_BYTES
+    training = training_phase(arch, layout, shape)
+    assert training.terms["reward model"] == 2000 and training.terms["CUDA/NCCL context"] == context
+    assert training.terms["pixel values"] == 2 * 2 * patch_values * (4 + 2)  # float32 + the saved bf16 copy
+    rollout = rollout_phase(arch, layout, shape, 80 * GIB)
+    assert rollout.terms["reward model"] == 2000 and rollout.terms["CUDA/NCCL context"] == context
+    assert rollout.terms["pixel values"] == 2 * 2 * patch_values * 4  # the prefill's 2 prompts, float32
+    single = training_phase(arch, Layout(), shape)
+    assert single.terms["CUDA/NCCL context"] == CUDA_CONTEXT_BYTES  # one GPU: no communicator
+
+
 def test_recipes_fit_80gb_and_a_too_large_micro_batch_gets_the_smallest_change():
     for name in ("qwen25vl_3b", "qwen25vl_7b"):
         assert plan_recipe(recipe(name)).plan.all_fit, name
@@ -97,7 +135,7 @@ def test_the_vllm_engine_takes_its_share_of_the_gpu_beside_the_resident_trainer(
         assert rollout.terms["vLLM engine"] == 0.4 * 80 * GIB and "KV cache" not in rollout.terms
         assert rollout.total - rollout.terms["vLLM engine"] == pytest.approx(
             sum(v for k, v in phase(megatron, "RL stage 2 rollout").terms.items()
-                if k not in ("KV cache", "prefill temporaries")))
+                if k not in ("KV cache", "prefill temporaries", "pixel values")))  # the engine's own
         # asleep during the step (the default), the engine adds nothing to it; awake, its whole share
         assert phase(vllm, "RL stage 2 training step").total == phase(megatron, "RL stage 2 training step").total
         awake = plan_recipe(recipe(name, "rollout.backend=vllm", "rollout.vllm.enable_sleep_mode=false"))
@@ -152,3 +190,42 @@ def test_pipeline_parallelism_is_what_fits_the_7b_on_32gb_and_the_engine_holds_e
     minimum = vllm_engine_minimum(SEVEN_B, split, shape)
     assert minimum == vllm_engine_minimum(SEVEN_B, whole, shape) > 2 * SEVEN_B.total_params / 2
     assert rollout_phase(SEVEN_B, split, shape, 80 * GIB).terms["vLLM engine"] == minimum
+
+
+def test_synthesis_task_time_by_hand_and_the_shard_count_a_limit_needs():
+    """A 1e9-parameter, 2-layer transformer of hidden 100 over 1,000 tokens: 2.0008e12 FLOP per pass; 10 steps
+    with true CFG on an A100 (312 TFLOPS at 45 %), plus the non-diffusion share."""
+    work = DiffusionWork(params=1e9, layers=2, hidden=100, tokens=1000, steps=10, true_cfg=True)
+    assert work.flops_per_image == (2e12 + 4 * 2 * 1000**2 * 100) * 20
+    per_image = work.flops_per_image / (312e12 * DIFFUSION_EFFICIENCY) * (1 + NON_DIFFUSION_SHARE)
+    assert work.seconds_per_image("A100") == pytest.approx(per_image)
+    assert DiffusionWork(1e9, 2, 100, 1000, 10, False).flops_per_image == work.flops_per_image / 2
+    task = task_time("s", work, "A100", images=1000, shards=3, workers_per_shard=2, limit="0:30")  # 30 s
+    assert task.images_per_worker == 167 and task.images_within_limit == int(30 // per_image)
+    assert not task.fits and task.shards_needed(1000) == math.ceil(1000 / (int(30 // per_image) * 2))
+    wide = task_time("s", work, "A100", 1000, task.shards_needed(1000), 2, "0:30")
+    assert wide.fits
+    assert [slurm_seconds(t) for t in ("45", "01:30", "04:00:00", "1-02", "1-00:00:30")] == \
+        [2700, 90, 14400, 93600, 86430]
+
+
+def test_the_qwen_image_recipes_get_refused_time_limits_and_the_shard_count_that_fits():
+    """Qwen-Image at 50 steps with true CFG: ~40 s of drawing per 1024^2 image on an H100 (the calibration);
+    500 images per task exceed 04:00:00, and the named shard count fits. Stage 2 edits twice the tokens."""
+    config = recipe("qwen25vl_7b")
+    stage1, stage2 = synthesis_task_times(config, "H100", 64 * 500)
+    assert stage1.seconds_per_image / (1 + NON_DIFFUSION_SHARE) == pytest.approx(40, rel=0.02)
+    assert stage2.seconds_per_image > 2 * stage1.seconds_per_image  # attention grows with the square of the tokens
+    assert stage1.images_per_worker == 500 and not stage1.fits
+    with pytest.raises(ConfigError, match=rf"synthesis stage 1 draws 500 images .* synthesis.num_shards="
+                                          rf"{stage1.shards_needed(64 * 500)} "):
+        refuse_if_synthesis_exceeds_time(config, "H100", 64 * 500)
+    shards = max(stage1.shards_needed(64 * 500), stage2.shards_needed(64 * 500))
+    refuse_if_synthesis_exceeds_time(recipe("qwen25vl_7b", f"synthesis.num_shards={shards}"), "H100", 64 * 500)
+    # fewer steps without CFG, a faster GPU, a longer limit: each moves the verdict
+    fast = recipe("qwen25vl_7b", "synthesis.redraw.call_kwargs.num_inference_steps=20",
+                  "synthesis.redraw.call_kwargs.true_cfg_scale=1.0")
+    assert synthesis_task_times(fast, "H100", 64 * 500)[0].seconds == pytest.approx(stage1.seconds / 5)
+    assert synthesis_task_times(config, "B200", 64 * 500)[0].seconds < stage1.seconds / 2
+    assert synthesis_task_times(recipe("qwen25vl_7b", "cluster.time.synth=1-00:00:00"), "H100", 64 * 500)[1].fits
+    assert synthesis_task_times(config, "H100", None)[0].fits  # inputs unknown here: nothing to refuse
