@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 PHOTOS = ("astronaut.png", "camera.png", "chelsea.png", "coffee.png")  # two per synthesis shard
 # Short phases: 2 RL steps of 2 prompts (a checkpoint after each: the scancel drill needs step 1's), a
 # briefly warm-started tiny model; synthesis in 2 array tasks.
-NAME = "slurmdrill"  # the jobs' name prefix
+NAME = f"drill{os.getpid()}"  # the jobs' name prefix: this run's jobs, not those of another run beside it
 SHORT = [f"name={NAME}", "rl.steps=2", "rl.save_every=1", "rl.n=4", "rl.prompts_per_step=2", "synthesis.num_shards=2",
          "model.tiny_warm_start_steps=20", "cluster.container_image=null"]
 PHASE_TIMEOUT_S = 600
@@ -64,7 +64,8 @@ def done(run_dir: Path) -> set[str]:
 
 
 def states(job_id: str) -> set[str]:
-    return {row["State"].split()[0] for row in sacct(job_id)}
+    """The states of the job's tasks, the latest run of each (a requeued task's earlier runs left out)."""
+    return {row["State"].split()[0] for row in sacct(job_id, history=False)}
 
 
 def finished(job_id: str) -> bool:
