@@ -73,7 +73,6 @@ SelectTypeParameters=CR_CPU_Memory
 DefMemPerCPU=$(( mem_mb / cpus ))
 MpiDefault=none
 ReturnToService=2
-SchedulerParameters=kill_invalid_depend
 KillWait=10
 MinJobAge=600
 SlurmctldTimeout=30

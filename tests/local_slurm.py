@@ -36,10 +36,12 @@ def slurm_cluster():
     return ACCOUNT
 
 
-def sacct(job_id: str) -> list[dict]:
-    """``sacct`` rows (allocations only) of a job or its array tasks."""
+def sacct(job_id: str, history: bool = True) -> list[dict]:
+    """``sacct`` rows (allocations only) of a job or its array tasks; with ``history``, every run of a
+    requeued one (``-D``), else only the latest."""
     fields = ["JobID", "JobIDRaw", "State", "ExitCode", "Elapsed", "NodeList"]
-    out = subprocess.run(["sacct", "-X", "-n", "-P", "-D", "-o", ",".join(fields), "-j", job_id],
+    out = subprocess.run(["sacct", "-X", "-n", "-P", *(["-D"] if history else []), "-o", ",".join(fields),
+                          "-j", job_id],
                          capture_output=True, text=True, check=True).stdout
     return [dict(zip(fields, line.split("|"))) for line in out.splitlines()]
 

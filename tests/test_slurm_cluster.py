@@ -5,10 +5,10 @@ drills a cluster user meets, all on one launched run (one tiny loop is the cost;
 2. a phase that fails (its preflight: ``cluster.min_free_disk_gb`` too large): its dependents are cancelled,
    not left pending for ever (``--kill-on-invalid-dep=yes``); ``status`` names the failed job and its log;
    the next ``launch`` (fixed config) resubmits from the failed phase, no ``scancel`` by hand;
-3. ``scancel`` of the running stage-1 RL job after its first checkpoint: the next ``launch`` resumes it from
-   that checkpoint (the step-1 checkpoint is not rewritten);
-4. ``scontrol requeue`` of one running stage-2 synthesis array task: it runs again, its shard is completed
+3. ``scontrol requeue`` of one running stage-1 synthesis array task: it runs again, its shard is completed
    once (no duplicate sample ids);
+4. ``scancel`` of the running stage-1 RL job after its first checkpoint: the next ``launch`` resumes it from
+   that checkpoint (the step-1 checkpoint is not rewritten);
 5. the node set DOWN while the stage-2 RL job runs: the job is requeued (``--requeue``) and, the node back,
    finishes;
 and the loop's outputs: synthesis as a 2-task job array, RL under ``srun`` + ``torchrun``, ``afterok`` chains,
@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 PHOTOS = ("astronaut.png", "camera.png", "chelsea.png", "coffee.png")  # two per synthesis shard
 # Short phases: 2 RL steps of 2 prompts (a checkpoint after each: the scancel drill needs step 1's), a
 # briefly warm-started tiny model; synthesis in 2 array tasks.
-NAME = "slurmdrill"  # the jobs' name prefix
+NAME = f"drill{os.getpid()}"  # the jobs' name prefix: this run's jobs, not those of another run beside it
 SHORT = [f"name={NAME}", "rl.steps=2", "rl.save_every=1", "rl.n=4", "rl.prompts_per_step=2", "synthesis.num_shards=2",
          "model.tiny_warm_start_steps=20", "cluster.container_image=null"]
 PHASE_TIMEOUT_S = 600
@@ -64,7 +64,8 @@ def done(run_dir: Path) -> set[str]:
 
 
 def states(job_id: str) -> set[str]:
-    return {row["State"].split()[0] for row in sacct(job_id)}
+    """The states of the job's tasks, the latest run of each (a requeued task's earlier runs left out)."""
+    return {row["State"].split()[0] for row in sacct(job_id, history=False)}
 
 
 def finished(job_id: str) -> bool:
@@ -88,6 +89,27 @@ def drilled(slurm_cluster, tmp_path_factory):
     return run_dir, seen
 
 
+def running_with(*args: str) -> list[int]:
+    """Processes whose command line holds all of ``args`` (as whole arguments)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if proc.name.isdigit() and all(a in argv for a in args):
+            pids.append(int(proc.name))
+    return pids
+
+
+def start_now(job_id: str, *args: str) -> None:
+    """Slurm holds a requeued job for about two minutes (its BeginTime), time for the killed run's processes
+    (those with ``args`` on their command line) to exit; the drills wait for that exit, not the two minutes."""
+    wait_until(lambda: job_field(job_id, "JobState") == "PENDING", 60, f"job {job_id} pending again")
+    wait_until(lambda: not running_with(*args), 120, f"the processes of job {job_id}'s killed run to exit")
+    subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now"], check=True)
+
+
 def _drill(run_dir: Path, account: str, seen: dict) -> None:
     # 1 + 2: two launches at once of a config whose first job fails its preflight.
     started = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 1))
@@ -104,7 +126,16 @@ def _drill(run_dir: Path, account: str, seen: dict) -> None:
     seen["failed_status"] = status(run_dir)
     seen["relaunch"] = launch(run_dir, account)
 
-    # 3: scancel stage-1 RL after its first checkpoint; relaunch; it resumes from that checkpoint.
+    # 3: requeue one running stage-1 synthesis array task.
+    synth1 = recorded_jobs(run_dir)["round1.synth1"]["job_id"]
+    task = f"{synth1}_1"
+    wait_until(lambda: job_field(task, "JobState") == "RUNNING", PHASE_TIMEOUT_S, "synthesis task 1 running",
+               poll_s=0.5)
+    subprocess.run(["scontrol", "requeue", task], check=True)
+    wait_until(lambda: int(job_field(task, "Restarts") or 0) >= 1, 60, "the requeued task's restart")
+    start_now(task, str(run_dir / "round1" / "synth1"), "1")
+
+    # 4: scancel stage-1 RL after its first checkpoint; relaunch; it resumes from that checkpoint.
     rl1 = recorded_jobs(run_dir)["round1.rl1"]["job_id"]
     step1 = run_dir / "round1" / "rl1" / "checkpoints" / "step_0000001"
     wait_until(lambda: (step1 / "nemo_viper_checkpoint.json").is_file() or finished(rl1), PHASE_TIMEOUT_S * 2,
@@ -117,14 +148,6 @@ def _drill(run_dir: Path, account: str, seen: dict) -> None:
     seen["rl1_states"] = states(rl1)
     seen["resume_launch"] = launch(run_dir, account)
 
-    # 4: requeue one running stage-2 synthesis array task.
-    synth2 = recorded_jobs(run_dir)["round1.synth2"]["job_id"]
-    task = f"{synth2}_1"
-    wait_until(lambda: job_field(task, "JobState") == "RUNNING", PHASE_TIMEOUT_S * 2, "synthesis task 1 running",
-               poll_s=0.5)
-    subprocess.run(["scontrol", "requeue", task], check=True)
-    wait_until(lambda: int(job_field(task, "Restarts") or 0) >= 1, 60, "the requeued task's restart")
-
     # 5: the node DOWN while stage-2 RL runs: requeued; the node back, it finishes.
     rl2 = recorded_jobs(run_dir)["round1.rl2"]["job_id"]
     node = wait_until(lambda: job_field(rl2, "JobState") == "RUNNING" and job_field(rl2, "NodeList"),
@@ -132,6 +155,7 @@ def _drill(run_dir: Path, account: str, seen: dict) -> None:
     subprocess.run(["scontrol", "update", f"nodename={node}", "state=down", "reason=nemo_viper_drill"], check=True)
     wait_until(lambda: int(job_field(rl2, "Restarts") or 0) >= 1, 60, "stage-2 RL requeued after its node went down")
     seen["rl2_restarts"] = int(job_field(rl2, "Restarts"))
+    start_now(rl2, str(run_dir / "round1" / "rl2"))
     # Back in service: by hand, or by itself once its slurmd answers (ReturnToService=2 in local_slurm.sh).
     subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], capture_output=True)
     wait_until(lambda: not subprocess.run(["sinfo", "-h", "-n", node, "-o", "%T"], capture_output=True,
@@ -139,8 +163,8 @@ def _drill(run_dir: Path, account: str, seen: dict) -> None:
 
     export = recorded_jobs(run_dir)["export"]["job_id"]
     wait_until(lambda: finished(export), PHASE_TIMEOUT_S * 2, "the export job")
-    seen["synth2_tasks"] = sacct(synth2)
-    seen["synth2_restarts"] = int(job_field(task, "Restarts") or 0)
+    seen["synth1_tasks"] = sacct(synth1)
+    seen["synth1_restarts"] = int(job_field(task, "Restarts") or 0)
     seen["final_status"] = status(run_dir)
 
 
@@ -183,9 +207,13 @@ def test_a_cancelled_rl_job_resumes_from_its_checkpoint(drilled):
 
 def test_a_requeued_synthesis_task_completes_its_shard_once(drilled):
     run_dir, seen = drilled
-    assert seen["synth2_restarts"] >= 1
-    assert {row["State"] for row in seen["synth2_tasks"]} == {"COMPLETED"} and len(seen["synth2_tasks"]) == 2
-    data = ShardDataset(run_dir / "round1" / "synth2")
+    assert seen["synth1_restarts"] >= 1
+    runs = {}  # array task -> its states, oldest first (sacct -D: every run of a requeued task)
+    for row in seen["synth1_tasks"]:
+        runs.setdefault(row["JobID"], []).append(row["State"].split()[0])
+    synth1 = recorded_jobs(run_dir)["round1.synth1"]["job_id"]
+    assert runs == {f"{synth1}_0": ["COMPLETED"], f"{synth1}_1": ["REQUEUED", "COMPLETED"]}
+    data = ShardDataset(run_dir / "round1" / "synth1")
     ids = [data.record(i).id for i in range(len(data))]
     assert ids and len(ids) == len(set(ids))
 
