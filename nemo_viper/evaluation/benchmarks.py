@@ -47,7 +47,10 @@ class Benchmark:
     """One benchmark: lmms-eval ``task`` (a group for BLINK), its YAML, split, local dir and score metric(s).
 
     ``score_metrics``: the lmms-eval metric(s) whose mean is the benchmark's score; ``scale`` turns it into
-    percent. ``notes``: what differs from lmms-eval's default task (shown with the results).
+    percent. ``notes``: what differs from lmms-eval's default task (shown with the results). ``columns``: the
+    columns lmms-eval's task reads and their kind (``string``, ``int``, ``image``, ``list of string``,
+    ``list of image``; checked by :mod:`~nemo_viper.evaluation.schema` before any model loads);
+    ``answers``: the values its answer column may hold (empty: any).
     """
 
     task: str
@@ -55,6 +58,9 @@ class Benchmark:
     lmms_yaml: str  # relative to lmms_eval/tasks
     split: str
     score_metrics: tuple[str, ...]
+    columns: dict[str, str]
+    answer_column: str = "answer"
+    answers: tuple[str, ...] = ()
     scale: float = 100.0
     overrides: dict = field(default_factory=dict)
     notes: str = ""
@@ -67,22 +73,40 @@ HB_RULES = "lmms_eval.tasks.hallusion_bench.evaluate_hb"
 
 BENCHMARKS: dict[str, Benchmark] = {b.task: b for b in (
     Benchmark("mmstar", "MMStar", "mmstar/mmstar.yaml", "val", ("average",),  # states no budget: qwen2_5_vl's 128
+              columns={"index": "int", "question": "string", "image": "image", "answer": "string",
+                       "category": "string", "l2_category": "string"},
+              answers=tuple("ABCD"),
               overrides={"generation_kwargs": {"max_new_tokens": 128, **GREEDY}}),
-    Benchmark("realworldqa", "RealWorldQA", "realworldqa/realworldqa.yaml", "test", ("exact_match",)),
+    Benchmark("realworldqa", "RealWorldQA", "realworldqa/realworldqa.yaml", "test", ("exact_match",),
+              columns={"image": "image", "question": "string", "answer": "string"}),  # letters, numbers, words
     Benchmark("mmerealworld", "MME-RealWorld (en)", "mme_realworld/mme_realworld.yaml", "train",
-              ("mme_realworld_score",)),
-    Benchmark("blink", "BLINK", "blink/blink.yaml", "val", ("blink_acc",)),
+              ("mme_realworld_score",),
+              columns={"index": "int", "question": "string", "multi-choice options": "list of string",
+                       "answer": "string", "bytes": "string", "category": "string", "l2-category": "string"},
+              answers=tuple("ABCDE")),
+    Benchmark("blink", "BLINK", "blink/blink.yaml", "val", ("blink_acc",),
+              columns={"idx": "string", "question": "string", "sub_task": "string", "image_1": "image",
+                       "choices": "list of string", "answer": "string", "prompt": "string"},
+              answers=tuple(f"({letter})" for letter in "ABCDE")),
     Benchmark("mantis", "Mantis-Eval", "mantis/mantis.yaml", "test", ("mantis_score",),
+              columns={"id": "string", "question_type": "string", "question": "string", "images": "list of image",
+                       "options": "list of string", "answer": "string"},
               overrides={"generation_kwargs": {"max_new_tokens": 64, **GREEDY}},
               notes="greedy decoding (lmms-eval samples at temperature 0.2)"),
     Benchmark("hallusion_bench_image", "HallusionBench", "hallusion_bench/hallusion_bench_image.yaml", "image",
               ("aAcc", "fAcc", "qAcc"),
+              columns={"category": "string", "subcategory": "string", "set_id": "string", "figure_id": "string",
+                       "question_id": "string", "question": "string", "gt_answer_details": "string",
+                       "gt_answer": "string", "image": "image"},
+              answer_column="gt_answer", answers=("0", "1"),  # the rule scorer compares with the strings "0"/"1"
               overrides={"metric_list": [
                   {"metric": m, "aggregation": f"!function {HB_RULES}.hb_aggregation_result_{m}_intern",
                    "higher_is_better": True} for m in ("aAcc", "fAcc", "qAcc")]},
               notes="rule-based yes/no scorer (lmms-eval's *_intern aggregation) instead of the GPT-4 judge; "
                     "score = mean of aAcc, fAcc, qAcc"),
-    Benchmark("crpe_relation", "CRPE (relation)", "crpe_relation/crpe_relation.yaml", "test", ("exact_match",)),
+    Benchmark("crpe_relation", "CRPE (relation)", "crpe_relation/crpe_relation.yaml", "test", ("exact_match",),
+              columns={"text": "string", "image": "image", "correct_option": "string"},
+              answer_column="correct_option", answers=tuple("ABCD")),
 )}
 
 TASKS = tuple(BENCHMARKS)
@@ -108,7 +132,8 @@ def dataset_dirs(benchmark: Benchmark, root: str | Path) -> dict[str, Path]:
 
 
 def check_datasets(tasks: tuple[str, ...], root: str | Path) -> None:
-    """One-line error naming the task and the expected path for the first missing local dataset."""
+    """One-line error naming the task and the expected path for the first missing local dataset (cheap: no
+    dataset is opened; :func:`nemo_viper.evaluation.schema.check_schemas` checks their contents)."""
     for task in tasks:
         for subtask, path in dataset_dirs(BENCHMARKS[task], root).items():
             if not (path / "dataset_dict.json").is_file():

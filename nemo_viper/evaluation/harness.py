@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nemo_viper.errors import ConfigError
-from nemo_viper.evaluation.benchmarks import BENCHMARKS, check_datasets, dataset_dirs, write_task_overrides
+from nemo_viper.evaluation.benchmarks import BENCHMARKS, dataset_dirs, write_task_overrides
 from nemo_viper.evaluation.provenance import DigestCache, dataset_digest, key_differences, run_key
 from nemo_viper.evaluation.results import summarise, write_summary
+from nemo_viper.evaluation.schema import check_schemas
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class EvalConfig:
             raise ConfigError(f"eval backend={self.backend!r} is not one of {MODEL_BACKENDS}")
         if self.batch_size < 1:
             raise ConfigError(f"eval batch_size={self.batch_size} must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"eval limit={self.limit} must be >= 1 (None: every document)")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ConfigError(f"eval max_new_tokens={self.max_new_tokens} must be >= 1")
 
@@ -97,7 +100,12 @@ def check_auto_processor(hf_dir: Path) -> None:
     image without a word: a one-line error instead."""
     from transformers import AutoProcessor, ProcessorMixin
 
-    processor = AutoProcessor.from_pretrained(str(hf_dir))
+    try:
+        processor = AutoProcessor.from_pretrained(str(hf_dir))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError(f"{hf_dir}: AutoProcessor cannot load a processor ({type(exc).__name__}: {first_line}); "
+                          "a Qwen2.5-VL dir needs its preprocessor_config.json and tokenizer files") from exc
     if not isinstance(processor, ProcessorMixin):
         raise ConfigError(f"{hf_dir}: AutoProcessor gives a {type(processor).__name__}, not a Qwen2.5-VL processor "
                           "(its processor_config.json / tokenizer_config.json must declare processor_class "
@@ -202,7 +210,7 @@ def evaluate(config: EvalConfig, model=None) -> dict:
     the content digest of ``config.model``). Returns the summary."""
     out = Path(config.out)
     task_dir = out / "tasks"
-    check_datasets(config.tasks, config.dataset_root)
+    check_schemas(config.tasks, config.dataset_root)
     if model is None and config.backend == "vllm":
         from nemo_viper.rollout.vllm_backend import require_vllm
 

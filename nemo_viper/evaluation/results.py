@@ -66,8 +66,8 @@ def summarise(task_files: dict[str, dict], model: str) -> dict:
     }
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1f}"
+def _fmt(value: float | str | None) -> str:
+    return "n/a" if value is None else value if isinstance(value, str) else f"{value:.1f}"
 
 
 def smoke_settings(run: dict) -> str | None:
@@ -122,32 +122,86 @@ def load_summary(path: str | Path) -> dict:
     return json.loads(file.read_text())
 
 
-def comparison_rows(summaries: list[tuple[str, dict]]) -> list[tuple[str, list[float | None]]]:
-    """``(row name, value per checkpoint)`` for each task, the average and each MMStar sub-domain."""
-    rows = [(BENCHMARKS[t].title, [s["scores"].get(t) for _, s in summaries])
+MISSING = "missing"  # a comparison cell for a task one result does not have (None: run, but no score)
+
+
+def common_tasks(summaries: list[tuple[str, dict]]) -> list[str]:
+    """The tasks every summary scored (the comparison's average is over these)."""
+    return [t for t in TASKS if all(s["scores"].get(t) is not None for _, s in summaries)]
+
+
+def comparison_rows(summaries: list[tuple[str, dict]]) -> list[tuple[str, list]]:
+    """``(row name, value per checkpoint)`` for each task, the average over the common tasks and each MMStar
+    sub-domain; a value is a score, None (run, not scored) or :data:`MISSING` (not run)."""
+    def cell(summary: dict, task: str, value):
+        return value if task in summary["scores"] else MISSING
+
+    rows = [(BENCHMARKS[t].title, [cell(s, t, s["scores"].get(t)) for _, s in summaries])
             for t in TASKS if any(t in s["scores"] for _, s in summaries)]
-    rows.append(("average", [s["average"] for _, s in summaries]))
+    common = common_tasks(summaries)
+    every = all(set(s["scores"]) == set(TASKS) for _, s in summaries) and len(common) == len(TASKS)
+    name = "average" if every else f"average of the {len(common)} tasks all have"
+    rows.append((name, [sum(s["scores"][t] for t in common) / len(common) if common else None for _, s in summaries]))
     if any("mmstar" in s["scores"] for _, s in summaries):
-        rows += [(f"MMStar {d}", [s["mmstar_domains"].get(d) for _, s in summaries]) for d in MMSTAR_DOMAINS]
+        rows += [(f"MMStar {d}", [cell(s, "mmstar", s["mmstar_domains"].get(d)) for _, s in summaries])
+                 for d in MMSTAR_DOMAINS]
     return rows
 
 
+def _differing(summaries: list[tuple[str, dict]], task: str, field: str) -> bool:
+    values = [json.dumps(s["runs"][task].get(field), sort_keys=True) for _, s in summaries if task in s.get("runs", {})]
+    return len(set(values)) > 1
+
+
+def comparison_notes(summaries: list[tuple[str, dict]]) -> list[str]:
+    """What makes the columns not like for like: task sets, limits, backends, decoding settings, data."""
+    notes = []
+    tasks = [t for t in TASKS if any(t in s["scores"] for _, s in summaries)]
+    for label, summary in summaries:
+        if missing := [BENCHMARKS[t].title for t in tasks if t not in summary["scores"]]:
+            notes.append(f"task sets differ: {label} has no {', '.join(missing)}")
+    shared = [t for t in tasks if all(t in s["scores"] for _, s in summaries)]
+    for field, what in (("limit", "document limits"), ("backend", "backends"), ("generation", "decoding settings"),
+                        ("dataset_sha256", "datasets (dataset_sha256)"), ("lmms_eval_version", "lmms-eval versions")):
+        if differing := [t for t in shared if _differing(summaries, t, field)]:
+            values = "; ".join(f"{label}: {_run_field(s, differing[0], field)}" for label, s in summaries)
+            notes.append(f"{what} differ for {', '.join(BENCHMARKS[t].title for t in differing)} ({values})")
+    if unkeyed := [label for label, s in summaries if any("model_sha256" not in r for r in s.get("runs", {}).values())]:
+        notes.append(f"{', '.join(unkeyed)}: results without a run key (written before results were keyed); "
+                     "settings and data cannot be compared")
+    if len(common_tasks(summaries)) < len(tasks):
+        notes.append(f"the average is over the {len(common_tasks(summaries))} tasks every result scored, not each "
+                     "result's own average")
+    return notes
+
+
+def _run_field(summary: dict, task: str, field: str) -> str:
+    value = summary.get("runs", {}).get(task, {}).get(field)
+    if field == "dataset_sha256" and value:
+        return value[:12]
+    return "none" if value is None else json.dumps(value, sort_keys=True) if isinstance(value, dict) else str(value)
+
+
 def comparison_markdown(summaries: list[tuple[str, dict]]) -> str:
-    """Checkpoints side by side; each column after the first also shows its delta to the first."""
+    """Checkpoints side by side; each column after the first also shows its delta to the first (only where
+    both have a score); then what differs between the results."""
     labels = [label for label, _ in summaries]
     header = "| benchmark | " + " | ".join([labels[0]] + [f"{label} (Δ vs {labels[0]})" for label in labels[1:]]) + " |"
     lines = [header, "|---|" + "---|" * len(labels)]
     for name, values in comparison_rows(summaries):
         cells = [_fmt(values[0])]
         for value in values[1:]:
-            delta = "" if value is None or values[0] is None else f" ({value - values[0]:+.1f})"
-            cells.append(_fmt(value) + delta)
+            both = all(isinstance(v, float) for v in (value, values[0]))
+            cells.append(_fmt(value) + (f" ({value - values[0]:+.1f})" if both else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if notes := comparison_notes(summaries):
+        lines += ["", "Not like for like:", ""] + [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
 
 
 def plot_comparison(summaries: list[tuple[str, dict]], out: str | Path) -> Path:
-    """Grouped bars: one group per benchmark (and the average), one bar per checkpoint."""
+    """Grouped bars: one group per benchmark (and the average), one bar per checkpoint; a missing or unscored
+    result has no bar but a mark ("missing" / "n/a") on the axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,7 +211,12 @@ def plot_comparison(summaries: list[tuple[str, dict]], out: str | Path) -> Path:
     width = 0.8 / len(summaries)
     figure, axis = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 3.5))
     for i, (label, _) in enumerate(summaries):
-        axis.bar([x + i * width for x in range(len(rows))], [r[1][i] or 0.0 for r in rows], width, label=label)
+        xs = [x + i * width for x in range(len(rows))]
+        values = [r[1][i] for r in rows]
+        axis.bar(xs, [v if isinstance(v, float) else math.nan for v in values], width, label=label)
+        for x, value in zip(xs, values):
+            if not isinstance(value, float):
+                axis.text(x, 0.5, _fmt(value), rotation=90, ha="center", va="bottom", fontsize=6)
     axis.set_xticks([x + width * (len(summaries) - 1) / 2 for x in range(len(rows))], [r[0] for r in rows],
                     rotation=20, ha="right", fontsize=8)
     axis.set_ylabel("score (%)")
