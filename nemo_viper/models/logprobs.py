@@ -29,7 +29,18 @@ def forward_micro_batch(model, batch: PolicyBatch, device: torch.device):
     (the copies' gradients add up in the shared features), equal those of the per-row layout, where every
     row runs its own copy of the images through the tower: the tower's saved activations shrink by the
     number of rows per image set (``n`` for a GRPO rollout).
+
+    On a stage before the last the output is the hidden states sent to the next stage, made contiguous: the
+    model's layers keep the strides of its ``[S, B, H]`` transpose of the ``[B, S, H]`` embeddings, and the
+    pipeline's point-to-point sends take only contiguous tensors.
     """
+    from megatron.core.utils import unwrap_model
+
+    output = _forward(model, batch, device)
+    return output if unwrap_model(model).post_process else output.contiguous()
+
+
+def _forward(model, batch: PolicyBatch, device: torch.device):
     if batch.image_sets is None or batch.image_grid_thw is None:
         return model(**batch.model_inputs(device))
     from megatron.core.utils import unwrap_model

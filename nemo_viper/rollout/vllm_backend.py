@@ -20,6 +20,15 @@ Imported only when that backend is chosen (it needs the ``vllm`` package: ``vllm
   (plus the layer being re-processed) exists at a time: the buckets are single tensors. Then the prefix
   cache, the multimodal cache and the encoder cache are reset, so nothing computed with old weights is
   reused.
+- **Pipeline parallelism**: the engine's layout does not follow the trainer's stages: every rank of a
+  pipeline group holds a whole-model engine (the trainer's TP size), and the refit streams every stage's
+  parameters to all of them, each broadcast from the stage that owns it (the export's pipeline broadcast,
+  one tensor at a time; all ranks of the group iterate the same stream). The vision tower lives on the
+  first stage only, so it computes the prompts' image features and broadcasts them (one float32 tensor;
+  the sizes follow from the image grids every stage has) over the pipeline group. Every stage's engine
+  then runs the replica's requests with the same seeds (independent engines that stay identical), and the
+  first stage's responses are broadcast to the others, so all stages train on the same rollouts by
+  construction.
 - **Sleep mode on GPU**: between rollouts the engine sleeps at level 2 (weights and KV cache released),
   so training has the memory; before a rollout it wakes its weights, is refitted, then wakes its KV
   cache. On CPU there is no sleep mode: the engine stays resident (``cpu_kv_cache_gib`` of KV cache), and
@@ -71,6 +80,7 @@ from nemo_viper.rollout.interface import (
 )
 from nemo_viper.rollout.stopping import response_texts
 from nemo_viper.runtime import gc_heap
+from nemo_viper.runtime.collectives import broadcast, broadcast_object
 
 IMAGES_PER_PROMPT = 2
 PLACEHOLDER_TOKENS = ("<|image_pad|>", "<|video_pad|>")
@@ -199,6 +209,37 @@ def configure_vllm_environment(config: VLLMGenerationConfig) -> None:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 
+@dataclass(frozen=True)
+class _PipelineGroup:
+    """This rank's pipeline-parallel group, for what only the first stage computes (see the module doc)."""
+
+    group: object
+    first_rank: int
+    is_first_stage: bool
+    size: int
+
+    @classmethod
+    def current(cls) -> _PipelineGroup:
+        from megatron.core import parallel_state
+
+        return cls(parallel_state.get_pipeline_model_parallel_group(),
+                   parallel_state.get_pipeline_model_parallel_first_rank(),
+                   parallel_state.is_pipeline_first_stage(ignore_virtual=True),
+                   parallel_state.get_pipeline_model_parallel_world_size())
+
+    def from_first_stage(self, obj):
+        """The first stage's picklable ``obj`` on every stage (``obj`` itself without pipeline parallelism)."""
+        if self.size == 1:
+            return obj
+        return broadcast_object(obj, src=self.first_rank, group=self.group)
+
+    def tensor_from_first_stage(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The first stage's ``tensor`` on every stage (the others pass one of the same shape and dtype)."""
+        if self.size == 1:
+            return tensor
+        return broadcast(tensor, src=self.first_rank, group=self.group)
+
+
 class VLLMGenerationBackend:
     """vLLM generation refitted from a :class:`~nemo_viper.models.policy.MegatronPolicy` (see the module doc).
     ``seed``: the engine's seed and the base of the seeds drawn for requests without one (with the
@@ -209,8 +250,6 @@ class VLLMGenerationBackend:
         from megatron.core import parallel_state
         from megatron.core.utils import unwrap_model
 
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            raise ConfigError("rollout.backend=vllm needs a policy with pipeline_parallel=1 for its refit layout")
         self.config = config
         self.policy = policy
         self._model = unwrap_model(policy.chunks[0])
@@ -228,6 +267,8 @@ class VLLMGenerationBackend:
         self._placeholders = {ids[token] for token in PLACEHOLDER_TOKENS if ids.get(token) is not None}
         self._image_token_id = self._model.config.image_token_id
         self._merge = self._model.config.vision_config.spatial_merge_size
+        self._feature_size = text_config(policy.hf_config)["hidden_size"]  # the vision merger's output width
+        self._pipeline = _PipelineGroup.current()
         self._seed_generator = torch.Generator().manual_seed(
             seed * 1_000_003 + parallel_state.get_data_parallel_rank()
         )
@@ -273,7 +314,8 @@ class VLLMGenerationBackend:
         self._stale = True
 
     def refit(self) -> None:
-        """Stream the policy's weights (HF names, gathered over TP) into the engine; reset its caches."""
+        """Stream the policy's weights (HF names, gathered over TP, each broadcast from the pipeline stage that
+        owns it) into the engine; reset its caches. A collective of the pipeline group."""
         if self._sleeping:
             self._llm.wake_up(tags=["weights"])
         weights = self.policy.bridge.export_hf_weights(self.policy.chunks, cpu=False, show_progress=False)
@@ -313,7 +355,7 @@ class VLLMGenerationBackend:
         )
         for sample, text in zip(samples, texts):
             sample.text = text
-        return by_request(samples, requests)
+        return by_request(self._pipeline.from_first_stage(samples), requests)
 
     def _validate(self, index: int, request: GenerationRequest) -> None:
         images = 0 if request.image_grid_thw is None else len(request.image_grid_thw)
@@ -325,8 +367,17 @@ class VLLMGenerationBackend:
         """vLLM prompts: token ids, and the images as the policy's vision-tower features with their uuids."""
         prompts = [{"prompt_token_ids": self._collapse_image_placeholders(r.prompt_ids)} for r in requests]
         with_images = [i for i, r in enumerate(requests) if r.pixel_values is not None]
-        for i, embeds in zip(with_images, self._image_features([requests[i] for i in with_images])):
-            grid = requests[i].image_grid_thw
+        if not with_images:
+            return prompts
+        grids = [requests[i].image_grid_thw for i in with_images]
+        sizes = [int(grid.prod(dim=-1).sum()) // self._merge**2 for grid in grids]
+        if self._pipeline.is_first_stage:  # the stage that holds the vision tower
+            features = torch.cat(self._image_features([requests[i] for i in with_images]))
+        else:
+            features = torch.empty(sum(sizes), self._feature_size, dtype=self._dtype,
+                                   device=next(self._model.parameters()).device)
+        features = self._pipeline.tensor_from_first_stage(features)
+        for i, grid, embeds in zip(with_images, grids, features.split(sizes)):
             first = self._images_sent
             self._images_sent += len(grid)
             prompts[i]["multi_modal_data"] = {"image": {"image_embeds": embeds, "image_grid_thw": grid}}

@@ -66,6 +66,13 @@ def test_stage_task_mismatch_is_reported_before_building(tiny_hf_dir, stage1_dat
     )
 
 
+def test_pipeline_parallel_with_megatron_rollouts_is_refused_before_building(tiny_hf_dir, stage1_data, tmp_path, capsys):
+    assert main(["train", "--stage", "1", "--data", str(stage1_data), "--policy", str(tiny_hf_dir),
+                 "--out", str(tmp_path / "run"), "--steps", "1", "--pp", "2"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: parallel.pipeline=2 needs rollout.backend=vllm")
+    assert not (tmp_path / "run").exists()
+
+
 def test_image_settings_are_checked_before_building(tiny_hf_dir, stage1_data, tmp_path, capsys, monkeypatch):
     from nemo_viper.data import images
 
