@@ -35,7 +35,8 @@ def task_score(task: str, results: dict) -> float | None:
 
 
 def mmstar_domains(results: dict) -> dict[str, float | None]:
-    """MMStar's six sub-domain scores (percent); None for a domain without questions."""
+    """MMStar's six sub-domain scores (percent) as lmms-eval aggregates them: each the mean of its
+    sub-categories' (``l2_category``) accuracies; None for a domain without questions."""
     mmstar = results.get("mmstar", {})
     return {d: (None if (v := metric_value(mmstar, d)) is None else 100.0 * v) for d in MMSTAR_DOMAINS}
 
