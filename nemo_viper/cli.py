@@ -178,7 +178,8 @@ def cmd_eval(args) -> None:
         labels = args.labels or [os.path.basename(os.path.normpath(p)) for p in args.compare]
         if len(labels) != len(args.compare):
             raise NemoViperError(f"--labels has {len(labels)} names for {len(args.compare)} --compare results")
-        out = write_comparison([(l, load_summary(p)) for l, p in zip(labels, args.compare)], args.out or "eval_compare")
+        out = write_comparison([(l, load_summary(p)) for l, p in zip(labels, args.compare)], args.out or "eval_compare",
+                               dirs=args.compare if all(map(os.path.isdir, args.compare)) else None)
         print(out.read_text())
         return
     if args.collect:
@@ -445,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--shard-index", type=int, help="evaluate tasks[shard_index::num_shards] (one job per shard)")
     ev.add_argument("--num-shards", type=int)
     ev.add_argument("--collect", metavar="OUT", help="rewrite OUT/results.{json,md} from the shard jobs' task files")
-    ev.add_argument("--compare", nargs="+", metavar="RESULTS", help="eval output dirs side by side, deltas to the first")
+    ev.add_argument("--compare", nargs="+", metavar="RESULTS", help="eval output dirs side by side, deltas to the first, and the "
+                    "samples whose verdict changed against the first")
     ev.add_argument("--labels", nargs="+", help="column names for --compare (default: the dir names)")
     ev.add_argument("--guard-against", metavar="RESULTS",
                     help="exit with status 3 if the average dropped by more than --max-drop points against RESULTS")

@@ -165,6 +165,8 @@ def _benchmark_section(run_dir: Path, rounds: int, out: Path) -> list[str]:
     notes = {note for _, s in summaries for note in s["notes"].values()}
     capped = [n for n, s in summaries if any(smoke_settings(r) for r in s["runs"].values())]
     lines += [f"- {note}" for note in sorted(notes)]
+    lines.append("- per-sample logs (prompt, answer, extracted answer, gold, score): " + ", ".join(
+        f"[{n}](../eval/{n}/samples/)" for n, _ in summaries))
     if capped:
         lines.append(f"- {', '.join(capped)}: run with a max_new_tokens cap or a document limit (not comparable to "
                      "full runs)")

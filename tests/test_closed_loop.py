@@ -88,6 +88,8 @@ def test_tiny_loop_survives_a_kill_after_rl_stage1(tmp_path):
         assert all(0.0 <= score <= 100.0 for score in summary["scores"].values()), summary["scores"]
         assert summary["runs"]["mmstar"]["generation"]["max_new_tokens_cap"] == 8 and summary["runs"]["mmstar"]["limit"] == 1
         assert "not comparable to full runs" in (run_dir / "eval" / name / "results.md").read_text()
+        assert f"[{name}](../eval/{name}/samples/)" in report  # the per-sample logs, one line per task document
+        assert len((run_dir / "eval" / name / "samples" / "mmstar.jsonl").read_text().splitlines()) == 1
     assert {p.name for p in (run_dir / "report").glob("*.png")} >= {
         "round1_reward.png", "round1_response_length.png", "round1_clip_fractions.png", "round1_synthesis.png",
         "round1_heldout.png", "benchmarks.png"}

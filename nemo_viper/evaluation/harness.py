@@ -3,7 +3,8 @@
 A Hugging Face Qwen2.5-VL dir is evaluated as it is; a policy checkpoint or an RL run dir (Megatron
 distributed checkpoint) is exported to ``OUT/hf_model`` first. lmms-eval runs in this process on the
 task YAMLs of :func:`~nemo_viper.evaluation.benchmarks.write_task_overrides` (local datasets, offline
-scorers, greedy decoding). Each task's lmms-eval result is kept as ``OUT/tasks/<task>.json`` with the
+scorers, greedy decoding). Each task's lmms-eval result is kept as ``OUT/tasks/<task>.json`` (its
+per-sample log as ``OUT/samples/<task>.jsonl``, :mod:`~nemo_viper.evaluation.samples`) with the
 :func:`~nemo_viper.evaluation.provenance.run_key` that produced it: a rerun reuses a task only when the key
 is the same (model content, backend, decoding settings, limit, task data, lmms-eval version) and recomputes
 it otherwise; shard jobs of one evaluation write into the same ``OUT``. ``OUT/results.json`` +
@@ -22,6 +23,7 @@ from nemo_viper.errors import ConfigError
 from nemo_viper.evaluation.benchmarks import BENCHMARKS, dataset_dirs, write_task_overrides
 from nemo_viper.evaluation.provenance import DigestCache, dataset_digest, key_differences, run_key
 from nemo_viper.evaluation.results import summarise, write_summary
+from nemo_viper.evaluation.samples import write_samples
 from nemo_viper.evaluation.schema import check_schemas
 
 log = logging.getLogger(__name__)
@@ -158,7 +160,8 @@ def _arg_string(model_args: dict) -> str:
 
 
 def run_lmms_eval(tasks: tuple[str, ...], model, model_args: dict | None, include_path: Path, config: EvalConfig) -> dict:
-    """lmms-eval's ``simple_evaluate`` on ``tasks`` (lmms-eval model name + args, or a model object)."""
+    """lmms-eval's ``simple_evaluate`` on ``tasks`` (lmms-eval model name + args, or a model object), with its
+    per-sample logging (``results["samples"]``)."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
@@ -168,7 +171,7 @@ def run_lmms_eval(tasks: tuple[str, ...], model, model_args: dict | None, includ
         model_args = _arg_string(model_args)
     return simple_evaluate(model=model, model_args=model_args, tasks=list(tasks), task_manager=manager,
                            batch_size=config.batch_size, limit=config.limit, gen_kwargs=gen_kwargs,
-                           log_samples=False, bootstrap_iters=0, random_seed=0)
+                           log_samples=True, bootstrap_iters=0, random_seed=0)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -236,6 +239,7 @@ def evaluate(config: EvalConfig, model=None) -> dict:
             model_args = None
         results = run_lmms_eval(pending, model, model_args, include_path, config)
         for task in pending:
+            write_samples(out, task, results["samples"])  # before the task file that marks the task done
             task_results = {name: value for name, value in results["results"].items()
                             if name == task or name.startswith(f"{task}_")}
             _write_json(task_dir / f"{task}.json", {"task": task, "results": task_results,

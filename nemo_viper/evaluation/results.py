@@ -35,7 +35,8 @@ def task_score(task: str, results: dict) -> float | None:
 
 
 def mmstar_domains(results: dict) -> dict[str, float | None]:
-    """MMStar's six sub-domain scores (percent); None for a domain without questions."""
+    """MMStar's six sub-domain scores (percent) as lmms-eval aggregates them: each the mean of its
+    sub-categories' (``l2_category``) accuracies; None for a domain without questions."""
     mmstar = results.get("mmstar", {})
     return {d: (None if (v := metric_value(mmstar, d)) is None else 100.0 * v) for d in MMSTAR_DOMAINS}
 
@@ -140,7 +141,7 @@ def comparison_rows(summaries: list[tuple[str, dict]]) -> list[tuple[str, list]]
             for t in TASKS if any(t in s["scores"] for _, s in summaries)]
     common = common_tasks(summaries)
     every = all(set(s["scores"]) == set(TASKS) for _, s in summaries) and len(common) == len(TASKS)
-    name = "average" if every else f"average of the {len(common)} tasks all have"
+    name = "average" if every else f"average of the {len(common)} task{'s' * (len(common) != 1)} all have"
     rows.append((name, [sum(s["scores"][t] for t in common) / len(common) if common else None for _, s in summaries]))
     if any("mmstar" in s["scores"] for _, s in summaries):
         rows += [(f"MMStar {d}", [cell(s, "mmstar", s["mmstar_domains"].get(d)) for _, s in summaries])
@@ -229,14 +230,48 @@ def plot_comparison(summaries: list[tuple[str, dict]], out: str | Path) -> Path:
     return out
 
 
-def write_comparison(summaries: list[tuple[str, dict]], out: str | Path) -> Path:
-    """``out/compare.md`` (+ ``compare.json``, ``compare.png``); returns the Markdown path."""
+SHOWN_CHANGES = 20  # changed samples listed per pair in compare.md (all of them in changed_samples.jsonl)
+
+
+def changed_samples_markdown(first: str, label: str, changes: list[dict], compared: list[str]) -> list[str]:
+    """Per task, how many verdicts went right -> wrong and wrong -> right, and the first changes."""
+    if not compared:
+        return [f"{label} vs {first}: no per-sample logs on both sides (results written before sample logging)", ""]
+    lines = [f"### Samples whose verdict changed: {label} vs {first}", "",
+             "| task | right -> wrong | wrong -> right |", "|---|---|---|"]
+    for task in sorted({c["task"] for c in changes}):
+        mine = [c for c in changes if c["task"] == task]
+        lost = sum(c["before"]["score"] > c["after"]["score"] for c in mine)
+        lines.append(f"| {task} | {lost} | {len(mine) - lost} |")
+    lines += ["", f"Tasks compared: {', '.join(compared)}; {len(changes)} changed"
+              + (f", the first {SHOWN_CHANGES} below" if len(changes) > SHOWN_CHANGES else "") + ":", "",
+              f"| task | question | gold | {first}: extracted (score) | {label}: extracted (score) |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {c['task']} | {c['question_id']} | {c['gold']} | {c['before']['extracted']} "
+              f"({c['before']['score']:g}) | {c['after']['extracted']} ({c['after']['score']:g}) |"
+              for c in changes[:SHOWN_CHANGES]]
+    return lines + [""]
+
+
+def write_comparison(summaries: list[tuple[str, dict]], out: str | Path, dirs: list[str | Path] | None = None) -> Path:
+    """``out/compare.md`` (+ ``compare.json``, ``compare.png``); returns the Markdown path. With the results'
+    output ``dirs``: also the samples whose verdict changed against the first, per result
+    (``out/changed_samples.jsonl``, each line with ``label``; counts and the first ones in compare.md)."""
+    from nemo_viper.evaluation.samples import changed_verdicts
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _write_text(out / "compare.json", json.dumps([{"label": l, **s} for l, s in summaries], indent=2) + "\n")
     plot_comparison(summaries, out / "compare.png")
+    sections, changed = [], []
+    for (label, _), path in zip(summaries[1:], (dirs or [])[1:]):
+        changes, compared = changed_verdicts(dirs[0], path)
+        changed += [{"label": label, **change} for change in changes]
+        sections += changed_samples_markdown(summaries[0][0], label, changes, compared)
+    if dirs:
+        _write_text(out / "changed_samples.jsonl", "".join(json.dumps(c, default=str) + "\n" for c in changed))
     _write_text(out / "compare.md", "# Benchmark comparison\n\n" + comparison_markdown(summaries)
-                + "\n![comparison](compare.png)\n")
+                + "\n![comparison](compare.png)\n\n" + "\n".join(sections))
     return out / "compare.md"
 
 

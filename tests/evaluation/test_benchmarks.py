@@ -1,5 +1,6 @@
 """The seven benchmarks through lmms-eval on tiny local copies in each benchmark's own schema."""
 
+import json
 import subprocess
 import sys
 
@@ -29,6 +30,22 @@ def test_scripted_model_scores_are_exact(tiny_eval_root, tmp_path, model_dir):
             assert not kwargs.get("do_sample") and not kwargs.get("temperature"), (task, kwargs)
             assert kwargs.get("max_new_tokens"), (task, kwargs)  # lmms-eval's vllm model needs every budget stated
     assert set(model.generation_kwargs) >= {"mantis", "hallusion_bench_image", "blink_counting"}
+    # lmms-eval's per-sample logs: each document's verdict is the scripted one, the gold answer the dataset's
+    from nemo_viper.evaluation.samples import read_samples
+
+    for task in TASKS:
+        records = read_samples(tmp_path / "out", task)
+        assert len(records) == (28 if task == "blink" else 6 if task == "mmstar" else 5), task
+        for record in records:
+            assert record["score"] == float(record["doc_id"] % 2 == 0), (task, record)
+            assert record["prompt"] and record["response"] and record["gold"] not in (None, ""), record
+            if record["score"]:
+                assert str(record["extracted"]).strip("()") == str(record["gold"]).strip("()"), record
+        if task not in ("mmstar", "hallusion_bench_image"):  # plain accuracy: the mean of the verdicts
+            assert summary["scores"][task] == pytest.approx(100 * sum(r["score"] for r in records) / len(records))
+    hallusion = read_samples(tmp_path / "out", "hallusion_bench_image")
+    assert {r["question_id"] for r in hallusion} == {f"{'VD' if i % 2 == 0 else 'VS'}/colour/{i // 2}/1/{i}"
+                                                      for i in range(5)}
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| RealWorldQA | 60.0 |" in table and "rule-based yes/no scorer" in table
     # a rerun finds every task done and only rewrites the summary
@@ -91,3 +108,22 @@ def test_a_checkpoint_whose_processor_auto_processor_cannot_build_is_one_line(ti
                             tasks=("realworldqa",)))
     assert str(hf) in str(error.value) and "\n" not in str(error.value)
     assert not (tmp_path / "o" / "tasks" / "realworldqa.json").exists()
+
+
+def test_compare_lists_the_samples_whose_verdict_changed(tiny_eval_root, tmp_path, model_dir, capsys):
+    from nemo_viper.cli import main
+    from tests.evaluation.scripted_model import ScriptedModel
+
+    runs = {"before": ScriptedModel(), "after": ScriptedModel(lambda doc_id: doc_id != 0)}
+    for name, model in runs.items():
+        evaluate(EvalConfig(model=str(model_dir(name, name.encode())), out=str(tmp_path / name),
+                            dataset_root=str(tiny_eval_root), tasks=("realworldqa", "mantis")), model=model)
+    assert main(["eval", "--compare", str(tmp_path / "before"), str(tmp_path / "after"), "--out",
+                 str(tmp_path / "cmp")]) == 0
+    changes = [json.loads(line) for line in (tmp_path / "cmp" / "changed_samples.jsonl").read_text().splitlines()]
+    # doc 0: right -> wrong; docs 1 and 3: wrong -> right; docs 2 and 4: right on both sides
+    assert sorted((c["task"], c["before"]["score"], c["after"]["score"]) for c in changes) == sorted(
+        [(t, 1.0, 0.0) for t in ("mantis", "realworldqa")] + [(t, 0.0, 1.0) for t in ("mantis", "realworldqa")] * 2)
+    assert {c["question_id"] for c in changes if c["task"] == "mantis"} == {"tiny-0", "tiny-1", "tiny-3"}
+    report = capsys.readouterr().out
+    assert "Samples whose verdict changed: after vs before" in report and "| realworldqa | 1 | 2 |" in report

@@ -37,7 +37,7 @@ def test_vllm_backend_scores_with_the_qwen2_5_vl_budgets(tiny_hf_dir, tiny_eval_
                                   tasks=("realworldqa",), backend="vllm", limit=1))
     assert summary["scores"]["realworldqa"] in (0.0, 100.0)  # one document
     task = json.loads((tmp_path / "out" / "tasks" / "realworldqa.json").read_text())
-    assert task["backend"] == "vllm" and task["model_args"]["dtype"] == "bfloat16"
+    assert task["key"]["backend"] == "vllm" and task["model_args"]["dtype"] == "bfloat16"
 
     image = datasets.load_from_disk(str(tiny_eval_root / "realworldqa"))["test"][0]["image"]
     processor = AutoProcessor.from_pretrained(tiny_hf_dir, **IMAGE_PIXELS)
