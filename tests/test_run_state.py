@@ -187,3 +187,15 @@ def test_a_wrong_typed_state_file_is_one_line_naming_the_entry(fake_phases, tmp_
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {tmp_path}/state.json") and message in err and "\n" not in err, err
     assert not (tmp_path / "config").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("text", ["rl: [unclosed\n  x: :\n", "- a\n- b\n", "\x00\x01binary"])
+def test_a_corrupt_run_config_is_one_line_naming_the_file(tmp_path, capsys, text):
+    from nemo_viper.cli import main
+
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "viper.yaml").write_text(text)
+    for argv in (["status", str(tmp_path)], ["doctor", "--run-dir", str(tmp_path)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {tmp_path}/config/viper.yaml is not a readable run config") and "\n" not in err
