@@ -285,13 +285,25 @@ def cmd_launch(args) -> None:
 
         images = args.synthesis_images if args.synthesis_images is not None else count_synthesis_inputs(config)
         refuse_if_synthesis_exceeds_time(config, args.gpu, images)
-    print(launch(config, dry_run=args.dry_run, start=args.start))
+    from nemo_viper.runtime.locks import run_dir_owner
+
+    with nullcontext() if args.dry_run else run_dir_owner(config.run_dir):
+        print(launch(config, dry_run=args.dry_run, start=args.start))
 
 
 def cmd_status(args) -> None:
     from nemo_viper.launcher.nemo_run_jobs import status
 
     print(status(args.run_dir))
+
+
+def cmd_restore(args) -> None:
+    from nemo_viper.run_state import restore
+    from nemo_viper.runtime.locks import run_dir_owner
+
+    with run_dir_owner(args.run_dir):
+        for line in restore(args.run_dir, args.phases):
+            print(line)
 
 
 def cmd_doctor(args) -> int:
@@ -495,6 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="each phase of a run: done or pending (and why), its Slurm job")
     status.add_argument("run_dir", metavar="RUN_DIR")
     status.set_defaults(func=cmd_status)
+
+    restore = commands.add_parser("restore", help="put back the outputs a rerun with a changed value set aside "
+                                  "(<out>.superseded-<hash>), with the record they were finished with")
+    restore.add_argument("run_dir", metavar="RUN_DIR")
+    restore.add_argument("phases", nargs="*", metavar="PHASE", help="default: every phase with set-aside outputs")
+    restore.set_defaults(func=cmd_restore)
 
     doctor = commands.add_parser("doctor", help="preflight: versions, GPU/FP8/NCCL, paths, model dirs, disk "
                                  "(first command of every job; one line per problem, exit 2)")

@@ -20,6 +20,7 @@ from nemo_viper.orchestration import (GUARD_STOP_EXIT, Phase, plan, record_guard
                                       write_run_files)
 from nemo_viper.run_state import clear_for_rerun, select_phases, verify_and_record
 from nemo_viper.runtime.lifetime import run_job
+from nemo_viper.runtime.locks import run_dir_owner
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +42,23 @@ def run_local(config: ViperConfig, on_phase=None, log_dir: Path | None = None, s
     An eval phase that exits with :data:`~nemo_viper.orchestration.GUARD_STOP_EXIT` (the benchmark guard)
     is done and stops the loop: the phases of later rounds are skipped (``run_dir/eval/stopped.json``); the
     export still runs.
+
+    The run owns ``run_dir`` throughout (:func:`~nemo_viper.runtime.locks.run_dir_owner`): a second ``run`` or
+    ``launch`` of it is refused with one line before it writes anything. A stale phase's outputs are set aside
+    only as that phase starts (:func:`~nemo_viper.run_state.clear_for_rerun`), so when a changed value fails,
+    the finished phases after it keep their outputs and records.
     """
+    with run_dir_owner(config.run_dir):
+        return _run_phases(config, on_phase, log_dir, start)
+
+
+def _run_phases(config: ViperConfig, on_phase, log_dir: Path | None, start: str | None) -> list[str]:
+    phases = plan(config)
+    root = Path(config.run_dir)
+    selected, states = select_phases(phases, root, start)
     paths = write_run_files(config)
     log_dir = Path(log_dir or paths.root / "logs")
     log_dir.mkdir(parents=True, exist_ok=True)
-    phases = plan(config)
-    selected, states = select_phases(phases, paths.root, start)
-    for line in clear_for_rerun(selected, states, paths.root):
-        logger.warning(line)
     ran = []
     for phase in phases:
         stopped = stopped_after_round(paths.root)
@@ -60,6 +70,8 @@ def run_local(config: ViperConfig, on_phase=None, log_dir: Path | None = None, s
         if on_phase:
             on_phase(phase, "start")
         doctor.raise_problems(doctor.check(config, phase.name))
+        for line in clear_for_rerun([phase], states, paths.root):
+            logger.warning(line)
         for index in range(phase.tasks):
             log = log_dir / (f"{phase.name}.{index}.log" if phase.tasks > 1 else f"{phase.name}.log")
             with log.open("w") as out:

@@ -200,7 +200,14 @@ def load_run_config(run_dir: str | Path) -> ViperConfig:
     path = RunPaths(run_dir).config
     if not path.is_file():
         raise NemoViperError(f"{path} not found: not a run directory (or nothing was run or launched in it yet)")
-    config = compose(path)
+    try:
+        config = compose(path)
+    except NemoViperError:
+        raise
+    except Exception as exc:  # yaml's parse errors, or a document that is not a mapping of sections
+        detail = " ".join(str(exc).split())
+        raise NemoViperError(f"{path} is not a readable run config ({type(exc).__name__}: {detail[:200]}); "
+                             "run or launch the recipe again to rewrite it") from exc
     if Path(config.run_dir).absolute() != Path(run_dir).absolute():
         raise NemoViperError(f"{path} belongs to run_dir={config.run_dir}, not {run_dir} (moved? launch it again "
                              f"with run_dir={Path(run_dir).absolute()})")

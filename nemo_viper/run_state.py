@@ -4,7 +4,9 @@
 
     {"version": 2,
      "phases": {"round1.synth1": {"fingerprint": "3f0c...", "finished_at": "2026-11-30T07:02:11Z"}, ...},
-     "jobs":   {"round1.synth1": {"job_id": "123456", "array": "0-63%8", "submitted_at": "..."}, ...}}
+     "jobs":   {"round1.synth1": {"job_id": "123456", "array": "0-63%8", "submitted_at": "..."}, ...},
+     "superseded": {"round1.rl1": [{"out": ".../round1/rl1", "path": ".../round1/rl1.superseded-3f0c...",
+                                    "record": {"fingerprint": "3f0c...", ...}, "moved_at": "..."}], ...}}
 
 A phase is **done** only when both hold:
 
@@ -19,8 +21,9 @@ A phase is **done** only when both hold:
 
 Every other phase is **pending**; :func:`phase_states` says why (``not started``, ``partial: ...``,
 ``outputs invalid: ...``, ``configuration changed``). A phase recorded with another fingerprint is
-*stale*: before it re-runs, its outputs are moved aside to ``<out>.superseded-<old fingerprint>``
-(:func:`set_aside`), so the re-run starts clean and nothing is deleted.
+*stale*: as it re-runs, its outputs are moved aside to ``<out>.superseded-<old fingerprint>``
+(:func:`clear_for_rerun`), so the re-run starts clean and nothing is deleted; ``nemo-viper restore RUN_DIR
+[PHASE ...]`` puts them back with their record (:func:`restore`).
 
 Shared by the local runner (``nemo-viper run``), the launcher (``nemo-viper launch``: only pending phases
 are submitted) and ``nemo-viper status``. Importing this module does not import torch.
@@ -28,7 +31,6 @@ are submitted) and ``nemo-viper status``. Importing this module does not import 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -160,15 +162,33 @@ class RunState:
             state = json.loads(self.path.read_text())
         except ValueError as exc:
             raise NemoViperError(f"{self.path} is not valid JSON ({exc}); remove it to re-derive the state") from exc
+        except UnicodeDecodeError as exc:
+            raise NemoViperError(f"{self.path} is not text ({exc}); remove it to re-derive the state") from exc
+        if not isinstance(state, dict):
+            raise NemoViperError(f"{self.path} holds a JSON {type(state).__name__}, not an object; remove it to "
+                                 "re-derive the state")
         if state.get("version") != STATE_VERSION:  # version 1 listed names without configurations: trust none
-            return {"version": STATE_VERSION, "phases": {}, "jobs": state.get("jobs", {})}
+            state = {"version": STATE_VERSION, "phases": {}, "jobs": state.get("jobs", {})}
+        state.setdefault("superseded", {})
+        for key, entry_type in (("phases", dict), ("jobs", dict), ("superseded", list)):
+            entries = state.setdefault(key, {})
+            bad = (f"{key!r} is a {type(entries).__name__}" if not isinstance(entries, dict) else
+                   next((f"{key}.{name} is {entry!r}" for name, entry in entries.items()
+                         if not isinstance(entry, entry_type)), None))
+            if bad is None and key == "phases":
+                bad = next((f"phases.{name}.fingerprint is {entry.get('fingerprint')!r}"
+                            for name, entry in entries.items() if not isinstance(entry.get("fingerprint"), str)), None)
+            if bad:
+                raise NemoViperError(f"{self.path}: {bad}, not a {entry_type.__name__}; remove it (or that entry) "
+                                     "to re-derive the state")
         return state
 
     @contextmanager
     def _update(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(f".{STATE_FILE}.lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        from nemo_viper.runtime.locks import hold
+
+        with hold(self.path.with_name(f".{STATE_FILE}.lock"), wait=True):
             state = self.read()
             yield state
             tmp = self.path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
@@ -221,20 +241,6 @@ def verify_and_record(phase: Phase, phases: list[Phase], run_dir: str | Path) ->
     RunState(run_dir).record_done(phase.name, fingerprints(phases, run_dir)[phase.name])
 
 
-def set_aside(phase: Phase, reason: str) -> Path | None:
-    """Move ``phase``'s outputs to ``<out>.superseded-<reason>`` (numbered if taken); returns the new path."""
-    out = Path(phase.out)
-    if not out.exists():
-        return None
-    target = out.with_name(f"{out.name}.superseded-{reason}")
-    n = 1
-    while target.exists():
-        n += 1
-        target = out.with_name(f"{out.name}.superseded-{reason}.{n}")
-    os.replace(out, target)
-    return target
-
-
 def select_phases(phases: list[Phase], run_dir: str | Path, start: str | None = None
                   ) -> tuple[list[Phase], dict[str, PhaseState]]:
     """The phases to run now (in plan order) and the states that decided it; changes nothing.
@@ -253,16 +259,69 @@ def select_phases(phases: list[Phase], run_dir: str | Path, start: str | None = 
 
 
 def clear_for_rerun(selected: list[Phase], states: dict[str, PhaseState], run_dir: str | Path) -> list[str]:
-    """Before ``selected`` run: set aside the outputs of stale (and forced) ones and forget their records.
+    """Just before ``selected`` run: set aside the outputs of stale (and forced) ones and forget their records.
 
-    Returns one line per directory moved."""
-    state = RunState(run_dir)
-    recorded = state.read()["phases"]
+    ``nemo-viper run`` calls it for each phase as that phase starts, so a rerun with a changed value that fails
+    (or is rejected) earlier leaves every later phase's finished outputs where they are. A set-aside directory
+    is recorded under ``superseded`` in ``state.json`` and :func:`restore` puts it back. Returns one line per
+    directory moved."""
     moved = []
-    for phase in selected:
-        if states[phase.name].stale:
-            target = set_aside(phase, recorded.get(phase.name, {}).get("fingerprint", "forced"))
-            if target is not None:
-                moved.append(f"{phase.name}: previous outputs moved to {target}")
-    state.forget([p.name for p in selected])
+    with RunState(run_dir)._update() as state:
+        for phase in selected:
+            record = state["phases"].pop(phase.name, None)
+            if states[phase.name].stale:
+                target = _set_aside(phase.out, (record or {}).get("fingerprint", "forced"))
+                if target is not None:
+                    state["superseded"].setdefault(phase.name, []).append(
+                        {"out": phase.out, "path": str(target), "record": record, "moved_at": _now()})
+                    moved.append(f"{phase.name}: previous outputs moved to {target} (to get them back: "
+                                 f"nemo-viper restore {run_dir} {phase.name})")
     return moved
+
+
+def _set_aside(out: str | Path, reason: str) -> Path | None:
+    """Move ``out`` to ``<out>.superseded-<reason>`` (numbered if taken); returns the new path."""
+    out = Path(out)
+    if not out.exists():
+        return None
+    target = out.with_name(f"{out.name}.superseded-{reason}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = out.with_name(f"{out.name}.superseded-{reason}.{n}")
+    os.replace(out, target)
+    return target
+
+
+def restore(run_dir: str | Path, names: list[str] | None = None) -> list[str]:
+    """Put back the outputs :func:`clear_for_rerun` set aside last for each phase of ``names`` (every phase that
+    has some, if none given), with the record they were finished with: run again with the configuration they
+    were made with and they count as done. What is in their place now (a failed or newer run's outputs) is set
+    aside in turn, so a restore can itself be undone. Returns one line per phase."""
+    lines = []
+    with RunState(run_dir)._update() as state:
+        superseded = state["superseded"]
+        names = names or sorted(superseded)
+        if not names:
+            raise NemoViperError(f"{run_dir}: no set-aside outputs to restore (state.json lists none)")
+        unknown = [n for n in names if not superseded.get(n)]
+        if unknown:
+            have = ", ".join(sorted(n for n in superseded if superseded[n])) or "none"
+            raise NemoViperError(f"{run_dir}: no set-aside outputs of {', '.join(unknown)} (phases with some: {have})")
+        for name in names:
+            entry = superseded[name].pop()
+            if not Path(entry["path"]).exists():
+                raise NemoViperError(f"{entry['path']} (set-aside outputs of {name}) no longer exists")
+            current = state["phases"].pop(name, None)
+            displaced = _set_aside(entry["out"], (current or {}).get("fingerprint", "replaced"))
+            if displaced is not None:
+                superseded[name].append({"out": entry["out"], "path": str(displaced), "record": current,
+                                            "moved_at": _now()})
+            os.replace(entry["path"], entry["out"])
+            if entry["record"] is not None:
+                state["phases"][name] = entry["record"]
+            lines.append(f"{name}: restored {entry['out']} from {entry['path']}"
+                         + (f" (what was there moved to {displaced})" if displaced else ""))
+            if not superseded[name]:
+                del superseded[name]
+    return lines

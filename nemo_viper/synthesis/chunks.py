@@ -19,7 +19,6 @@ Markers of another configuration (a different config hash) make the store refuse
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ from time import perf_counter
 
 from nemo_viper.data.shards import ShardInfo, ShardWriter, write_manifest
 from nemo_viper.errors import ConfigError
+from nemo_viper.runtime.locks import hold
 
 
 @dataclass(frozen=True)
@@ -158,8 +158,7 @@ class ChunkStore:
         The manifest's extras: ``extra`` plus ``chunks`` (count), ``inputs``, ``written``, ``skipped``,
         ``filtered``, ``dropped_items``, ``timings_s`` and ``step_samples`` summed over the chunks.
         """
-        with open(self.out / ".merge.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with hold(self.out / ".merge.lock", wait=True):
             if not all(self.is_done(c) for c in chunks):
                 return None
             shards, total = [], ChunkStats()

@@ -2,6 +2,8 @@
 
 On resume from step ``s``, records of steps after ``s`` (written before the interruption, after the
 last checkpoint) are dropped from the JSONL file and purged from TensorBoard, so every step appears once.
+A restart at step 0 over earlier rows (no complete checkpoint was left) is said in one warning, and the
+earlier file is kept as ``metrics.before-restart-<time>.jsonl``.
 A torn last line (the job died, or its node crashed, in the middle of appending it) is dropped with a
 warning; a damaged line before the last one is an error naming the file and line.
 """
@@ -49,7 +51,15 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            kept = [line for line, record in read_metrics(self.path) if record["step"] <= resume_step]
+            records = read_metrics(self.path)
+            if resume_step == 0 and records:  # no complete checkpoint was left: keep what the earlier run logged
+                aside = self.path.with_name(f"metrics.before-restart-{time.strftime('%Y%m%dT%H%M%S')}.jsonl")
+                os.replace(self.path, aside)
+                log.warning("%s: no complete checkpoint to resume from, training restarts at step 0; the %d rows "
+                            "logged before (steps %d-%d) are kept in %s", run_dir, len(records),
+                            records[0][1]["step"], records[-1][1]["step"], aside)
+                records = []
+            kept = [line for line, record in records if record["step"] <= resume_step]
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.path)

@@ -65,3 +65,14 @@ def test_latest_is_followed_when_complete_and_nothing_is_none(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert latest_checkpoint(root) == older
     assert not caplog.text
+
+
+def test_a_restart_at_step_0_over_earlier_rows_says_so_and_keeps_them(tmp_path, caplog):
+    rows = "".join(json.dumps({"step": s, "time": 0.0, "loss": 1.0}) + "\n" for s in (1, 2, 3))
+    (tmp_path / "metrics.jsonl").write_text(rows)
+    with caplog.at_level(logging.WARNING):
+        MetricsLogger(tmp_path, resume_step=0).close()
+    [aside] = tmp_path.glob("metrics.before-restart-*.jsonl")
+    assert aside.read_text() == rows and read_metrics(tmp_path / "metrics.jsonl") == []
+    [line] = [r.getMessage() for r in caplog.records if "restarts at step 0" in r.getMessage()]
+    assert "3 rows logged before (steps 1-3) are kept in" in line and "\n" not in line
