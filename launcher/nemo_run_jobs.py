@@ -248,10 +248,7 @@ def launch(config: ViperConfig, dry_run: bool = False, start: str | None = None)
         return report
     if not selected:
         return report + "\nnothing to submit: every phase is done"
-    from nemo_viper.runtime.locks import exclusive_writer
-
-    with exclusive_writer(run_dir, "launch"):  # a second launch of this run dir at the same time fails at once
-        return _launch_selected(config, run_dir, report, selected, states)
+    return _launch_selected(config, run_dir, report, selected, states)  # the caller owns the run dir
 
 
 def _launch_selected(config: ViperConfig, run_dir: Path, report: str, selected: list[Phase],
