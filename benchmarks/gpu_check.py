@@ -10,7 +10,10 @@ Steps (each in its own process; a failing or impossible step becomes a FAIL/SKIP
    (required in fp32, reported otherwise: bf16/FP8 rounding can flip near-ties);
 4. one GRPO step (bf16 and FP8): finite loss and gradient norm;
 5. BGE-M3-size encoder throughput (random XLM-RoBERTa-large through the reward's embedder);
-6. ``pytest -m gpu`` (includes the DALI mixed-decoder parity test).
+6. the attention kernels at the 3B's sizes (``benchmarks/kernel_check.py``): the vision tower's time per image
+   with transformers' per-window SDPA and with the packed windows, and decode attention with PyTorch's math
+   kernel disabled;
+7. ``pytest -m gpu`` (includes the DALI mixed-decoder parity test).
 
 Prints one table and writes it into ``docs/benchmarks.md`` (device, date, versions).
 """
@@ -130,6 +133,21 @@ def encoder_row(work: Path, sentences: int) -> dict:
             "value": f"{sentences / seconds:.0f} sentences/s ({sentences} sentences of ~16 tokens, batch 256)"}
 
 
+def kernel_rows(timeout: int) -> list[dict]:
+    """The rows of ``benchmarks/kernel_check.py`` (its own process: one JSON row per line)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    try:
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_check.py")], capture_output=True,
+                              text=True, timeout=timeout, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return [{"check": "attention kernels (kernel_check.py)", "result": "FAIL", "value": f"timed out after {timeout} s"}]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0:
+        rows.append({"check": "attention kernels (kernel_check.py)", "result": "FAIL",
+                     "value": (done.stderr.strip().splitlines() or [""])[-1][-160:]})
+    return rows
+
+
 def versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -181,6 +199,7 @@ def main() -> None:
         rows.append(encoder_row(work, args.sentences))
     except Exception as error:  # noqa: BLE001 - reported as a row; the other checks still count
         rows.append({"check": "BGE-M3-size encoder throughput", "result": "FAIL", "value": repr(error)[:160]})
+    rows += kernel_rows(args.step_timeout)
     ok, tail, seconds = run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"],
                             args.step_timeout)
     rows.append({"check": "pytest -m gpu (DALI mixed-decoder parity, TE-spec tests)", "result": "PASS" if ok else "FAIL",
