@@ -14,6 +14,9 @@ and in the PIL backend at training. Decoders disagree on anything but plain imag
 every decoder (DALI's, PIL's): :func:`plain_bytes` passes them through and re-encodes anything else as a
 PNG of :func:`decode_rgb`'s result. Synthesis stores only plain bytes, and the training preprocessor
 normalises its input the same way, so a sample shows the same pixels on every path.
+
+A pixel budget (:func:`fit_pixels`) bounds what synthesis captions and stores: an image above it is
+downscaled, aspect ratio kept, to ``floor(w * s) x floor(h * s)`` with ``s = sqrt(max_pixels / (w * h))``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,21 @@ def is_plain(image: Image.Image) -> bool:
     if image.format == "PNG" and any(tile.args != image.mode for tile in image.tile):
         return False  # 16-bit RGB ("RGB;16B") or 1/2/4-bit greyscale
     return image.getexif().get(EXIF_ORIENTATION, 1) == 1
+
+
+def budget_size(width: int, height: int, max_pixels: int | None) -> tuple[int, int]:
+    """``(width, height)`` scaled by ``s = sqrt(max_pixels / (width * height))`` (aspect ratio kept, each
+    side at least 1) when above ``max_pixels``; unchanged when within it or when ``max_pixels`` is None."""
+    if max_pixels is None or width * height <= max_pixels:
+        return width, height
+    scale = (max_pixels / (width * height)) ** 0.5
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+def fit_pixels(image: Image.Image, max_pixels: int | None) -> Image.Image:
+    """``image`` downscaled (bicubic, aspect ratio kept) to :func:`budget_size`; the same image if it fits."""
+    size = budget_size(image.width, image.height, max_pixels)
+    return image if size == image.size else image.resize(size, Image.BICUBIC)
 
 
 def to_rgb8(image: Image.Image) -> Image.Image:

@@ -287,7 +287,7 @@ class ShardDataset:
                 for m in members:
                     if m.offset_data + m.size > size:
                         raise DatasetError(f"shard {path} is truncated: member {m.name} ends past the end of the file")
-                groups = _group_by_key(members)
+                groups = _group_by_key(path, members)
                 if len(groups) != info.samples:
                     raise DatasetError(
                         f"shard {path} is truncated or was rewritten: it holds {len(groups)} samples, "
@@ -384,18 +384,31 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
-def _group_by_key(members: list[tarfile.TarInfo]) -> list[tuple[str, dict[str, tarfile.TarInfo]]]:
-    """Consecutive members with the same key form one sample (webdataset's grouping)."""
+def _group_by_key(path: Path, members: list[tarfile.TarInfo]) -> list[tuple[str, dict[str, tarfile.TarInfo]]]:
+    """Consecutive members with the same key form one sample (webdataset's grouping). A key that comes back
+    after another key, or a member name repeated within a sample, is a :class:`DatasetError` naming the shard
+    ``path``, the key and both members (webdataset would make two samples of one key, or keep either entry)."""
     groups: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
+    first_member: dict[str, tarfile.TarInfo] = {}
     for member in members:
         match = _KEY_AND_FIELD.match(member.name)
         if match is None:
             continue
         key, field = match.groups()
         if not groups or groups[-1][0] != key:
+            if key in first_member:
+                _duplicate_key(path, key, first_member[key], member)
+            first_member[key] = member
             groups.append((key, {}))
+        if field in groups[-1][1]:
+            _duplicate_key(path, key, groups[-1][1][field], member)
         groups[-1][1][field] = member
     return groups
+
+
+def _duplicate_key(path: Path, key: str, first: tarfile.TarInfo, second: tarfile.TarInfo):
+    raise DatasetError(f"shard {path}: sample key {key!r} occurs twice, members {first.name!r} (at byte "
+                       f"{first.offset}) and {second.name!r} (at byte {second.offset})")
 
 
 def _encode_image(image: Image.Image | bytes, stem: str, record_id: str) -> tuple[str, bytes]:

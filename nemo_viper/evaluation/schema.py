@@ -4,10 +4,11 @@ lmms-eval reads a task's columns only while it builds prompts or scores answers,
 column or an answer of another type fails after the model has loaded, or after all generation (a
 ``KeyError`` hours into a run), or scores silently wrong (HallusionBench's rule scorer compares
 ``gt_answer`` with the strings ``"0"``/``"1"``: an integer column scores 0.0). :func:`check_schemas`
-opens the split of each local ``save_to_disk`` copy (memory-mapped; only the answer column is read) and raises one
-:class:`~nemo_viper.errors.ConfigError` line naming the task, the directory, the split, the column and
-the problem: split present, non-empty, each of :attr:`~nemo_viper.evaluation.benchmarks.Benchmark.columns`
-present with its kind, and every answer in :attr:`~nemo_viper.evaluation.benchmarks.Benchmark.answers`.
+opens the split of each local ``save_to_disk`` copy (memory-mapped; its Arrow files are checked structurally,
+only the answer column is read) and raises one :class:`~nemo_viper.errors.ConfigError` line naming the task,
+the directory, the file, split or column and the problem: each file (``dataset_dict.json``, the split's
+``dataset_info.json``, ``state.json`` and Arrow files) present and readable, split present, non-empty, each of
+:attr:`~nemo_viper.evaluation.benchmarks.Benchmark.columns` present with its kind, and every answer in :attr:`~nemo_viper.evaluation.benchmarks.Benchmark.answers`.
 """
 
 from __future__ import annotations
@@ -41,12 +42,21 @@ def copy_problem(benchmark: Benchmark, path: Path) -> str | None:
     import datasets
 
     split = benchmark.split
+    file = path / "dataset_dict.json"
     try:
-        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
-        data_files = json.loads((path / split / "state.json").read_text())["_data_files"] if split in splits else []
-        rows = datasets.load_from_disk(str(path / split)) if data_files else None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"not a readable datasets.save_to_disk directory ({type(exc).__name__}: {exc})".replace("\n", " ")
+        splits = json.loads(file.read_text())["splits"]
+        if split in splits:
+            file = path / split / "dataset_info.json"
+            json.loads(file.read_text())
+            file = path / split / "state.json"
+            data_files = [path / split / entry["filename"] for entry in json.loads(file.read_text())["_data_files"]]
+            for file in data_files:
+                validate_arrow_file(file)
+            file = path / split
+            rows = datasets.load_from_disk(str(file)) if data_files else None
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        detail = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+        return f"{file.relative_to(path)} is missing or corrupt ({detail}): write the copy again"
     if split not in splits:
         return f"split {split!r} missing (found {splits})"
     if rows is None or rows.num_rows == 0:  # datasets cannot load a split saved without rows
@@ -65,6 +75,16 @@ def copy_problem(benchmark: Benchmark, path: Path) -> str | None:
             return (f"split {split!r}, column {column!r}: row {bad[0]} holds {bad[1]!r}, expected one of "
                     f"{', '.join(benchmark.answers)}")
     return None
+
+
+def validate_arrow_file(file: Path) -> None:
+    """Read the Arrow IPC stream ``file`` (how ``datasets`` saves a split; memory-mapped) and check every
+    offset and length in it (``validate(full=True)``): a corrupt file raises ``ArrowInvalid`` here instead of
+    crashing or reading garbage when a column is read. Raises ``OSError`` for a missing file."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(file)) as source:
+        pa.ipc.open_stream(source).read_all().validate(full=True)
 
 
 def check_schemas(tasks: tuple[str, ...], root: str | Path) -> None:

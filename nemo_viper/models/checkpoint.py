@@ -22,6 +22,7 @@ name and renamed when complete, so a killed job never leaves a half-written chec
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -30,7 +31,8 @@ import torch.distributed as dist
 
 from nemo_viper.errors import CheckpointError
 from nemo_viper.models.checkpoint_dir import (FILES_KEY, FORMAT, METADATA_FILE, file_hashes, forget_verified,
-                                              read_checkpoint_metadata, resolve_checkpoint)
+                                              no_space_error, out_of_space, read_checkpoint_metadata,
+                                              resolve_checkpoint)
 from nemo_viper.models.hf_checkpoint import read_qwen25_vl_config
 from nemo_viper.models.policy import MegatronPolicy, PolicyConfig, build_policy
 from nemo_viper.runtime import collectives
@@ -53,12 +55,29 @@ HF_ASSET_PATTERNS = (
 )
 
 
+def _hf_assets(src: Path) -> list[Path]:
+    return [file for pattern in HF_ASSET_PATTERNS for file in src.glob(pattern) if file.is_file()]
+
+
 def _copy_hf_assets(src: Path, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
-    for pattern in HF_ASSET_PATTERNS:
-        for file in src.glob(pattern):
-            if file.is_file():
-                shutil.copy2(file, dst / file.name)
+    for file in _hf_assets(src):
+        shutil.copy2(file, dst / file.name)
+
+
+def saved_tensor_bytes(sharded_state_dict) -> int:
+    """Bytes of the tensors a sharded state dict saves: each key's global shape times its element size, once
+    per key, factories (e.g. the gated MLP's split ``linear_fc1``) counted as the tensors they build (this
+    rank's view: under pipeline parallelism, its stage's tensors)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    sizes = {}
+    for value in nested_values(sharded_state_dict):
+        built = nested_values(value.build()) if isinstance(value, ShardedTensorFactory) else [value]
+        sizes.update({tensor.key: math.prod(tensor.global_shape) * tensor.dtype.itemsize
+                      for tensor in built if isinstance(tensor, ShardedTensor)})
+    return sum(sizes.values())
 
 
 def _rank() -> int:
@@ -105,8 +124,13 @@ def save_policy(
     trainer_state: dict | None = None,
 ) -> Path:
     """Save the policy weights (and, for training, the optimizer and trainer state) as a distributed
-    checkpoint. Collective: every rank calls it."""
-    from megatron.core import dist_checkpointing
+    checkpoint. Collective: every rank calls it.
+
+    The files are written under ``.<name>.partial`` and renamed to ``out_dir`` once complete. A failed write
+    removes the partial directory; when the disk is full (:func:`~nemo_viper.models.checkpoint_dir.out_of_space`,
+    against the tensors to save plus the HF assets) it is the one-line :class:`CheckpointError`
+    ``no space left on <dir> (needs ~N GB, M GB free)`` instead of torch's writer error."""
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from nemo_viper.runtime.lifetime import keep_checkpoint_writes_in_process
 
@@ -114,18 +138,41 @@ def save_policy(
     out = Path(out_dir)
     forget_verified(out)
     tmp = out.with_name(f".{out.name}.partial")
+    model_state = _model_state_dict(policy)
+    stepped = optimizer is not None and optimizer_has_stepped(optimizer)
+    optimizer_state = _optimizer_state_dict(policy, optimizer, is_loading=False) if stepped else None
+    needed = (saved_tensor_bytes(model_state) + saved_tensor_bytes(optimizer_state or {})
+              + sum(f.stat().st_size for f in _hf_assets(Path(policy.config.hf_path))))
+    try:
+        _write_checkpoint(policy, tmp, model_state, optimizer is not None, optimizer_state, metadata, trainer_state)
+    except (Exception, CheckpointException) as error:  # torch's CheckpointException is a BaseException
+        shutil.rmtree(tmp, ignore_errors=True)  # never resumed from; removing it frees what it took
+        if out_of_space(error, out.parent, needed):
+            raise no_space_error(out.parent, needed) from error
+        raise
+    if _rank() == 0:
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    collectives.barrier()
+    return out
+
+
+def _write_checkpoint(policy: MegatronPolicy, tmp: Path, model_state, training: bool, optimizer_state,
+                      metadata: dict | None, trainer_state: dict | None) -> None:
+    """Write the checkpoint's files into ``tmp`` (all of them: the manifest last). Collective."""
+    from megatron.core import dist_checkpointing
+
     if _rank() == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
         (tmp / "model").mkdir(parents=True)
-        if optimizer is not None:  # empty until the first step, which then creates the state
+        if training:  # empty until the first step, which then creates the state
             (tmp / "optimizer").mkdir()
         _copy_hf_assets(Path(policy.config.hf_path), tmp / "hf")
     collectives.barrier()
-    dist_checkpointing.save(_model_state_dict(policy), str(tmp / "model"), async_sharded_save=False)
-    stepped = optimizer is not None and optimizer_has_stepped(optimizer)
-    if stepped:  # a never-stepped optimizer has no state to save: resuming builds the same fresh one
-        optimizer_state = _optimizer_state_dict(policy, optimizer, is_loading=False)
+    dist_checkpointing.save(model_state, str(tmp / "model"), async_sharded_save=False)
+    if optimizer_state is not None:  # a never-stepped optimizer has no state to save: resuming builds the same one
         dist_checkpointing.save(optimizer_state, str(tmp / "optimizer"), async_sharded_save=False)
     collectives.barrier()
     if _rank() == 0:
@@ -143,11 +190,7 @@ def save_policy(
             (tmp / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n")
         record[FILES_KEY] = file_hashes(tmp)
         (tmp / METADATA_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
     collectives.barrier()
-    return out
 
 
 def load_training_state(policy: MegatronPolicy, optimizer, ckpt_dir: str | Path) -> dict:

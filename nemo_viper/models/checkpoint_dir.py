@@ -15,11 +15,13 @@ directory can rewrite the list too (``docs/reliability.md``, trust boundaries).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 from nemo_viper.errors import CheckpointError
@@ -171,3 +173,40 @@ def read_checkpoint_metadata(ckpt_dir: str | Path) -> dict:
     read_qwen25_vl_config(ckpt / "hf")
     _verified[ckpt.resolve()] = metadata
     return metadata
+
+
+def _causes(error: BaseException):
+    """``error``, its causes and contexts, and the per-rank failures of a torch ``CheckpointException``."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        pending += [current.__cause__, current.__context__]
+        for failure in getattr(current, "failures", {}).values():  # rank -> (exception, stack summary)
+            pending.append(failure[0] if isinstance(failure, tuple) else failure)
+
+
+def out_of_space(error: BaseException, directory: str | Path, needed_bytes: int) -> bool:
+    """Whether ``error``, raised while a checkpoint was written under ``directory``, means the disk is full:
+    an ``OSError`` ENOSPC or EDQUOT anywhere in it, or fewer than ``needed_bytes`` free on the file system of
+    ``directory`` (measured once the partial checkpoint is removed). The second case covers torch's stream
+    writer, which reports a short write as ``unexpected pos A vs B`` and which megatron-core's writer wraps in
+    a ``CheckpointException`` naming only a worker failure."""
+    if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in _causes(error)):
+        return True
+    return free_bytes(directory) < needed_bytes
+
+
+def free_bytes(directory: str | Path) -> int:
+    """Free bytes on the file system of ``directory`` (or of its nearest existing parent)."""
+    existing = next(p for p in (Path(directory), *Path(directory).parents) if p.exists())
+    return shutil.disk_usage(existing).free
+
+
+def no_space_error(directory: str | Path, needed_bytes: int) -> CheckpointError:
+    """The one line for a checkpoint that did not fit (sizes in GB, three significant digits)."""
+    return CheckpointError(f"no space left on {directory} (needs ~{needed_bytes / 1e9:.3g} GB, "
+                           f"{free_bytes(directory) / 1e9:.3g} GB free): free space or write elsewhere, then resume")

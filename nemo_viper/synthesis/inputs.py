@@ -23,12 +23,13 @@ import hashlib
 import io
 import json
 import tarfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
-from nemo_viper.data.decoding import is_plain, to_rgb8
+from nemo_viper.data.decoding import budget_size, fit_pixels, is_plain, to_rgb8
 from nemo_viper.errors import NemoViperError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -104,11 +105,14 @@ def fingerprint(items: list[InputItem]) -> str:
     return hashlib.sha256("\n".join(item.source for item in items).encode()).hexdigest()[:16]
 
 
-def load_image(item: InputItem) -> LoadedImage | str:
-    """The decoded image, or the skip reason: ``missing_file`` (also a dangling symlink), ``symlink_loop``,
-    ``unreadable_file`` (exists but cannot be read: permissions, a directory named like an image, an I/O
-    error), ``empty_file``, ``corrupt_image`` (does not decode completely, e.g. a truncated JPEG) or
-    ``image_too_large`` (PIL's decompression-bomb limit)."""
+def load_image(item: InputItem, max_pixels: int | None = None) -> LoadedImage | str:
+    """The decoded image, at most ``max_pixels`` pixels (:func:`~nemo_viper.data.decoding.fit_pixels`; a
+    downscaled image is stored as the PNG of what was captioned), or the skip reason: ``missing_file`` (also
+    a dangling symlink), ``symlink_loop``, ``unreadable_file`` (exists but cannot be read: permissions, a
+    directory named like an image, an I/O error), ``empty_file``, ``corrupt_image`` (does not decode
+    completely, e.g. a truncated JPEG) or ``image_too_large`` (above twice PIL's ``MAX_IMAGE_PIXELS``, PIL's
+    decompression-bomb error). Between once and twice that limit PIL only warns: such an image is decoded
+    (a JPEG at the smallest DCT scale that still covers the budget) and downscaled, the warning silenced."""
     try:
         data = item.read()
     except FileNotFoundError:
@@ -118,10 +122,16 @@ def load_image(item: InputItem) -> LoadedImage | str:
     if not data:
         return "empty_file"
     try:
-        with Image.open(io.BytesIO(data)) as opened:
-            plain = is_plain(opened)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(data))
+        with opened:
+            size = budget_size(opened.width, opened.height, max_pixels)
+            plain = is_plain(opened) and size == opened.size
+            if not plain:
+                opened.draft(opened.mode, size)  # JPEG only: decode at a reduced scale no smaller than ``size``
             opened.load()
-            image = to_rgb8(opened)
+            image = fit_pixels(to_rgb8(opened), max_pixels)
     except Image.DecompressionBombError:
         return "image_too_large"
     except (OSError, SyntaxError, ValueError):

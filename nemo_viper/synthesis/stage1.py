@@ -68,7 +68,7 @@ class CaptionRefineStage:
         with stats.timed("load", len(items)):
             work = []
             for index, item in items:
-                loaded = load_image(item)
+                loaded = load_image(item, self.config.vlm.max_pixels)
                 if isinstance(loaded, str):
                     stats.skipped[loaded] += 1
                     log.warning("skipping input %s: %s", item.source, loaded)

@@ -16,6 +16,7 @@ from typing import Sequence
 
 from PIL import Image
 
+from nemo_viper.data.decoding import fit_pixels
 from nemo_viper.rollout.interface import GenerationBackend, GenerationRequest, SamplingParams
 from nemo_viper.synthesis.config import VLMConfig
 
@@ -26,14 +27,6 @@ class ChatPrompt:
 
     messages: list[dict]
     images: tuple[Image.Image, ...] = ()
-
-
-def fit_pixels(image: Image.Image, max_pixels: int | None) -> Image.Image:
-    """``image`` downscaled (aspect ratio kept) to at most ``max_pixels`` pixels; unchanged if it fits."""
-    if max_pixels is None or image.width * image.height <= max_pixels:
-        return image
-    scale = (max_pixels / (image.width * image.height)) ** 0.5
-    return image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))), Image.BICUBIC)
 
 
 class VLM:

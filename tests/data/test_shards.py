@@ -140,10 +140,37 @@ def rewrite_member(directory, shard_name, member_name, transform):
             data = transform(data) if member.name == member_name else data
             member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
+    rechecksum(directory)
+
+
+def rechecksum(directory):
     manifest = json.loads((directory / "manifest.json").read_text())
     for shard in manifest["shards"]:
         shard["sha256"] = hashlib.sha256((directory / shard["name"]).read_bytes()).hexdigest()
     (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("position", ["right after it", "after another sample"])
+def test_a_repeated_sample_key_names_the_shard_the_key_and_both_members(caption_dataset, position):
+    """A hostile shard repeating a key (webdataset would make two samples of it, or keep either entry)."""
+    directory, _, _ = caption_dataset()
+    path = directory / "stage1-000000.tar"
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    first, data = next((m, d) for m, d in members if m.name == "000000_000000.json")
+    copy = tarfile.TarInfo(first.name)
+    copy.size = len(data)
+    at = members.index((first, data)) + 1 if position == "right after it" else len(members)
+    members.insert(at, (copy, data))
+    with tarfile.open(path, "w") as tar:
+        for member, payload in members:
+            tar.addfile(member, io.BytesIO(payload))
+    rechecksum(directory)
+    with pytest.raises(DatasetError) as raised:
+        ShardDataset(directory)
+    message = str(raised.value)
+    assert str(path) in message and "sample key '000000_000000' occurs twice" in message, message
+    assert message.count("'000000_000000.json'") == 2 and "\n" not in message, message
 
 
 def test_record_missing_field_is_skipped_and_counted(caption_dataset, caplog):

@@ -69,3 +69,36 @@ def test_the_tiny_copies_pass_the_check(tiny_eval_root):
     from nemo_viper.evaluation.schema import check_schemas
 
     check_schemas(tuple(BENCHMARKS), tiny_eval_root)
+
+
+def _flip_middle(file):
+    data = bytearray(file.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 2000] = bytes(b ^ 0xFF for b in data[middle:middle + 2000])
+    file.write_bytes(bytes(data))
+
+
+FILE_CASES = {  # what is done to which file of the copy, what the line must say
+    "arrow file missing": ("val/data-00000-of-00001.arrow", lambda f: f.unlink(), "FileNotFoundError"),
+    "arrow file truncated": ("val/data-00000-of-00001.arrow", lambda f: f.write_bytes(f.read_bytes()[:300]),
+                             "ArrowInvalid: Expected to read"),
+    "arrow file with damaged offsets": ("val/data-00000-of-00001.arrow", _flip_middle, "ArrowInvalid: Column"),
+    "state.json not JSON": ("val/state.json", lambda f: f.write_text("{not json"), "JSONDecodeError"),
+    "dataset_info.json not JSON": ("val/dataset_info.json", lambda f: f.write_text("{"), "JSONDecodeError"),
+    "dataset_dict.json without splits": ("dataset_dict.json", lambda f: f.write_text("{}"), "KeyError: 'splits'"),
+}
+
+
+@pytest.mark.parametrize("case", list(FILE_CASES))
+def test_a_missing_or_corrupt_file_of_a_copy_is_one_line_naming_it(case, tiny_eval_root, tmp_path, model_dir,
+                                                                    capsys):
+    name, damage, detail = FILE_CASES[case]
+    root = tmp_path / "data"
+    path = BENCHMARKS["mmstar"].local_dir(root)
+    shutil.copytree(BENCHMARKS["mmstar"].local_dir(tiny_eval_root), path)
+    damage(path / name)
+    status = main(["eval", "--model", str(model_dir("m", b"w")), "--tasks", "mmstar", "--dataset-root", str(root),
+                   "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: eval task mmstar: {path}: {name} is missing or corrupt (") and detail in err, err

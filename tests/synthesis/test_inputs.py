@@ -3,10 +3,13 @@
 import io
 import json
 import tarfile
+import warnings
 
+import numpy as np
 import pytest
 
-from nemo_viper.synthesis.inputs import SKIMAGE_PHOTOS, InputError, LoadedImage, fingerprint, list_inputs, load_image
+from nemo_viper.synthesis.inputs import (SKIMAGE_PHOTOS, InputError, InputItem, LoadedImage, fingerprint, list_inputs,
+                                         load_image)
 
 
 @pytest.fixture
@@ -102,3 +105,45 @@ def test_jsonl_entries_need_a_path(tmp_path):
     (tmp_path / "x.jsonl").write_text(json.dumps({"image": 3}) + "\n")
     with pytest.raises(InputError, match="path string"):
         list_inputs(str(tmp_path / "x.jsonl"))
+
+
+def _item(tmp_path, name, image, **save):
+    path = tmp_path / name
+    image.save(path, **save)
+    return InputItem(name, str(path))
+
+
+def test_a_12000_by_12000_jpeg_is_decoded_and_stored_at_the_pixel_budget(tmp_path):
+    """Above PIL's warning limit (89.5M pixels), below its error limit: decoded at a reduced DCT scale, downscaled
+    to the budget and stored as the PNG of what is captioned, never at full size."""
+    from PIL import Image
+
+    item = _item(tmp_path, "huge.jpg", Image.new("L", (12000, 12000), 90), quality=50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's DecompressionBombWarning is handled, not leaked
+        loaded = load_image(item, max_pixels=1280 * 28 * 28)
+    assert loaded.image.size == (1001, 1001) and loaded.image.mode == "RGB"  # floor(12000 * sqrt(1003520 / 1.44e8))
+    assert loaded.encoded is None  # stored as the PNG of the downscaled image
+    assert abs(np.asarray(loaded.image).astype(int) - 90).max() <= 1
+
+
+def test_the_budget_keeps_the_aspect_ratio_and_leaves_images_within_it_as_they_are(tmp_path):
+    from PIL import Image
+
+    gradient = Image.fromarray(np.tile(np.arange(300, dtype=np.uint8)[None, :] // 2, (100, 1)), "L").convert("RGB")
+    png = _item(tmp_path, "wide.png", gradient)
+    loaded = load_image(png, max_pixels=30 * 10 * 4)  # 300x100 at a budget of 1200 pixels: 60x20
+    assert loaded.image.size == (60, 20) and loaded.encoded is None
+    reference = gradient.resize((60, 20), Image.BICUBIC)
+    assert np.array_equal(np.asarray(loaded.image), np.asarray(reference))
+    kept = load_image(png, max_pixels=300 * 100)
+    assert kept.image.size == (300, 100) and kept.encoded == (tmp_path / "wide.png").read_bytes()
+    assert load_image(png).image.size == (300, 100)
+
+
+def test_an_image_above_twice_pils_pixel_limit_is_skipped_as_too_large(tmp_path, monkeypatch):
+    from PIL import Image
+
+    item = _item(tmp_path, "bomb.png", Image.new("L", (200, 100)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200 * 100 // 2 - 1)
+    assert load_image(item, max_pixels=1000) == "image_too_large"

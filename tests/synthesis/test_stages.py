@@ -11,6 +11,7 @@ from PIL import Image
 from synth_fakes import CAPTIONS
 
 from nemo_viper.data import DatasetError, ShardDataset, ShardWriter, parse_record
+from nemo_viper.data.decoding import fit_pixels
 from nemo_viper.errors import ConfigError
 from nemo_viper.synthesis.config import load_config
 from nemo_viper.synthesis.diffusion import DiffusersEditor, DiffusersTextToImage
@@ -50,7 +51,7 @@ def stage1(tiny_hf_dir, inputs_with_broken_files, tiny_pipelines, processor, tmp
 
     out = tmp_path_factory.mktemp("stage1")
     cfg = config(1, out, tiny_hf_dir, "keep_redraw=true", f"redraw.model={tiny_pipelines}/StableDiffusionPipeline",
-                 images=str(inputs_with_broken_files))
+                 "vlm.max_pixels=2048", images=str(inputs_with_broken_files))  # below the 64-pixel photos' size
     components = Components(VLM(FakeVLMBackend(processor.tokenizer), processor, cfg.vlm),
                             painter=DiffusersTextToImage(cfg.redraw))
     return out, run_synthesis(cfg, components), cfg
@@ -76,7 +77,8 @@ def test_stage1_records_validate_images_decode_and_counts_add_up(stage1, inputs_
         assert record.recon_image == "recon.png" and record.synth_ckpt == cfg.vlm.policy
         (image,) = dataset.images(i)
         original = Image.open(inputs_with_broken_files / record.source).convert("RGB")
-        assert image.tobytes() == original.tobytes()
+        assert original.width * original.height > 2048 >= image.width * image.height  # stored at the budget
+        assert image.tobytes() == fit_pixels(original, 2048).tobytes()
     assert [dataset.record(i).id for i in range(len(dataset))] == ["s1-0000002", "s1-0000003", "s1-0000004",
                                                                    "s1-0000005"]
 

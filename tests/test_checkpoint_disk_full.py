@@ -1,0 +1,72 @@
+"""A full disk during a checkpoint save: one line naming the directory and the size, and no partial checkpoint.
+
+Torch's stream writer reports a short write as ``unexpected pos A vs B`` and megatron-core wraps it in a
+``CheckpointException`` naming only a worker failure; the save edge (:func:`nemo_viper.models.checkpoint.save_policy`)
+turns it into ``no space left on <dir> (needs ~N GB, M GB free)`` after removing the partial directory.
+"""
+
+import errno
+import subprocess
+import traceback
+
+import pytest
+from launch import start_python
+from torch.distributed.checkpoint.api import CheckpointException
+
+from nemo_viper.models.checkpoint_dir import free_bytes, latest_checkpoint, no_space_error, out_of_space
+
+
+def _writer_failure(cause: BaseException) -> CheckpointException:
+    """What megatron-core's synchronous save raises when a write fails on rank 0."""
+    return CheckpointException("write", {0: (cause, traceback.StackSummary())})
+
+
+def test_enospc_anywhere_in_a_failed_write_is_a_full_disk(tmp_path):
+    enospc = OSError(errno.ENOSPC, "No space left on device")
+    assert out_of_space(_writer_failure(enospc), tmp_path, needed_bytes=0)
+    try:
+        try:
+            raise enospc
+        except OSError as inner:
+            raise RuntimeError("file write failed") from inner
+    except RuntimeError as outer:
+        assert out_of_space(outer, tmp_path / "not" / "yet", needed_bytes=0)
+
+
+def test_a_writer_error_is_a_full_disk_only_when_the_checkpoint_does_not_fit(tmp_path):
+    torn = _writer_failure(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"))
+    free = free_bytes(tmp_path)
+    assert out_of_space(torn, tmp_path, needed_bytes=free + 1)
+    assert not out_of_space(torn, tmp_path, needed_bytes=1)
+    assert not out_of_space(ValueError("a bug"), tmp_path, needed_bytes=1)
+    message = str(no_space_error(tmp_path, 3_600_000_000))
+    assert message.startswith(f"no space left on {tmp_path} (needs ~3.6 GB, ") and "\n" not in message
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 2 MiB tmpfs (the tiny model's checkpoint takes 2.2 MB), unmounted afterwards."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount_point)], check=True)
+
+
+@pytest.mark.slow
+def test_a_save_onto_a_full_disk_is_one_line_and_leaves_no_checkpoint(tiny_hf_dir, tiny_filesystem):
+    """The real fault: torch's writer runs out of space in the middle of the weights."""
+    out = tiny_filesystem / "step_0000003"
+    job = start_python("-m", "nemo_viper.cli", "convert", "import", "--hf", str(tiny_hf_dir), "--out", str(out))
+    stdout, stderr = job.communicate(timeout=300)
+    last = stderr.strip().splitlines()[-1]
+    assert job.returncode == 2, stderr[-4000:]
+    assert last.startswith(f"error: no space left on {tiny_filesystem} (needs ~0.0021 GB, "), last
+    assert not [line for line in stderr.splitlines() if line.startswith(("Traceback", "[rank0]: Traceback"))]
+    assert not out.exists() and not list(tiny_filesystem.glob(".*.partial"))  # removed, space given back
+    assert latest_checkpoint(tiny_filesystem) is None  # nothing to resume from that is not complete
