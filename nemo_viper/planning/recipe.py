@@ -63,7 +63,9 @@ def architecture(hf_path: str) -> tuple[Architecture, str]:
     raise ConfigError(f"model.hf_path={hf_path!r}: no config.json here and not a published Qwen2.5-VL-3B/7B name")
 
 
-def _reward_params(embedding_model: str) -> float:
+def _reward_params(embedding_model: str | None) -> float:
+    """Parameters of ``reward.embedding_model`` (unset: the packaged model)."""
+    embedding_model = embedding_model or ""
     for name, params in REWARD_MODELS.items():
         if name and name in embedding_model.lower():
             return params
@@ -177,11 +179,21 @@ def refuse_if_synthesis_exceeds_time(config, gpu: str, images: int | None) -> No
                 "cluster.time.synth); or launch with --ignore-time-plan")
 
 
+DIFFUSION_SECTIONS = ("redraw", "edit")  # the synthesis sections that configure a diffusion pipeline
+
+
+def known_diffusion_sections(synth) -> dict[str, object]:
+    """The diffusion sections (name -> :class:`~nemo_viper.synthesis.config.DiffusionConfig`) whose pipeline
+    the plan knows (:data:`PIPELINES`)."""
+    sections = {name: getattr(synth, name) for name in DIFFUSION_SECTIONS}
+    return {name: d for name, d in sections.items() if pipeline_sizes(d.model)}
+
+
 def synthesis_shape(config) -> SynthesisShape | None:
     """The heavier of the two synthesis stages' pipelines with the policy; ``None`` for pipelines the plan
     does not know (the tiny ones: a few MB)."""
     synth = synthesis_config(config)
-    known = [(pipeline_sizes(d.model), d) for d in (synth.redraw, synth.edit) if pipeline_sizes(d.model)]
+    known = [(pipeline_sizes(d.model), d) for d in known_diffusion_sections(synth).values()]
     if not known:
         return None
     (total, largest, hidden, tokens, _), diffusion = max(known, key=lambda item: item[0][3])
@@ -221,19 +233,28 @@ def plan_recipe(config, gpu_gib: float = 80, margin: float = DEFAULT_MARGIN, gpu
                     distributed_optimizer=parallel.gpus_per_node > 0)
     shapes, synth = training_shapes(config), synthesis_shape(config)
     plan = plan_memory(arch, layout, shapes, synth, gpu_gib * GIB, margin)
+    offload_keys = [f"synthesis.{name}.cpu_offload"
+                    for name, d in known_diffusion_sections(synthesis_config(config)).items() if not d.cpu_offload]
     suggestion = None if plan.all_fit else _smallest_change(arch, layout, shapes, synth, plan, gpus,
-                                                            config.rollout.vllm.gpu_memory_utilization)
+                                                            config.rollout.vllm.gpu_memory_utilization, offload_keys)
     return RecipePlan(plan, arch, source, layout, suggestion, times, gpu, synthesis_images)
 
 
-def _smallest_change(arch, layout, shapes, synth, plan: Plan, gpus: int, vllm_share: float) -> str:
-    """The synthesis switches the synthesis phase needs, then the first RL candidate (in order of cost)
-    that makes every phase fit alone, else the RL candidates applied one after another until they do."""
-    changes, fits = [], False
+def _smallest_change(arch, layout, shapes, synth, plan: Plan, gpus: int, vllm_share: float,
+                     offload_keys: list[str]) -> str:
+    """The synthesis switches the synthesis phase needs (``offload_keys``: the config keys of the diffusion
+    sections' CPU offload), then the first RL candidate (in order of cost) that makes every phase fit alone,
+    else the RL candidates applied one after another until they do."""
+    changes = []
     if synth is not None and not plan.fits(plan.phases[0]):
-        for key, value in (("residency", "alternate"), ("cpu_offload", True)):
-            synth = replace(synth, **{key: value})
-            changes.append(f"synthesis.{key}={str(value).lower()}")
+        switches = [("residency", "alternate", ["synthesis.residency"])]
+        if offload_keys:
+            switches.append(("cpu_offload", True, offload_keys))
+        for field_name, value, keys in switches:
+            if getattr(synth, field_name) == value:  # already set: nothing to suggest
+                continue
+            synth = replace(synth, **{field_name: value})
+            changes += [f"{key}={str(value).lower()}" for key in keys]
             if plan_memory(arch, layout, {}, synth, plan.gpu_bytes, plan.margin).all_fit:
                 break
 

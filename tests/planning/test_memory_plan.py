@@ -26,6 +26,7 @@ from nemo_viper.planning.recipe import (
     plan_recipe,
     refuse_if_not_fitting,
     refuse_if_synthesis_exceeds_time,
+    synthesis_shape,
     synthesis_task_times,
 )
 from nemo_viper.planning.synthesis_time import (
@@ -38,6 +39,7 @@ from nemo_viper.planning.synthesis_time import (
 from nemo_viper.recipes import recipe
 
 SEVEN_B = Architecture.from_hf_config(PUBLISHED["Qwen2.5-VL-7B"])
+UNSIZED_DIFFUSION = ("synthesis.redraw.model=/models/small-diffusion", "synthesis.edit.model=/models/small-diffusion")
 
 
 def test_parameter_counts_match_the_models():
@@ -162,28 +164,30 @@ def test_plan_and_launch_commands():
     # reaches them through the run config: tests/test_config_keys.py)
 
 
-def test_pipeline_parallelism_is_what_fits_the_7b_on_32gb_and_the_engine_holds_every_layer():
-    """The 7B with vLLM rollouts on 32 GiB GPUs: TP=4 (the most its 4 KV heads allow) with every cheaper change
+def test_pipeline_parallelism_is_what_fits_the_7b_on_36gb_and_the_engine_holds_every_layer():
+    """The 7B with vLLM rollouts on 36 GiB GPUs (with diffusion pipelines the plan does not size: Qwen-Image's
+    20B transformer alone exceeds 36 GiB): TP=4 (the most its 4 KV heads allow) with every cheaper change
     still does not fit; splitting the layers over 2 stages does. The suggestion, applied, fits; the plan says
     that PP made it fit. The engine's term never drops below the whole model's weights over TP (not PP)."""
     from nemo_viper.planning.memory import rollout_phase, vllm_engine_minimum
     from nemo_viper.planning.recipe import format_plan
 
-    on_vllm = ["rollout.backend=vllm", "rollout.vllm.gpu_memory_utilization=0.25"]
-    result = plan_recipe(recipe("qwen25vl_7b", *on_vllm), 32)
+    on_vllm = ["rollout.backend=vllm", "rollout.vllm.gpu_memory_utilization=0.25", *UNSIZED_DIFFUSION]
+    result = plan_recipe(recipe("qwen25vl_7b", *on_vllm), 36)
     assert result.suggestion.endswith("parallel.tensor=4 parallel.pipeline=2"), result.suggestion
-    assert plan_recipe(recipe("qwen25vl_7b", *on_vllm, *result.suggestion.split()), 32).plan.all_fit
+    assert plan_recipe(recipe("qwen25vl_7b", *on_vllm, *result.suggestion.split()), 36).plan.all_fit
     without_pp = result.suggestion.replace(" parallel.pipeline=2", "").split()
-    assert not plan_recipe(recipe("qwen25vl_7b", *on_vllm, *without_pp), 32).plan.all_fit
+    assert not plan_recipe(recipe("qwen25vl_7b", *on_vllm, *without_pp), 36).plan.all_fit
     assert "pipeline parallelism is what makes it fit" in format_plan(result, "qwen25vl_7b")
     assert "pipeline parallelism" not in format_plan(plan_recipe(recipe("qwen25vl_7b", "rl.grpo.micro_batch_size=8")),
                                                      "qwen25vl_7b")
-    # from the recipe's Megatron backend, the pipeline change brings vLLM (the Megatron backend refuses PP), at a
-    # share of the GPU that fits; each key once
-    megatron = plan_recipe(recipe("qwen25vl_7b"), 32).suggestion
-    assert "parallel.tensor=4 parallel.pipeline=2 rollout.backend=vllm rollout.vllm.gpu_memory_utilization=" in megatron
-    assert plan_recipe(recipe("qwen25vl_7b", *megatron.split()), 32).plan.all_fit
-    assert len({item.split("=")[0] for item in megatron.split()}) == len(megatron.split())
+    # from the recipe's Megatron backend, the pipeline change brings vLLM (the Megatron backend refuses PP), down
+    # to the smallest share the plan tries; each key once, every one accepted by the config
+    megatron = plan_recipe(recipe("qwen25vl_7b", *UNSIZED_DIFFUSION), 32).suggestion
+    assert "parallel.tensor=4 parallel.pipeline=2 rollout.backend=vllm rollout.vllm.gpu_memory_utilization=0.2" in megatron
+    items = [item for item in megatron.split() if "=" in item]
+    assert len({item.split("=")[0] for item in items}) == len(items)
+    assert plan_recipe(recipe("qwen25vl_7b", *UNSIZED_DIFFUSION, *items), 32).layout.pipeline == 2
 
     shape = TrainingShape(vllm_memory_fraction=0.01)
     split, whole = Layout(tensor=2, pipeline=4), Layout(tensor=2)
@@ -229,3 +233,25 @@ def test_the_qwen_image_recipes_get_refused_time_limits_and_the_shard_count_that
     assert synthesis_task_times(config, "B200", 64 * 500)[0].seconds < stage1.seconds / 2
     assert synthesis_task_times(recipe("qwen25vl_7b", "cluster.time.synth=1-00:00:00"), "H100", 64 * 500)[1].fits
     assert synthesis_task_times(config, "H100", None)[0].fits  # inputs unknown here: nothing to refuse
+
+
+def test_the_tiny_recipe_plans_with_the_packaged_reward_model():
+    """``reward.embedding_model`` unset (the packaged model) is planned, not a crash."""
+    from nemo_viper.planning.recipe import REWARD_MODELS
+
+    result = plan_recipe(recipe("tiny"))
+    assert result.plan.all_fit and result.source == "the tiny model"
+    for phase in result.plan.phases:
+        assert phase.terms["reward model"] == int(REWARD_MODELS[""]) * 4
+
+
+def test_every_key_the_plan_suggests_is_accepted_by_the_config():
+    """The synthesis switches name the keys of each diffusion section; applied through the recipe overrides,
+    they reach the plan (its synthesis shape offloads) and are not suggested again."""
+    result = plan_recipe(recipe("qwen25vl_7b"), 68)
+    assert "synthesis.redraw.cpu_offload=true synthesis.edit.cpu_offload=true" in result.suggestion
+    items = [item for item in result.suggestion.split() if "=" in item]
+    applied = plan_recipe(recipe("qwen25vl_7b", *items), 68)
+    suggested_again = applied.suggestion.split() if applied.suggestion else []
+    assert not any(item.startswith("synthesis.") for item in suggested_again), applied.suggestion
+    assert synthesis_shape(recipe("qwen25vl_7b", *items)).cpu_offload
