@@ -95,6 +95,29 @@ TRAIN_FLAGS = {
 TRAIN_SWITCHES = {"--dynamic-sampling": "rl.grpo.dynamic_sampling", "--overlong-filtering": "rl.grpo.overlong_filtering",
                   "--no-std": "rl.grpo.advantage.normalize_by_std=false", "--recompute-vision": "model.recompute_vision",
                   "--no-vllm-sleep-mode": "rollout.vllm.enable_sleep_mode=false"}
+_TRAIN_KEYS = {**TRAIN_FLAGS, **TRAIN_SWITCHES}
+
+
+def config_default(key: str):
+    """The :class:`~nemo_viper.config.ViperConfig` dataclasses' default of the dotted ``key``."""
+    from nemo_viper.config import ViperConfig
+
+    value = ViperConfig()
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+class _TrainHelpFormatter(argparse.HelpFormatter):
+    """``train --help``: each flag's help names the dataclass default of its key, looked up only when the
+    help is printed (the flags themselves default to ``None``: unset keys keep the config's value)."""
+
+    def _get_help_string(self, action):
+        key = _TRAIN_KEYS.get(action.option_strings[0]) if action.option_strings else None
+        if key is None:
+            return action.help
+        default = config_default(key.partition("=")[0])
+        return f"{action.help} (default {default})".replace("%", "%%")
 
 
 def train_config(args):
@@ -402,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=cmd_convert_export, megatron=True)
 
     train = commands.add_parser("train", help="one RL stage on synthesised shards -> checkpoints",
+                                formatter_class=_TrainHelpFormatter,
                                 description=f"One RL stage on synthesised shards -> checkpoints. {CHECKPOINT_WARNING}")
     train.add_argument("--stage", type=int, choices=(1, 2), required=True, help="1: caption_refine, 2: visual_op")
     train.add_argument("--data", required=True, help="dataset directory (shards + manifest.json)")
