@@ -20,6 +20,7 @@ from nemo_viper.planning.memory import (
     SynthesisShape,
     TrainingShape,
     plan_memory,
+    prompt_tokens,
     training_changes,
 )
 from nemo_viper.planning.synthesis_time import DiffusionWork, TaskTime, task_time
@@ -43,6 +44,9 @@ PIPELINES = {"Qwen/Qwen-Image": (28.85e9, 20.43e9, 3072, 4096, 60),
 # Reward embedding models: parameters (float32 on the GPU).
 REWARD_MODELS = {"bge-m3": 568e6, "": 22.7e6}  # "" = the packaged all-MiniLM-L6-v2
 PROMPT_TEMPLATE_TOKENS = 160  # chat template + task text of the RL prompts (nemo_viper.prompts), rounded up
+# max_batch_size null: the Megatron backend fills half the free memory with decode slots, which the plan cannot
+# know before the job runs; it counts this many samples decoding together instead
+UNSET_DECODE_BATCH = 64
 DEFAULT_MARGIN = 0.10  # kept free: the estimator measured up to 10 % low on CPU (docs/benchmarks.md)
 
 
@@ -92,33 +96,35 @@ def caption_tokens(synthesis: dict) -> int:
 def rl_context_length(stage: int, caption_budget: int, max_pixels: int, max_new_tokens: int, hf_config: dict) -> int:
     """Prompt + response tokens of the longest sample RL stage ``stage`` allows: its prompt budget (every
     image at ``max_pixels``) plus ``max_new_tokens`` (the vLLM engine's ``max_model_len``)."""
-    shape = TrainingShape(max_pixels=max_pixels, max_new_tokens=max_new_tokens,
-                          **stage_prompt_budget(stage, caption_budget))
-    return shape.sequence_length(Architecture.from_hf_config(hf_config))
+    budget = stage_prompt_budget(stage, caption_budget)
+    arch = Architecture.from_hf_config(hf_config)
+    return prompt_tokens(arch, budget["prompt_text_tokens"], budget["images_per_prompt"], max_pixels) + max_new_tokens
 
 
 def training_shapes(config) -> dict[str, TrainingShape]:
-    """The two RL stages' shapes (:func:`stage_prompt_budget`)."""
+    """The two RL stages' shapes (:func:`stage_prompt_budget`), every setting read from ``config``."""
+    from nemo_viper.models.logprobs import ENTROPY_CHUNK_ROWS
+
     rl, parallel = config.rl, config.parallel
     rollout = config.rollout
     rows_per_rank = rl.prompts_per_step * rl.n // (rl.grpo.num_minibatches * parallel.data_parallel)
-    base = TrainingShape(
+    settings = dict(
         micro_batch_size=rl.grpo.micro_batch_size,
         responses_per_prompt=rl.n,
         micro_batches_per_minibatch=max(1, rows_per_rank // rl.grpo.micro_batch_size),
         max_pixels=rl.max_pixels,
         max_new_tokens=rl.sampling.max_new_tokens,
-        # null: the backend fills half the free memory with decode slots; the plan then counts its default batch
-        generation_batch_size=rollout.megatron.max_batch_size or TrainingShape.generation_batch_size,
+        generation_batch_size=rollout.megatron.max_batch_size or UNSET_DECODE_BATCH,
         vllm_memory_fraction=rollout.vllm.gpu_memory_utilization if rollout.backend == "vllm" else 0.0,
         vllm_sleep_mode=rollout.vllm.enable_sleep_mode,
         precision=config.model.precision,
         recompute=config.model.recompute,
         recompute_vision=config.model.recompute_vision,
         reward_params=int(_reward_params(config.reward.embedding_model)),
+        entropy_chunk=ENTROPY_CHUNK_ROWS,
     )
     captions = caption_tokens(config.synthesis)
-    return {f"RL stage {stage}": replace(base, **stage_prompt_budget(stage, captions)) for stage in (1, 2)}
+    return {f"RL stage {stage}": TrainingShape(**settings, **stage_prompt_budget(stage, captions)) for stage in (1, 2)}
 
 
 def pipeline_sizes(model: str) -> tuple | None:
@@ -198,7 +204,7 @@ def synthesis_shape(config) -> SynthesisShape | None:
         return None
     (total, largest, hidden, tokens, _), diffusion = max(known, key=lambda item: item[0][3])
     return SynthesisShape(
-        vlm_batch_size=synth.vlm.generation.megatron.max_batch_size or SynthesisShape.vlm_batch_size,
+        vlm_batch_size=synth.vlm.generation.megatron.max_batch_size or UNSET_DECODE_BATCH,
         vlm_tokens=max(synth.vlm.caption_tokens, synth.vlm.critique_tokens) + PROMPT_TEMPLATE_TOKENS,
         vlm_pixels=synth.vlm.max_pixels or config.rl.max_pixels,
         pipeline_params=int(total), largest_component_params=int(largest), pipeline_hidden=hidden,

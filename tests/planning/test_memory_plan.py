@@ -39,6 +39,15 @@ from nemo_viper.planning.synthesis_time import (
 from nemo_viper.recipes import recipe
 
 SEVEN_B = Architecture.from_hf_config(PUBLISHED["Qwen2.5-VL-7B"])
+# the inputs of the by-hand shapes, each test changing what it works out
+HAND_SHAPE = dict(micro_batch_size=4, responses_per_prompt=5, micro_batches_per_minibatch=8, prompt_text_tokens=256,
+                  images_per_prompt=1, max_pixels=1280 * 28 * 28, max_new_tokens=1024, precision="bf16",
+                  recompute="none", recompute_vision=False, generation_batch_size=64, vllm_memory_fraction=0.0,
+                  vllm_sleep_mode=True, reward_params=0, entropy_chunk=1024)
+
+
+def hand_shape(**changes) -> TrainingShape:
+    return TrainingShape(**{**HAND_SHAPE, **changes})
 UNSIZED_DIFFUSION = ("synthesis.redraw.model=/models/small-diffusion", "synthesis.edit.model=/models/small-diffusion")
 
 
@@ -73,8 +82,8 @@ def test_activation_terms_by_hand():
     """One layer of a small config, worked out by hand, and how recomputation and sharing scale it."""
     arch = Architecture(hidden=64, ffn=128, layers=2, heads=4, kv_heads=2, vocab=1000, tied_embeddings=False,
                         vision_depth=2, vision_hidden=32, vision_ffn=64)
-    shape = TrainingShape(micro_batch_size=2, prompt_text_tokens=10, max_pixels=28 * 28 * 4, max_new_tokens=20,
-                          images_per_prompt=1, precision="bf16", fused_attention=True)
+    shape = hand_shape(micro_batch_size=2, prompt_text_tokens=10, max_pixels=28 * 28 * 4, max_new_tokens=20,
+                       images_per_prompt=1, precision="bf16", fused_attention=True)
     seq = 10 + (4 + 2) + 20  # text + image tokens (4) + vision start/end + new tokens
     assert shape.sequence_length(arch) == seq
     tokens = 2 * seq
@@ -85,8 +94,8 @@ def test_activation_terms_by_hand():
     full = TrainingShape(**{**vars(shape), "recompute": "full"})
     assert lm_activations(arch, Layout(), full) == 2 * 2 * tokens * 64 + per_layer
     # 4 rows of prompts with 5 responses each straddle at most 2 prompts; per row: 4 copies
-    assert distinct_images(TrainingShape(micro_batch_size=4)) == 2
-    assert distinct_images(TrainingShape(micro_batch_size=4, shared_images=False)) == 4
+    assert distinct_images(hand_shape(micro_batch_size=4)) == 2
+    assert distinct_images(hand_shape(micro_batch_size=4, shared_images=False)) == 4
 
 
 def test_the_reward_model_pixel_values_and_context_are_counted_in_every_rl_phase():
@@ -94,9 +103,9 @@ def test_the_reward_model_pixel_values_and_context_are_counted_in_every_rl_phase
     two 4-patch images per prompt and micro-batches of 3 rows with 2 responses per prompt (2 distinct prompts)."""
     arch = Architecture(hidden=64, ffn=128, layers=2, heads=4, kv_heads=2, vocab=1000, tied_embeddings=False,
                         vision_depth=2, vision_hidden=32, vision_ffn=64)
-    shape = TrainingShape(micro_batch_size=3, responses_per_prompt=2, images_per_prompt=2, max_pixels=28 * 28,
-                          prompt_text_tokens=10, max_new_tokens=20, generation_batch_size=4, reward_params=1000,
-                          reward_bytes_per_param=2)
+    shape = hand_shape(micro_batch_size=3, responses_per_prompt=2, images_per_prompt=2, max_pixels=28 * 28,
+                       prompt_text_tokens=10, max_new_tokens=20, generation_batch_size=4, reward_params=1000,
+                       reward_bytes_per_param=2)
     layout = Layout(tensor=2, pipeline=2, data=1)
     patch_values = 4 * 3 * 2 * 14 * 14  # patches x (channels x temporal patch x patch^2)
     context = CUDA_CONTEXT_BYTES + 2 * NCCL_COMMUNICATOR_BYTES
@@ -189,7 +198,7 @@ def test_pipeline_parallelism_is_what_fits_the_7b_on_36gb_and_the_engine_holds_e
     assert len({item.split("=")[0] for item in items}) == len(items)
     assert plan_recipe(recipe("qwen25vl_7b", *UNSIZED_DIFFUSION, *items), 32).layout.pipeline == 2
 
-    shape = TrainingShape(vllm_memory_fraction=0.01)
+    shape = hand_shape(vllm_memory_fraction=0.01)
     split, whole = Layout(tensor=2, pipeline=4), Layout(tensor=2)
     minimum = vllm_engine_minimum(SEVEN_B, split, shape)
     assert minimum == vllm_engine_minimum(SEVEN_B, whole, shape) > 2 * SEVEN_B.total_params / 2
@@ -255,3 +264,31 @@ def test_every_key_the_plan_suggests_is_accepted_by_the_config():
     suggested_again = applied.suggestion.split() if applied.suggestion else []
     assert not any(item.startswith("synthesis.") for item in suggested_again), applied.suggestion
     assert synthesis_shape(recipe("qwen25vl_7b", *items)).cpu_offload
+
+
+def test_the_plan_reads_every_setting_from_the_config():
+    """The shapes carry no default of a setting: each field is the config's value, here at non-default ones
+    (the only defaults left are the plan's own assumptions, which no key sets)."""
+    from dataclasses import MISSING, fields
+
+    from nemo_viper.planning.memory import SynthesisShape
+    from nemo_viper.planning.recipe import PROMPT_TEMPLATE_TOKENS, training_shapes
+
+    assumptions = {f.name for f in fields(TrainingShape) if f.default is not MISSING}
+    assert assumptions == {"reward_bytes_per_param", "fused_attention", "shared_images"}
+    assert all(f.default is MISSING for f in fields(SynthesisShape))
+
+    config = recipe("qwen25vl_7b", "rl.grpo.micro_batch_size=2", "rl.n=3", "rl.max_pixels=200704",
+                    "rl.sampling.max_new_tokens=300", "rollout.megatron.max_batch_size=24", "model.precision=fp32",
+                    "model.recompute=full", "model.recompute_vision=false", "synthesis.vlm.caption_tokens=100",
+                    "synthesis.vlm.critique_tokens=150", "synthesis.vlm.max_pixels=50176",
+                    "synthesis.vlm.generation.megatron.max_batch_size=12", "synthesis.edit.batch_size=3",
+                    "synthesis.residency=alternate", "synthesis.edit.cpu_offload=true")
+    stage1, stage2 = training_shapes(config).values()
+    assert (stage1.micro_batch_size, stage1.responses_per_prompt, stage1.max_pixels, stage1.max_new_tokens,
+            stage1.generation_batch_size, stage1.precision, stage1.recompute, stage1.recompute_vision) == (
+        2, 3, 200704, 300, 24, "fp32", "full", False)
+    assert stage1.prompt_text_tokens == PROMPT_TEMPLATE_TOKENS + 100 and stage2.images_per_prompt == 2
+    synth = synthesis_shape(config)  # the edit pipeline: the heavier of the two
+    assert (synth.vlm_batch_size, synth.vlm_tokens, synth.vlm_pixels, synth.pipeline_batch_size, synth.residency,
+            synth.cpu_offload) == (12, 150 + PROMPT_TEMPLATE_TOKENS, 50176, 3, "alternate", True)
