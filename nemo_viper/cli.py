@@ -278,11 +278,15 @@ def cmd_config(args) -> None:
     print(to_yaml(_recipe_config(args, check_paths=False)), end="")
 
 
-def _add_time_plan_arguments(parser) -> None:
+def _add_plan_arguments(parser) -> None:
+    """The GPU ``plan`` (and ``launch``, before it submits) checks memory and synthesis time against."""
+    from nemo_viper.planning.recipe import DEFAULT_GPU, DEFAULT_GPU_GIB
     from nemo_viper.planning.synthesis_time import GPU_BF16_TFLOPS
 
-    parser.add_argument("--gpu", choices=tuple(GPU_BF16_TFLOPS), default="H100",
-                        help="GPU model the synthesis time is estimated for (default H100)")
+    parser.add_argument("--gpu-memory", type=float, default=DEFAULT_GPU_GIB,
+                        help=f"GiB per GPU the memory plan checks against (default {DEFAULT_GPU_GIB})")
+    parser.add_argument("--gpu", choices=tuple(GPU_BF16_TFLOPS), default=DEFAULT_GPU,
+                        help=f"GPU model the synthesis time is estimated for (default {DEFAULT_GPU})")
     parser.add_argument("--synthesis-images", type=int, default=None, metavar="N",
                         help="input images of a synthesis round (default: synthesis.images counted, if readable here)")
 
@@ -505,10 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--executor", choices=("local", "slurm"), help="overrides cluster.executor")
             sub.add_argument("--dry-run", action="store_true",
                              help="show which phases would be submitted or skipped, and their sbatch scripts")
-            sub.add_argument("--gpu-memory", type=float, default=80, help="GiB per GPU the memory plan checks against")
             sub.add_argument("--ignore-memory-plan", action="store_true",
                              help="launch even if `nemo-viper plan` says a phase does not fit")
-            _add_time_plan_arguments(sub)
+            _add_plan_arguments(sub)
             sub.add_argument("--ignore-time-plan", action="store_true",
                              help="launch even if `nemo-viper plan` says a synthesis task exceeds cluster.time.synth")
         sub.set_defaults(func=cmd_run if name == "run" else cmd_launch)
@@ -524,8 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="per-GPU memory of every phase of a recipe; verdict; what to change")
     plan.add_argument("--recipe", required=True, help="tiny | qwen25vl_3b | qwen25vl_7b")
     plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. rl.grpo.micro_batch_size=4")
-    plan.add_argument("--gpu-memory", type=float, default=80, help="GiB per GPU (default 80)")
-    _add_time_plan_arguments(plan)
+    _add_plan_arguments(plan)
     plan.set_defaults(func=cmd_plan)
 
     status = commands.add_parser("status", help="each phase of a run: done or pending (and why), its Slurm job")

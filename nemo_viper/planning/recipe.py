@@ -47,6 +47,7 @@ PROMPT_TEMPLATE_TOKENS = 160  # chat template + task text of the RL prompts (nem
 # max_batch_size null: the Megatron backend fills half the free memory with decode slots, which the plan cannot
 # know before the job runs; it counts this many samples decoding together instead
 UNSET_DECODE_BATCH = 64
+DEFAULT_GPU, DEFAULT_GPU_GIB = "H100", 80  # the GPU the plan checks against unless told (model, GiB)
 DEFAULT_MARGIN = 0.10  # kept free: the estimator measured up to 10 % low on CPU (docs/benchmarks.md)
 
 
@@ -225,7 +226,7 @@ class RecipePlan:
     synthesis_images: int | None
 
 
-def plan_recipe(config, gpu_gib: float = 80, margin: float = DEFAULT_MARGIN, gpu: str = "H100",
+def plan_recipe(config, gpu_gib: float = DEFAULT_GPU_GIB, margin: float = DEFAULT_MARGIN, gpu: str = DEFAULT_GPU,
                 synthesis_images: int | None = None) -> RecipePlan:
     """Memory of every phase on ``gpu_gib`` GPUs, and the synthesis tasks' time on ``gpu`` for
     ``synthesis_images`` inputs per round (default: ``synthesis.images`` counted, when it is readable here)."""
@@ -315,7 +316,7 @@ def _as_key(description: str) -> str:
     return " ".join(f"{_KEYS.get(key, key)}={value}" for key, _, value in items)
 
 
-def refuse_if_not_fitting(config, gpu_gib: float = 80) -> None:
+def refuse_if_not_fitting(config, gpu_gib: float = DEFAULT_GPU_GIB) -> None:
     """``ConfigError`` (one line) naming the phases that do not fit and the smallest change that does."""
     result = plan_recipe(config, gpu_gib)
     if result.plan.all_fit:
