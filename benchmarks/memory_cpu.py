@@ -105,7 +105,7 @@ def saved_bytes_dropped(run) -> int:
 
 
 def cmd_activations(args) -> str:
-    from nemo_viper.models.logprobs import forward_micro_batch
+    from nemo_viper.models.logprobs import ENTROPY_CHUNK_ROWS, forward_micro_batch
     from nemo_viper.models.policy import PolicyConfig, build_policy
     from nemo_viper.planning.memory import Architecture, vision_activation_bytes_per_patch_block
 
@@ -210,8 +210,12 @@ def cmd_estimator(args) -> str:
     # backward hooks: the timeline never sees it (its GRADIENT category holds far less), so it is added.
     peak += sum(b.grad_data.numel() * b.grad_data.element_size() for b in model.buffers)
     arch = Architecture.from_hf_config(json.loads((hf / "config.json").read_text()))
-    shape = TrainingShape(micro_batch_size=rows, responses_per_prompt=rows, prompt_text_tokens=text,
-                          max_pixels=side * side, max_new_tokens=response, precision=precision)
+    # what the step above runs: one micro-batch of one prompt's rows and image, no recomputation, no reward model
+    shape = TrainingShape(micro_batch_size=rows, responses_per_prompt=rows, micro_batches_per_minibatch=1,
+                          prompt_text_tokens=text, images_per_prompt=1, max_pixels=side * side, max_new_tokens=response,
+                          precision=precision, recompute="none", recompute_vision=False, generation_batch_size=rows,
+                          vllm_memory_fraction=0.0, vllm_sleep_mode=True, reward_params=0,
+                          entropy_chunk=ENTROPY_CHUNK_ROWS)
     terms = training_phase(arch, Layout(distributed_optimizer=False), shape).terms
     terms.pop("optimizer")
     estimate = sum(terms.values())

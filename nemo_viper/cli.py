@@ -95,6 +95,29 @@ TRAIN_FLAGS = {
 TRAIN_SWITCHES = {"--dynamic-sampling": "rl.grpo.dynamic_sampling", "--overlong-filtering": "rl.grpo.overlong_filtering",
                   "--no-std": "rl.grpo.advantage.normalize_by_std=false", "--recompute-vision": "model.recompute_vision",
                   "--no-vllm-sleep-mode": "rollout.vllm.enable_sleep_mode=false"}
+_TRAIN_KEYS = {**TRAIN_FLAGS, **TRAIN_SWITCHES}
+
+
+def config_default(key: str):
+    """The :class:`~nemo_viper.config.ViperConfig` dataclasses' default of the dotted ``key``."""
+    from nemo_viper.config import ViperConfig
+
+    value = ViperConfig()
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+class _TrainHelpFormatter(argparse.HelpFormatter):
+    """``train --help``: each flag's help names the dataclass default of its key, looked up only when the
+    help is printed (the flags themselves default to ``None``: unset keys keep the config's value)."""
+
+    def _get_help_string(self, action):
+        key = _TRAIN_KEYS.get(action.option_strings[0]) if action.option_strings else None
+        if key is None:
+            return action.help
+        default = config_default(key.partition("=")[0])
+        return f"{action.help} (default {default})".replace("%", "%%")
 
 
 def train_config(args):
@@ -255,11 +278,15 @@ def cmd_config(args) -> None:
     print(to_yaml(_recipe_config(args, check_paths=False)), end="")
 
 
-def _add_time_plan_arguments(parser) -> None:
+def _add_plan_arguments(parser) -> None:
+    """The GPU ``plan`` (and ``launch``, before it submits) checks memory and synthesis time against."""
+    from nemo_viper.planning.recipe import DEFAULT_GPU, DEFAULT_GPU_GIB
     from nemo_viper.planning.synthesis_time import GPU_BF16_TFLOPS
 
-    parser.add_argument("--gpu", choices=tuple(GPU_BF16_TFLOPS), default="H100",
-                        help="GPU model the synthesis time is estimated for (default H100)")
+    parser.add_argument("--gpu-memory", type=float, default=DEFAULT_GPU_GIB,
+                        help=f"GiB per GPU the memory plan checks against (default {DEFAULT_GPU_GIB})")
+    parser.add_argument("--gpu", choices=tuple(GPU_BF16_TFLOPS), default=DEFAULT_GPU,
+                        help=f"GPU model the synthesis time is estimated for (default {DEFAULT_GPU})")
     parser.add_argument("--synthesis-images", type=int, default=None, metavar="N",
                         help="input images of a synthesis round (default: synthesis.images counted, if readable here)")
 
@@ -402,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=cmd_convert_export, megatron=True)
 
     train = commands.add_parser("train", help="one RL stage on synthesised shards -> checkpoints",
+                                formatter_class=_TrainHelpFormatter,
                                 description=f"One RL stage on synthesised shards -> checkpoints. {CHECKPOINT_WARNING}")
     train.add_argument("--stage", type=int, choices=(1, 2), required=True, help="1: caption_refine, 2: visual_op")
     train.add_argument("--data", required=True, help="dataset directory (shards + manifest.json)")
@@ -481,10 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--executor", choices=("local", "slurm"), help="overrides cluster.executor")
             sub.add_argument("--dry-run", action="store_true",
                              help="show which phases would be submitted or skipped, and their sbatch scripts")
-            sub.add_argument("--gpu-memory", type=float, default=80, help="GiB per GPU the memory plan checks against")
             sub.add_argument("--ignore-memory-plan", action="store_true",
                              help="launch even if `nemo-viper plan` says a phase does not fit")
-            _add_time_plan_arguments(sub)
+            _add_plan_arguments(sub)
             sub.add_argument("--ignore-time-plan", action="store_true",
                              help="launch even if `nemo-viper plan` says a synthesis task exceeds cluster.time.synth")
         sub.set_defaults(func=cmd_run if name == "run" else cmd_launch)
@@ -500,8 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="per-GPU memory of every phase of a recipe; verdict; what to change")
     plan.add_argument("--recipe", required=True, help="tiny | qwen25vl_3b | qwen25vl_7b")
     plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. rl.grpo.micro_batch_size=4")
-    plan.add_argument("--gpu-memory", type=float, default=80, help="GiB per GPU (default 80)")
-    _add_time_plan_arguments(plan)
+    _add_plan_arguments(plan)
     plan.set_defaults(func=cmd_plan)
 
     status = commands.add_parser("status", help="each phase of a run: done or pending (and why), its Slurm job")

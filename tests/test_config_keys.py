@@ -19,6 +19,7 @@ import copy
 import functools
 import itertools
 import re
+from dataclasses import asdict
 from collections.abc import Iterator
 
 import pytest
@@ -280,3 +281,40 @@ def test_leaf_keys_cover_the_library_configs():
                 "synthesis.residency", "synthesis.vlm.generation.backend",
                 "synthesis.vlm.generation.vllm.max_num_seqs"):
         assert key in keys, key
+
+
+def test_train_flags_carry_no_default_and_each_reaches_its_key(tmp_path):
+    """``train`` with no flag builds the dataclasses' defaults (no flag has an argparse default of its own);
+    each flag at a value other than the default sets exactly its key; ``--help`` names the dataclass default."""
+    from nemo_viper.cli import TRAIN_FLAGS, TRAIN_SWITCHES
+
+    parser = build_parser()
+    required = ["train", "--stage", "1", "--data", "d", "--policy", "p", "--out", "o"]
+    defaults = asdict(ViperConfig())
+    assert train_config(parser.parse_args(required)).run_config == defaults
+
+    def value_at(tree: dict, key: str):
+        for part in key.split("."):
+            tree = tree[part]
+        return tree
+
+    for flag, key in {**TRAIN_FLAGS, **TRAIN_SWITCHES}.items():
+        key, _, switched = key.partition("=")
+        default = value_at(defaults, key)
+        if flag in TRAIN_SWITCHES:
+            value = switched != "false"
+        else:  # ALTERNATIVES differ from the recipes' values; model.precision's is the dataclass default
+            value = "fp32" if key == "model.precision" else perturbed(key, default, tmp_path)
+        argv = [flag, str(value)] if flag in TRAIN_FLAGS else [flag]
+        companion = ["rollout.backend=vllm"] if key == "parallel.pipeline" else []  # PP generates on vLLM only
+        config = train_config(parser.parse_args(required + argv + companion)).run_config
+        expected = pytest.approx(value) if isinstance(value, float) else value
+        assert value_at(config, key) == expected, flag
+        assert value_at(config, key) != default, flag
+        changed = [k for k in all_leaf_keys() if not k.startswith("synthesis.")
+                   and value_at(config, k) != value_at(defaults, k)]
+        assert set(changed) == {key, *(item.partition("=")[0] for item in companion)}, (flag, changed)
+
+    help_text = " ".join(parser._subparsers._group_actions[0].choices["train"].format_help().split())
+    assert f"sets rl.steps (default {ViperConfig().rl.steps})" in help_text
+    assert "sets rl.grpo.advantage.normalize_by_std=false (default True)" in help_text

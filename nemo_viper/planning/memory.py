@@ -45,8 +45,6 @@ from dataclasses import dataclass, field, replace
 GIB = 2**30
 CUDA_CONTEXT_BYTES = 1.0 * GIB  # CUDA context, cuBLAS/cuDNN workspaces, lazily loaded kernels (torch on Hopper)
 NCCL_COMMUNICATOR_BYTES = 0.5 * GIB  # one communicator's channel buffers (NCCL_BUFFSIZE x channels x peers)
-RECOMPUTE = ("none", "selective", "full")
-RESIDENCY = ("together", "alternate")
 
 
 @dataclass(frozen=True)
@@ -126,62 +124,63 @@ class Layout:
     distributed_optimizer: bool = True
 
 
-@dataclass(frozen=True)
-class TrainingShape:
-    """What one RL job holds: batch sizes, sequence and image budgets, memory switches."""
+def prompt_tokens(arch: Architecture, text_tokens: int, images: int, max_pixels: int) -> int:
+    """Tokens of a prompt of ``text_tokens`` text tokens and ``images`` images of at most ``max_pixels`` pixels
+    (each image's tokens between its vision start and end tokens)."""
+    return text_tokens + images * (arch.image_tokens(max_pixels) + 2)
 
-    micro_batch_size: int = 4
-    responses_per_prompt: int = 5  # rows sharing one image set
-    micro_batches_per_minibatch: int = 8
-    prompt_text_tokens: int = 256  # chat template + task text + the stage-1 caption
-    images_per_prompt: int = 1
-    max_pixels: int = 1280 * 28 * 28
-    max_new_tokens: int = 1024
-    precision: str = "bf16"  # fp32 | bf16 | fp8 (weights and activations as bf16)
-    recompute: str = "none"  # LM: none | selective (core attention) | full (every layer's input only)
-    recompute_vision: bool = False  # checkpoint every vision block
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingShape:
+    """What one RL job holds: batch sizes, sequence and image budgets, memory switches. The settings come from
+    the run config (:func:`nemo_viper.planning.recipe.training_shapes`); the defaults here are the plan's own
+    assumptions, which no config key sets."""
+
+    micro_batch_size: int
+    responses_per_prompt: int  # rows sharing one image set
+    micro_batches_per_minibatch: int
+    prompt_text_tokens: int  # chat template + task text (+ the stage-1 caption)
+    images_per_prompt: int
+    max_pixels: int
+    max_new_tokens: int
+    precision: str  # fp32 | bf16 | fp8 (weights and activations as bf16)
+    recompute: str  # LM: none | selective (core attention) | full (every layer's input only)
+    recompute_vision: bool  # checkpoint every vision block
+    generation_batch_size: int  # samples decoded together (Megatron generation backend)
+    vllm_memory_fraction: float  # rollout.backend=vllm: the engine's share of the GPU when awake; 0: Megatron
+    vllm_sleep_mode: bool  # the vLLM engine releases its weights and KV cache while the trainer steps
+    reward_params: int
+    entropy_chunk: int | None  # positions of the entropy metric's float32 chunk (None: unchunked)
+    reward_bytes_per_param: int = 4  # the reward model runs in float32
     fused_attention: bool = False  # Transformer Engine / flash attention: no S x S probabilities saved
     shared_images: bool = True  # vision tower once per image set (False: once per row)
-    entropy_chunk: int | None = 1024  # positions of the entropy metric's float32 chunk (None: unchunked)
-    generation_batch_size: int = 64  # samples decoded together (Megatron generation backend)
-    vllm_memory_fraction: float = 0.0  # rollout.backend=vllm: the engine's share of the GPU when awake; 0: Megatron
-    vllm_sleep_mode: bool = True  # the vLLM engine releases its weights and KV cache while the trainer steps
-    reward_params: int = 0
-    reward_bytes_per_param: int = 4
-
-    def __post_init__(self):
-        if self.recompute not in RECOMPUTE:
-            raise ValueError(f"recompute={self.recompute!r} is not one of {RECOMPUTE}")
 
     def sequence_length(self, arch: Architecture) -> int:
         return self.prompt_length(arch) + self.max_new_tokens
 
     def prompt_length(self, arch: Architecture) -> int:
-        return self.prompt_text_tokens + self.images_per_prompt * (arch.image_tokens(self.max_pixels) + 2)
+        return prompt_tokens(arch, self.prompt_text_tokens, self.images_per_prompt, self.max_pixels)
 
     @property
     def element_bytes(self) -> int:
         return 4 if self.precision == "fp32" else 2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SynthesisShape:
-    """One synthesis task (one GPU): the policy captions/critiques, a diffusion pipeline draws."""
+    """One synthesis task (one GPU): the policy captions/critiques, a diffusion pipeline draws. Every field
+    comes from the synthesis config and the pipeline's sizes (:func:`nemo_viper.planning.recipe.synthesis_shape`)."""
 
-    vlm_batch_size: int = 64
-    vlm_tokens: int = 512 + 256  # generated + prompt text tokens per sample
-    vlm_pixels: int = 1280 * 28 * 28
-    pipeline_params: int = 0
-    pipeline_batch_size: int = 4
-    pipeline_tokens: int = 4096  # latent image tokens (+ text) per sample: (1024 / 16)^2 for Qwen-Image
-    pipeline_hidden: int = 3072
-    residency: str = "together"  # together | alternate (policy and pipeline never on the GPU at once)
-    cpu_offload: bool = False  # diffusers' model CPU offload: one pipeline component on the GPU at a time
-    largest_component_params: int = 0
-
-    def __post_init__(self):
-        if self.residency not in RESIDENCY:
-            raise ValueError(f"residency={self.residency!r} is not one of {RESIDENCY}")
+    vlm_batch_size: int
+    vlm_tokens: int  # generated + prompt text tokens per sample
+    vlm_pixels: int
+    pipeline_params: int
+    pipeline_batch_size: int
+    pipeline_tokens: int  # latent image tokens (+ text) per sample: (1024 / 16)^2 for Qwen-Image
+    pipeline_hidden: int
+    residency: str  # together | alternate (policy and pipeline never on the GPU at once)
+    cpu_offload: bool  # diffusers' model CPU offload: one pipeline component on the GPU at a time
+    largest_component_params: int
 
 
 @dataclass

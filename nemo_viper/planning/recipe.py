@@ -20,6 +20,7 @@ from nemo_viper.planning.memory import (
     SynthesisShape,
     TrainingShape,
     plan_memory,
+    prompt_tokens,
     training_changes,
 )
 from nemo_viper.planning.synthesis_time import DiffusionWork, TaskTime, task_time
@@ -43,6 +44,10 @@ PIPELINES = {"Qwen/Qwen-Image": (28.85e9, 20.43e9, 3072, 4096, 60),
 # Reward embedding models: parameters (float32 on the GPU).
 REWARD_MODELS = {"bge-m3": 568e6, "": 22.7e6}  # "" = the packaged all-MiniLM-L6-v2
 PROMPT_TEMPLATE_TOKENS = 160  # chat template + task text of the RL prompts (nemo_viper.prompts), rounded up
+# max_batch_size null: the Megatron backend fills half the free memory with decode slots, which the plan cannot
+# know before the job runs; it counts this many samples decoding together instead
+UNSET_DECODE_BATCH = 64
+DEFAULT_GPU, DEFAULT_GPU_GIB = "H100", 80  # the GPU the plan checks against unless told (model, GiB)
 DEFAULT_MARGIN = 0.10  # kept free: the estimator measured up to 10 % low on CPU (docs/benchmarks.md)
 
 
@@ -63,7 +68,9 @@ def architecture(hf_path: str) -> tuple[Architecture, str]:
     raise ConfigError(f"model.hf_path={hf_path!r}: no config.json here and not a published Qwen2.5-VL-3B/7B name")
 
 
-def _reward_params(embedding_model: str) -> float:
+def _reward_params(embedding_model: str | None) -> float:
+    """Parameters of ``reward.embedding_model`` (unset: the packaged model)."""
+    embedding_model = embedding_model or ""
     for name, params in REWARD_MODELS.items():
         if name and name in embedding_model.lower():
             return params
@@ -90,33 +97,35 @@ def caption_tokens(synthesis: dict) -> int:
 def rl_context_length(stage: int, caption_budget: int, max_pixels: int, max_new_tokens: int, hf_config: dict) -> int:
     """Prompt + response tokens of the longest sample RL stage ``stage`` allows: its prompt budget (every
     image at ``max_pixels``) plus ``max_new_tokens`` (the vLLM engine's ``max_model_len``)."""
-    shape = TrainingShape(max_pixels=max_pixels, max_new_tokens=max_new_tokens,
-                          **stage_prompt_budget(stage, caption_budget))
-    return shape.sequence_length(Architecture.from_hf_config(hf_config))
+    budget = stage_prompt_budget(stage, caption_budget)
+    arch = Architecture.from_hf_config(hf_config)
+    return prompt_tokens(arch, budget["prompt_text_tokens"], budget["images_per_prompt"], max_pixels) + max_new_tokens
 
 
 def training_shapes(config) -> dict[str, TrainingShape]:
-    """The two RL stages' shapes (:func:`stage_prompt_budget`)."""
+    """The two RL stages' shapes (:func:`stage_prompt_budget`), every setting read from ``config``."""
+    from nemo_viper.models.logprobs import ENTROPY_CHUNK_ROWS
+
     rl, parallel = config.rl, config.parallel
     rollout = config.rollout
     rows_per_rank = rl.prompts_per_step * rl.n // (rl.grpo.num_minibatches * parallel.data_parallel)
-    base = TrainingShape(
+    settings = dict(
         micro_batch_size=rl.grpo.micro_batch_size,
         responses_per_prompt=rl.n,
         micro_batches_per_minibatch=max(1, rows_per_rank // rl.grpo.micro_batch_size),
         max_pixels=rl.max_pixels,
         max_new_tokens=rl.sampling.max_new_tokens,
-        # null: the backend fills half the free memory with decode slots; the plan then counts its default batch
-        generation_batch_size=rollout.megatron.max_batch_size or TrainingShape.generation_batch_size,
+        generation_batch_size=rollout.megatron.max_batch_size or UNSET_DECODE_BATCH,
         vllm_memory_fraction=rollout.vllm.gpu_memory_utilization if rollout.backend == "vllm" else 0.0,
         vllm_sleep_mode=rollout.vllm.enable_sleep_mode,
         precision=config.model.precision,
         recompute=config.model.recompute,
         recompute_vision=config.model.recompute_vision,
         reward_params=int(_reward_params(config.reward.embedding_model)),
+        entropy_chunk=ENTROPY_CHUNK_ROWS,
     )
     captions = caption_tokens(config.synthesis)
-    return {f"RL stage {stage}": replace(base, **stage_prompt_budget(stage, captions)) for stage in (1, 2)}
+    return {f"RL stage {stage}": TrainingShape(**settings, **stage_prompt_budget(stage, captions)) for stage in (1, 2)}
 
 
 def pipeline_sizes(model: str) -> tuple | None:
@@ -177,16 +186,26 @@ def refuse_if_synthesis_exceeds_time(config, gpu: str, images: int | None) -> No
                 "cluster.time.synth); or launch with --ignore-time-plan")
 
 
+DIFFUSION_SECTIONS = ("redraw", "edit")  # the synthesis sections that configure a diffusion pipeline
+
+
+def known_diffusion_sections(synth) -> dict[str, object]:
+    """The diffusion sections (name -> :class:`~nemo_viper.synthesis.config.DiffusionConfig`) whose pipeline
+    the plan knows (:data:`PIPELINES`)."""
+    sections = {name: getattr(synth, name) for name in DIFFUSION_SECTIONS}
+    return {name: d for name, d in sections.items() if pipeline_sizes(d.model)}
+
+
 def synthesis_shape(config) -> SynthesisShape | None:
     """The heavier of the two synthesis stages' pipelines with the policy; ``None`` for pipelines the plan
     does not know (the tiny ones: a few MB)."""
     synth = synthesis_config(config)
-    known = [(pipeline_sizes(d.model), d) for d in (synth.redraw, synth.edit) if pipeline_sizes(d.model)]
+    known = [(pipeline_sizes(d.model), d) for d in known_diffusion_sections(synth).values()]
     if not known:
         return None
     (total, largest, hidden, tokens, _), diffusion = max(known, key=lambda item: item[0][3])
     return SynthesisShape(
-        vlm_batch_size=synth.vlm.generation.megatron.max_batch_size or SynthesisShape.vlm_batch_size,
+        vlm_batch_size=synth.vlm.generation.megatron.max_batch_size or UNSET_DECODE_BATCH,
         vlm_tokens=max(synth.vlm.caption_tokens, synth.vlm.critique_tokens) + PROMPT_TEMPLATE_TOKENS,
         vlm_pixels=synth.vlm.max_pixels or config.rl.max_pixels,
         pipeline_params=int(total), largest_component_params=int(largest), pipeline_hidden=hidden,
@@ -207,7 +226,7 @@ class RecipePlan:
     synthesis_images: int | None
 
 
-def plan_recipe(config, gpu_gib: float = 80, margin: float = DEFAULT_MARGIN, gpu: str = "H100",
+def plan_recipe(config, gpu_gib: float = DEFAULT_GPU_GIB, margin: float = DEFAULT_MARGIN, gpu: str = DEFAULT_GPU,
                 synthesis_images: int | None = None) -> RecipePlan:
     """Memory of every phase on ``gpu_gib`` GPUs, and the synthesis tasks' time on ``gpu`` for
     ``synthesis_images`` inputs per round (default: ``synthesis.images`` counted, when it is readable here)."""
@@ -221,19 +240,28 @@ def plan_recipe(config, gpu_gib: float = 80, margin: float = DEFAULT_MARGIN, gpu
                     distributed_optimizer=parallel.gpus_per_node > 0)
     shapes, synth = training_shapes(config), synthesis_shape(config)
     plan = plan_memory(arch, layout, shapes, synth, gpu_gib * GIB, margin)
+    offload_keys = [f"synthesis.{name}.cpu_offload"
+                    for name, d in known_diffusion_sections(synthesis_config(config)).items() if not d.cpu_offload]
     suggestion = None if plan.all_fit else _smallest_change(arch, layout, shapes, synth, plan, gpus,
-                                                            config.rollout.vllm.gpu_memory_utilization)
+                                                            config.rollout.vllm.gpu_memory_utilization, offload_keys)
     return RecipePlan(plan, arch, source, layout, suggestion, times, gpu, synthesis_images)
 
 
-def _smallest_change(arch, layout, shapes, synth, plan: Plan, gpus: int, vllm_share: float) -> str:
-    """The synthesis switches the synthesis phase needs, then the first RL candidate (in order of cost)
-    that makes every phase fit alone, else the RL candidates applied one after another until they do."""
-    changes, fits = [], False
+def _smallest_change(arch, layout, shapes, synth, plan: Plan, gpus: int, vllm_share: float,
+                     offload_keys: list[str]) -> str:
+    """The synthesis switches the synthesis phase needs (``offload_keys``: the config keys of the diffusion
+    sections' CPU offload), then the first RL candidate (in order of cost) that makes every phase fit alone,
+    else the RL candidates applied one after another until they do."""
+    changes = []
     if synth is not None and not plan.fits(plan.phases[0]):
-        for key, value in (("residency", "alternate"), ("cpu_offload", True)):
-            synth = replace(synth, **{key: value})
-            changes.append(f"synthesis.{key}={str(value).lower()}")
+        switches = [("residency", "alternate", ["synthesis.residency"])]
+        if offload_keys:
+            switches.append(("cpu_offload", True, offload_keys))
+        for field_name, value, keys in switches:
+            if getattr(synth, field_name) == value:  # already set: nothing to suggest
+                continue
+            synth = replace(synth, **{field_name: value})
+            changes += [f"{key}={str(value).lower()}" for key in keys]
             if plan_memory(arch, layout, {}, synth, plan.gpu_bytes, plan.margin).all_fit:
                 break
 
@@ -288,7 +316,7 @@ def _as_key(description: str) -> str:
     return " ".join(f"{_KEYS.get(key, key)}={value}" for key, _, value in items)
 
 
-def refuse_if_not_fitting(config, gpu_gib: float = 80) -> None:
+def refuse_if_not_fitting(config, gpu_gib: float = DEFAULT_GPU_GIB) -> None:
     """``ConfigError`` (one line) naming the phases that do not fit and the smallest change that does."""
     result = plan_recipe(config, gpu_gib)
     if result.plan.all_fit:

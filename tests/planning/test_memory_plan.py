@@ -26,6 +26,7 @@ from nemo_viper.planning.recipe import (
     plan_recipe,
     refuse_if_not_fitting,
     refuse_if_synthesis_exceeds_time,
+    synthesis_shape,
     synthesis_task_times,
 )
 from nemo_viper.planning.synthesis_time import (
@@ -38,6 +39,16 @@ from nemo_viper.planning.synthesis_time import (
 from nemo_viper.recipes import recipe
 
 SEVEN_B = Architecture.from_hf_config(PUBLISHED["Qwen2.5-VL-7B"])
+# the inputs of the by-hand shapes, each test changing what it works out
+HAND_SHAPE = dict(micro_batch_size=4, responses_per_prompt=5, micro_batches_per_minibatch=8, prompt_text_tokens=256,
+                  images_per_prompt=1, max_pixels=1280 * 28 * 28, max_new_tokens=1024, precision="bf16",
+                  recompute="none", recompute_vision=False, generation_batch_size=64, vllm_memory_fraction=0.0,
+                  vllm_sleep_mode=True, reward_params=0, entropy_chunk=1024)
+
+
+def hand_shape(**changes) -> TrainingShape:
+    return TrainingShape(**{**HAND_SHAPE, **changes})
+UNSIZED_DIFFUSION = ("synthesis.redraw.model=/models/small-diffusion", "synthesis.edit.model=/models/small-diffusion")
 
 
 def test_parameter_counts_match_the_models():
@@ -71,8 +82,8 @@ def test_activation_terms_by_hand():
     """One layer of a small config, worked out by hand, and how recomputation and sharing scale it."""
     arch = Architecture(hidden=64, ffn=128, layers=2, heads=4, kv_heads=2, vocab=1000, tied_embeddings=False,
                         vision_depth=2, vision_hidden=32, vision_ffn=64)
-    shape = TrainingShape(micro_batch_size=2, prompt_text_tokens=10, max_pixels=28 * 28 * 4, max_new_tokens=20,
-                          images_per_prompt=1, precision="bf16", fused_attention=True)
+    shape = hand_shape(micro_batch_size=2, prompt_text_tokens=10, max_pixels=28 * 28 * 4, max_new_tokens=20,
+                       images_per_prompt=1, precision="bf16", fused_attention=True)
     seq = 10 + (4 + 2) + 20  # text + image tokens (4) + vision start/end + new tokens
     assert shape.sequence_length(arch) == seq
     tokens = 2 * seq
@@ -83,8 +94,8 @@ def test_activation_terms_by_hand():
     full = TrainingShape(**{**vars(shape), "recompute": "full"})
     assert lm_activations(arch, Layout(), full) == 2 * 2 * tokens * 64 + per_layer
     # 4 rows of prompts with 5 responses each straddle at most 2 prompts; per row: 4 copies
-    assert distinct_images(TrainingShape(micro_batch_size=4)) == 2
-    assert distinct_images(TrainingShape(micro_batch_size=4, shared_images=False)) == 4
+    assert distinct_images(hand_shape(micro_batch_size=4)) == 2
+    assert distinct_images(hand_shape(micro_batch_size=4, shared_images=False)) == 4
 
 
 def test_the_reward_model_pixel_values_and_context_are_counted_in_every_rl_phase():
@@ -92,9 +103,9 @@ def test_the_reward_model_pixel_values_and_context_are_counted_in_every_rl_phase
     two 4-patch images per prompt and micro-batches of 3 rows with 2 responses per prompt (2 distinct prompts)."""
     arch = Architecture(hidden=64, ffn=128, layers=2, heads=4, kv_heads=2, vocab=1000, tied_embeddings=False,
                         vision_depth=2, vision_hidden=32, vision_ffn=64)
-    shape = TrainingShape(micro_batch_size=3, responses_per_prompt=2, images_per_prompt=2, max_pixels=28 * 28,
-                          prompt_text_tokens=10, max_new_tokens=20, generation_batch_size=4, reward_params=1000,
-                          reward_bytes_per_param=2)
+    shape = hand_shape(micro_batch_size=3, responses_per_prompt=2, images_per_prompt=2, max_pixels=28 * 28,
+                       prompt_text_tokens=10, max_new_tokens=20, generation_batch_size=4, reward_params=1000,
+                       reward_bytes_per_param=2)
     layout = Layout(tensor=2, pipeline=2, data=1)
     patch_values = 4 * 3 * 2 * 14 * 14  # patches x (channels x temporal patch x patch^2)
     context = CUDA_CONTEXT_BYTES + 2 * NCCL_COMMUNICATOR_BYTES
@@ -162,30 +173,32 @@ def test_plan_and_launch_commands():
     # reaches them through the run config: tests/test_config_keys.py)
 
 
-def test_pipeline_parallelism_is_what_fits_the_7b_on_32gb_and_the_engine_holds_every_layer():
-    """The 7B with vLLM rollouts on 32 GiB GPUs: TP=4 (the most its 4 KV heads allow) with every cheaper change
+def test_pipeline_parallelism_is_what_fits_the_7b_on_36gb_and_the_engine_holds_every_layer():
+    """The 7B with vLLM rollouts on 36 GiB GPUs (with diffusion pipelines the plan does not size: Qwen-Image's
+    20B transformer alone exceeds 36 GiB): TP=4 (the most its 4 KV heads allow) with every cheaper change
     still does not fit; splitting the layers over 2 stages does. The suggestion, applied, fits; the plan says
     that PP made it fit. The engine's term never drops below the whole model's weights over TP (not PP)."""
     from nemo_viper.planning.memory import rollout_phase, vllm_engine_minimum
     from nemo_viper.planning.recipe import format_plan
 
-    on_vllm = ["rollout.backend=vllm", "rollout.vllm.gpu_memory_utilization=0.25"]
-    result = plan_recipe(recipe("qwen25vl_7b", *on_vllm), 32)
+    on_vllm = ["rollout.backend=vllm", "rollout.vllm.gpu_memory_utilization=0.25", *UNSIZED_DIFFUSION]
+    result = plan_recipe(recipe("qwen25vl_7b", *on_vllm), 36)
     assert result.suggestion.endswith("parallel.tensor=4 parallel.pipeline=2"), result.suggestion
-    assert plan_recipe(recipe("qwen25vl_7b", *on_vllm, *result.suggestion.split()), 32).plan.all_fit
+    assert plan_recipe(recipe("qwen25vl_7b", *on_vllm, *result.suggestion.split()), 36).plan.all_fit
     without_pp = result.suggestion.replace(" parallel.pipeline=2", "").split()
-    assert not plan_recipe(recipe("qwen25vl_7b", *on_vllm, *without_pp), 32).plan.all_fit
+    assert not plan_recipe(recipe("qwen25vl_7b", *on_vllm, *without_pp), 36).plan.all_fit
     assert "pipeline parallelism is what makes it fit" in format_plan(result, "qwen25vl_7b")
     assert "pipeline parallelism" not in format_plan(plan_recipe(recipe("qwen25vl_7b", "rl.grpo.micro_batch_size=8")),
                                                      "qwen25vl_7b")
-    # from the recipe's Megatron backend, the pipeline change brings vLLM (the Megatron backend refuses PP), at a
-    # share of the GPU that fits; each key once
-    megatron = plan_recipe(recipe("qwen25vl_7b"), 32).suggestion
-    assert "parallel.tensor=4 parallel.pipeline=2 rollout.backend=vllm rollout.vllm.gpu_memory_utilization=" in megatron
-    assert plan_recipe(recipe("qwen25vl_7b", *megatron.split()), 32).plan.all_fit
-    assert len({item.split("=")[0] for item in megatron.split()}) == len(megatron.split())
+    # from the recipe's Megatron backend, the pipeline change brings vLLM (the Megatron backend refuses PP), down
+    # to the smallest share the plan tries; each key once, every one accepted by the config
+    megatron = plan_recipe(recipe("qwen25vl_7b", *UNSIZED_DIFFUSION), 32).suggestion
+    assert "parallel.tensor=4 parallel.pipeline=2 rollout.backend=vllm rollout.vllm.gpu_memory_utilization=0.2" in megatron
+    items = [item for item in megatron.split() if "=" in item]
+    assert len({item.split("=")[0] for item in items}) == len(items)
+    assert plan_recipe(recipe("qwen25vl_7b", *UNSIZED_DIFFUSION, *items), 32).layout.pipeline == 2
 
-    shape = TrainingShape(vllm_memory_fraction=0.01)
+    shape = hand_shape(vllm_memory_fraction=0.01)
     split, whole = Layout(tensor=2, pipeline=4), Layout(tensor=2)
     minimum = vllm_engine_minimum(SEVEN_B, split, shape)
     assert minimum == vllm_engine_minimum(SEVEN_B, whole, shape) > 2 * SEVEN_B.total_params / 2
@@ -229,3 +242,53 @@ def test_the_qwen_image_recipes_get_refused_time_limits_and_the_shard_count_that
     assert synthesis_task_times(config, "B200", 64 * 500)[0].seconds < stage1.seconds / 2
     assert synthesis_task_times(recipe("qwen25vl_7b", "cluster.time.synth=1-00:00:00"), "H100", 64 * 500)[1].fits
     assert synthesis_task_times(config, "H100", None)[0].fits  # inputs unknown here: nothing to refuse
+
+
+def test_the_tiny_recipe_plans_with_the_packaged_reward_model():
+    """``reward.embedding_model`` unset (the packaged model) is planned, not a crash."""
+    from nemo_viper.planning.recipe import REWARD_MODELS
+
+    result = plan_recipe(recipe("tiny"))
+    assert result.plan.all_fit and result.source == "the tiny model"
+    for phase in result.plan.phases:
+        assert phase.terms["reward model"] == int(REWARD_MODELS[""]) * 4
+
+
+def test_every_key_the_plan_suggests_is_accepted_by_the_config():
+    """The synthesis switches name the keys of each diffusion section; applied through the recipe overrides,
+    they reach the plan (its synthesis shape offloads) and are not suggested again."""
+    result = plan_recipe(recipe("qwen25vl_7b"), 68)
+    assert "synthesis.redraw.cpu_offload=true synthesis.edit.cpu_offload=true" in result.suggestion
+    items = [item for item in result.suggestion.split() if "=" in item]
+    applied = plan_recipe(recipe("qwen25vl_7b", *items), 68)
+    suggested_again = applied.suggestion.split() if applied.suggestion else []
+    assert not any(item.startswith("synthesis.") for item in suggested_again), applied.suggestion
+    assert synthesis_shape(recipe("qwen25vl_7b", *items)).cpu_offload
+
+
+def test_the_plan_reads_every_setting_from_the_config():
+    """The shapes carry no default of a setting: each field is the config's value, here at non-default ones
+    (the only defaults left are the plan's own assumptions, which no key sets)."""
+    from dataclasses import MISSING, fields
+
+    from nemo_viper.planning.memory import SynthesisShape
+    from nemo_viper.planning.recipe import PROMPT_TEMPLATE_TOKENS, training_shapes
+
+    assumptions = {f.name for f in fields(TrainingShape) if f.default is not MISSING}
+    assert assumptions == {"reward_bytes_per_param", "fused_attention", "shared_images"}
+    assert all(f.default is MISSING for f in fields(SynthesisShape))
+
+    config = recipe("qwen25vl_7b", "rl.grpo.micro_batch_size=2", "rl.n=3", "rl.max_pixels=200704",
+                    "rl.sampling.max_new_tokens=300", "rollout.megatron.max_batch_size=24", "model.precision=fp32",
+                    "model.recompute=full", "model.recompute_vision=false", "synthesis.vlm.caption_tokens=100",
+                    "synthesis.vlm.critique_tokens=150", "synthesis.vlm.max_pixels=50176",
+                    "synthesis.vlm.generation.megatron.max_batch_size=12", "synthesis.edit.batch_size=3",
+                    "synthesis.residency=alternate", "synthesis.edit.cpu_offload=true")
+    stage1, stage2 = training_shapes(config).values()
+    assert (stage1.micro_batch_size, stage1.responses_per_prompt, stage1.max_pixels, stage1.max_new_tokens,
+            stage1.generation_batch_size, stage1.precision, stage1.recompute, stage1.recompute_vision) == (
+        2, 3, 200704, 300, 24, "fp32", "full", False)
+    assert stage1.prompt_text_tokens == PROMPT_TEMPLATE_TOKENS + 100 and stage2.images_per_prompt == 2
+    synth = synthesis_shape(config)  # the edit pipeline: the heavier of the two
+    assert (synth.vlm_batch_size, synth.vlm_tokens, synth.vlm_pixels, synth.pipeline_batch_size, synth.residency,
+            synth.cpu_offload) == (12, 150 + PROMPT_TEMPLATE_TOKENS, 50176, 3, "alternate", True)
