@@ -134,7 +134,6 @@ def run_stage(config: StageConfig) -> list[dict]:
     from nemo_viper.rewards import ViperReward
     from nemo_viper.planning.recipe import rl_context_length
     from nemo_viper.rollout.backends import build_backend
-    from nemo_viper.training.grpo import build_trainer
     from nemo_viper.training.loop import run_rl
     from nemo_viper.training.monitor import StageMonitor
 

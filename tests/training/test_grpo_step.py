@@ -94,8 +94,11 @@ def test_off_policy_update_with_every_option_is_invariant_too(dp1, dp2):
         assert metrics[f"train/{key}"] == pytest.approx(autograd["metrics"][key] / 2, abs=1e-7), key
     assert_same_gradients(autograd["grads"], reference["grads"], "plain autograd vs the off-policy update",
                           tolerance=1e-5)
+    # The second update's gradient is taken at the weights after the first Adam step, which differ between
+    # splits by float32 summation order; Adam's 1/sqrt(v) scaling amplifies that for small-gradient entries
+    # (measured up to 1.8e-5 on the patch embedding). A split-dependent loss would be off by >1e-2.
     for other, label in [(dp1("options", 1), "micro-batches of 1"), (dp2("options", 1), "DP=2")]:
-        assert_same_gradients(reference["grads"], other["grads"], label, tolerance=1e-5)
+        assert_same_gradients(reference["grads"], other["grads"], label, tolerance=5e-5)
         for key in ("train/loss", "train/kl_mean", "train/clip_frac_low", "train/clip_frac_high"):
             assert other["metrics"][key] == pytest.approx(metrics[key], rel=1e-5, abs=1e-7), (label, key)
 
