@@ -65,8 +65,10 @@ def wandb_records(out: Path) -> list[tuple[str, dict]]:
 
 
 @pytest.mark.slow
-def test_wandb_offline_and_mlflow_sqlite_hold_metrics_jsonl_across_a_resume(tmp_path):
+def test_wandb_offline_and_mlflow_sqlite_hold_metrics_jsonl_across_a_resume(tmp_path, monkeypatch):
     from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # a SQLite store keeps its artifacts in ./mlruns: never in the checkout
 
     out = tmp_path / "viperrun" / "round1" / "rl2"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
