@@ -102,11 +102,26 @@ def running_with(*args: str) -> list[int]:
     return pids
 
 
+def job_steps_alive(job_id: str) -> bool:
+    """Whether a ``slurmstepd`` of ``job_id`` still runs here (its process title is ``slurmstepd: [ID.step]``):
+    started again before it is gone, the job hits slurmd's "Duplicate jobid" and the node is drained."""
+    for proc in Path("/proc").iterdir():
+        try:
+            title = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if proc.name.isdigit() and title.startswith((f"slurmstepd: [{job_id}.", f"slurmstepd: [{job_id}]")):
+            return True
+    return False
+
+
 def start_now(job_id: str, *args: str) -> None:
     """Slurm holds a requeued job for about two minutes (its BeginTime), time for the killed run's processes
-    (those with ``args`` on their command line) to exit; the drills wait for that exit, not the two minutes."""
+    (those with ``args`` on their command line) and its step daemons to exit; the drills wait for that exit,
+    not the two minutes."""
     wait_until(lambda: job_field(job_id, "JobState") == "PENDING", 60, f"job {job_id} pending again")
     wait_until(lambda: not running_with(*args), 120, f"the processes of job {job_id}'s killed run to exit")
+    wait_until(lambda: not job_steps_alive(job_id), 120, f"the step daemons of job {job_id}'s killed run to exit")
     subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now"], check=True)
 
 
@@ -159,6 +174,8 @@ def _drill(run_dir: Path, account: str, seen: dict) -> None:
     subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], capture_output=True)
     wait_until(lambda: not subprocess.run(["sinfo", "-h", "-n", node, "-o", "%T"], capture_output=True,
                                           text=True).stdout.strip().startswith(("down", "drain")), 60, "the node back")
+    if "held" in job_field(rl2, "Reason"):  # a launch that raced the node's return is held, not lost
+        subprocess.run(["scontrol", "release", rl2], check=True)
 
     export = recorded_jobs(run_dir)["export"]["job_id"]
     wait_until(lambda: finished(export), PHASE_TIMEOUT_S * 2, "the export job")
