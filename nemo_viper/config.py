@@ -198,7 +198,7 @@ class ClusterSection:
 
 @dataclass
 class EvalSection:
-    """Evaluation inside the loop (SPEC §10, docs/evaluation.md).
+    """Evaluation inside the loop (docs/evaluation.md).
 
     ``heldout``: the self-evaluation split of each stage's data (:class:`HeldoutConfig`), scored before/after
     every RL stage by the RL job itself. ``enabled``: the benchmark phases, ``nemo-viper eval`` of the base
@@ -237,7 +237,7 @@ class EvalSection:
 
 @dataclass
 class ViperConfig:
-    """Everything the closed loop needs (SPEC §2): K rounds of synth 1 → RL 1 → synth 2 → RL 2."""
+    """Everything the closed loop needs: K rounds of synth 1 → RL 1 → synth 2 → RL 2."""
 
     name: str = "viper"
     run_dir: str = "runs/viper"

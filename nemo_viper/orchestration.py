@@ -1,4 +1,4 @@
-"""The closed loop as phases (SPEC §2): the plan both runners execute.
+"""The closed loop as phases: the plan both runners execute.
 
 :func:`plan` turns a :class:`~nemo_viper.config.ViperConfig` into phases, each a separate job that reads
 and writes files under ``run_dir``::

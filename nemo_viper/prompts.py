@@ -1,4 +1,4 @@
-"""Prompts, versioned (SPEC §5). The RL task prompts are here; synthesis prompts join this module.
+"""Prompts, versioned. The RL task prompts are here; synthesis prompts join this module.
 
 The policy sees, for ``caption_refine``, one image and its own initial caption and must list the
 caption's errors and omissions; for ``visual_op``, the original and the edited image (in that order) and
@@ -43,7 +43,7 @@ def visual_op_messages() -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Synthesis prompts (SPEC §3–4): what the policy is asked while it makes its own training data. Their
+# Synthesis prompts: what the policy is asked while it makes its own training data. Their
 # parsers are in :mod:`nemo_viper.synthesis.parsers`. The correction and operation lists are asked for in
 # the same style as the RL answers' items (one short sentence / imperative per line), since they become
 # the ground truth those answers are compared with.

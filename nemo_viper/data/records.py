@@ -1,4 +1,4 @@
-"""Typed records of the two synthesised tasks (SPEC §3–4) and their validation.
+"""Typed records of the two synthesised tasks and their validation.
 
 A record is what one sample's ``<key>.json`` holds inside a shard. :func:`parse_record` is the only way
 from a JSON object to a record: it checks every field's presence, type and count and raises
@@ -98,7 +98,7 @@ RECORD_TYPES: dict[str, type[CaptionRefineRecord] | type[VisualOpRecord]] = {
 
 
 def ground_truth(record: Record) -> list[str]:
-    """The RL task's ground truth G (SPEC §5): the refinements, or the operations."""
+    """The RL task's ground truth G: the refinements, or the operations."""
     if isinstance(record, CaptionRefineRecord):
         return list(record.refinements)
     return list(record.operations)

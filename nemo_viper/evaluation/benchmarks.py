@@ -1,4 +1,4 @@
-"""The paper's seven benchmarks as lmms-eval tasks read from local dataset copies (SPEC §10).
+"""The paper's seven benchmarks as lmms-eval tasks read from local dataset copies.
 
 Each :class:`Benchmark` names the lmms-eval task, where its local copy lives under the dataset root, the
 split the task reads, and which lmms-eval metric is the benchmark's score. :func:`write_task_overrides`

@@ -1,4 +1,4 @@
-"""Held-out self-evaluation (SPEC §10): a cheap learning signal that needs no benchmark data.
+"""Held-out self-evaluation: a cheap learning signal that needs no benchmark data.
 
 Each stage's synthesised dataset keeps a deterministic held-out split: the samples whose
 ``sha256(f"{seed}:{sample_id}")`` ranks lowest, ``count`` of them (or ``round(fraction x size)`` when

@@ -30,7 +30,7 @@ from nemo_viper.runtime.metrics import Metric
 
 @dataclass(frozen=True)
 class OptimizerSettings:
-    """AdamW with decoupled weight decay and global-norm gradient clipping (SPEC §7 defaults).
+    """AdamW with decoupled weight decay and global-norm gradient clipping (the paper's defaults).
 
     ``distributed_optimizer=None`` (auto) shards optimizer state over data-parallel ranks on GPU and
     keeps it whole on CPU: without apex/Transformer Engine, megatron-core 0.19 falls back to torch's

@@ -51,7 +51,7 @@ class PolicyOptions:
 
     ``precision``: fp32 | bf16 | fp8 (FP8 GEMMs through Transformer Engine with ``fp8_recipe``);
     ``layer_spec``: auto (TE on a GPU that has it) | transformer_engine | local; ``freeze_*``: parts kept
-    frozen (SPEC §7: vision tower trainable by default); ``seed``: Megatron's model-parallel RNG seed.
+    frozen (vision tower trainable by default); ``seed``: Megatron's model-parallel RNG seed.
     """
 
     precision: str = "bf16"

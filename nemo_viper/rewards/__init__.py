@@ -1,4 +1,4 @@
-"""The ViPER reward, framework-free: ``R = 0.05·R_format + 0.95·R_correct`` (SPEC §6).
+"""The ViPER reward, framework-free: ``R = 0.05·R_format + 0.95·R_correct``.
 
 - :mod:`~nemo_viper.rewards.format`: the ``<think>…</think><answer>…</answer>`` check and answer extraction;
 - :mod:`~nemo_viper.rewards.sentences`: the sentence splitter shared by answers and ground truth;

@@ -1,4 +1,4 @@
-"""Format check and answer extraction for policy responses (SPEC §5–6).
+"""Format check and answer extraction for policy responses.
 
 The policy is asked to reply as::
 

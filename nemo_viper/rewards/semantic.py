@@ -1,4 +1,4 @@
-"""The ViPER reward: format + length-weighted semantic correctness (SPEC §6).
+"""The ViPER reward: format + length-weighted semantic correctness.
 
 For one response with answer sentences ``S = {s_i}`` (the ``<answer>`` text split by
 :func:`~nemo_viper.rewards.sentences.split_sentences`) and ground-truth sentences ``G = {g_j}`` (every

@@ -1,4 +1,4 @@
-"""Sentence splitting shared by answers and ground-truth items (SPEC §6).
+"""Sentence splitting shared by answers and ground-truth items.
 
 :func:`split_sentences` turns an answer (or a ground-truth item) into the units that are matched:
 

@@ -1,4 +1,4 @@
-"""Self-data synthesis (SPEC §3–4): the policy makes its own RL data with a diffusion model as critic.
+"""Self-data synthesis: the policy makes its own RL data with a diffusion model as critic.
 
 - :mod:`~nemo_viper.synthesis.stage1`: caption -> redraw -> self-critique -> refinements (``caption_refine``);
 - :mod:`~nemo_viper.synthesis.stage2`: hard entities -> edit operations -> edit -> filter (``visual_op``);

@@ -74,7 +74,7 @@ class VLMConfig:
     """The policy that captions, critiques, rewrites and writes edit operations.
 
     ``policy``: a policy checkpoint (``nemo_viper_checkpoint.json``) or a Hugging Face Qwen2.5-VL dir.
-    ``temperature`` 0 decodes greedily (SPEC §3: captions greedy); > 0 samples with a seed per sample and
+    ``temperature`` 0 decodes greedily (captions greedy); > 0 samples with a seed per sample and
     step. ``max_pixels`` downscales images (aspect kept) before the processor; ``None`` leaves it to the
     processor's own budget. ``*_tokens`` bound each step's answer. ``generation``: the engine
     (:class:`~nemo_viper.rollout.backends.GenerationBackendConfig`, as the RL stages' ``rollout``):
@@ -153,14 +153,14 @@ class DiffusionConfig:
 
 @dataclass
 class FilterConfig:
-    """Sample filters (SPEC §3.4, §4.4).
+    """Sample filters.
 
     Stage 1 keeps samples with ``min_refinements``..``max_refinements`` corrections after parsing. Stage 2
     takes up to ``max_entities`` hard entities and as many operations, and keeps an edit whose fraction of
     changed pixels (a pixel changed when some channel moved by more than ``pixel_threshold`` of 255, after
     resizing the edit to the original's size) lies in [``min_changed_fraction``, ``max_changed_fraction``].
     ``entity_candidates``: where the hard-entity rules take their candidates from: ``policy`` (the
-    policy lists the caption's objects, SPEC §4), ``caption`` (a determiner rule on the refined caption, no
+    policy lists the caption's objects), ``caption`` (a determiner rule on the refined caption, no
     policy call) or ``both``. ``verify_operations`` asks the policy, per operation, whether it is visible in
     the edit and drops operations it denies. ``language``: the outputs' language check (``en``; ``null`` = off).
     """

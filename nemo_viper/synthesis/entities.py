@@ -1,4 +1,4 @@
-"""Hard entities (SPEC §4.1): which objects of a refined caption stage 2 edits, by fixed heuristic rules.
+"""Hard entities: which objects of a refined caption stage 2 edits, by fixed heuristic rules.
 
 Candidates come from the policy, which lists the objects its refined caption mentions (``ENTITY_PROMPT``),
 and/or from the caption itself (:func:`caption_candidates`: a determiner, modifiers from the word lists

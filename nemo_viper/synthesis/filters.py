@@ -1,4 +1,4 @@
-"""The failed-edit filter of stage 2 (SPEC §4.4): the fraction of changed pixels must lie in a band.
+"""The failed-edit filter of stage 2: the fraction of changed pixels must lie in a band.
 
 An edit that changed (almost) nothing teaches nothing, and one that changed most of the image is not a
 local operation any more (the editor redrew the scene). The fraction is measured after aligning the

@@ -53,7 +53,7 @@ IMPERATIVE_VERBS = frozenset(
     "place remove delete erase take move shift increase decrease reduce double rewrite write edit enlarge "
     "shrink resize".split()
 )
-"""First words accepted for an edit instruction (the operation taxonomy's verbs, SPEC §4)."""
+"""First words accepted for an edit instruction (the operation taxonomy's verbs)."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Stage 1, Caption Self-Refining data (SPEC §3): caption -> redraw -> self-critique -> refinements -> rewrite.
+"""Stage 1, Caption Self-Refining data: caption -> redraw -> self-critique -> refinements -> rewrite.
 
 Per batch of source images, each sub-step is one batched call, and a sample leaves the batch at the
 first step whose output is unusable (counted by reason in :class:`~nemo_viper.synthesis.chunks.ChunkStats`):

@@ -1,4 +1,4 @@
-"""Stage 2, Visual-Operation Predicting data (SPEC §4): hard entities -> edit operations -> edit -> filter.
+"""Stage 2, Visual-Operation Predicting data: hard entities -> edit operations -> edit -> filter.
 
 Input: the stage-1 dataset (``caption_refine`` records and their original images). Per batch, each
 sub-step is one batched call; a sample leaves at the first unusable output (counted by reason):

@@ -3,7 +3,7 @@
 :class:`VLM` turns chat prompts (messages + images) into :class:`~nemo_viper.rollout.GenerationRequest`
 objects with the policy's processor and hands them to any
 :class:`~nemo_viper.rollout.GenerationBackend` in one call; :func:`load_megatron_vlm` builds it on the
-Megatron policy from a checkpoint given on the command line (SPEC §2: the current checkpoint makes the
+Megatron policy from a checkpoint given on the command line (the current checkpoint makes the
 next round's data), generating on the backend ``vlm.generation`` chooses
 (:func:`~nemo_viper.rollout.backends.build_backend`: the Megatron backend or a vLLM engine).
 """

@@ -1,4 +1,4 @@
-"""The GRPO-variant step (SPEC §7), pure torch over the policy's training interface.
+"""The GRPO-variant step, pure torch over the policy's training interface.
 
 One :meth:`GRPOTrainer.step` consumes a :class:`~nemo_viper.training.rollout_batch.RolloutBatch`:
 

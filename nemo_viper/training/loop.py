@@ -86,7 +86,7 @@ MIN_IMAGE_PIXELS = 28 * 28
 
 @dataclass(frozen=True)
 class RLConfig:
-    """One RL stage's settings: the run config's ``rl`` section (SPEC §7 defaults; both stages alike).
+    """One RL stage's settings: the run config's ``rl`` section (the paper's defaults; both stages alike).
 
     - ``prompts_per_step``: prompts per rollout step over *all* data-parallel ranks (each draws its share);
       ``n`` responses each (GRPO group size, >= 2).

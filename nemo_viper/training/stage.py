@@ -1,4 +1,4 @@
-"""One RL stage as a job: ``nemo-viper train --stage {1,2}`` (SPEC §2, §7).
+"""One RL stage as a job: ``nemo-viper train --stage {1,2}``.
 
 Stage 1 trains on ``caption_refine`` shards, stage 2 on ``visual_op`` shards, with the same settings.
 Everything cheap is validated first (dataset manifest and task, policy path, layout, image processor

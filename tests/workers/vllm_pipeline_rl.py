@@ -54,7 +54,7 @@ def main():
     from nemo_viper.rollout.vllm_backend import VLLMGenerationBackend, VLLMGenerationConfig
 
     requests = torch.load(args.inputs, weights_only=False)["requests"]
-    vllm = VLLMGenerationBackend(policy, VLLMGenerationConfig(max_model_len=1024, seed=3))
+    vllm = VLLMGenerationBackend(policy, VLLMGenerationConfig(max_model_len=1024), seed=3)
     pad = trainer.policy.pad_token_id
     greedy = [replace(r, sampling=SamplingParams(greedy=True, max_new_tokens=24)) for r in requests]
     result = {"greedy": tokens_of(vllm.generate(greedy)), "steps": []}
