@@ -103,14 +103,27 @@ def test_without_flock_a_contended_take_over_lets_one_process_in(tmp_path):
     dead.wait()
     held.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": "0",
                                 "pid_ns": os.readlink("/proc/self/ns/pid"), "command": "dead", "token": "old"}))
-    go = tmp_path / "go"
-    procs = [holder(target, go, 5) for _ in range(4)]
-    time.sleep(1.0)  # all four started and waiting for the go file
+    outputs, winner = contend(target, tmp_path / "go", 4)
+    assert sorted(o.split(":")[0] for o in outputs) == ["held", "refused", "refused", "refused"], outputs
+    assert all(f"pid {winner} on" in o for o in outputs if o.startswith("refused")), outputs
+
+
+def test_without_flock_contenders_for_a_free_lock_never_read_a_half_written_record(tmp_path):
+    """Six processes take a free lock at once, three times: every refusal names the one that holds it (a
+    refusal that read the lock file between its creation and its record would name ``pid ?``)."""
+    for attempt in range(3):
+        outputs, winner = contend(tmp_path / f"run{attempt}", tmp_path / f"go{attempt}", 6)
+        assert sorted(o.split(":")[0] for o in outputs) == ["held"] + ["refused"] * 5, outputs
+        assert all(f"pid {winner} on" in o for o in outputs if o.startswith("refused")), outputs
+
+
+def contend(target, go, processes):
+    """Start ``processes`` holders of ``target``'s lock, release them together; their outputs and the winner's pid."""
+    procs = [holder(target, go, 2) for _ in range(processes)]
+    time.sleep(1.0)  # all started and waiting for the go file
     go.touch()
     outputs = [p.communicate(timeout=60)[0].strip() for p in procs]
-    assert sorted(o.split(":")[0] for o in outputs) == ["held", "refused", "refused", "refused"], outputs
-    winner = procs[[o for o in outputs].index("held")].pid
-    assert all(f"pid {winner} on" in o for o in outputs if o.startswith("refused")), outputs
+    return outputs, (procs[outputs.index("held")].pid if "held" in outputs else None)
 
 
 def test_a_take_over_decided_on_an_old_reading_leaves_a_lock_taken_since_alone(tmp_path):

@@ -13,9 +13,10 @@ Two mechanisms, chosen per lock when it is taken:
 - **``flock``** on the lock file (local disks, NFSv4, Lustre mounted with ``flock``). The lock belongs to the
   open file, so the kernel releases it when the holder exits, however it dies.
 - **A lock file with a heartbeat**, where ``flock`` is not available (``ENOSYS``/``EOPNOTSUPP``/``ENOLCK``:
-  Lustre mounted without ``flock``, its default, and other file systems without it): ``<lock>.held`` is
-  created with ``O_EXCL`` (atomic on those file systems) and holds the holder's host, pid, process start
-  time, pid namespace and command; a thread of the holder touches it every :data:`HEARTBEAT_S` seconds. A
+  Lustre mounted without ``flock``, its default, and other file systems without it): ``<lock>.held`` holds
+  the holder's host, pid, process start time, pid namespace and command, and is published whole: written to a
+  file of the taker's own, then hard-linked to its name (``link(2)`` fails if the name exists, atomically on
+  those file systems), so no contender ever reads a half-written record; a thread of the holder touches it every :data:`HEARTBEAT_S` seconds. A
   held lock is **stale** when its holder is on this host, in this pid namespace, and that process is gone
   (or the pid now belongs to a process started at another time), or, for any holder, when its heartbeat
   stopped :data:`STALE_AFTER_S` seconds ago (a dead node). A stale lock is taken over under a second
@@ -146,7 +147,7 @@ def _read_holder(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except ValueError:  # being written (created, not yet filled) or torn: judged by its age alone
+    except ValueError:  # corrupt (records are published whole): judged by its age alone
         return {}
 
 
@@ -188,10 +189,18 @@ def _take_over(path: Path, stale: dict) -> None:
 def _heartbeat_lock(path: Path, wait: bool):
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid()),
           "pid_ns": _pid_namespace(), "command": _command(), "token": uuid.uuid4().hex}
-    while True:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        except FileExistsError:
+    staging = path.with_name(f"{path.name}.{me['token']}")
+    with open(staging, "w") as f:
+        json.dump(me, f)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        while True:
+            try:
+                os.link(staging, path)
+                break
+            except FileExistsError:
+                pass
             holder = _read_holder(path)
             if holder is None:  # released meanwhile
                 continue
@@ -205,12 +214,8 @@ def _heartbeat_lock(path: Path, wait: bool):
             if not wait:
                 raise LockHeld(_describe(holder, age)) from None
             time.sleep(POLL_S)
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-            f.flush()
-            os.fsync(f.fileno())
-        break
+    finally:
+        staging.unlink(missing_ok=True)
     stop = threading.Event()
 
     def beat():
