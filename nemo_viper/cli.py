@@ -24,9 +24,10 @@ def cmd_tiny_model(args) -> None:
     from nemo_viper.models.tiny import TinyModelConfig, read_tiny_recipe, write_tiny_checkpoint
     from nemo_viper.models.tiny_warmstart import WarmStartConfig
 
-    warm = WarmStartConfig(steps=args.warm_start_steps, seed=args.seed) if args.warm_start_steps else None
+    model = TinyModelConfig() if args.seed is None else TinyModelConfig(seed=args.seed)
+    warm = WarmStartConfig(steps=args.warm_start_steps, seed=model.seed) if args.warm_start_steps else None
     with _single_writer(args.out):
-        out = write_tiny_checkpoint(args.out, TinyModelConfig(seed=args.seed), warm_start=warm)
+        out = write_tiny_checkpoint(args.out, model, warm_start=warm)
     if warm:
         loss = read_tiny_recipe(out)["warm_start_final_loss"]
         print(f"warm-started on the prompt formats for {args.warm_start_steps} steps (final loss {loss:.3f})")
@@ -406,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = commands.add_parser("tiny-model", help="write an offline tiny Qwen2.5-VL HF checkpoint")
     tiny.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-    tiny.add_argument("--seed", type=int, default=0, help="weight-initialisation seed")
+    tiny.add_argument("--seed", type=int, help="weight-initialisation seed (default: the tiny model config's)")
     tiny.add_argument("--warm-start-steps", type=int, default=0,
                       help="fine-tune on templated examples of the loop's prompts so outputs parse (CPU default)")
     tiny.set_defaults(func=cmd_tiny_model)
@@ -423,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--ckpt", required=True, help="policy checkpoint directory")
     exp.add_argument("--out", required=True, help="output HF directory")
     exp.add_argument("--max-shard-mib", type=float,
-                     help="MiB per safetensors shard (default 2048); each is written as soon as it is full")
+                     help="MiB per safetensors shard (default: the exporter's); each is written as soon as it "
+                          "is full")
     _add_layout_args(exp)
     _loads_checkpoints(exp)
     exp.set_defaults(func=cmd_convert_export, megatron=True)
@@ -455,8 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--images", help="stage 1: image dir, .txt/.jsonl list, .tar shards or glob, or 'skimage' "
                                         "(default)")
     synth.add_argument("--stage1", help="stage 2: the stage-1 dataset directory")
-    synth.add_argument("--shard-index", type=int, help="this shard task's index (default 0)")
-    synth.add_argument("--num-shards", type=int, help="number of shard tasks the job is split into (default 1)")
+    synth.add_argument("--shard-index", type=int, help="this shard task's index (default: the config's)")
+    synth.add_argument("--num-shards", type=int,
+                       help="number of shard tasks the job is split into (default: the config's)")
     synth.add_argument("--config", help="YAML file with synthesis settings (see docs/synthesis.md)")
     synth.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="config overrides, e.g. vlm.precision=fp32 redraw.call_kwargs.num_inference_steps=28")

@@ -335,11 +335,17 @@ def compose(recipe_yaml: str | Path | None, overrides: list[str] = (), conf_dir:
             parts[group] = name
         else:
             keys.append(override)
+    merged = schema()
+    layers = [(conf_dir / group / f"{name}.yaml", {group: _load_yaml(conf_dir / group / f"{name}.yaml")})
+              for group, name in parts.items()]
+    layers.append((recipe_yaml or "config", recipe))
+    layers += [(key, OmegaConf.from_dotlist([key])) for key in keys]
+    for source, layer in layers:  # one at a time, so an error names the file or override it comes from
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"{source}: {_one_line(exc)}") from exc
     try:
-        merged = schema()
-        for group, name in parts.items():
-            merged = OmegaConf.merge(merged, {group: _load_yaml(conf_dir / group / f"{name}.yaml")})
-        merged = OmegaConf.merge(merged, recipe, OmegaConf.from_dotlist(keys))
         data = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{recipe_yaml or 'config'}: {_one_line(exc)}") from exc

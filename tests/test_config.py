@@ -136,6 +136,20 @@ def test_config_errors_name_the_key(overrides, message):
     assert message in str(exc.value) and "\n" not in str(exc.value)
 
 
+def test_a_merge_error_names_the_override_or_file_it_comes_from(tmp_path):
+    """An unknown or mistyped override is named as typed, not blamed on the recipe file; a bad key written in a
+    recipe file names that file."""
+    for override, message in [("rl.nonsense=3", "rl.nonsense=3: Key 'nonsense' not in 'RLConfig'"),
+                              ("cluster.options.rl.sbatch=[a,b]", "cluster.options.rl.sbatch=[a,b]: Cannot merge")]:
+        with pytest.raises(ConfigError) as exc:
+            recipe("tiny", override)
+        assert str(exc.value).startswith(message) and "tiny.yaml" not in str(exc.value), str(exc.value)
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("rl:\n  stepz: 3\n")
+    with pytest.raises(ConfigError, match=rf"^{bad}: Key 'stepz' not in 'RLConfig'"):
+        compose(bad, ["rl.steps=2"])
+
+
 def test_a_partition_list_and_plain_names_pass():
     validate(recipe("tiny", "cluster.account=proj-a.b_1", "cluster.partition=gpu,gpu_long"))
 
