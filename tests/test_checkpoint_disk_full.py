@@ -6,6 +6,7 @@ turns it into ``no space left on <dir> (needs ~N GB, M GB free)`` after removing
 """
 
 import errno
+import os
 import subprocess
 import traceback
 
@@ -70,3 +71,48 @@ def test_a_save_onto_a_full_disk_is_one_line_and_leaves_no_checkpoint(tiny_hf_di
     assert not [line for line in stderr.splitlines() if line.startswith(("Traceback", "[rank0]: Traceback"))]
     assert not out.exists() and not list(tiny_filesystem.glob(".*.partial"))  # removed, space given back
     assert latest_checkpoint(tiny_filesystem) is None  # nothing to resume from that is not complete
+
+
+@pytest.mark.slow
+def test_an_export_onto_a_full_disk_is_one_line_and_leaves_no_partial_dir(tiny_bf16_checkpoint, tiny_filesystem):
+    """``convert export`` streams safetensors shards: a short write in the middle is the same one line, with the
+    HF weights' size counted from the config."""
+    _, ckpt = tiny_bf16_checkpoint
+    filler = tiny_filesystem / "filler"
+    filler.write_bytes(b"\0" * (1536 * 1024))  # leaves 512 KiB: less than the tiny model's ~1.1 MB of bf16 weights
+    out = tiny_filesystem / "hf"
+    job = start_python("-m", "nemo_viper.cli", "convert", "export", "--ckpt", str(ckpt), "--out", str(out))
+    stdout, stderr = job.communicate(timeout=300)
+    last = stderr.strip().splitlines()[-1]
+    assert job.returncode == 2, stderr[-4000:]
+    assert last.startswith(f"error: no space left on {tiny_filesystem} (needs ~0.00"), last
+    assert not [line for line in stderr.splitlines() if line.startswith(("Traceback", "[rank0]: Traceback"))]
+    assert not out.exists() and not list(tiny_filesystem.glob(".*.partial"))
+
+
+def test_a_full_disk_at_the_latest_pointer_leaves_the_new_checkpoint_to_resume_from(tiny_filesystem):
+    """The checkpoint fit but its ``latest`` pointer did not: one line, and a resume takes the new checkpoint,
+    not the older one the old pointer names."""
+    from nemo_viper.errors import CheckpointError
+    from nemo_viper.models.checkpoint_dir import METADATA_FILE
+    from nemo_viper.training.checkpointing import CheckpointManager
+
+    class Saved:  # a policy whose checkpoint is its metadata file, then fills the disk
+        def save_checkpoint(self, path, step, metadata):
+            path.mkdir(parents=True)
+            (path / METADATA_FILE).write_text("{}")
+            fd = os.open(tiny_filesystem / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            with pytest.raises(OSError):
+                while True:
+                    os.write(fd, b"\0" * 4096)
+            os.close(fd)
+            return path
+
+    manager = CheckpointManager(tiny_filesystem, keep_last=5)
+    (tiny_filesystem / "step_0000001").mkdir()
+    (tiny_filesystem / "step_0000001" / METADATA_FILE).write_text("{}")
+    (tiny_filesystem / "latest").write_text("step_0000001\n")
+    with pytest.raises(CheckpointError, match=rf"^no space left on {tiny_filesystem} for its latest pointer; "):
+        manager.save(Saved(), 2, {})
+    assert manager.latest() == tiny_filesystem / "step_0000002"
+    assert not (tiny_filesystem / "latest.tmp").exists()

@@ -287,6 +287,15 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, **policy_overrides) -> Pa
     return save_policy(policy, out_dir, metadata={"source": {"hf_path": str(Path(hf_dir).resolve())}})
 
 
+def _hf_weight_bytes(hf_config: dict, dtype: torch.dtype) -> int:
+    """Bytes of the HF model's weights in ``dtype``: its parameters counted on the meta device (no memory)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**hf_config))
+    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
+
+
 def _hf_weight_dtype(hf_config: dict) -> torch.dtype:
     name = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
     return getattr(torch, name)
@@ -346,9 +355,17 @@ def export_hf(policy: MegatronPolicy, out_dir: str | Path, max_shard_bytes: int 
     if _rank() == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        _copy_hf_assets(Path(policy.config.hf_path), tmp)
-        _write_safetensors_shards(((n, t.to(dtype)) for n, t in weights), tmp, max_shard_bytes)
+        try:
+            tmp.mkdir(parents=True)
+            _copy_hf_assets(Path(policy.config.hf_path), tmp)
+            _write_safetensors_shards(((n, t.to(dtype)) for n, t in weights), tmp, max_shard_bytes)
+        except Exception as error:  # safetensors reports a short write as its own SafetensorError, no errno
+            shutil.rmtree(tmp, ignore_errors=True)
+            needed = (_hf_weight_bytes(policy.hf_config, dtype)
+                      + sum(f.stat().st_size for f in _hf_assets(Path(policy.config.hf_path))))
+            if out_of_space(error, out.parent, needed):
+                raise no_space_error(out.parent, needed) from error
+            raise
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from nemo_viper.models.checkpoint_dir import LATEST_POINTER, latest_checkpoint
+from nemo_viper.errors import CheckpointError
+from nemo_viper.models.checkpoint_dir import LATEST_POINTER, latest_checkpoint, out_of_space
 from nemo_viper.runtime import collectives
 
 
@@ -40,8 +41,16 @@ class CheckpointManager:
         path = policy.save_checkpoint(self.root / self.step_dir_name(step), step, {"step": step, **trainer_state})
         if not dist.is_initialized() or dist.get_rank() == 0:
             tmp = self.root / f"{LATEST_POINTER}.tmp"
-            tmp.write_text(path.name + "\n")
-            os.replace(tmp, self.root / LATEST_POINTER)
+            try:
+                tmp.write_text(path.name + "\n")
+                os.replace(tmp, self.root / LATEST_POINTER)
+            except OSError as error:
+                tmp.unlink(missing_ok=True)
+                if not out_of_space(error, self.root, needed_bytes=0):
+                    raise
+                (self.root / LATEST_POINTER).unlink(missing_ok=True)  # a resume then takes the newest complete one
+                raise CheckpointError(f"no space left on {self.root} for its {LATEST_POINTER} pointer; {path} is "
+                                      "complete and a resume starts from it: free space, then resume") from error
             self._prune(keep=path.name)
         collectives.barrier()
         return path
