@@ -11,4 +11,4 @@ if [[ -n ${CI:-} ]] && ! bash scripts/local_slurm.sh status >/dev/null 2>&1; the
 fi
 stop() { if [[ -n $started ]]; then bash scripts/local_slurm.sh down; fi; }
 trap stop EXIT
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q --durations=25 "$@"
