@@ -63,13 +63,8 @@ def tiny_filesystem(tmp_path):
 def test_a_save_onto_a_full_disk_is_one_line_and_leaves_no_checkpoint(tiny_hf_dir, tiny_filesystem):
     """The real fault: torch's writer runs out of space in the middle of the weights."""
     out = tiny_filesystem / "step_0000003"
-    job = start_python("-m", "nemo_viper.cli", "convert", "import", "--hf", str(tiny_hf_dir), "--out", str(out))
-    stdout, stderr = job.communicate(timeout=300)
-    last = stderr.strip().splitlines()[-1]
-    assert job.returncode == 2, stderr[-4000:]
+    last = _fails_for_space(out, "convert", "import", "--hf", str(tiny_hf_dir), "--out", str(out))
     assert last.startswith(f"error: no space left on {tiny_filesystem} (needs ~0.0021 GB, "), last
-    assert not [line for line in stderr.splitlines() if line.startswith(("Traceback", "[rank0]: Traceback"))]
-    assert not out.exists() and not list(tiny_filesystem.glob(".*.partial"))  # removed, space given back
     assert latest_checkpoint(tiny_filesystem) is None  # nothing to resume from that is not complete
 
 
@@ -81,13 +76,19 @@ def test_an_export_onto_a_full_disk_is_one_line_and_leaves_no_partial_dir(tiny_b
     filler = tiny_filesystem / "filler"
     filler.write_bytes(b"\0" * (1536 * 1024))  # leaves 512 KiB: less than the tiny model's ~1.1 MB of bf16 weights
     out = tiny_filesystem / "hf"
-    job = start_python("-m", "nemo_viper.cli", "convert", "export", "--ckpt", str(ckpt), "--out", str(out))
-    stdout, stderr = job.communicate(timeout=300)
-    last = stderr.strip().splitlines()[-1]
-    assert job.returncode == 2, stderr[-4000:]
+    last = _fails_for_space(out, "convert", "export", "--ckpt", str(ckpt), "--out", str(out))
     assert last.startswith(f"error: no space left on {tiny_filesystem} (needs ~0.00"), last
+
+
+def _fails_for_space(out, *command) -> str:
+    """Run the ``nemo-viper`` ``command`` that writes ``out``; check it failed with one line and left neither
+    ``out`` nor a partial directory; its last line."""
+    job = start_python("-m", "nemo_viper.cli", *command)
+    stdout, stderr = job.communicate(timeout=300)
+    assert job.returncode == 2, stderr[-4000:]
     assert not [line for line in stderr.splitlines() if line.startswith(("Traceback", "[rank0]: Traceback"))]
-    assert not out.exists() and not list(tiny_filesystem.glob(".*.partial"))
+    assert not out.exists() and not list(out.parent.glob(".*.partial"))  # removed, space given back
+    return stderr.strip().splitlines()[-1]
 
 
 def test_a_full_disk_at_the_latest_pointer_leaves_the_new_checkpoint_to_resume_from(tiny_filesystem):
