@@ -302,13 +302,13 @@ class _AcrossRounds:
         label = self.config.progress_start if when == "before" else self.config.progress_final
         if not label:
             return
-        if when == "before" and self.self_eval.starting_policy_gone():
-            log.warning("the starting policy of %s is gone (resumed from a checkpoint): %s is not scored on the "
-                        "fixed held-out set", self.config.out, label)
-            return
         policy = resolve_checkpoint(self.config.policy if when == "before" else self.config.out)
         key = policy_identity(policy)
         if is_scored(read_score(self.dir, label), key, self.fixed):
+            return
+        if when == "before" and self.self_eval.starting_policy_gone():
+            log.warning("the starting policy of %s is gone (resumed from a checkpoint): %s is not scored on the "
+                        "fixed held-out set", self.config.out, label)
             return
         if self.own and when in self.self_eval.scored:
             summary = self.self_eval.scored[when]

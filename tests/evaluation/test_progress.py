@@ -142,3 +142,12 @@ def test_a_stage_two_job_without_the_runs_set_and_labels_without_a_directory_are
         StageConfig(stage=2, data="d", policy="p", out="o", progress_final="round1")
     with pytest.raises(ConfigError, match="eval.heldout.count and eval.heldout.fraction are 0"):
         StageConfig(stage=1, data="d", policy="p", out="o", progress_dir="x", progress_start="base")
+
+
+def test_train_passes_the_progress_flags_to_the_stage():
+    from nemo_viper.cli import build_parser, train_config
+
+    args = ["train", "--stage", "2", "--data", "d", "--policy", "p", "--out", "o", "--progress-dir", "/r/progress",
+            "--progress-final", "round3"]
+    config = train_config(build_parser().parse_args(args))
+    assert (config.progress_dir, config.progress_start, config.progress_final) == ("/r/progress", "", "round3")
