@@ -144,7 +144,8 @@ def train_config(args):
                        rollout=config.rollout, reward=config.reward, model=PolicyOptions(**config.model.options()),
                        tensor_parallel=config.parallel.tensor, pipeline_parallel=config.parallel.pipeline,
                        heldout=config.eval.heldout, logger=config.logger, run_config=asdict(config),
-                       caption_tokens=caption_tokens(config.synthesis))
+                       caption_tokens=caption_tokens(config.synthesis), progress_dir=args.progress_dir or "",
+                       progress_start=args.progress_start or "", progress_final=args.progress_final or "")
 
 
 def _dest(flag: str) -> str:
@@ -439,6 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="run directory (checkpoints/, metrics.jsonl, tensorboard/)")
     train.add_argument("--config", help="run config YAML (a run's config/viper.yaml, or any part of the tree); "
                        "default: the config dataclasses' defaults (`nemo-viper config --recipe NAME` prints a tree)")
+    train.add_argument("--progress-dir", help="the run's scores across rounds (run_dir/progress): the policies "
+                       "scored on one fixed held-out set (docs/evaluation.md, \"Across rounds\")")
+    train.add_argument("--progress-start", metavar="LABEL", help="score the starting policy there as LABEL before "
+                       "the first step; the fixed set is this stage's held-out split unless the run has one")
+    train.add_argument("--progress-final", metavar="LABEL", help="score the final policy there as LABEL after "
+                       "the last step")
     for flag, key in TRAIN_FLAGS.items():
         train.add_argument(flag, metavar="VALUE", help=f"sets {key}")
     for flag, key in TRAIN_SWITCHES.items():

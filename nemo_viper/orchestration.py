@@ -9,7 +9,9 @@ and writes files under ``run_dir``::
 
 The bracketed benchmark phases run with ``eval.enabled`` (``nemo-viper eval``, ``eval.num_shards`` jobs,
 then a collect job); the next round waits for them, so the guard (``eval.guard_max_drop``) can stop it.
-Each RL stage scores its held-out split before and after training (``eval.heldout``).
+Each RL stage scores its held-out split before and after training (``eval.heldout``); round 1's stage 1 also
+scores the starting policy, and every round's stage 2 its final policy, on one fixed held-out set
+(``run_dir/progress``, :mod:`nemo_viper.evaluation.progress`).
 
 Round r synthesises stage-1 data with the checkpoint of round r-1 (the base model for r = 1), trains
 stage 1 from it, synthesises stage-2 data with the stage-1 checkpoint, and trains stage 2 from that.
@@ -32,6 +34,7 @@ from omegaconf import OmegaConf
 
 from nemo_viper.config import ViperConfig, compose, rl_job_settings, synthesis_settings, to_yaml
 from nemo_viper.errors import NemoViperError
+from nemo_viper.evaluation.progress import START_LABEL, round_label
 
 @dataclass(frozen=True)
 class Phase:
@@ -83,6 +86,12 @@ class RunPaths:
     @property
     def eval_data(self) -> Path:
         return self.root / "eval_data"
+
+    @property
+    def progress(self) -> Path:
+        """The scores of the starting policy and of each round on one fixed held-out set
+        (:mod:`nemo_viper.evaluation.progress`)."""
+        return self.root / "progress"
 
     @property
     def base_model(self) -> Path:
@@ -155,6 +164,10 @@ def plan(config: ViperConfig) -> list[Phase]:
         previous, evaluated = phases[-1].name, "base"
     for r in range(1, config.rounds + 1):
         rd = paths.round_dir(r)
+        # the starting policy and every round's final policy on one fixed held-out set (round 1's stage-1 split)
+        progress = ("--progress-dir", str(paths.progress)) if config.eval.heldout.enabled else ()
+        progress_start = (*progress, "--progress-start", START_LABEL) if progress and r == 1 else ()
+        progress_final = (*progress, "--progress-final", round_label(r)) if progress else ()
         deps = (previous,) if previous else ()
         synth1 = Phase(f"round{r}.synth1", ("synth", "--stage", "1", "--policy", policy, "--images",
                                             str(config.synthesis.get("images", "skimage")), "--out",
@@ -162,7 +175,7 @@ def plan(config: ViperConfig) -> list[Phase]:
                        depends_on=deps, tasks=synth_tasks, gpus_per_node=synth_gpus, kind="synth",
                        out=str(rd / "synth1"), settings=synth_settings)
         rl1 = Phase(f"round{r}.rl1", ("train", "--stage", "1", "--data", str(rd / "synth1"), "--policy", policy,
-                                      "--out", str(rd / "rl1"), *train_common),
+                                      "--out", str(rd / "rl1"), *train_common, *progress_start),
                     depends_on=(synth1.name,), distributed=True, nodes=parallel.nodes, ranks_per_node=rl_ranks,
                     gpus_per_node=gpus, kind="rl", out=str(rd / "rl1"), steps=config.rl.steps,
                     settings=train_settings)
@@ -171,7 +184,7 @@ def plan(config: ViperConfig) -> list[Phase]:
                        depends_on=(rl1.name,), tasks=synth_tasks, gpus_per_node=synth_gpus, kind="synth",
                        out=str(rd / "synth2"), settings=synth_settings)
         rl2 = Phase(f"round{r}.rl2", ("train", "--stage", "2", "--data", str(rd / "synth2"), "--policy",
-                                      str(rd / "rl1"), "--out", str(rd / "rl2"), *train_common),
+                                      str(rd / "rl1"), "--out", str(rd / "rl2"), *train_common, *progress_final),
                     depends_on=(synth2.name,), distributed=True, nodes=parallel.nodes, ranks_per_node=rl_ranks,
                     gpus_per_node=gpus, kind="rl", out=str(rd / "rl2"), steps=config.rl.steps,
                     settings=train_settings)

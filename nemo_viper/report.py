@@ -7,8 +7,10 @@ part falling while the total rises, precision far above recall, entropy collapse
 mismatch, growing truncation), each with the step it began; "What the policy says": the greedy answers to a
 few held-out prompts before and after each stage; the synthesis manifests' counts (inputs, samples
 written, skipped and filtered by reason) and time per sub-step; the held-out self-evaluation of both stages
-(reward before/after, greedy and sampled, table + plot). With benchmark phases: the benchmark table of the
-base model and of every round side by side, with deltas and a plot (:mod:`nemo_viper.evaluation.results`).
+(reward before/after, greedy and sampled, table + plot). Across rounds: the starting policy and every round's
+final policy on one fixed held-out set (:mod:`nemo_viper.evaluation.progress`), with their benchmark averages
+when the loop evaluated them (table + plot). With benchmark phases: the benchmark table of the base model and
+of every round side by side, with deltas and a plot (:mod:`nemo_viper.evaluation.results`).
 """
 
 from __future__ import annotations
@@ -153,6 +155,66 @@ def _policy_says_section(records: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _benchmark_average(run_dir: Path, label: str) -> float | None:
+    from nemo_viper.evaluation.results import load_summary
+
+    path = run_dir / "eval" / label
+    return load_summary(path)["average"] if (path / "results.json").is_file() else None
+
+
+def _plot_across_rounds(records: list[dict], averages: list[float | None], out: Path) -> None:
+    panels = 2 if any(a is not None for a in averages) else 1
+    figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.2), squeeze=False)
+    labels = [r["label"] for r in records]
+    for kind in ("greedy", "sampled"):
+        axes[0][0].plot(labels, [r[kind]["total"] for r in records], marker="o", label=f"{kind} reward")
+    axes[0][0].plot(labels, [r["sampled"]["correctness"] for r in records], marker="o", linestyle="--",
+                    label="sampled correctness")
+    axes[0][0].set_title("fixed held-out set")
+    axes[0][0].set_ylabel("ViPER reward")
+    if panels == 2:
+        axes[0][1].plot(labels, [float("nan") if a is None else a for a in averages], marker="o")
+        axes[0][1].set_title("benchmark average")
+    for axis in axes[0]:
+        axis.set_xlabel("policy")
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+
+
+def _across_rounds_section(run_dir: Path, rounds: int, out: Path) -> list[str]:
+    """The starting policy and every round's final policy on the run's fixed held-out set
+    (:mod:`nemo_viper.evaluation.progress`), with the benchmark average where the loop evaluated them."""
+    from nemo_viper.evaluation.progress import scores_across_rounds
+
+    fixed, records = scores_across_rounds(run_dir / "progress", rounds)
+    if not records:
+        return []
+    averages = [_benchmark_average(run_dir, r["label"]) for r in records]
+    start = records[0]
+    data = Path(fixed.data)
+    source = data.relative_to(run_dir.absolute()) if data.is_relative_to(run_dir.absolute()) else data
+    lines = ["## Across rounds", "",
+             f"The starting policy and each round's final policy on one fixed held-out set: the same "
+             f"{len(fixed.sample_ids)} prompts of `{source}` for every row (chosen once, recorded by sample id in "
+             f"`progress/heldout_set.json`), never trained on; ViPER reward of one greedy answer and of "
+             f"{start['samples_per_prompt']} sampled answers per prompt. Δ: against the first row.", "",
+             "| policy | checkpoint | greedy | Δ | sampled | Δ | sampled correctness | greedy format | "
+             "benchmark average |", "|---|---|---|---|---|---|---|---|---|"]
+    for record, average in zip(records, averages):
+        policy = Path(record["policy"])
+        shown = policy.relative_to(run_dir.absolute()) if policy.is_relative_to(run_dir.absolute()) else policy
+        greedy, sampled = record["greedy"]["total"], record["sampled"]["total"]
+        lines.append(f"| {record['label']} | `{shown}` | {greedy:.3f} | {greedy - start['greedy']['total']:+.3f} | "
+                     f"{sampled:.3f} | {sampled - start['sampled']['total']:+.3f} | "
+                     f"{record['sampled']['correctness']:.3f} | {record['greedy']['format']:.3f} | "
+                     f"{'n/a' if average is None else f'{average:.2f}'} |")
+    _plot_across_rounds(records, averages, out / "across_rounds.png")
+    return lines + ["", "![across rounds](across_rounds.png)", ""]
+
+
 def _benchmark_section(run_dir: Path, rounds: int, out: Path) -> list[str]:
     from nemo_viper.evaluation.results import comparison_markdown, load_summary, plot_comparison, smoke_settings
 
@@ -223,6 +285,7 @@ def write_report(run_dir: str | Path, rounds: int, alert_gap: float, alerts: Ale
             for panel, keys in PANELS.items():
                 _plot(stages, keys, panel.replace("_", " "), out / f"round{r}_{panel}.png")
                 lines += [f"![{panel}](round{r}_{panel}.png)", ""]
+    lines += _across_rounds_section(run_dir, rounds, out)
     lines += _benchmark_section(run_dir, rounds, out)
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")

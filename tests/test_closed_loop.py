@@ -4,7 +4,8 @@ The first run is killed (SIGKILL to its whole process group) as soon as ``state.
 ``round1.rl1`` done; the rerun must skip every finished phase, continue with stage-2 synthesis, and leave the
 full set of outputs: both datasets, both RL runs with checkpoints and held-out self-evaluations, the
 benchmark results of the base model and of round 1 (``eval.enabled=true`` on the tiny benchmark copies),
-the HF export and the run report with its held-out and benchmark sections.
+the scores of the starting policy and of round 1 on the fixed held-out set (``progress/``), the HF export and
+the run report with its held-out, across-rounds and benchmark sections.
 """
 
 import json
@@ -79,9 +80,20 @@ def test_tiny_loop_survives_a_kill_after_rl_stage1(tmp_path):
         assert heldout["before"]["step"] == 0 and heldout["after"]["step"] == 2 and heldout["after"]["prompts"] == 4
         assert list((rl / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "final_hf" / "model.safetensors").is_file()
+    # across rounds: the starting policy (scored by the killed run's rl1) and round 1's final policy on one set
+    chosen = json.loads((run_dir / "progress" / "heldout_set.json").read_text())["sample_ids"]
+    scores = {label: json.loads((run_dir / "progress" / f"{label}.json").read_text()) for label in ("base", "round1")}
+    assert len(chosen) == 4 and all(s["sample_ids"] == chosen and s["prompts"] == 4 for s in scores.values())
+    rl1_before = json.loads((run_dir / "round1" / "rl1" / "heldout.json").read_text())["before"]
+    assert scores["base"]["sampled"] == rl1_before["sampled"]  # the set is rl1's split: its scores double
+    assert scores["round1"]["policy"].endswith("round1/rl2/checkpoints/step_0000002")
     report = (run_dir / "report" / "report.md").read_text()
     assert "rl1" in report and "rl2" in report and "synth2" in report
     assert "Held-out self-evaluation" in report and "## Benchmarks" in report and "| MMStar |" in report
+    across = report.split("## Across rounds", 1)[1].split("## Benchmarks", 1)[0]
+    assert [line.split(" | ")[0] for line in across.splitlines() if line.startswith("| base") or
+            line.startswith("| round")] == ["| base", "| round1"]
+    assert "n/a |" not in across  # each row has its benchmark average
     for name in ("base", "round1"):  # `nemo-viper eval` (lmms-eval's qwen2_5_vl model) on the tiny checkpoints
         summary = json.loads((run_dir / "eval" / name / "results.json").read_text())
         assert summary["complete"] and set(summary["scores"]) == set(TASKS)
@@ -92,7 +104,7 @@ def test_tiny_loop_survives_a_kill_after_rl_stage1(tmp_path):
         assert len((run_dir / "eval" / name / "samples" / "mmstar.jsonl").read_text().splitlines()) == 1
     assert {p.name for p in (run_dir / "report").glob("*.png")} >= {
         "round1_reward.png", "round1_response_length.png", "round1_clip_fractions.png", "round1_synthesis.png",
-        "round1_heldout.png", "benchmarks.png"}
+        "round1_heldout.png", "benchmarks.png", "across_rounds.png"}
 
 
 def test_run_killed_during_prepare_leaves_no_process_and_prepare_resumes(tmp_path):

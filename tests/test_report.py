@@ -54,3 +54,47 @@ def test_report_lists_each_stages_alerts_and_what_the_policy_says(tmp_path):
     # thresholds come from the run's logger.alerts
     quiet = write_report(tmp_path, rounds=1, alert_gap=0.5, alerts=AlertConfig(part_drop=0.9)).read_text()
     assert "**Alerts" not in quiet
+
+
+def test_report_scores_the_starting_policy_and_every_round_on_the_fixed_set(tmp_path):
+    """rounds=2: one table and one plot of base, round 1 and round 2 on the same sample ids, with the benchmark
+    average where the loop evaluated a policy; a score on an earlier set (a superseded round-1 synthesis) is
+    not shown."""
+    from nemo_viper.evaluation.progress import FixedSet, write_score, write_set
+    from nemo_viper.evaluation.results import summarise
+
+    synth1 = tmp_path / "round1" / "synth1"
+    synth1.mkdir(parents=True)
+    (synth1 / "manifest.json").write_text('{"task": "caption_refine"}')
+    fixed = FixedSet.of_dataset(synth1, ["s3", "s7", "s9"])
+    write_set(tmp_path / "progress", fixed)
+    stale = FixedSet(fixed.data, "an earlier manifest", ("s1", "s2", "s3"))
+    for label, policy, total, scored_on in (("base", "base_model", 0.25, fixed),
+                                            ("round1", "round1/rl2/checkpoints/step_0000008", 0.5, fixed),
+                                            ("round2", "round2/rl2/checkpoints/step_0000008", 0.75, stale)):
+        means = {"total": total, "format": 1.0, "correctness": total - 0.1, "recall": total}
+        write_score(tmp_path / "progress", label, str(tmp_path / policy), "key", scored_on,
+                    {"samples_per_prompt": 8, "prompts": 3, "greedy": means, "sampled": means, "examples": []})
+    text = write_report(tmp_path, rounds=2, alert_gap=0.5).read_text()
+    section = text.split("## Across rounds", 1)[1]
+    rows = [line for line in section.splitlines() if line.startswith("| base") or line.startswith("| round")]
+    assert rows == ["| base | `base_model` | 0.250 | +0.000 | 0.250 | +0.000 | 0.150 | 1.000 | n/a |",
+                    "| round1 | `round1/rl2/checkpoints/step_0000008` | 0.500 | +0.250 | 0.500 | +0.250 | 0.400 | "
+                    "1.000 | n/a |"]
+    assert "the same 3 prompts of `round1/synth1`" in section and "8 sampled answers" in section
+
+    write_score(tmp_path / "progress", "round2", str(tmp_path / "round2/rl2/checkpoints/step_0000008"), "key", fixed,
+                {"samples_per_prompt": 8, "prompts": 3, "greedy": {"total": 0.625, "format": 0.5, "correctness": 0.5,
+                                                                   "recall": 0.5},
+                 "sampled": {"total": 0.375, "format": 0.5, "correctness": 0.25, "recall": 0.25}, "examples": []})
+    for name, average in (("base", 40.0), ("round2", 42.5)):
+        (tmp_path / "eval" / name).mkdir(parents=True)
+        (tmp_path / "eval" / name / "results.json").write_text(json.dumps(
+            {**summarise({}, name), "scores": {"mmstar": average}, "average": average}))
+    section = write_report(tmp_path, rounds=2, alert_gap=0.5).read_text().split("## Across rounds", 1)[1]
+    rows = [line for line in section.splitlines() if line.startswith("| base") or line.startswith("| round")]
+    assert [row.split(" | ")[0] for row in rows] == ["| base", "| round1", "| round2"]
+    assert rows[0].endswith("| 40.00 |") and rows[1].endswith("| n/a |")
+    assert rows[2] == ("| round2 | `round2/rl2/checkpoints/step_0000008` | 0.625 | +0.375 | 0.375 | +0.125 | 0.250 | "
+                       "0.500 | 42.50 |")
+    assert "![across rounds](across_rounds.png)" in section and (tmp_path / "report" / "across_rounds.png").is_file()

@@ -106,10 +106,15 @@ def read_record(path: str | Path) -> dict:
 
 def write_record(path: str | Path, key: str, value: dict) -> None:
     """Set ``key`` (``before`` / ``after``) in the stage's ``heldout.json``, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     record = read_record(path)
     record[key] = value
+    write_json(path, record)
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """``data`` as ``path`` (JSON), atomically: a reader sees the old file or the new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)

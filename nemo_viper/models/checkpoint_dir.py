@@ -55,6 +55,18 @@ def policy_paths(policy: str | Path) -> tuple[Path, Path | None]:
     return policy, None
 
 
+def policy_identity(policy: str | Path) -> str:
+    """What a score of ``policy`` is keyed to, without reading its weights: for a policy checkpoint (or an RL
+    run dir's latest) the sha256 of its metadata file, which lists the sha256 of every file; for a Hugging Face
+    dir the sha256 of its files' relative paths, sizes and modification times."""
+    policy = resolve_checkpoint(policy)
+    if (policy / METADATA_FILE).is_file():
+        return "checkpoint:" + hashlib.sha256((policy / METADATA_FILE).read_bytes()).hexdigest()
+    listing = sorted((path.relative_to(policy).as_posix(), path.stat().st_size, path.stat().st_mtime_ns)
+                     for path in policy.rglob("*") if path.is_file())
+    return "hf-files:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
     """The checkpoint ``root/latest`` names, or, if it names no complete checkpoint (a missing directory, a
     torn or empty pointer), the newest complete ``root/step_N`` with a warning; ``None`` if there is none.

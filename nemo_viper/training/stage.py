@@ -69,10 +69,22 @@ class StageConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # trackers, sample generations, alerts
     run_config: dict = field(default_factory=dict, repr=False, compare=False)  # logged once to the trackers
     caption_tokens: int = VLMConfig.caption_tokens
+    # the run's scores across rounds (:mod:`nemo_viper.evaluation.progress`): its directory, the label of the
+    # starting policy scored before the first step (this job then chooses the fixed set from its held-out split)
+    # and of the final policy scored after the last; empty: not scored
+    progress_dir: str = ""
+    progress_start: str = ""
+    progress_final: str = ""
 
     def __post_init__(self):
         if self.stage not in STAGE_TASKS:
             raise ConfigError(f"stage={self.stage} must be 1 or 2")
+        if (self.progress_start or self.progress_final) and not self.progress_dir:
+            raise ConfigError("--progress-start/--progress-final need --progress-dir (where the run's scores across "
+                              "rounds are kept)")
+        if self.progress_start and not self.heldout.enabled:
+            raise ConfigError(f"--progress-start={self.progress_start} chooses the fixed held-out set from this "
+                              "stage's held-out split, but eval.heldout.count and eval.heldout.fraction are 0")
         check_rollout_layout(self.rollout.backend, self.pipeline_parallel)
 
 
@@ -142,8 +154,10 @@ def run_stage(config: StageConfig) -> list[dict]:
     rl = config.rl
     trainer = build_trainer(policy_config, rl.grpo, rl.sampling, init_checkpoint=checkpoint)
     policy = trainer.policy.model  # the generator plugs in on the trained policy's weights
-    context = rl_context_length(config.stage, config.caption_tokens, rl.max_pixels, rl.sampling.max_new_tokens,
-                                hf_config)
+    # the fixed held-out set across rounds holds stage-1 prompts, which a stage-2 job answers too
+    stages = set(STAGE_TASKS) if config.progress_dir else {config.stage}
+    context = max(rl_context_length(stage, config.caption_tokens, rl.max_pixels, rl.sampling.max_new_tokens,
+                                    hf_config) for stage in stages)
     generator = build_backend(config.rollout, policy, rl.sampling.seed, context_length=context)
     preprocessor = QwenImagePreprocessor(image_config, image_backend)  # after build_trainer chose this rank's GPU
     prompts, heldout = stage_prompts(config, dataset, preprocessor, trainer.policy.data_parallel)
@@ -151,6 +165,7 @@ def run_stage(config: StageConfig) -> list[dict]:
     reward = ViperReward(config.reward)
     self_eval = _SelfEvaluation(config, dataset, heldout, preprocessor, generator, reward, processor,
                                 trainer.policy.data_parallel)
+    across_rounds = _AcrossRounds(config, self_eval) if config.progress_dir else None
     columns = (TextColumn(f"RL stage {config.stage}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("reward {task.fields[reward]:.3f}"), TimeRemainingColumn())
     show = parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0
@@ -160,6 +175,8 @@ def run_stage(config: StageConfig) -> list[dict]:
                            enabled=dist.get_rank() == 0)
     with prompts, Progress(*columns, disable=not show) as progress:
         self_eval.record("before")
+        if across_rounds:
+            across_rounds.record("before")
         task = progress.add_task("steps", total=config.rl.steps, reward=0.0)
 
         def advance(step: int, metrics: dict) -> None:
@@ -168,6 +185,8 @@ def run_stage(config: StageConfig) -> list[dict]:
         history = run_rl(trainer, generator, reward, prompts, processor, config.rl, config.out, progress=advance,
                          monitor=monitor)
         self_eval.record("after")
+        if across_rounds:
+            across_rounds.record("after")
     monitor.close()
     skipped = {k: v for k, v in (history[-1] if history else {}).items() if k.startswith("data/skipped/") and v}
     if skipped and show:
@@ -201,31 +220,101 @@ class _SelfEvaluation:
         self.config, self.dataset, self.heldout, self.data_parallel = config, dataset, heldout, data_parallel
         self.preprocessor, self.generator, self.reward, self.processor = preprocessor, generator, reward, processor
         self.path = Path(config.out) / "heldout.json"
+        self.scored: dict[str, dict | None] = {}  # when -> this process's held-out scores (rank 0's; None elsewhere)
+
+    def starting_policy_gone(self) -> bool:
+        """A resumed stage: its policy is a trained one, never to be scored as the starting policy."""
+        return (Path(self.config.out) / "checkpoints" / "latest").exists()
 
     def record(self, when: str) -> None:
-        import torch.distributed as dist
-
-        from nemo_viper.evaluation.heldout import (answer_examples, read_record, score_prompts, summarise_scores,
-                                                   write_record)
-        from nemo_viper.data.task_prompt import task_prompt
+        from nemo_viper.evaluation.heldout import read_record, write_record
 
         existing = read_record(self.path).get(when)
         if not self.heldout or (existing and (when == "before" or existing["step"] == self.config.rl.steps)):
             return
-        if when == "before" and (Path(self.config.out) / "checkpoints" / "latest").exists():
-            return  # the starting policy is gone; never score a trained one as "before"
+        if when == "before" and self.starting_policy_gone():
+            return
+        self.scored[when] = self.score(self.dataset, self.heldout)
+        if self.scored[when] is not None:
+            step = 0 if when == "before" else self.config.rl.steps
+            write_record(self.path, when, {"step": step, **self.scored[when]})
+
+    def score(self, dataset, indices: list[int]) -> dict | None:
+        """The policy's answers to ``dataset``'s samples ``indices``, scored: collective, each data-parallel
+        rank answers its share. Rank 0 gets ``{"samples_per_prompt", "prompts", "greedy", "sampled",
+        "examples"}`` (pooled), the other ranks None."""
+        import torch.distributed as dist
+
+        from nemo_viper.data.task_prompt import task_prompt
+        from nemo_viper.evaluation.heldout import answer_examples, score_prompts, summarise_scores
+
         rank, world = self.data_parallel.rank, self.data_parallel.size
-        mine = self.heldout[rank::world]
-        images = self.preprocessor([self.dataset.image_bytes(i) for i in mine]) if mine else []
-        prompts = [task_prompt(self.dataset.record(i), image) for i, image in zip(mine, images)]
+        mine = indices[rank::world]
+        images = self.preprocessor([dataset.image_bytes(i) for i in mine]) if mine else []
+        prompts = [task_prompt(dataset.record(i), image) for i, image in zip(mine, images)]
         samples = self.config.heldout.samples or self.config.rl.n
         scores = score_prompts(self.generator, self.reward, self.processor, prompts, self.config.rl.sampling,
                                samples, seed=self.config.heldout.seed + rank)
         examples = answer_examples(prompts, scores, self.config.logger.num_samples)
         pooled = self.data_parallel.all_gather_object((scores, examples))
+        if dist.get_rank() != 0:
+            return None
+        merged = {key: [r for part, _ in pooled for r in part[key]] for key in ("greedy", "sampled")}
+        examples = [e for _, part in pooled for e in part][: self.config.logger.num_samples]
+        return {"samples_per_prompt": samples, **summarise_scores(merged), "examples": examples}
+
+
+class _AcrossRounds:
+    """Scores the starting policy (``progress_start``, before the first step) and the final policy
+    (``progress_final``, after the last) on the run's fixed held-out set, into ``progress_dir``
+    (:mod:`nemo_viper.evaluation.progress`), with :meth:`_SelfEvaluation.score`. A policy already scored on
+    the set (same checkpoint, same set) is not scored again. With ``progress_start`` this job's held-out split
+    becomes the set unless the run has one from the same dataset; then the held-out scores double as the
+    starting policy's when the set is that split."""
+
+    def __init__(self, config: StageConfig, self_eval: _SelfEvaluation):
+        import torch.distributed as dist
+
+        from nemo_viper.evaluation.progress import SET_FILE, FixedSet, choose_set, read_set, write_set
+
+        self.config, self.self_eval, self.dir = config, self_eval, Path(config.progress_dir)
+        own = FixedSet.of_dataset(config.data, [self_eval.dataset.record(i).id for i in self_eval.heldout])
+        existing = read_set(self.dir)
+        if config.progress_start:
+            self.fixed = choose_set(existing, own)
+            dist.barrier()  # every rank has read the file before rank 0 replaces it
+            if dist.get_rank() == 0 and self.fixed != existing:
+                write_set(self.dir, self.fixed)
+        elif existing is None:
+            raise ConfigError(f"{self.dir / SET_FILE} not found: the run's fixed held-out set is chosen by the job "
+                              "that scores the starting policy (--progress-start; round 1's stage 1)")
+        else:
+            self.fixed = existing
+        self.own = self.fixed == own
+
+    def record(self, when: str) -> None:
+        import torch.distributed as dist
+
+        from nemo_viper.data.shards import ShardDataset
+        from nemo_viper.evaluation.progress import is_scored, read_score, write_score
+        from nemo_viper.models.checkpoint_dir import policy_identity, resolve_checkpoint
+
+        label = self.config.progress_start if when == "before" else self.config.progress_final
+        if not label:
+            return
+        policy = resolve_checkpoint(self.config.policy if when == "before" else self.config.out)
+        key = policy_identity(policy)
+        if is_scored(read_score(self.dir, label), key, self.fixed):
+            return
+        if when == "before" and self.self_eval.starting_policy_gone():
+            log.warning("the starting policy of %s is gone (resumed from a checkpoint): %s is not scored on the "
+                        "fixed held-out set", self.config.out, label)
+            return
+        if self.own and when in self.self_eval.scored:
+            summary = self.self_eval.scored[when]
+        else:
+            dataset = self.self_eval.dataset if self.own else ShardDataset(self.fixed.data)
+            indices = self.fixed.indices([dataset.record(i).id for i in range(len(dataset))])
+            summary = self.self_eval.score(dataset, indices)
         if dist.get_rank() == 0:
-            merged = {key: [r for part, _ in pooled for r in part[key]] for key in ("greedy", "sampled")}
-            examples = [e for _, part in pooled for e in part][: self.config.logger.num_samples]
-            step = 0 if when == "before" else self.config.rl.steps
-            write_record(self.path, when, {"step": step, "samples_per_prompt": samples, **summarise_scores(merged),
-                                           "examples": examples})
+            write_score(self.dir, label, policy, key, self.fixed, summary)

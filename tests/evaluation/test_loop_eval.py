@@ -21,7 +21,25 @@ def test_plan_evaluates_base_once_and_every_round_before_the_next():
     assert round1[round1.index("--guard-against") + 1] == "/r/eval/base"
     assert phases["round2.eval"].args[phases["round2.eval"].args.index("--guard-against") + 1] == "/r/eval/round1"
     # the RL job reads eval.heldout (and every other setting) from the run config (tests/test_config_keys.py)
-    assert phases["round1.rl1"].args[-2:] == ("--config", "/r/config/viper.yaml")
+    args = phases["round1.rl1"].args
+    assert args[args.index("--config") + 1] == "/r/config/viper.yaml"
+
+
+def test_plan_scores_every_policy_on_one_fixed_set_chosen_by_round_one_stage_one():
+    """Only round 1's stage 1 scores the starting policy (and so chooses the set); every round's stage 2 scores
+    its final policy into the same directory; no held-out split, no scores across rounds."""
+    def flags(args):
+        return {flag: args[args.index(flag) + 1] for flag in ("--progress-dir", "--progress-start", "--progress-final")
+                if flag in args}
+
+    phases = {p.name: p for p in orchestration.plan(recipe("tiny", "rounds=3", "run_dir=/r"))}
+    assert {name: flags(p.args) for name, p in phases.items() if p.kind == "rl"} == {
+        "round1.rl1": {"--progress-dir": "/r/progress", "--progress-start": "base"},
+        "round1.rl2": {"--progress-dir": "/r/progress", "--progress-final": "round1"},
+        "round2.rl1": {}, "round2.rl2": {"--progress-dir": "/r/progress", "--progress-final": "round2"},
+        "round3.rl1": {}, "round3.rl2": {"--progress-dir": "/r/progress", "--progress-final": "round3"}}
+    off = orchestration.plan(recipe("tiny", "rounds=2", "eval.heldout.count=0", "run_dir=/r"))
+    assert not any("--progress-dir" in p.args for p in off)
 
 
 def test_plan_shards_benchmarks_into_gpu_jobs_and_collects():
