@@ -161,12 +161,18 @@ def _arg_string(model_args: dict) -> str:
 
 def run_lmms_eval(tasks: tuple[str, ...], model, model_args: dict | None, include_path: Path, config: EvalConfig) -> dict:
     """lmms-eval's ``simple_evaluate`` on ``tasks`` (lmms-eval model name + args, or a model object), with its
-    per-sample logging (``results["samples"]``)."""
+    per-sample logging (``results["samples"]``). ``vllm`` is :class:`~nemo_viper.evaluation.vllm_model.
+    Qwen25VLVLLM` (lmms-eval's vllm chat model with qwen2_5_vl's images, stop token and repetition penalty)."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=str(include_path), include_defaults=False)
     gen_kwargs = f"max_new_tokens={config.max_new_tokens}" if config.max_new_tokens else None
+    if model == "vllm":  # lmms-eval's vllm model, given what its qwen2_5_vl model gives transformers
+        from nemo_viper.evaluation.vllm_model import Qwen25VLVLLM
+
+        model = Qwen25VLVLLM.create_from_arg_string(_arg_string(model_args), {"batch_size": config.batch_size})
+        model_args = None
     if model_args is not None:
         model_args = _arg_string(model_args)
     return simple_evaluate(model=model, model_args=model_args, tasks=list(tasks), task_manager=manager,
