@@ -3,11 +3,12 @@
 Given each backend's :class:`~nemo_viper.evaluation.backend_trace.Trace` and per-sample record
 (``OUT/samples/<task>.jsonl``) of the same documents, :func:`compare_document` checks, in the order a
 generation depends on them: the prompt token ids, the image grid and pixel values, the compute dtype, the
-stop token ids and token budget, the repetition penalty, then the generated tokens. The first input that differs is the cause. With
-equal inputs the generations part at the first position where the greedy tokens differ, and each backend's
-log-probability margin there (its token's log-prob minus that of the token the other backend chose; the gap
-to its k-th token when that one is not in its top k) says how close the choice was: a near-tie is flipped by
-kernel rounding, not by a different input. Equal tokens with different text are a detokenization difference.
+stop token ids and token budget, the repetition penalty, then the generated tokens. The first input that
+differs is the cause. With equal inputs the generations part at the first position where the greedy tokens
+differ, and each backend's log-probability margin there (its token's log-prob minus that of the token the
+other backend chose; the gap to its k-th token when that one is not in its top k) says how close the choice
+was: a near-tie is flipped by kernel rounding, not by a different input. Equal tokens with different text
+are a detokenization difference.
 """
 
 from __future__ import annotations

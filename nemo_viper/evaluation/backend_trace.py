@@ -5,8 +5,9 @@
 :class:`Trace`: the prompt token ids, the image tensor the vision tower receives (``pixel_values``) and its
 grid, the dtype the model computes in, the stop token ids, token budget and repetition penalty, the generated
 token ids and the top log-probabilities of the raw logits at each generated position (decoding stays greedy:
-asking for them does not change the chosen token). Requests are handed to the wrapped model one at a time (batch size 1), so each
-generation is tied to its document. :mod:`~nemo_viper.evaluation.backend_agreement` compares two such traces.
+asking for them does not change the chosen token). Requests are handed to the wrapped model one at a time
+(batch size 1), so each generation is tied to its document. :mod:`~nemo_viper.evaluation.backend_agreement`
+compares two such traces.
 """
 
 from __future__ import annotations

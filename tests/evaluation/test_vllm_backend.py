@@ -2,13 +2,13 @@
 
 Both backends run lmms-eval's MMStar task on the tiny checkpoint while ``backend_trace.recording`` captures what
 each model receives; every input the harness controls must be equal: the prompt token ids (image tokens
-included), the image grid and the normalised pixels, the compute dtype, the stop ids and the token budget.
-The checkpoint's ``generation_config.json`` lists two EOS ids and a repetition penalty, as Qwen2.5-VL's
-releases do: transformers (through lmms-eval's qwen2_5_vl) stops at the tokenizer's EOS only and applies the
-penalty, which vLLM must mirror. The images are 150x100 and 333x250, sides that are not multiples of 28: lmms-eval's qwen2_5_vl model resizes
-them with ``qwen_vl_utils.fetch_image`` before its processor does, which changes the grid of the first
-(15x18 vs 14x20 merged patches) and the pixels of the second unless vLLM gets the same images
-(``vllm_model.Qwen25VLVLLM``).
+included), the image grid and the normalised pixels, the compute dtype, the stop ids, the token budget and
+the repetition penalty. The checkpoint's ``generation_config.json`` lists two EOS ids and a repetition
+penalty: transformers (through lmms-eval's qwen2_5_vl) stops at the tokenizer's EOS only and applies the
+penalty, which vLLM must mirror. The images are 150x100 and 333x250, sides that are not multiples of 28:
+lmms-eval's qwen2_5_vl model resizes them with ``qwen_vl_utils.fetch_image`` before its processor does,
+which changes the grid of the first (15x18 vs 14x20 merged patches) and the pixels of the second unless vLLM
+gets the same images (``vllm_model.Qwen25VLVLLM``).
 """
 
 import json
