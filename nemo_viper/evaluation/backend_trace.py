@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-LOGPROBS = 5  # vLLM log-probs kept per generated position (top-k)
+LOGPROBS = 5  # log-probs kept per generated position (the top k)
 
 
 @dataclass
@@ -133,8 +133,8 @@ def _vllm_image_input(recorder: _Recorder, process_image_input):
 
 @contextlib.contextmanager
 def recording(backend: str):
-    """Within the block, ``evaluate`` with ``backend`` (``qwen2_5_vl`` or ``vllm``) records a :class:`Trace`
-    per document; yields the ``{doc_id: Trace}`` dict it fills."""
+    """Within the block, ``evaluate`` of one task with ``backend`` (``qwen2_5_vl`` or ``vllm``) records a
+    :class:`Trace` per document; yields the ``{doc_id: Trace}`` dict it fills (doc ids are per task)."""
     from unittest import mock
 
     recorder = _Recorder()
