@@ -33,6 +33,9 @@ MODEL_BACKENDS = ("qwen2_5_vl", "vllm")
 # Qwen2.5-VL processor would otherwise take the checkpoint's own bounds (3136 .. 12845056 for Qwen's releases),
 # i.e. other image resolutions than the qwen2_5_vl backend for the same checkpoint.
 IMAGE_PIXELS = {"min_pixels": 256 * 28 * 28, "max_pixels": 1605632}
+# The lmms-eval model class of ``--backend vllm`` (in its run key: results of another vllm adapter, e.g. lmms-eval's
+# own vllm model that saw other images and stop rules, are recomputed, not reused).
+VLLM_MODEL = "nemo_viper.evaluation.vllm_model.Qwen25VLVLLM"
 
 
 @dataclass(frozen=True)
@@ -148,9 +151,10 @@ def model_arguments(config: EvalConfig, hf_dir: Path) -> dict:
 
 
 def generation_settings(config: EvalConfig) -> dict:
-    """The decoding settings a result depends on (part of its run key)."""
+    """The decoding settings a result depends on (part of its run key); ``vllm``: with :data:`VLLM_MODEL`."""
     return {"model_args": decoding_arguments(config), "batch_size": config.batch_size,
-            "max_new_tokens_cap": config.max_new_tokens}
+            "max_new_tokens_cap": config.max_new_tokens,
+            **({"vllm_model": VLLM_MODEL} if config.backend == "vllm" else {})}
 
 
 def _arg_string(model_args: dict) -> str:
@@ -161,12 +165,18 @@ def _arg_string(model_args: dict) -> str:
 
 def run_lmms_eval(tasks: tuple[str, ...], model, model_args: dict | None, include_path: Path, config: EvalConfig) -> dict:
     """lmms-eval's ``simple_evaluate`` on ``tasks`` (lmms-eval model name + args, or a model object), with its
-    per-sample logging (``results["samples"]``)."""
+    per-sample logging (``results["samples"]``). ``vllm`` is :class:`~nemo_viper.evaluation.vllm_model.
+    Qwen25VLVLLM` (lmms-eval's vllm chat model with qwen2_5_vl's images, stop token and repetition penalty)."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=str(include_path), include_defaults=False)
     gen_kwargs = f"max_new_tokens={config.max_new_tokens}" if config.max_new_tokens else None
+    if model == "vllm":  # lmms-eval's vllm model, given what its qwen2_5_vl model gives transformers
+        from nemo_viper.evaluation.vllm_model import Qwen25VLVLLM
+
+        model = Qwen25VLVLLM.create_from_arg_string(_arg_string(model_args), {"batch_size": config.batch_size})
+        model_args = None
     if model_args is not None:
         model_args = _arg_string(model_args)
     return simple_evaluate(model=model, model_args=model_args, tasks=list(tasks), task_manager=manager,

@@ -27,10 +27,12 @@ MMSTAR_SUBDOMAINS = {
 }
 
 
-def shape_image(colour: str, shape: str, size: int = 56) -> Image.Image:
-    image = Image.new("RGB", (size, size), (245, 245, 245))
+def shape_image(colour: str, shape: str, size: tuple[int, int] = (56, 56)) -> Image.Image:
+    """A ``size`` = (width, height) image: a coloured shape on a plain background."""
+    width, height = size
+    image = Image.new("RGB", size, (245, 245, 245))
     draw = ImageDraw.Draw(image)
-    box = (size // 5, size // 5, size - size // 5, size - size // 5)
+    box = (width // 5, height // 5, width - width // 5, height - height // 5)
     (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
     return image
 
@@ -41,22 +43,22 @@ def _png_base64(image: Image.Image) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _question(rng: random.Random) -> tuple[Image.Image, list[str], str, str]:
-    """An image, four colour options, the right letter and the colour."""
+def _question(rng: random.Random, size: tuple[int, int] = (56, 56)) -> tuple[Image.Image, list[str], str, str]:
+    """An image of ``size``, four colour options, the right letter and the colour."""
     colour = rng.choice(sorted(COLOURS))
     options = sorted(COLOURS)
     rng.shuffle(options)
-    return shape_image(colour, rng.choice(SHAPES)), options, LETTERS[options.index(colour)], colour
+    return shape_image(colour, rng.choice(SHAPES), size), options, LETTERS[options.index(colour)], colour
 
 
 def _options_text(options: list[str]) -> str:
     return "\n".join(f"{letter}. {option}" for letter, option in zip(LETTERS, options))
 
 
-def _rows(task: str, rows: int, rng: random.Random) -> list[dict]:
+def _rows(task: str, rows: int, rng: random.Random, image_sizes: tuple[tuple[int, int], ...]) -> list[dict]:
     out = []
     for i in range(rows):
-        image, options, letter, colour = _question(rng)
+        image, options, letter, colour = _question(rng, image_sizes[i % len(image_sizes)])
         ask = "What colour is the shape?"
         if task == "mmstar":
             domain = MMSTAR_DOMAINS[i % len(MMSTAR_DOMAINS)]
@@ -117,9 +119,11 @@ def _save(rows: list[dict], split: str, path: Path, optional_images: tuple[str, 
     datasets.DatasetDict({split: datasets.Dataset.from_list(rows, features=features)}).save_to_disk(str(path))
 
 
-def write_tiny_datasets(root: str | Path, tasks=tuple(BENCHMARKS), rows: int = 5, seed: int = 0) -> Path:
+def write_tiny_datasets(root: str | Path, tasks=tuple(BENCHMARKS), rows: int = 5, seed: int = 0,
+                        image_sizes: tuple[tuple[int, int], ...] = ((56, 56),)) -> Path:
     """Write ``rows`` rows per task (MMStar: at least one per sub-domain; BLINK: 2 per subtask) under ``root``
-    in the local layout; returns ``root``."""
+    in the local layout; returns ``root``. Row ``i``'s question image is ``image_sizes[i % len]`` (width,
+    height) large (BLINK's and Mantis' other images: 56x56)."""
     root = Path(root)
     for task in tasks:
         benchmark = BENCHMARKS[task]
@@ -129,5 +133,5 @@ def write_tiny_datasets(root: str | Path, tasks=tuple(BENCHMARKS), rows: int = 5
                 _save(_blink_rows(name, 2, rng), benchmark.split, path, ("image_2", "image_3", "image_4"))
         else:
             count = max(rows, len(MMSTAR_DOMAINS)) if task == "mmstar" else rows  # one question per sub-domain
-            _save(_rows(task, count, rng), benchmark.split, benchmark.local_dir(root))
+            _save(_rows(task, count, rng, image_sizes), benchmark.split, benchmark.local_dir(root))
     return root

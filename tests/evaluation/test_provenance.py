@@ -56,3 +56,23 @@ def test_collect_refuses_task_files_of_different_runs(tiny_eval_root, tmp_path, 
     assert set(json.loads((out / "results.json").read_text())["scores"]) == {"crpe_relation"}  # a's task left out
     with pytest.raises(ConfigError, match="realworldqa not produced with the model and settings of crpe_relation"):
         collect(out)
+
+
+def test_a_vllm_result_of_another_vllm_adapter_is_recomputed(tiny_eval_root, tmp_path, model_dir):
+    """A vllm result written before the harness gave vLLM qwen2_5_vl's images, stop token and repetition penalty
+    (a key without ``vllm_model``) is recomputed; one of the current adapter is reused."""
+    from nemo_viper.evaluation.harness import VLLM_MODEL
+    from nemo_viper.evaluation.vllm_model import Qwen25VLVLLM
+
+    assert VLLM_MODEL == f"{Qwen25VLVLLM.__module__}.{Qwen25VLVLLM.__qualname__}"  # the class the harness runs
+    out, model = tmp_path / "out", model_dir("m", b"weights")
+    summary = _run(model, out, tiny_eval_root, ScriptedModel(), backend="vllm", device="cpu")
+    assert summary["runs"]["realworldqa"]["generation"]["vllm_model"] == VLLM_MODEL
+    assert _run(model, out, tiny_eval_root, UnusableModel(), backend="vllm", device="cpu")["scores"] == \
+        summary["scores"]
+    task_file = out / "tasks" / "realworldqa.json"
+    task = json.loads(task_file.read_text())
+    del task["key"]["generation"]["vllm_model"]
+    task_file.write_text(json.dumps(task))
+    with pytest.raises(AssertionError, match="recomputed"):
+        _run(model, out, tiny_eval_root, UnusableModel(), backend="vllm", device="cpu")
