@@ -47,8 +47,9 @@ def _problem() -> str | None:
         return f"{SSHD} not found (apt-get install openssh-server)"
     if os.geteuid() != 0:
         return "not root (sshd logs in as the user it runs as only when started by root)"
-    if shutil.which("ssh-keygen") is None:
-        return "ssh-keygen not found"
+    missing = [tool for tool in ("ssh-keygen", "ssh", "rsync") if shutil.which(tool) is None]
+    if missing:
+        return f"{', '.join(missing)} not found (NeMo-Run copies job files with rsync over ssh)"
     return None
 
 
