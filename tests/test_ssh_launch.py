@@ -109,3 +109,32 @@ def test_launch_and_status_through_the_tunnel_submit_to_slurm(ssh_login, slurm_c
     finally:
         if jobs:
             subprocess.run(["scancel", *(job["job_id"] for job in jobs.values())], capture_output=True)
+
+
+def test_a_rerun_that_would_set_outputs_aside_is_refused_through_the_tunnel(ssh_login, tmp_path):
+    """Setting outputs aside takes the run dir's lock, which the tunnel does not: refused before anything is
+    written or submitted, naming the phase and why it would re-run."""
+    run_dir = tmp_path / "cluster" / "run"
+    run_dir.mkdir(parents=True)
+    state = {"version": 2, "phases": {"prepare": {"fingerprint": "0123456789abcdef"}}, "jobs": {}}
+    (run_dir / "state.json").write_text(json.dumps(state))
+    result = _cli(ssh_login, "launch", "--recipe", "tiny", "--executor", "slurm", *TINY, f"run_dir={run_dir}",
+                  "cluster.setup='exit 1'", *ssh_login.overrides(), home=tmp_path / "nemorun")
+    try:
+        assert result.returncode == 2, result.stdout
+        assert "error: prepare would re-run (configuration changed since it ran)" in result.stderr
+        assert "launch this once where" in result.stderr
+        assert json.loads((run_dir / "state.json").read_text()) == state
+        assert not (run_dir / "config").exists() and not (run_dir / "nemo_run").exists()
+    finally:
+        recorded = json.loads((run_dir / "state.json").read_text())["jobs"]
+        if recorded:
+            subprocess.run(["scancel", *(job["job_id"] for job in recorded.values())], capture_output=True)
+
+
+def test_status_through_the_tunnel_takes_only_the_login_node_keys(ssh_login, tmp_path, capsys):
+    assert main(["status", str(tmp_path), "rl.steps=3"]) == 2
+    assert "status takes only cluster.ssh.KEY=VALUE" in capsys.readouterr().err
+    missing = _cli(ssh_login, "status", str(tmp_path / "none"), *ssh_login.overrides(), home=tmp_path / "nemorun")
+    assert missing.returncode == 2
+    assert f"error: {ssh_login.user}@{ssh_login.host}:{tmp_path}/none/config/viper.yaml not found" in missing.stderr
