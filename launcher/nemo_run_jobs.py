@@ -117,7 +117,7 @@ def _slurm_executor(config: ViperConfig, phase: Phase):
         retries=cluster.max_retries,
         poll_estimated_start_time=False,
     )
-    if cluster.ssh.host:  # held until the launcher has recorded the jobs in the run's state file (see _submit)
+    if cluster.ssh.host:  # held until the launcher has recorded them in the run's state file (_launch_selected)
         executor.additional_parameters["hold"] = True
     executor.job_details = SlurmJobDetails(folder=str(Path(config.run_dir).absolute() / "logs" / phase.name))
     return executor
@@ -139,9 +139,13 @@ class Cluster:
     """The Slurm commands and the run directory: on this machine, or on the login node through the SSH tunnel
     (``cluster.ssh``; every command ``shlex``-quoted, files written to a temporary name and renamed)."""
 
-    def __init__(self, ssh: SSHSection | None = None, job_dir: Path = Path("/")):
+    def __init__(self, ssh: SSHSection | None = None, job_dir: Path = Path("/")):  # job_dir: for job files only
         self.tunnel = _tunnel(ssh, job_dir) if ssh is not None and ssh.host else None
         self.where = f"{ssh.user}@{ssh.host}" if self.tunnel else "this machine"
+
+    def close(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.cleanup()
 
     @classmethod
     def of(cls, config: ViperConfig) -> Cluster:
@@ -157,17 +161,8 @@ class Cluster:
         result = self.tunnel.run(shlex.join(argv), hide=True, warn=True)
         return result.exited, result.stdout
 
-    def run(self, argv: list[str]) -> str:
-        """``argv``'s standard output; its failure is an error."""
-        if self.tunnel is None:
-            result = subprocess.run(argv, capture_output=True, text=True)
-            if result.returncode != 0:
-                raise NemoViperError(f"`{shlex.join(argv)}` failed (exit {result.returncode}): "
-                                     f"{' '.join(result.stderr.split())[:300]}")
-            return result.stdout
-        return self._remote(shlex.join(argv))
-
-    def _remote(self, command: str) -> str:
+    def remote(self, command: str) -> str:
+        """``command``'s standard output on the login node; its failure is an error."""
         result = self.tunnel.run(command, hide=True, warn=True)
         if result.exited != 0:
             raise NemoViperError(f"on {self.where}: `{command}` failed (exit {result.exited}): "
@@ -177,7 +172,7 @@ class Cluster:
     def read_text(self, path: Path) -> str | None:
         """A file's text on the cluster; ``None`` when there is none."""
         quoted = shlex.quote(str(path))
-        text = self._remote(f"if test -e {quoted}; then echo FILE; cat -- {quoted}; fi")
+        text = self.remote(f"if test -e {quoted}; then echo FILE; cat -- {quoted}; fi")
         return text.removeprefix("FILE\n") if text.startswith("FILE\n") else None
 
     def read_state(self, run_dir: Path) -> dict:
@@ -192,27 +187,27 @@ class Cluster:
         if self.tunnel is None:
             found = sorted(directory.glob(pattern), key=lambda p: p.stat().st_mtime)
             return found[-1] if found else None
-        listed = self._remote(f"cd -- {shlex.quote(str(directory))} 2>/dev/null && ls -1t -- {pattern} 2>/dev/null"
+        listed = self.remote(f"cd -- {shlex.quote(str(directory))} 2>/dev/null && ls -1t -- {pattern} 2>/dev/null"
                               " || true").split()
         return directory / listed[0] if listed else None
 
     def write_files(self, files: dict[Path, str]) -> None:
         """Write each file on the cluster: created under a temporary name, then renamed over the old one."""
-        self._remote(shlex.join(["mkdir", "-p", "--", *sorted({str(path.parent) for path in files})]))
+        self.remote(shlex.join(["mkdir", "-p", "--", *sorted({str(path.parent) for path in files})]))
         with tempfile.TemporaryDirectory() as scratch:
             for path, text in files.items():
                 local = Path(scratch) / path.name
                 local.write_text(text)
                 tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
                 self.tunnel.put(str(local), str(tmp))
-                self._remote(shlex.join(["mv", "-f", "--", str(tmp), str(path)]))
+                self.remote(shlex.join(["mv", "-f", "--", str(tmp), str(path)]))
 
     def make_dirs(self, paths: list[Path]) -> None:
         if self.tunnel is None:
             for path in paths:
                 path.mkdir(parents=True, exist_ok=True)
         else:
-            self._remote(shlex.join(["mkdir", "-p", "--", *map(str, paths)]))
+            self.remote(shlex.join(["mkdir", "-p", "--", *map(str, paths)]))
 
 
 def _local_executor(phase: Phase):
@@ -337,9 +332,16 @@ def sbatch_scripts(config: ViperConfig, phases: list[Phase] | None = None) -> di
 def launch(config: ViperConfig, dry_run: bool = False, start: str | None = None) -> str:
     """Submit (or, with ``dry_run``, render) the phases that are not done. Returns what was (or would be)
     done: one line per phase (submit/skip and why), then, for a Slurm dry run, every sbatch script."""
+    cluster = Cluster.of(config)
+    try:
+        return _launch(config, dry_run, start, cluster)
+    finally:
+        cluster.close()
+
+
+def _launch(config: ViperConfig, dry_run: bool, start: str | None, cluster: Cluster) -> str:
     phases = plan(config)
     run_dir = Path(config.run_dir).absolute()
-    cluster = Cluster.of(config)
     state = cluster.read_state(run_dir)
     selected, states = select_phases(phases, run_dir, start, state["phases"] if cluster.tunnel else None)
     report = _describe(phases, states, selected)
@@ -375,7 +377,7 @@ def _launch_selected(config: ViperConfig, run_dir: Path, report: str, selected: 
         recorded = cluster.read_state(run_dir)
         add_jobs(recorded, jobs)
         cluster.write_files({run_dir / STATE_FILE: json.dumps(recorded, indent=2) + "\n"})
-        cluster.run(["scontrol", "release", ",".join(job["job_id"] for job in jobs.values())])
+        cluster.remote(shlex.join(["scontrol", "release", ",".join(job["job_id"] for job in jobs.values())]))
     lines = [report, *moved] + [f"{name}: Slurm job {job['job_id']}" for name, job in jobs.items()]
     return "\n".join(lines)
 
@@ -439,10 +441,17 @@ def status(run_dir: str | Path, ssh: SSHSection | None = None) -> str:
     """``nemo-viper status RUN_DIR``: each phase's state and why; its Slurm job with the scheduler's states,
     the reason it waits (``squeue``), exit code and elapsed time (``sacct``); then the log of each failed task.
     With ``ssh`` (a login node), the run dir and Slurm are read through the tunnel."""
+    cluster = Cluster(ssh)
+    try:
+        return _status(run_dir, cluster)
+    finally:
+        cluster.close()
+
+
+def _status(run_dir: str | Path, cluster: Cluster) -> str:
     from nemo_viper.orchestration import load_run_config
     from nemo_viper.run_state import phase_states
 
-    cluster = Cluster(ssh)
     remote = cluster.tunnel is not None
     text = cluster.read_text(RunPaths(run_dir).config) if remote else None
     if remote and text is None:
