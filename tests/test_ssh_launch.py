@@ -55,6 +55,7 @@ def test_ssh_needs_the_slurm_executor_and_a_host(tmp_path, capsys):
     assert "cluster.ssh.host is not" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # an sshd and a CLI process
 def test_dry_run_through_the_tunnel_reads_the_remote_state(ssh_login, tmp_path):
     """The dry run asks the login node for the run's state: a phase recorded there under its current
     fingerprint is skipped (its outputs are not looked for here); the jobs would be held until recorded."""
@@ -111,6 +112,7 @@ def test_launch_and_status_through_the_tunnel_submit_to_slurm(ssh_login, slurm_c
             subprocess.run(["scancel", *(job["job_id"] for job in jobs.values())], capture_output=True)
 
 
+@pytest.mark.slow  # an sshd and a CLI process
 def test_a_rerun_that_would_set_outputs_aside_is_refused_through_the_tunnel(ssh_login, tmp_path):
     """Setting outputs aside takes the run dir's lock, which the tunnel does not: refused before anything is
     written or submitted, naming the phase and why it would re-run."""
@@ -132,6 +134,7 @@ def test_a_rerun_that_would_set_outputs_aside_is_refused_through_the_tunnel(ssh_
             subprocess.run(["scancel", *(job["job_id"] for job in recorded.values())], capture_output=True)
 
 
+@pytest.mark.slow  # an sshd and a CLI process
 def test_status_through_the_tunnel_takes_only_the_login_node_keys(ssh_login, tmp_path, capsys):
     assert main(["status", str(tmp_path), "rl.steps=3"]) == 2
     assert "status takes only cluster.ssh.KEY=VALUE" in capsys.readouterr().err
