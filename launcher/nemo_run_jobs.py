@@ -24,6 +24,8 @@ jobs not yet submitted are shown as ``<task name>`` placeholders.
 
 from __future__ import annotations
 
+import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -34,10 +36,11 @@ from pathlib import Path
 
 import nemo_viper
 from nemo_viper.cluster import container_mounts
-from nemo_viper.config import ViperConfig
+from nemo_viper.config import SSHSection, ViperConfig
 from nemo_viper.errors import NemoViperError
-from nemo_viper.orchestration import Phase, RunPaths, plan, write_run_files
-from nemo_viper.run_state import PhaseState, RunState, clear_for_rerun, select_phases
+from nemo_viper.orchestration import Phase, RunPaths, plan, run_files, write_run_files
+from nemo_viper.run_state import (STATE_FILE, PhaseState, RunState, add_jobs, clear_for_rerun, parse_state,
+                                  select_phases)
 
 REPO = Path(nemo_viper.__file__).resolve().parents[1]  # the checkout (cluster.code=package ships its HEAD)
 CONTAINER_PYTHON = "python"  # the image's interpreter; local jobs use this process's
@@ -108,14 +111,103 @@ def _slurm_executor(config: ViperConfig, phase: Phase):
         env_vars={name: shlex.quote(value) for name, value in cluster.env.items()},  # pasted into `export K=V`
         # requeue: NeMo-Run's sbatch command line has it too; shown here
         additional_parameters={"requeue": True, "kill_on_invalid_dep": "yes", **options.sbatch},
-        tunnel=run.LocalTunnel(job_dir=str(_job_dir(config) / "experiments")),  # = the experiment's own dir
+        tunnel=_tunnel(cluster.ssh, _job_dir(config)),
         packager=packager,
         launcher="torchrun" if phase.distributed else None,
         retries=cluster.max_retries,
         poll_estimated_start_time=False,
     )
+    if cluster.ssh.host:  # held until the launcher has recorded them in the run's state file (_launch_selected)
+        executor.additional_parameters["hold"] = True
     executor.job_details = SlurmJobDetails(folder=str(Path(config.run_dir).absolute() / "logs" / phase.name))
     return executor
+
+
+def _tunnel(ssh: SSHSection, job_dir: Path):
+    """Where NeMo-Run puts the job files (``job_dir/experiments/<name>/<experiment id>``) and runs ``sbatch``:
+    this machine (``LocalTunnel``: the experiment's own directory) or the login node ``cluster.ssh`` names
+    (``SSHTunnel``)."""
+    import nemo_run as run
+
+    if not ssh.host:
+        return run.LocalTunnel(job_dir=str(job_dir / "experiments"))
+    return run.SSHTunnel(host=ssh.host, user=ssh.user, job_dir=str(job_dir / "experiments"), port=ssh.port,
+                         identity=os.path.expanduser(ssh.identity) if ssh.identity else None)
+
+
+class Cluster:
+    """The Slurm commands and the run directory: on this machine, or on the login node through the SSH tunnel
+    (``cluster.ssh``; every command ``shlex``-quoted, files written to a temporary name and renamed)."""
+
+    def __init__(self, ssh: SSHSection | None = None, job_dir: Path = Path("/")):  # job_dir: for job files only
+        self.tunnel = _tunnel(ssh, job_dir) if ssh is not None and ssh.host else None
+        self.where = f"{ssh.user}@{ssh.host}" if self.tunnel else "this machine"
+
+    def close(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.cleanup()
+
+    @classmethod
+    def of(cls, config: ViperConfig) -> Cluster:
+        return cls(config.cluster.ssh, _job_dir(config))
+
+    def command(self, argv: list[str]) -> tuple[int, str]:
+        """``argv``'s exit status and standard output; 127 when the command is not there."""
+        if self.tunnel is None:
+            if shutil.which(argv[0]) is None:
+                return 127, ""
+            result = subprocess.run(argv, capture_output=True, text=True)
+            return result.returncode, result.stdout
+        result = self.tunnel.run(shlex.join(argv), hide=True, warn=True)
+        return result.exited, result.stdout
+
+    def remote(self, command: str) -> str:
+        """``command``'s standard output on the login node; its failure is an error."""
+        result = self.tunnel.run(command, hide=True, warn=True)
+        if result.exited != 0:
+            raise NemoViperError(f"on {self.where}: `{command}` failed (exit {result.exited}): "
+                                 f"{' '.join(result.stderr.split())[:300]}")
+        return result.stdout
+
+    def read_text(self, path: Path) -> str | None:
+        """A file's text on the cluster; ``None`` when there is none."""
+        quoted = shlex.quote(str(path))
+        text = self.remote(f"if test -e {quoted}; then echo FILE; cat -- {quoted}; fi")
+        return text.removeprefix("FILE\n") if text.startswith("FILE\n") else None
+
+    def read_state(self, run_dir: Path) -> dict:
+        """The run's ``state.json`` (checked as :class:`RunState` reads it)."""
+        if self.tunnel is None:
+            return RunState(run_dir).read()
+        path = run_dir / STATE_FILE
+        return parse_state(self.read_text(path), f"{self.where}:{path}")
+
+    def newest(self, directory: Path, pattern: str) -> Path | None:
+        """The newest file in ``directory`` whose name matches the glob ``pattern``."""
+        if self.tunnel is None:
+            found = sorted(directory.glob(pattern), key=lambda p: p.stat().st_mtime)
+            return found[-1] if found else None
+        listed = self.remote(f"cd -- {shlex.quote(str(directory))} 2>/dev/null && ls -1t -- {pattern} 2>/dev/null"
+                              " || true").split()
+        return directory / listed[0] if listed else None
+
+    def write_files(self, files: dict[Path, str]) -> None:
+        """Write each file on the cluster: created under a temporary name, then renamed over the old one."""
+        self.remote(shlex.join(["mkdir", "-p", "--", *sorted({str(path.parent) for path in files})]))
+        with tempfile.TemporaryDirectory() as scratch:
+            for path, text in files.items():
+                local = Path(scratch) / path.name
+                local.write_text(text)
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                self.tunnel.put(str(local), str(tmp))
+                self.remote(shlex.join(["mv", "-f", "--", str(tmp), str(path)]))
+
+    def make_dirs(self, paths: list[Path]) -> None:
+        if self.tunnel is None:
+            for path in paths:
+                path.mkdir(parents=True, exist_ok=True)
+        else:
+            self.remote(shlex.join(["mkdir", "-p", "--", *map(str, paths)]))
 
 
 def _local_executor(phase: Phase):
@@ -144,19 +236,17 @@ class SlurmTask:
     reason: str = ""
 
 
-def slurm_tasks(job_ids: list[str]) -> dict[str, list[SlurmTask]]:
-    """Slurm job id -> its tasks (``sacct``, with ``squeue``'s pending reasons); empty without Slurm here."""
-    if not job_ids or shutil.which("sacct") is None:
+def slurm_tasks(job_ids: list[str], cluster: Cluster | None = None) -> dict[str, list[SlurmTask]]:
+    """Slurm job id -> its tasks (``sacct``, with ``squeue``'s pending reasons); empty without Slurm there."""
+    command = (cluster or Cluster()).command
+    if not job_ids:
         return {}
-    result = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,JobIDRaw,State,ExitCode,Elapsed", "-j",
-                             ",".join(job_ids)], capture_output=True, text=True)
-    reasons = {}
-    if shutil.which("squeue"):
-        queued = subprocess.run(["squeue", "-h", "-o", "%i|%r", "-j", ",".join(job_ids)], capture_output=True,
-                                text=True)
-        reasons = dict(line.split("|", 1) for line in queued.stdout.splitlines() if "|" in line)
+    _, accounting = command(["sacct", "-X", "-n", "-P", "-o", "JobID,JobIDRaw,State,ExitCode,Elapsed", "-j",
+                             ",".join(job_ids)])
+    _, queued = command(["squeue", "-h", "-o", "%i|%r", "-j", ",".join(job_ids)])
+    reasons = dict(line.split("|", 1) for line in queued.splitlines() if "|" in line)
     tasks: dict[str, list[SlurmTask]] = {}
-    for line in result.stdout.splitlines():
+    for line in accounting.splitlines():
         task, raw, state, exit_code, elapsed = (line.split("|") + [""] * 5)[:5]
         reason = reasons.get(task, "")
         tasks.setdefault(task.split("_")[0].split(".")[0], []).append(SlurmTask(
@@ -165,36 +255,39 @@ def slurm_tasks(job_ids: list[str]) -> dict[str, list[SlurmTask]]:
     return tasks
 
 
-def slurm_job_states(job_ids: list[str]) -> dict[str, list[str]]:
-    """Slurm job id -> the states of its tasks (``sacct``); empty when Slurm is not reachable from here."""
-    return {job: [t.state for t in tasks] for job, tasks in slurm_tasks(job_ids).items()}
+def slurm_job_states(job_ids: list[str], cluster: Cluster | None = None) -> dict[str, list[str]]:
+    """Slurm job id -> the states of its tasks (``sacct``); empty when Slurm is not reachable."""
+    return {job: [t.state for t in tasks] for job, tasks in slurm_tasks(job_ids, cluster).items()}
 
 
 FAILED_SLURM_STATES = ("FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "CANCELLED", "BOOT_FAIL", "DEADLINE",
                        "PREEMPTED")
 
 
-def task_log(run_dir: Path, phase_name: str, task: SlurmTask) -> Path | None:
+def task_log(run_dir: Path, phase_name: str, task: SlurmTask, cluster: Cluster | None = None) -> Path | None:
     """The newest log of one Slurm task (NeMo-Run's ``srun --output`` ``log-<job>_<raw id>_<restart>.out``)."""
-    logs = sorted((run_dir / "logs" / phase_name).glob(f"log-*_{task.raw_id}_*.out"), key=lambda p: p.stat().st_mtime)
-    return logs[-1] if logs else None
+    if not task.raw_id.isdigit():  # sacct's numeric id; it becomes part of a glob
+        return None
+    return (cluster or Cluster()).newest(run_dir / "logs" / phase_name, f"log-*_{task.raw_id}_*.out")
 
 
-def check_pyxis() -> None:
+def check_pyxis(cluster: Cluster | None = None) -> None:
     """With a container image, ``srun`` must take ``--container-image`` (the pyxis plugin): checked on the
     login node before anything is submitted, instead of every job failing at its first ``srun``."""
-    if shutil.which("srun") is None:
-        raise NemoViperError("srun not found: launch from a Slurm login node (or cluster.executor=local)")
-    if "--container-image" not in subprocess.run(["srun", "--help"], capture_output=True, text=True).stdout:
+    cluster = cluster or Cluster()
+    status, help_text = cluster.command(["srun", "--help"])
+    if status == 127:
+        raise NemoViperError(f"srun not found on {cluster.where}: launch from a Slurm login node, or through one "
+                             "(cluster.ssh.host), or with cluster.executor=local")
+    if "--container-image" not in help_text:
         raise NemoViperError("this cluster's srun has no --container-image (the pyxis plugin is not installed): "
                              "set cluster.container_image=null to run jobs without a container (cluster.setup "
                              "names their Python environment)")
 
 
-def _refuse_in_flight(selected: list[Phase], run_dir: Path) -> None:
-    jobs = RunState(run_dir).read()["jobs"]
+def _refuse_in_flight(selected: list[Phase], jobs: dict, cluster: Cluster) -> None:
     pending = {p.name: jobs[p.name]["job_id"] for p in selected if p.name in jobs}
-    states = slurm_job_states(list(pending.values()))
+    states = slurm_job_states(list(pending.values()), cluster)
     busy = [f"{name} (job {job_id}: {', '.join(sorted(set(states[job_id])))})" for name, job_id in pending.items()
             if any(s in ACTIVE_SLURM_STATES for s in states.get(job_id, []))]
     if busy:
@@ -212,6 +305,7 @@ def _describe(phases: list[Phase], states: dict[str, PhaseState], selected: list
 
 def sbatch_scripts(config: ViperConfig, phases: list[Phase] | None = None) -> dict[str, str]:
     """Task name -> the sbatch script Slurm would get, followed by the task script it runs (no cluster needed)."""
+    import nemo_run as run
     from nemo_run.run.torchx_backend.packaging import package
     from nemo_run.run.torchx_backend.schedulers.slurm import SlurmTunnelScheduler
 
@@ -224,7 +318,7 @@ def sbatch_scripts(config: ViperConfig, phases: list[Phase] | None = None) -> di
         for phase in phases:
             name = task_name(phase)
             executor = _slurm_executor(config, phase)
-            executor.tunnel.job_dir = scratch
+            executor.tunnel = run.LocalTunnel(job_dir=scratch)  # rendered here, whatever the tunnel
             executor.dependencies = [f"dryrun:///<{task_name(p)}>" for p in plan(config)
                                      if p.name in phase.depends_on and p.name in submitted]
             executor.assign(exp_id=config.name, exp_dir=scratch, task_id=name, task_dir=name)
@@ -238,9 +332,18 @@ def sbatch_scripts(config: ViperConfig, phases: list[Phase] | None = None) -> di
 def launch(config: ViperConfig, dry_run: bool = False, start: str | None = None) -> str:
     """Submit (or, with ``dry_run``, render) the phases that are not done. Returns what was (or would be)
     done: one line per phase (submit/skip and why), then, for a Slurm dry run, every sbatch script."""
+    cluster = Cluster.of(config)
+    try:
+        return _launch(config, dry_run, start, cluster)
+    finally:
+        cluster.close()
+
+
+def _launch(config: ViperConfig, dry_run: bool, start: str | None, cluster: Cluster) -> str:
     phases = plan(config)
     run_dir = Path(config.run_dir).absolute()
-    selected, states = select_phases(phases, run_dir, start)
+    state = cluster.read_state(run_dir)
+    selected, states = select_phases(phases, run_dir, start, state["phases"] if cluster.tunnel else None)
     report = _describe(phases, states, selected)
     if dry_run:
         if config.cluster.executor == "slurm":
@@ -248,26 +351,46 @@ def launch(config: ViperConfig, dry_run: bool = False, start: str | None = None)
         return report
     if not selected:
         return report + "\nnothing to submit: every phase is done"
-    return _launch_selected(config, run_dir, report, selected, states)  # the caller owns the run dir
+    return _launch_selected(config, run_dir, report, selected, states, cluster, state)  # the caller owns the run dir
 
 
 def _launch_selected(config: ViperConfig, run_dir: Path, report: str, selected: list[Phase],
-                     states: dict[str, PhaseState]) -> str:
-    _refuse_in_flight(selected, run_dir)
+                     states: dict[str, PhaseState], cluster: Cluster, state: dict) -> str:
+    _refuse_in_flight(selected, state["jobs"], cluster)
     if config.cluster.executor == "slurm" and config.cluster.container_image is not None:
-        check_pyxis()
+        check_pyxis(cluster)
     revision = _packaged_revision() if config.cluster.executor == "slurm" and config.cluster.code == "package" else None
-    write_run_files(config)
-    moved = clear_for_rerun(selected, states, run_dir)
-    for phase in selected:
-        (run_dir / "logs" / phase.name).mkdir(parents=True, exist_ok=True)
+    if cluster.tunnel is None:
+        write_run_files(config)
+        moved = clear_for_rerun(selected, states, run_dir)
+    else:
+        _refuse_set_aside_through_tunnel(selected, states, cluster, run_dir)
+        cluster.write_files(run_files(config))
+        moved = []
+    cluster.make_dirs([run_dir / "logs" / phase.name for phase in selected])
     jobs = _submit(config, selected)
     for job in jobs.values():
         job["code"] = f"package {revision}" if revision else "image"
-    if jobs:
+    if jobs and cluster.tunnel is None:
         RunState(run_dir).record_jobs(jobs)
+    elif jobs:  # held (see _slurm_executor): no job of this run can write the state file until they are released
+        recorded = cluster.read_state(run_dir)
+        add_jobs(recorded, jobs)
+        cluster.write_files({run_dir / STATE_FILE: json.dumps(recorded, indent=2) + "\n"})
+        cluster.remote(shlex.join(["scontrol", "release", ",".join(job["job_id"] for job in jobs.values())]))
     lines = [report, *moved] + [f"{name}: Slurm job {job['job_id']}" for name, job in jobs.items()]
     return "\n".join(lines)
+
+
+def _refuse_set_aside_through_tunnel(selected: list[Phase], states: dict[str, PhaseState], cluster: Cluster,
+                                     run_dir: Path) -> None:
+    """Setting aside the outputs of a phase that re-runs with another configuration (or ``--from``) moves
+    directories and edits the state file under the run dir's lock, which is taken on the machine that mounts it."""
+    stale = [phase.name for phase in selected if states[phase.name].stale]
+    if stale:
+        raise NemoViperError(f"{', '.join(stale)} would re-run ({states[stale[0]].detail}), which first sets their "
+                             f"outputs aside under the run dir's lock: launch this once where {run_dir} is mounted "
+                             f"(not through {cluster.where})")
 
 
 def _packaged_revision() -> str:
@@ -288,7 +411,9 @@ def _submit(config: ViperConfig, selected: list[Phase]) -> dict[str, dict]:
 
     slurm = config.cluster.executor == "slurm"
     submitted = {p.name for p in selected}
-    with run.Experiment(config.name, base_dir=str(_job_dir(config)), log_level="WARN") as experiment:
+    # The experiment's record: beside the job files, or on this machine ($NEMORUN_HOME) with an SSH tunnel
+    base_dir = None if config.cluster.ssh.host else str(_job_dir(config))
+    with run.Experiment(config.name, base_dir=base_dir, log_level="WARN") as experiment:
         ids: dict[str, list[str]] = {}
         for phase in selected:
             if slurm:
@@ -312,18 +437,33 @@ def _submit(config: ViperConfig, selected: list[Phase]) -> dict[str, dict]:
     return jobs
 
 
-def status(run_dir: str | Path) -> str:
+def status(run_dir: str | Path, ssh: SSHSection | None = None) -> str:
     """``nemo-viper status RUN_DIR``: each phase's state and why; its Slurm job with the scheduler's states,
-    the reason it waits (``squeue``), exit code and elapsed time (``sacct``); then the log of each failed task."""
+    the reason it waits (``squeue``), exit code and elapsed time (``sacct``); then the log of each failed task.
+    With ``ssh`` (a login node), the run dir and Slurm are read through the tunnel."""
+    cluster = Cluster(ssh)
+    try:
+        return _status(run_dir, cluster)
+    finally:
+        cluster.close()
+
+
+def _status(run_dir: str | Path, cluster: Cluster) -> str:
     from nemo_viper.orchestration import load_run_config
     from nemo_viper.run_state import phase_states
 
-    config = load_run_config(run_dir)
+    remote = cluster.tunnel is not None
+    text = cluster.read_text(RunPaths(run_dir).config) if remote else None
+    if remote and text is None:
+        raise NemoViperError(f"{cluster.where}:{RunPaths(run_dir).config} not found: not a run directory (or "
+                             "nothing was launched in it yet)")
+    config = load_run_config(run_dir, text)
     phases = plan(config)
     root = RunPaths(config.run_dir).root
-    states = phase_states(phases, root)
-    jobs = RunState(config.run_dir).read()["jobs"]
-    slurm = slurm_tasks([j["job_id"] for j in jobs.values()])
+    state = cluster.read_state(root)
+    states = phase_states(phases, root, state["phases"] if remote else None)
+    jobs = state["jobs"]
+    slurm = slurm_tasks([j["job_id"] for j in jobs.values()], cluster)
     rows = [("phase", "state", "slurm job", "detail")]
     failures = []
     for phase in phases:
@@ -338,7 +478,7 @@ def status(run_dir: str | Path) -> str:
     widths = [max(len(row[i]) for row in rows) + 2 for i in range(3)]
     lines = ["".join(cell.ljust(w) for cell, w in zip(row, widths)) + row[3] for row in rows]
     for name, task in failures:
-        log = task_log(root, name, task)
+        log = task_log(root, name, task, cluster)
         lines.append(f"{name}: Slurm job {task.task} {task.state} (exit {task.exit_code}, after {task.elapsed}), "
                      f"log: {log or 'none written'}")
     return "\n".join(lines)

@@ -316,14 +316,26 @@ def cmd_launch(args) -> None:
         refuse_if_synthesis_exceeds_time(config, args.gpu, images)
     from nemo_viper.runtime.locks import run_dir_owner
 
-    with nullcontext() if args.dry_run else run_dir_owner(config.run_dir):
+    # Through an SSH tunnel the run dir and its lock are on the cluster: one launcher at a time is the user's rule
+    remote = bool(config.cluster.ssh.host)
+    with nullcontext() if args.dry_run or remote else run_dir_owner(config.run_dir):
         print(launch(config, dry_run=args.dry_run, start=args.start))
 
 
 def cmd_status(args) -> None:
+    from nemo_viper.cluster import check_login
+    from nemo_viper.config import compose
+    from nemo_viper.errors import ConfigError
     from nemo_viper.launcher.nemo_run_jobs import status
 
-    print(status(args.run_dir))
+    other = [o for o in args.overrides if not o.startswith("cluster.ssh.")]
+    if other:
+        raise ConfigError(f"status takes only cluster.ssh.KEY=VALUE (the login node to read the run through), "
+                          f"not {other[0]!r}")
+    ssh = compose(None, args.overrides).cluster.ssh if args.overrides else None
+    if ssh is not None:
+        check_login(ssh)
+    print(status(args.run_dir, ssh))
 
 
 def cmd_restore(args) -> None:
@@ -542,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="each phase of a run: done or pending (and why), its Slurm job")
     status.add_argument("run_dir", metavar="RUN_DIR")
+    status.add_argument("overrides", nargs="*", metavar="cluster.ssh.KEY=VALUE",
+                        help="read the run and Slurm through a login node, as the launch did (host, user, port, "
+                        "identity)")
     status.set_defaults(func=cmd_status)
 
     restore = commands.add_parser("restore", help="put back the outputs a rerun with a changed value set aside "

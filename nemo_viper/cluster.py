@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING
 from nemo_viper.errors import ConfigError
 
 if TYPE_CHECKING:
-    from nemo_viper.config import ViperConfig
+    from nemo_viper.config import SSHSection, ViperConfig
 
 SAFE_PATH = re.compile(r"[A-Za-z0-9._/+@=-]+")  # no whitespace, quotes, ; & | $ ` ( ) < > * ? [ ] # ~ , :
 SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 SLURM_PARTITIONS = re.compile(r"[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*")  # sbatch --partition takes a list
 SAFE_IMAGE = re.compile(r"[A-Za-z0-9._/:@#+=-]+")  # a squashfs path or a registry reference (host#repo:tag@digest)
+SSH_HOST = re.compile(r"[A-Za-z0-9.:-]+")  # a DNS name, an IPv4 or an IPv6 address
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 SLURM_TIME = re.compile(r"(\d+-)?\d+(:\d{2}){0,2}")
 GLOB_CHARS = "*?["
@@ -162,7 +163,40 @@ def validate_cluster(config: ViperConfig, check_paths: bool) -> None:
             raise ConfigError(f"cluster.container_image={cluster.container_image!r} is not a squashfs path or an "
                               "image reference (letters, digits and . _ / : @ # + = -)")
     _check_job_options(cluster)
-    check_model_sources(config, check_paths)
+    _check_ssh(config, check_paths)
+    check_model_sources(config, check_paths and not cluster.ssh.host)  # through a tunnel: paths on the cluster
+
+
+def _check_ssh(config: ViperConfig, check_paths: bool) -> None:
+    """``cluster.ssh``: the login node (:func:`check_login`); the paths the jobs use are the cluster's, so they
+    must be absolute (this machine's working directory means nothing there)."""
+    ssh = config.cluster.ssh
+    if not ssh.host:
+        if ssh.user or ssh.identity:
+            raise ConfigError("cluster.ssh.user/identity are set but cluster.ssh.host is not (the login node)")
+        return
+    if config.cluster.executor != "slurm":
+        raise ConfigError(f"cluster.ssh.host={ssh.host!r} needs cluster.executor='slurm' (the tunnel submits to "
+                          f"Slurm), not {config.cluster.executor!r}")
+    check_login(ssh, check_paths)
+    for key, path in (("run_dir", config.run_dir), ("cluster.job_dir", config.cluster.job_dir)):
+        if path and not os.path.isabs(path):
+            raise ConfigError(f"{key}={path!r} must be an absolute path on {ssh.host} (cluster.ssh.host is set)")
+
+
+def check_login(ssh: SSHSection, check_paths: bool = True) -> None:
+    """``user@host:port`` of a login node, and (``check_paths``) the identity file on this machine."""
+    if not SSH_HOST.fullmatch(ssh.host):
+        raise ConfigError(f"cluster.ssh.host={ssh.host!r} is not a host name or address (letters, digits and . - : "
+                          "only; the user goes in cluster.ssh.user)")
+    if not SAFE_NAME.fullmatch(ssh.user):
+        raise ConfigError(f"cluster.ssh.user={ssh.user!r} must be the login name on {ssh.host} (letters, digits and "
+                          ". _ -)")
+    if not 1 <= ssh.port <= 65535:
+        raise ConfigError(f"cluster.ssh.port={ssh.port} is not a TCP port (1-65535)")
+    if ssh.identity and check_paths and not os.path.isfile(os.path.expanduser(ssh.identity)):
+        raise ConfigError(f"cluster.ssh.identity={ssh.identity!r}: no such file (the private key for "
+                          f"{ssh.user}@{ssh.host})")
 
 
 # Set by the launcher (from the plan and the cluster.* keys) or by cluster.options.<kind>.<key>: not `sbatch` entries.

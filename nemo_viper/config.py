@@ -160,6 +160,23 @@ class PhaseJobOptions:
 
 
 @dataclass
+class SSHSection:
+    """Submit from a workstation: NeMo-Run's ``SSHTunnel`` to a Slurm login node (``host`` empty: no tunnel, the
+    launcher runs on the login node itself).
+
+    ``user`` on ``host`` (port ``port``) with the private key ``identity`` (empty: paramiko's defaults, the SSH
+    agent and ``~/.ssh/id_*``). ``run_dir`` and ``cluster.job_dir`` are then paths on the cluster: the job files
+    are copied there and ``sbatch``/``sacct``/``squeue`` run there; the workstation keeps NeMo-Run's
+    experiment record only (``$NEMORUN_HOME``).
+    """
+
+    host: str = ""
+    user: str = ""
+    port: int = 22
+    identity: str = ""
+
+
+@dataclass
 class ClusterSection:
     """Where jobs run: ``local`` or ``slurm`` (NeMo-Run ``SlurmExecutor``, the project image through pyxis).
 
@@ -169,6 +186,7 @@ class ClusterSection:
     the jobs without a container (no pyxis), on the nodes' own Python environment, which ``setup`` prepares
     (a module load, a venv on the shared filesystem). The jobs' container mounts are
     derived from the config's paths (run dir, models, data); ``container_mounts`` adds more (``SRC:DST``).
+    ``ssh``: submit from a workstation through a login node (:class:`SSHSection`).
     """
 
     executor: str = "local"
@@ -181,7 +199,8 @@ class ClusterSection:
     code: str = "image"  # image | package
     container_mounts: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=lambda: {"HF_HUB_OFFLINE": "1"})
-    job_dir: str = ""  # where NeMo-Run keeps job files; default <run_dir>/nemo_run
+    job_dir: str = ""  # where NeMo-Run keeps job files (on the cluster); default <run_dir>/nemo_run
+    ssh: SSHSection = field(default_factory=SSHSection)  # submit from a workstation through a login node
     synthesis_gpus_per_task: int = 1
     synthesis_max_parallel: int = 0  # at most this many array tasks at once (sbatch --array=...%N); 0 = no limit
     export_gpus: int = 1
@@ -429,7 +448,8 @@ def _refuse_non_finite(tree, key: str = "") -> None:
 def validate(config: ViperConfig, check_paths: bool = True) -> None:
     """Every value and cross-section rule, before any work starts. Raises :class:`ConfigError` naming key
     and value. Rebuilds the whole tree (every library config's own checks), so a config assembled in
-    Python (``dataclasses.replace``) is checked like a composed one."""
+    Python (``dataclasses.replace``) is checked like a composed one. ``check_paths``: check that the paths the
+    jobs read exist (not through an SSH tunnel, where they are on the cluster; the identity file is checked)."""
     build(ViperConfig, asdict(config))
     _refuse_non_finite(asdict(config))
     if not config.model.hf_path:
@@ -449,7 +469,7 @@ def validate(config: ViperConfig, check_paths: bool = True) -> None:
     check_rollout_layout(config.rollout.backend, parallel.pipeline)
     if config.model.precision == "fp8" and parallel.gpus_per_node == 0:
         raise ConfigError("model.precision='fp8' needs GPUs (parallel.gpus_per_node > 0)")
-    if config.eval.enabled and config.eval.dataset_root != "tiny" and check_paths:
+    if config.eval.enabled and config.eval.dataset_root != "tiny" and check_paths and not config.cluster.ssh.host:
         from nemo_viper.evaluation.benchmarks import check_datasets
 
         check_datasets(parse_tasks(config.eval.tasks), config.eval.dataset_root)  # names the task and the path
@@ -458,7 +478,7 @@ def validate(config: ViperConfig, check_paths: bool = True) -> None:
     validate_cluster(config, check_paths)  # first: strings that must be shell-safe paths are refused as such
     check_trackers_installed(config.logger)
     _validate_synthesis(config)
-    if not check_paths:
+    if not check_paths or config.cluster.ssh.host:  # through a tunnel, the paths are on the cluster
         return
     _check_paths(config)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,28 +200,49 @@ def plan(config: ViperConfig) -> list[Phase]:
     return phases
 
 
+def run_files(config: ViperConfig) -> dict[Path, str]:
+    """Path -> text of the run's resolved config (``config/viper.yaml``) and of the synthesis part the synth
+    jobs read."""
+    paths = RunPaths(config.run_dir)
+    return {paths.config: to_yaml(config),
+            paths.synthesis_config: OmegaConf.to_yaml(OmegaConf.create(synthesis_settings(config)))}
+
+
 def write_run_files(config: ViperConfig) -> RunPaths:
-    """The run's resolved config (``config/viper.yaml``) and the synthesis part the synth jobs read."""
+    """:func:`run_files`, each written atomically."""
     paths = RunPaths(config.run_dir)
     paths.synthesis_config.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(paths.config, to_yaml(config))
-    _atomic_write(paths.synthesis_config, OmegaConf.to_yaml(OmegaConf.create(synthesis_settings(config))))
+    for path, text in run_files(config).items():
+        _atomic_write(path, text)
     return paths
 
 
-def load_run_config(run_dir: str | Path) -> ViperConfig:
-    """The resolved config a run was started with (``run_dir/config/viper.yaml``), with ``run_dir`` as given."""
+def load_run_config(run_dir: str | Path, remote_text: str | None = None) -> ViperConfig:
+    """The resolved config a run was started with (``run_dir/config/viper.yaml``), with ``run_dir`` as given.
+    ``remote_text``: that file's text as read through an SSH tunnel (``None``: read here)."""
     path = RunPaths(run_dir).config
+    if remote_text is not None:
+        with tempfile.TemporaryDirectory() as scratch:
+            copy = Path(scratch) / path.name
+            copy.write_text(remote_text)
+            return _check_run_dir(_compose_run_config(copy, path), run_dir, path)
     if not path.is_file():
         raise NemoViperError(f"{path} not found: not a run directory (or nothing was run or launched in it yet)")
+    return _check_run_dir(_compose_run_config(path, path), run_dir, path)
+
+
+def _compose_run_config(source: Path, path: Path) -> ViperConfig:
     try:
-        config = compose(path)
+        return compose(source)
     except NemoViperError:
         raise
     except Exception as exc:  # yaml's parse errors, or a document that is not a mapping of sections
         detail = " ".join(str(exc).split())
         raise NemoViperError(f"{path} is not a readable run config ({type(exc).__name__}: {detail[:200]}); "
                              "run or launch the recipe again to rewrite it") from exc
+
+
+def _check_run_dir(config: ViperConfig, run_dir: str | Path, path: Path) -> ViperConfig:
     if Path(config.run_dir).absolute() != Path(run_dir).absolute():
         raise NemoViperError(f"{path} belongs to run_dir={config.run_dir}, not {run_dir} (moved? launch it again "
                              f"with run_dir={Path(run_dir).absolute()})")

@@ -149,6 +149,34 @@ class PhaseState:
     stale: bool = False  # recorded with another configuration: its outputs are set aside before a re-run
 
 
+def parse_state(text: str | None, origin: str | Path) -> dict:
+    """The state file's content (``None``: no file yet), checked entry by entry; ``origin`` names it in errors."""
+    if text is None:
+        return {"version": STATE_VERSION, "phases": {}, "jobs": {}, "superseded": {}}
+    try:
+        state = json.loads(text)
+    except ValueError as exc:
+        raise NemoViperError(f"{origin} is not valid JSON ({exc}); remove it to re-derive the state") from exc
+    if not isinstance(state, dict):
+        raise NemoViperError(f"{origin} holds a JSON {type(state).__name__}, not an object; remove it to "
+                             "re-derive the state")
+    if state.get("version") != STATE_VERSION:  # version 1 listed names without configurations: trust none
+        state = {"version": STATE_VERSION, "phases": {}, "jobs": state.get("jobs", {})}
+    state.setdefault("superseded", {})
+    for key, entry_type in (("phases", dict), ("jobs", dict), ("superseded", list)):
+        entries = state.setdefault(key, {})
+        bad = (f"{key!r} is a {type(entries).__name__}" if not isinstance(entries, dict) else
+               next((f"{key}.{name} is {entry!r}" for name, entry in entries.items()
+                     if not isinstance(entry, entry_type)), None))
+        if bad is None and key == "phases":
+            bad = next((f"phases.{name}.fingerprint is {entry.get('fingerprint')!r}"
+                        for name, entry in entries.items() if not isinstance(entry.get("fingerprint"), str)), None)
+        if bad:
+            raise NemoViperError(f"{origin}: {bad}, not a {entry_type.__name__}; remove it (or that entry) "
+                                 "to re-derive the state")
+    return state
+
+
 class RunState:
     """``run_dir/state.json`` (see the module docstring)."""
 
@@ -157,31 +185,12 @@ class RunState:
 
     def read(self) -> dict:
         if not self.path.is_file():
-            return {"version": STATE_VERSION, "phases": {}, "jobs": {}}
+            return parse_state(None, self.path)
         try:
-            state = json.loads(self.path.read_text())
-        except ValueError as exc:
-            raise NemoViperError(f"{self.path} is not valid JSON ({exc}); remove it to re-derive the state") from exc
+            text = self.path.read_text()
         except UnicodeDecodeError as exc:
             raise NemoViperError(f"{self.path} is not text ({exc}); remove it to re-derive the state") from exc
-        if not isinstance(state, dict):
-            raise NemoViperError(f"{self.path} holds a JSON {type(state).__name__}, not an object; remove it to "
-                                 "re-derive the state")
-        if state.get("version") != STATE_VERSION:  # version 1 listed names without configurations: trust none
-            state = {"version": STATE_VERSION, "phases": {}, "jobs": state.get("jobs", {})}
-        state.setdefault("superseded", {})
-        for key, entry_type in (("phases", dict), ("jobs", dict), ("superseded", list)):
-            entries = state.setdefault(key, {})
-            bad = (f"{key!r} is a {type(entries).__name__}" if not isinstance(entries, dict) else
-                   next((f"{key}.{name} is {entry!r}" for name, entry in entries.items()
-                         if not isinstance(entry, entry_type)), None))
-            if bad is None and key == "phases":
-                bad = next((f"phases.{name}.fingerprint is {entry.get('fingerprint')!r}"
-                            for name, entry in entries.items() if not isinstance(entry.get("fingerprint"), str)), None)
-            if bad:
-                raise NemoViperError(f"{self.path}: {bad}, not a {entry_type.__name__}; remove it (or that entry) "
-                                     "to re-derive the state")
-        return state
+        return parse_state(text, self.path)
 
     @contextmanager
     def _update(self):
@@ -206,22 +215,32 @@ class RunState:
 
     def record_jobs(self, jobs: dict[str, dict]) -> None:
         with self._update() as state:
-            for name, job in jobs.items():
-                state["jobs"][name] = {**job, "submitted_at": _now()}
+            add_jobs(state, jobs)
+
+
+def add_jobs(state: dict, jobs: dict[str, dict]) -> None:
+    """Record the Slurm jobs just submitted (phase -> ``{"job_id": ..., ...}``) in ``state``."""
+    for name, job in jobs.items():
+        state["jobs"][name] = {**job, "submitted_at": _now()}
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def phase_states(phases: list[Phase], run_dir: str | Path) -> dict[str, PhaseState]:
-    """Each phase's state under the current configuration (see the module docstring)."""
-    recorded = RunState(run_dir).read()["phases"]
+def phase_states(phases: list[Phase], run_dir: str | Path, recorded: dict | None = None) -> dict[str, PhaseState]:
+    """Each phase's state under the current configuration (see the module docstring).
+
+    ``recorded``: the state file's ``phases``, read where this machine cannot see the run dir (through an SSH
+    tunnel). The outputs are then not checked from here: a phase recorded under its current fingerprint is
+    done, as ``mark-done`` recorded it only after its outputs verified."""
+    remote = recorded is not None
+    recorded = RunState(run_dir).read()["phases"] if recorded is None else recorded
     prints = fingerprints(phases, run_dir)
     states = {}
     for phase in phases:
         record = recorded.get(phase.name)
-        problem = output_problem(phase)
+        problem = ("not recorded done" if not record else None) if remote else output_problem(phase)
         if record and record["fingerprint"] != prints[phase.name]:
             states[phase.name] = PhaseState(phase.name, False, "configuration changed since it ran", stale=True)
         elif record and problem is None:
@@ -241,17 +260,17 @@ def verify_and_record(phase: Phase, phases: list[Phase], run_dir: str | Path) ->
     RunState(run_dir).record_done(phase.name, fingerprints(phases, run_dir)[phase.name])
 
 
-def select_phases(phases: list[Phase], run_dir: str | Path, start: str | None = None
+def select_phases(phases: list[Phase], run_dir: str | Path, start: str | None = None, recorded: dict | None = None
                   ) -> tuple[list[Phase], dict[str, PhaseState]]:
     """The phases to run now (in plan order) and the states that decided it; changes nothing.
 
     Pending phases run; with ``start``, that phase and every phase after it in the plan run too (a forced
-    restart point).
+    restart point). ``recorded``: as for :func:`phase_states`.
     """
     names = [p.name for p in phases]
     if start is not None and start not in names:
         raise NemoViperError(f"--from {start!r} is not a phase of this run; phases: {', '.join(names)}")
-    states = phase_states(phases, run_dir)
+    states = phase_states(phases, run_dir, recorded)
     if start is not None:
         for name in names[names.index(start):]:
             states[name] = PhaseState(name, False, f"forced (--from {start})", stale=True)

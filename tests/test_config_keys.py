@@ -207,6 +207,8 @@ def set_key(data: dict, key: str, value) -> dict:
 READ_AT_LAUNCH = {
     "cluster.code": "the NeMo-Run packager that ships the code (launcher.nemo_run_jobs._slurm_executor)",
     "cluster.min_free_disk_gb": "the preflight disk check before submission (doctor.check)",
+    **{f"cluster.ssh.{key}": "NeMo-Run's SSHTunnel to the login node (launcher.nemo_run_jobs._tunnel; each one is "
+       "needed by the connection in tests/test_ssh_launch.py)" for key in ("host", "user", "port", "identity")},
 }
 # Keys that only act on GPU phases; checked on the base run with GPUs when the CPU base shows no change.
 GPU_BASE = {"parallel.gpus_per_node": 4}
