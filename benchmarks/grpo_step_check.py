@@ -22,8 +22,10 @@ CPU (``--dry-run``, run by the test suite so that the check cannot rot). One pro
   and names them;
 - **generation**: :class:`~nemo_viper.rollout.megatron_backend.MegatronGenerationBackend` on the trained policy,
   ``--generation-prompts`` stage-2 prompts of ``rl.n`` samples, the plan's decode batch, run with PyTorch's
-  math attention kernel disabled (the call fails if any attention needs it): generated tokens per second,
-  and ``max_memory_reserved`` against the plan's rollout figure;
+  math attention kernel disabled (on CUDA the call fails if any attention needs it; PyTorch's CPU kernels
+  accept inputs CUDA's fused ones refuse, so the dry run only exercises the code): generated tokens per
+  second, the slots the backend sized from free memory, and ``max_memory_reserved`` against the plan's
+  rollout figure;
 - **the CUDA context**: device memory in use outside the caching allocator after the step and generation,
   against the plan's context reserve (``--context-only``: the bare context of a fresh process, before any
   tensor).
@@ -201,12 +203,15 @@ def bare_context() -> list[dict]:
     initialisation, less what was in use before (NVML, when installed; else none is assumed)."""
     before = 0
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        before = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used
-    except (ImportError, OSError, RuntimeError):
-        pass
+        import pynvml  # nvidia-ml-py: reads the device without a CUDA context
+    except ImportError:
+        pynvml = None
+    if pynvml is not None:
+        try:
+            pynvml.nvmlInit()
+            before = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used
+        except pynvml.NVMLError:
+            pass
     torch.cuda.init()
     free, total = torch.cuda.mem_get_info()
     reserve = context_reserve(Layout())
@@ -237,9 +242,9 @@ def run(args) -> list[dict]:
     rows = []
 
     started = time.perf_counter()
-    policy_config = PolicyConfig(hf_path=args.model, precision=config.model.precision, layer_spec="local",
-                                 recompute=shape.recompute, recompute_vision=shape.recompute_vision,
-                                 seed=config.model.seed)
+    options = {**config.model.options(), "layer_spec": "local", "recompute": shape.recompute,
+               "recompute_vision": shape.recompute_vision}  # the recipe's model section, as fitted
+    policy_config = PolicyConfig(hf_path=args.model, **options)
     grpo = replace(config.rl.grpo, num_minibatches=1, micro_batch_size=shape.micro_batch_size)
     trainer = build_trainer(policy_config, grpo, config.rl.sampling, hf_weights=False)
     synchronize()
