@@ -22,15 +22,19 @@ PACKAGES=(megatron-core megatron-bridge omegaconf antlr4-python3-runtime hydra-c
 
 if [[ ${1:-} == --prepare ]]; then
     mkdir -p "$WHEELS"
-    grep -qs '^/.whl/' .git/info/exclude || echo /.whl/ >> .git/info/exclude
-    pins=()
+    exclude=$(git rev-parse --git-path info/exclude)
+    [[ $WHEELS != .whl ]] || grep -qs "^/.whl/" "$exclude" || echo /.whl/ >> "$exclude"
     for name in "${PACKAGES[@]}"; do
         pin=$(grep -iE "^${name//-/[-_]}==" constraints.txt | head -1)
-        [[ -n $pin ]] && pins+=("$pin")
+        pin=${pin:-$name}
+        # the GPU machine's Python (3.12, x86_64); a pure-Python package published only as source (antlr4 4.9.3)
+        # is built into a wheel here
+        "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+            --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+            --platform manylinux2014_x86_64 --platform any -d "$WHEELS" "$pin" 2>/dev/null \
+            || "$PY" -m pip wheel -q --no-deps -w "$WHEELS" "$pin" \
+            || { echo "error: no wheel of $pin for Python 3.12 x86_64" >&2; exit 1; }
     done
-    "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        --platform any -d "$WHEELS" "${pins[@]}"
     te=$(grep -iE '^transformer[-_]engine[-_]torch==' constraints.txt | head -1)
     [[ -n $te ]] && "$PY" -m pip download --no-deps --no-binary=:all: -d "$WHEELS" "$te"
     du -sh "$WHEELS"

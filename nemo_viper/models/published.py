@@ -110,10 +110,16 @@ def published_config(size: str, num_layers: int | None = None, token_ids: dict |
 
 
 def write_random_checkpoint(out_dir: str | Path, size: str, num_layers: int | None = None, seed: int = 0,
-                            max_shard_bytes: int = 2**30, vision_depth: int | None = None) -> Path:
+                            max_shard_bytes: int = 2**30, vision_depth: int | None = None,
+                            with_weights: bool = True) -> Path:
     """Write a random-weight checkpoint of the published ``size`` architecture (see the module doc) to
     ``out_dir`` atomically. Weights: normal with std 0.02 from ``seed`` (transformers' initializer range),
-    norm weights 1 + N(0, 0.1) so that a wrongly mapped norm shows. Peak memory: the bf16 model."""
+    norm weights 1 + N(0, 0.1) so that a wrongly mapped norm shows. Peak memory: the bf16 model.
+
+    ``with_weights=False`` writes everything but the weights (config, processor, generation config): the
+    architecture for a policy that Megatron initialises at random on its own device
+    (:func:`~nemo_viper.models.training.build_policy_worker` with ``hf_weights=False``), in a second instead of
+    the minutes a full-size checkpoint takes to draw on the CPU and load."""
     from transformers import (AutoConfig, GenerationConfig, Qwen2_5_VLForConditionalGeneration,
                               Qwen2VLImageProcessorPil)
 
@@ -135,20 +141,21 @@ def write_random_checkpoint(out_dir: str | Path, size: str, num_layers: int | No
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        hf_config = AutoConfig.from_pretrained(tmp)
-        with no_init_weights():
-            model = Qwen2_5_VLForConditionalGeneration._from_config(hf_config, dtype=torch.bfloat16).eval()
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                is_norm = "norm" in name or "ln_q" in name
-                parameter.normal_(1.0 if is_norm else 0.0, 0.1 if is_norm else 0.02, generator=generator)
-        state = model.state_dict()
-        if config["tie_word_embeddings"]:  # as published: one matrix, no lm_head.weight (else transformers unties)
-            del state["lm_head.weight"]
-        model.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_bytes)
-        del model
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")  # the published flat form
+        if with_weights:
+            hf_config = AutoConfig.from_pretrained(tmp)
+            with no_init_weights():
+                model = Qwen2_5_VLForConditionalGeneration._from_config(hf_config, dtype=torch.bfloat16).eval()
+            generator = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    is_norm = "norm" in name or "ln_q" in name
+                    parameter.normal_(1.0 if is_norm else 0.0, 0.1 if is_norm else 0.02, generator=generator)
+            state = model.state_dict()
+            if config["tie_word_embeddings"]:  # as published: one matrix, no lm_head.weight (else transformers unties)
+                del state["lm_head.weight"]
+            model.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_bytes)
+            del model
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")  # the published flat form
         image_processor = Qwen2VLImageProcessorPil(
             patch_size=14, merge_size=2, temporal_patch_size=2,
             size={"shortest_edge": PUBLISHED_PIXELS["min_pixels"], "longest_edge": PUBLISHED_PIXELS["max_pixels"]},

@@ -52,10 +52,12 @@ from nemo_viper.runtime.metrics import Metric, combine, reduce_metrics
 
 
 def build_policy_worker(policy_config: PolicyConfig, optimizer: OptimizerSettings, with_reference: bool = False,
-                        init_checkpoint=None) -> PolicyWorker:
+                        init_checkpoint=None, hf_weights: bool = True) -> PolicyWorker:
     """Build the policy for training (DDP-wrapped, per-token loss normalisation) and its optimizer.
 
-    Weights come from ``policy_config.hf_path``, or from the policy checkpoint ``init_checkpoint``.
+    Weights come from ``policy_config.hf_path``, or from the policy checkpoint ``init_checkpoint``;
+    ``hf_weights=False``: Megatron's random initialisation on the policy's device instead (only the
+    directory's ``config.json`` is read: an architecture check at full size without loading a checkpoint).
     ``with_reference``: also build a frozen copy of the same starting weights (the KL reference).
     """
     from megatron.core.distributed import DistributedDataParallelConfig
@@ -68,12 +70,13 @@ def build_policy_worker(policy_config: PolicyConfig, optimizer: OptimizerSetting
         use_distributed_optimizer=optimizer.use_distributed_optimizer,
         overlap_grad_reduce=False,
     )
-    policy = build_policy(policy_config, load_weights=init_checkpoint is None, wrap_with_ddp=True, ddp_config=ddp_config)
+    load_weights = hf_weights and init_checkpoint is None
+    policy = build_policy(policy_config, load_weights=load_weights, wrap_with_ddp=True, ddp_config=ddp_config)
     if init_checkpoint is not None:
         load_model_weights(policy, init_checkpoint)
     reference = None
     if with_reference:
-        reference = build_policy(policy_config, load_weights=init_checkpoint is None)
+        reference = build_policy(policy_config, load_weights=load_weights)
         if init_checkpoint is not None:
             load_model_weights(reference, init_checkpoint)
         for chunk in reference.chunks:

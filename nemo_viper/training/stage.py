@@ -89,16 +89,17 @@ class StageConfig:
 
 
 def build_trainer(policy_config, config: GRPOConfig, sampling: SamplingParams = SamplingParams(),
-                  init_checkpoint=None) -> GRPOTrainer:
+                  init_checkpoint=None, hf_weights: bool = True) -> GRPOTrainer:
     """The Megatron policy built for training (:func:`~nemo_viper.models.training.build_policy_worker`) and
     its GRPO trainer. Weights from ``policy_config.hf_path`` or the policy checkpoint ``init_checkpoint``; a
     frozen KL reference only with ``config.loss.kl_beta > 0``. ``sampling``: how the rollouts are drawn
     (log-probs are taken at its temperature; its ``max_new_tokens`` is the ``L`` of
-    ``seq-mean-token-sum-norm`` unless the loss sets one)."""
+    ``seq-mean-token-sum-norm`` unless the loss sets one). ``hf_weights=False``: random weights
+    (:func:`~nemo_viper.models.training.build_policy_worker`)."""
     from nemo_viper.models.training import build_policy_worker
 
     policy = build_policy_worker(policy_config, config.optimizer, with_reference=config.loss.kl_beta > 0,
-                                 init_checkpoint=init_checkpoint)
+                                 init_checkpoint=init_checkpoint, hf_weights=hf_weights)
     return GRPOTrainer(policy, config, sampling)
 
 
