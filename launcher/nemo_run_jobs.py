@@ -9,7 +9,10 @@ forces a restart point), each with ``afterok`` dependencies on the submitted pha
   nodes' own environment after ``cluster.setup`` -- ``cluster.env``, the phase kind's time limit
   (``cluster.time.<kind>``), GPUs and site options (``cluster.options.<kind>``), ``--requeue`` (a requeued
   job resumes: RL from its last checkpoint, synthesis from its committed chunks), ``--kill-on-invalid-dep=yes``
-  (the dependents of a failed job are cancelled, not left pending for ever), ``--exclusive`` for RL, job
+  (the dependents of a failed job are cancelled, not left pending for ever), ``--exclusive`` for RL, and for
+  RL ``--signal=<cluster.exit_signal>@<cluster.exit_signal_lead_s>``: the stage saves a checkpoint and exits
+  with :data:`~nemo_viper.runtime.exit_signal.EXIT_REQUEUE`, on which its script runs ``scontrol requeue`` (a
+  job at its time limit is not requeued by ``--requeue``), job
   names ``<name>.<phase>`` and logs in ``run_dir/logs/<phase>/``. A synthesis phase is **one job array** (``--array=0-(N-1)[%max_parallel]``),
   each task running ``--shard-index $SLURM_ARRAY_TASK_ID``; the RL job after it depends on the whole array.
   RL phases are one multi-node ``torchrun`` job.
@@ -41,6 +44,7 @@ from nemo_viper.errors import NemoViperError
 from nemo_viper.orchestration import Phase, RunPaths, plan, run_files, write_run_files
 from nemo_viper.run_state import (STATE_FILE, PhaseState, RunState, add_jobs, clear_for_rerun, parse_state,
                                   select_phases)
+from nemo_viper.runtime.exit_signal import EXIT_REQUEUE, parse_signal
 
 REPO = Path(nemo_viper.__file__).resolve().parents[1]  # the checkout (cluster.code=package ships its HEAD)
 CONTAINER_PYTHON = "python"  # the image's interpreter; local jobs use this process's
@@ -66,6 +70,8 @@ def task_script(config: ViperConfig, phase: Phase, shard: int | None = None) -> 
     if phase.tasks > 1:
         index = ARRAY_INDEX if shard is None else str(shard)
         work += f" --shard-index {index} --num-shards {phase.tasks}"
+    if _signalled(config, phase):  # stopped by cluster.exit_signal with a checkpoint: requeued, resumes
+        work += f' || {{ code=$?; [ "$code" -ne {EXIT_REQUEUE} ] || scontrol requeue "$SLURM_JOB_ID"; exit "$code"; }}'
     mark = [*cli, "mark-done", "--run-dir", run_dir, "--phase", phase.name]
     return "\n".join([
         "set -euo pipefail",
@@ -73,6 +79,11 @@ def task_script(config: ViperConfig, phase: Phase, shard: int | None = None) -> 
         work,
         shlex.join(mark + (["--partial-ok"] if phase.tasks > 1 else [])),
     ]) + "\n"
+
+
+def _signalled(config: ViperConfig, phase: Phase) -> bool:
+    """Whether the phase's job is warned ``cluster.exit_signal_lead_s`` before its time limit (RL on Slurm)."""
+    return config.cluster.executor == "slurm" and phase.kind == "rl"
 
 
 def _job_dir(config: ViperConfig) -> Path:
@@ -86,6 +97,8 @@ def _slurm_executor(config: ViperConfig, phase: Phase):
     cluster = config.cluster
     options = getattr(cluster.options, phase.kind)
     gpus = phase.gpus_per_node if options.gpus_per_node is None else options.gpus_per_node
+    signal = ({"signal": f"{parse_signal('cluster.exit_signal', cluster.exit_signal).name[3:]}@"
+                         f"{cluster.exit_signal_lead_s}"} if _signalled(config, phase) else {})
     packager = (run.GitArchivePackager(basepath=str(REPO), check_uncommitted_changes=True)
                 if cluster.code == "package" else run.Packager())
     executor = run.SlurmExecutor(
@@ -110,7 +123,7 @@ def _slurm_executor(config: ViperConfig, phase: Phase):
         container_mounts=container_mounts(config) if cluster.container_image is not None else [],
         env_vars={name: shlex.quote(value) for name, value in cluster.env.items()},  # pasted into `export K=V`
         # requeue: NeMo-Run's sbatch command line has it too; shown here
-        additional_parameters={"requeue": True, "kill_on_invalid_dep": "yes", **options.sbatch},
+        additional_parameters={"requeue": True, "kill_on_invalid_dep": "yes", **signal, **options.sbatch},
         tunnel=_tunnel(cluster.ssh, _job_dir(config)),
         packager=packager,
         launcher="torchrun" if phase.distributed else None,

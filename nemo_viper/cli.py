@@ -145,19 +145,30 @@ def train_config(args):
                        tensor_parallel=config.parallel.tensor, pipeline_parallel=config.parallel.pipeline,
                        heldout=config.eval.heldout, logger=config.logger, run_config=asdict(config),
                        caption_tokens=caption_tokens(config.synthesis), progress_dir=args.progress_dir or "",
-                       progress_start=args.progress_start or "", progress_final=args.progress_final or "")
+                       progress_start=args.progress_start or "", progress_final=args.progress_final or "",
+                       exit_signal=config.cluster.exit_signal)
 
 
 def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
 
-def cmd_train(args) -> None:
+def cmd_train(args) -> int | None:
+    """One RL stage; on ``cluster.exit_signal`` it stops after the step in progress with a checkpoint and
+    returns :data:`~nemo_viper.runtime.exit_signal.EXIT_REQUEUE` (a rerun resumes)."""
+    from nemo_viper.runtime.exit_signal import EXIT_REQUEUE, ExitRequested, ExitSignal, parse_signal
     from nemo_viper.training.stage import run_stage
 
     config = train_config(args)
-    with _single_writer(args.out):
-        run_stage(config)
+    signum = parse_signal("cluster.exit_signal", config.exit_signal)
+    with _single_writer(args.out), ExitSignal(signum) as exit_signal:
+        try:
+            run_stage(config, exit_signal)
+        except ExitRequested as stop:
+            if _is_rank_zero():
+                print(f"RL stage {args.stage} {stop} ({args.out}/checkpoints/latest); run it again to resume",
+                      file=sys.stderr)
+            return EXIT_REQUEUE
     if _is_rank_zero():
         print(f"RL stage {args.stage} finished: {args.out}/checkpoints/latest")
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nemo_viper.errors import ConfigError
+from nemo_viper.runtime.exit_signal import parse_signal
 
 if TYPE_CHECKING:
     from nemo_viper.config import SSHSection, ViperConfig
@@ -35,6 +36,7 @@ SSH_HOST = re.compile(r"[A-Za-z0-9.:-]+")  # a DNS name, an IPv4 or an IPv6 addr
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 SLURM_TIME = re.compile(r"(\d+-)?\d+(:\d{2}){0,2}")
 GLOB_CHARS = "*?["
+MAX_SIGNAL_LEAD_S = 65535  # sbatch --signal's sig_time is 16 bits
 
 
 def check_shell_safe_path(key: str, value: str) -> None:
@@ -146,6 +148,10 @@ def validate_cluster(config: ViperConfig, check_paths: bool) -> None:
     for phase, limit in vars(cluster.time).items():
         if not SLURM_TIME.fullmatch(limit):
             raise ConfigError(f"cluster.time.{phase}={limit!r} is not a Slurm time limit (e.g. 04:00:00, 1-00:00:00)")
+    parse_signal("cluster.exit_signal", cluster.exit_signal)
+    if not 1 <= cluster.exit_signal_lead_s <= MAX_SIGNAL_LEAD_S:
+        raise ConfigError(f"cluster.exit_signal_lead_s={cluster.exit_signal_lead_s} must be in [1, {MAX_SIGNAL_LEAD_S}] "
+                          "(seconds; sbatch --signal)")
     if cluster.code not in ("image", "package"):
         raise ConfigError(f"cluster.code={cluster.code!r} is not one of ('image', 'package')")
     for key in ("synthesis_gpus_per_task", "export_gpus", "synthesis_max_parallel", "max_retries"):

@@ -207,6 +207,11 @@ class ClusterSection:
     max_retries: int = 0  # requeue a job that failed this many times (NeMo-Run's TORCHX_MAX_RETRIES)
     exclusive_rl: bool = True  # RL jobs take whole nodes (sbatch --exclusive)
     min_free_disk_gb: float = 50.0  # preflight: free space the run dir needs
+    # RL jobs get `--signal=<exit_signal>@<exit_signal_lead_s>`: that long before the time limit, the stage saves a
+    # checkpoint after the step in progress and requeues its job (nemo_viper.runtime.exit_signal: why URG). The lead
+    # must cover one RL step and one checkpoint save; Slurm may send the signal up to 60 s earlier.
+    exit_signal: str = "URG"
+    exit_signal_lead_s: int = 600
 
     def __post_init__(self):
         if self.executor not in EXECUTORS:

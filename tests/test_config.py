@@ -128,6 +128,8 @@ def test_yaml_form_round_trips(tmp_path):
         (["cluster.account='acct --qos=high'"], "cluster.account='acct --qos=high' is not a Slurm account name"),
         (["cluster.account='acct\nX'"], "is not a Slurm account name"),
         (["cluster.partition='gpu --exclusive'"], "is not a Slurm partition name"),
+        (["cluster.exit_signal=URGENT"], "cluster.exit_signal='URGENT' is not a signal name"),
+        (["cluster.exit_signal_lead_s=0"], "cluster.exit_signal_lead_s=0 must be in [1, 65535]"),
     ],
 )
 def test_config_errors_name_the_key(overrides, message):

@@ -111,6 +111,7 @@ ALTERNATIVES = {
     "synthesis.filters.min_changed_fraction": 0.01,
     "synthesis.filters.max_changed_fraction": 0.5,
     "cluster.container_image": None,  # jobs without a container
+    "cluster.exit_signal": "USR2",
     **{f"cluster.options.{kind}.{key}": value
        for kind in ("prepare", "synth", "rl", "export", "eval", "eval_data")
        for key, value in (("qos", "high"), ("constraint", "a100"), ("gres", "gpu:1"), ("gpus_per_node", 2),

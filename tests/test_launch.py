@@ -68,7 +68,8 @@ def _task_commands(script: str) -> list[list[str]]:
 def test_slurm_dry_run(name, nodes, tensor, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(["launch", "--recipe", name, "--executor", "slurm", "--dry-run", f"run_dir={run_dir}",
-                 "synthesis.num_shards=3", "cluster.synthesis_max_parallel=2", "cluster.max_retries=2", *MODELS]) == 0
+                 "synthesis.num_shards=3", "cluster.synthesis_max_parallel=2", "cluster.max_retries=2",
+                 "cluster.exit_signal=SIGUSR2", "cluster.exit_signal_lead_s=900", *MODELS]) == 0
     output = capsys.readouterr().out
     scripts = _scripts(output)
     assert sorted(scripts) == ["export", "round1-rl1", "round1-rl2", "round1-synth1", "round1-synth2"]
@@ -92,10 +93,14 @@ def test_slurm_dry_run(name, nodes, tensor, tmp_path, capsys):
         assert "#SBATCH --array=0-2%2" in synth and "#SBATCH --gpus-per-node=1" in synth
         assert "#SBATCH --time=04:00:00" in synth and "--exclusive" not in synth
         assert '--shard-index "$SLURM_ARRAY_TASK_ID" --num-shards 3' in synth
+        assert "--signal" not in synth and "scontrol requeue" not in synth.split("# --- task script")[1]
         assert _task_commands(synth)[-1][-1] == "--partial-ok"
     rl = scripts["round1-rl1"]
     assert f"#SBATCH --nodes={nodes}" in rl and "#SBATCH --gpus-per-node=8" in rl and "#SBATCH --exclusive" in rl
     assert "#SBATCH --time=24:00:00" in rl and "--array" not in rl
+    assert "#SBATCH --signal=USR2@900" in rl  # warned 900 s ahead of the time limit: saves, exits 75, requeued
+    train = next(line for line in rl.splitlines() if " train " in line)
+    assert train.endswith(' || { code=$?; [ "$code" -ne 75 ] || scontrol requeue "$SLURM_JOB_ID"; exit "$code"; }')
     assert f"--nnodes {nodes} --nproc-per-node 8" in rl
     assert f"--config {run_dir}/config/viper.yaml" in rl  # the job reads the run's resolved config
     assert "#SBATCH --dependency='afterok:<round1-synth1>'" in rl  # the whole array

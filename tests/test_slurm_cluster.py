@@ -9,13 +9,18 @@ drills a cluster user meets, all on one launched run (one tiny loop is the cost;
    once (no duplicate sample ids);
 4. ``scancel`` of the running stage-1 RL job after its first checkpoint: the next ``launch`` resumes it from
    that checkpoint (the step-1 checkpoint is not rewritten);
-5. the node set DOWN while the stage-2 RL job runs: the job is requeued (``--requeue``) and, the node back,
+5. the stage-2 RL job at its time limit: warned ahead (``--signal``), it saves a checkpoint, requeues itself
+   and resumes from that checkpoint;
+6. the node set DOWN while the stage-2 RL job runs: the job is requeued (``--requeue``) and, the node back,
    finishes;
 and the loop's outputs: synthesis as a 2-task job array, RL under ``srun`` + ``torchrun``, ``afterok`` chains,
 every phase done, the exported HF policy.
 """
 
+import contextlib
+import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +29,9 @@ import pytest
 import skimage
 from local_slurm import job_field, recorded_jobs, sacct, slurm_cluster, wait_until  # noqa: F401 (fixture)
 
+from nemo_viper.config import ClusterSection
 from nemo_viper.data.shards import ShardDataset
+from nemo_viper.runtime.exit_signal import parse_signal
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -36,6 +43,7 @@ NAME = f"drill{os.getpid()}"  # the jobs' name prefix: this run's jobs, not thos
 SHORT = [f"name={NAME}", "rl.steps=2", "rl.save_every=1", "rl.n=4", "rl.prompts_per_step=2", "synthesis.num_shards=2",
          "cluster.container_image=null"]
 PHASE_TIMEOUT_S = 600
+EXIT_SIGNAL = parse_signal("cluster.exit_signal", ClusterSection.exit_signal)  # the RL jobs' --signal
 
 
 def launch(run_dir: Path, account: str, *extra: str, wait: bool = True):
@@ -57,8 +65,6 @@ def status(run_dir: Path) -> str:
 
 
 def done(run_dir: Path) -> set[str]:
-    import json
-
     path = run_dir / "state.json"
     return set(json.loads(path.read_text())["phases"]) if path.is_file() else set()
 
@@ -100,6 +106,31 @@ def running_with(*args: str) -> list[int]:
         if proc.name.isdigit() and all(a in argv for a in args):
             pids.append(int(proc.name))
     return pids
+
+
+def main_processes(pids: list[int]) -> list[int]:
+    """Those of ``pids`` whose parent is not one of them (a process's forked children share its command line)."""
+    def parent(pid: int) -> int:
+        try:
+            return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return 0
+
+    return [pid for pid in pids if parent(pid) not in pids]
+
+
+def proc_status(pid: int, field: str) -> str:
+    """The first word of a ``/proc/PID/status`` field (``State``: ``T`` when stopped); ``""`` when gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return ""
+    return next(line.split()[1] for line in status.splitlines() if line.startswith(f"{field}:"))
+
+
+def handles(pid: int, signum: int) -> bool:
+    """Whether the process has a handler for ``signum`` (``SigCgt``, the mask of caught signals)."""
+    return bool(int(proc_status(pid, "SigCgt") or "0", 16) >> (signum - 1) & 1)
 
 
 def job_steps_alive(job_id: str) -> bool:
@@ -162,14 +193,40 @@ def _drill(run_dir: Path, account: str, seen: dict) -> None:
     seen["rl1_states"] = states(rl1)
     seen["resume_launch"] = launch(run_dir, account)
 
-    # 5: the node DOWN while stage-2 RL runs: requeued; the node back, it finishes.
+    # 5: stage-2 RL reaches its time limit: signalled ahead, it saves, exits 75 and requeues itself.
     rl2 = recorded_jobs(run_dir)["round1.rl2"]["job_id"]
+    rl2_dir = run_dir / "round1" / "rl2"
+    train = wait_until(lambda: [pid for pid in main_processes(running_with("train", "--out", str(rl2_dir)))
+                                if handles(pid, EXIT_SIGNAL)], PHASE_TIMEOUT_S * 2,
+                       "stage-2 RL's train process with its exit-signal handler", poll_s=0.5)[0]
+    # Paused between its handler's installation and its first step, the stage cannot finish before the signal
+    # arrives (slurmctld checks time limits every 30 s). slurmstepd sends SIGCONT with the signal: the pause
+    # ends when the signal comes.
+    os.kill(train, signal.SIGSTOP)
+    wait_until(lambda: proc_status(train, "State") == "T", 30, "stage-2 RL's train process paused", poll_s=0.1)
+    limit = job_field(rl2, "TimeLimit")
+    days, _, clock = job_field(rl2, "RunTime").rpartition("-")
+    elapsed_min = int(days or 0) * 1440 + int(clock.split(":")[0]) * 60 + int(clock.split(":")[1])
+    # 4-5 minutes left: less than the signal's lead (cluster.exit_signal_lead_s), more than a step and a save
+    subprocess.run(["scontrol", "update", f"jobid={rl2}", f"timelimit={elapsed_min + 5}"], check=True)
+    try:
+        wait_until(lambda: proc_status(train, "State") != "T", 120, "Slurm's --signal ahead of the time limit")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(train, signal.SIGCONT)
+    wait_until(lambda: int(job_field(rl2, "Restarts") or 0) >= 1, 120, "stage-2 RL to requeue itself")
+    seen["timelimit_checkpoints"] = {p.name: (p / "nemo_viper_checkpoint.json").stat().st_mtime_ns
+                                     for p in (rl2_dir / "checkpoints").glob("step_*")}
+    subprocess.run(["scontrol", "update", f"jobid={rl2}", f"timelimit={limit}"], check=True)  # the job's own again
+    start_now(rl2, str(rl2_dir))
+
+    # 6: the node DOWN while stage-2 RL runs: requeued; the node back, it finishes.
     node = wait_until(lambda: job_field(rl2, "JobState") == "RUNNING" and job_field(rl2, "NodeList"),
                       PHASE_TIMEOUT_S * 2, "stage-2 RL running", poll_s=0.5)
     subprocess.run(["scontrol", "update", f"nodename={node}", "state=down", "reason=nemo_viper_drill"], check=True)
-    wait_until(lambda: int(job_field(rl2, "Restarts") or 0) >= 1, 60, "stage-2 RL requeued after its node went down")
+    wait_until(lambda: int(job_field(rl2, "Restarts") or 0) >= 2, 60, "stage-2 RL requeued after its node went down")
     seen["rl2_restarts"] = int(job_field(rl2, "Restarts"))
-    start_now(rl2, str(run_dir / "round1" / "rl2"))
+    start_now(rl2, str(rl2_dir))
     # Back in service: by hand, or by itself once its slurmd answers (ReturnToService=2 in local_slurm.sh).
     subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], capture_output=True)
     wait_until(lambda: not subprocess.run(["sinfo", "-h", "-n", node, "-o", "%T"], capture_output=True,
@@ -181,6 +238,7 @@ def _drill(run_dir: Path, account: str, seen: dict) -> None:
     wait_until(lambda: finished(export), PHASE_TIMEOUT_S * 2, "the export job")
     seen["synth1_tasks"] = sacct(synth1)
     seen["synth1_restarts"] = int(job_field(task, "Restarts") or 0)
+    seen["rl2_runs"] = sacct(rl2)
     seen["final_status"] = status(run_dir)
 
 
@@ -234,9 +292,24 @@ def test_a_requeued_synthesis_task_completes_its_shard_once(drilled):
     assert ids and len(ids) == len(set(ids))
 
 
+def test_an_rl_job_at_its_time_limit_saves_requeues_itself_and_resumes(drilled):
+    run_dir, seen = drilled
+    runs = [row["State"].split()[0] for row in seen["rl2_runs"]]
+    assert runs[0] == "REQUEUED" and "TIMEOUT" not in runs, runs
+    rl2 = recorded_jobs(run_dir)["round1.rl2"]["job_id"]
+    first_log = next((run_dir / "logs" / "round1.rl2").glob(f"log-*_{rl2}_0.out")).read_text()
+    assert "RL stage 2 stopped after step 1 on SIGURG" in first_log
+    saved = seen["timelimit_checkpoints"]
+    assert list(saved) == ["step_0000001"]
+    checkpoint = run_dir / "round1" / "rl2" / "checkpoints" / "step_0000001" / "nemo_viper_checkpoint.json"
+    assert checkpoint.stat().st_mtime_ns == saved["step_0000001"], "stage-2 RL restarted from step 0"
+    metrics = (run_dir / "round1" / "rl2" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in metrics] == [1, 2]
+
+
 def test_a_job_on_a_node_set_down_is_requeued_and_finishes(drilled):
     run_dir, seen = drilled
-    assert seen["rl2_restarts"] >= 1
+    assert seen["rl2_restarts"] >= 2  # the time-limit requeue, then the node's
     assert (run_dir / "round1" / "rl2" / "checkpoints" / "step_0000002").is_dir()
 
 
@@ -252,3 +325,29 @@ def test_the_loop_ran_as_slurm_jobs_to_the_end(drilled):
     rows = {line.split()[0]: line.split()[1:4] for line in seen["final_status"].splitlines()[1:]}
     assert rows["round1.rl1"] == ["done", jobs["round1.rl1"]["job_id"], "COMPLETED"]
     assert rows["round1.synth1"] == ["done", jobs["round1.synth1"]["job_id"], "COMPLETED:2"]
+
+
+def test_the_requeued_synthesis_array_wrote_the_dataset_that_a_local_run_writes(drilled, tmp_path):
+    """Stage-1 synthesis as a Slurm array (task 1 requeued mid-run) wrote, byte for byte, the dataset that its two
+    tasks write when run here one after the other, as ``nemo-viper run`` runs them (``local_run.phase_command``:
+    the same config, seed and starting policy): the same shards (SHA-256) and the same manifest, its timings and
+    the output directory aside. Later phases are not compared: the drills interrupt them."""
+    from launch import run_ranks
+
+    from nemo_viper.local_run import phase_command
+    from nemo_viper.orchestration import load_run_config, plan
+
+    run_dir, _ = drilled
+    phase = next(p for p in plan(load_run_config(run_dir)) if p.name == "round1.synth1")
+    slurm_out, local_out = str(run_dir / "round1" / "synth1"), str(tmp_path / "synth1")
+    for index in range(phase.tasks):
+        command = [local_out if arg == slurm_out else arg for arg in phase_command(phase, index)]
+        assert local_out in command
+        run_ranks(command[1:], timeout=600)
+
+    def manifest(out: str) -> dict:
+        data = json.loads(Path(out, "manifest.json").read_text().replace(out, "<out>"))
+        data.pop("timings_s")
+        return data
+
+    assert manifest(local_out) == manifest(slurm_out)

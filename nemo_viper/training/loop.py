@@ -11,7 +11,9 @@ reward) and the toy task of the learning test:
 Each data-parallel rank draws its share of ``prompts_per_step`` prompts per step (refilled under dynamic
 sampling, see :func:`collect_groups`). A checkpoint is written every
 ``save_every`` steps and after the last; a rerun resumes from the latest one (policy, optimizer, step,
-prompt position) and continues with the next step.
+prompt position) and continues with the next step. With an ``exit_signal``
+(:class:`~nemo_viper.runtime.exit_signal.ExitSignal`), a signal on any rank stops every rank after the step it
+arrived in, with a checkpoint of that step (:class:`~nemo_viper.runtime.exit_signal.ExitRequested`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from nemo_viper.errors import ConfigError
 from nemo_viper.models.batch import PolicyBatch
 from nemo_viper.rewards import RewardBreakdown
 from nemo_viper.runtime.collectives import DataParallel, ReduceOp
+from nemo_viper.runtime.exit_signal import ExitRequested
 from nemo_viper.runtime.metrics import Metric, reduce_metrics
 from nemo_viper.rollout.interface import GenerationBackend, GenerationRequest, GenerationResponse, SamplingParams
 from nemo_viper.training.checkpointing import CheckpointManager
@@ -298,6 +301,7 @@ def run_rl(
     run_dir: str | Path,
     progress=None,
     monitor=None,
+    exit_signal=None,
 ) -> list[dict]:
     """Run (or resume) a stage for ``config.steps`` steps. Returns the metrics of the steps run now.
 
@@ -307,7 +311,9 @@ def run_rl(
     (``weights_updated``). ``processor`` (the policy's image-only Qwen2.5-VL processor) turns task prompts
     into token ids (and prepares their images unless the prompt source already did). ``monitor``: a
     :class:`~nemo_viper.training.monitor.StageMonitor` (trackers, sample generations, alerts), told after
-    every step on every rank (it acts on rank 0 only).
+    every step on every rank (it acts on rank 0 only). ``exit_signal``: an installed
+    :class:`~nemo_viper.runtime.exit_signal.ExitSignal`, asked after every step (a collective); when a rank got
+    it, the step's checkpoint is saved (unless it was just saved) and :class:`ExitRequested` is raised.
     """
     import torch.distributed as dist
 
@@ -341,10 +347,14 @@ def run_rl(
         if monitor is not None:
             monitor.after_step(step, metrics, groups)
         history.append(metrics)
-        if step % config.save_every == 0 or step == config.steps:
+        stop = exit_signal is not None and exit_signal.agreed()
+        if stop or step % config.save_every == 0 or step == config.steps:
             prompt_states = data_parallel.all_gather_object(prompts.state_dict())
             checkpoints.save(policy, step, {"prompts": prompt_states})
         if progress is not None:
             progress(step, metrics)
+        if stop and step < config.steps:
+            metrics_log.close()
+            raise ExitRequested(step, exit_signal.signum)
     metrics_log.close()
     return history

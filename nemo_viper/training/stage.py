@@ -17,6 +17,7 @@ import logging
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Optional
 
 from nemo_viper.data.images import ImageProcessingConfig, QwenImagePreprocessor, resolve_backend
 from nemo_viper.errors import ConfigError
@@ -27,6 +28,7 @@ from nemo_viper.runtime.distributed import ParallelLayout
 from nemo_viper.models.policy import PolicyOptions
 from nemo_viper.rewards import RewardConfig
 from nemo_viper.runtime.collectives import DataParallel
+from nemo_viper.runtime.exit_signal import parse_signal
 from nemo_viper.rollout.interface import SamplingParams
 from nemo_viper.training.grpo import GRPOConfig, GRPOTrainer
 from nemo_viper.rollout.backends import GenerationBackendConfig
@@ -53,7 +55,8 @@ def check_rollout_layout(backend: str, pipeline_parallel: int) -> None:
 class StageConfig:
     """One ``train`` job: which stage, data, starting policy and output, and the run config's sections it
     reads (``model`` options, ``parallel.tensor``/``pipeline``, ``rl``, ``rollout``, ``reward``), unchanged, and
-    synthesis's ``vlm.caption_tokens`` (stage-1 prompts show a caption: part of the prompt budget)."""
+    synthesis's ``vlm.caption_tokens`` (stage-1 prompts show a caption: part of the prompt budget) and
+    ``cluster.exit_signal``."""
 
     stage: int
     data: str
@@ -75,8 +78,11 @@ class StageConfig:
     progress_dir: str = ""
     progress_start: str = ""
     progress_final: str = ""
+    exit_signal: Optional[str] = None  # cluster.exit_signal: stop with a checkpoint on it (ExitSignal); None = no
 
     def __post_init__(self):
+        if self.exit_signal is not None:
+            parse_signal("cluster.exit_signal", self.exit_signal)
         if self.stage not in STAGE_TASKS:
             raise ConfigError(f"stage={self.stage} must be 1 or 2")
         if (self.progress_start or self.progress_final) and not self.progress_dir:
@@ -110,8 +116,12 @@ def rl_image_config(hf_dir: str | Path, min_pixels: int, max_pixels: int) -> Ima
     return replace(ImageProcessingConfig.from_pretrained(hf_dir), min_pixels=min_pixels, max_pixels=max_pixels)
 
 
-def run_stage(config: StageConfig) -> list[dict]:
-    """Validate, build and run (or resume) one RL stage. Returns the metrics of the steps run now."""
+def run_stage(config: StageConfig, exit_signal=None) -> list[dict]:
+    """Validate, build and run (or resume) one RL stage. Returns the metrics of the steps run now.
+
+    ``exit_signal``: an installed :class:`~nemo_viper.runtime.exit_signal.ExitSignal`; when it arrives, the loop
+    saves and raises :class:`~nemo_viper.runtime.exit_signal.ExitRequested` (the "after" self-evaluation is
+    left to the run that finishes the stage)."""
     from nemo_viper.data.shards import DatasetError, ShardDataset
     from nemo_viper.models.checkpoint_dir import read_checkpoint_metadata
     from nemo_viper.models.policy import Accelerator, check_precision
@@ -174,21 +184,23 @@ def run_stage(config: StageConfig) -> list[dict]:
 
     monitor = StageMonitor(config.logger, config.out, config.run_config, config.reward.alert_gap,
                            enabled=dist.get_rank() == 0)
-    with prompts, Progress(*columns, disable=not show) as progress:
-        self_eval.record("before")
-        if across_rounds:
-            across_rounds.record("before")
-        task = progress.add_task("steps", total=config.rl.steps, reward=0.0)
+    try:
+        with prompts, Progress(*columns, disable=not show) as progress:
+            self_eval.record("before")
+            if across_rounds:
+                across_rounds.record("before")
+            task = progress.add_task("steps", total=config.rl.steps, reward=0.0)
 
-        def advance(step: int, metrics: dict) -> None:
-            progress.update(task, completed=step, reward=metrics["reward/mean"])
+            def advance(step: int, metrics: dict) -> None:
+                progress.update(task, completed=step, reward=metrics["reward/mean"])
 
-        history = run_rl(trainer, generator, reward, prompts, processor, config.rl, config.out, progress=advance,
-                         monitor=monitor)
-        self_eval.record("after")
-        if across_rounds:
-            across_rounds.record("after")
-    monitor.close()
+            history = run_rl(trainer, generator, reward, prompts, processor, config.rl, config.out, progress=advance,
+                             monitor=monitor, exit_signal=exit_signal)
+            self_eval.record("after")
+            if across_rounds:
+                across_rounds.record("after")
+    finally:
+        monitor.close()
     skipped = {k: v for k, v in (history[-1] if history else {}).items() if k.startswith("data/skipped/") and v}
     if skipped and show:
         log.warning("RL stage %d skipped %d samples in total: %s", config.stage, sum(skipped.values()), skipped)

@@ -3,8 +3,10 @@ HF and transformers loads it is checked by tests/test_closed_loop.py (its ``expo
 export`` on the stage-2 checkpoint, and its round-1 evaluation exports that checkpoint and scores it in
 transformers through lmms-eval)."""
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import time
 
 import pytest
 import skimage.data
-from launch import REPO, run_cli, run_ranks
+from launch import REPO, _free_port, run_cli, run_ranks, start_python
 from PIL import Image
 
 from nemo_viper.cli import main
@@ -135,3 +137,57 @@ def test_train_with_vllm_rollouts_resumes_after_sigkill_and_logs_the_mismatch(ti
     for record in records:
         assert record["rollout/logprob_diff_mean"] <= 0.05, record
         assert record["rollout/logprob_diff_max"] <= 0.2, record
+
+
+def rank_processes(launcher_pid: int) -> dict[int, "psutil.Process"]:
+    """``RANK`` -> the worker process of a ``torchrun``."""
+    import psutil
+
+    ranks = {}
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "RANK" in child.environ():
+                ranks[int(child.environ()["RANK"])] = child
+    return ranks
+
+
+def prompt_position(prompts_handed_out: int, share: int) -> tuple[int, int]:
+    """``(epoch, position)`` of a rank's prompt source after it handed out ``prompts_handed_out`` prompts, one
+    epoch being its ``share`` of the samples (the position counts the prompts of the epoch handed out)."""
+    return (prompts_handed_out - 1) // share, (prompts_handed_out - 1) % share + 1
+
+
+@pytest.mark.slow
+def test_the_exit_signal_stops_every_rank_after_one_step_with_a_checkpoint_and_a_rerun_resumes(
+        tiny_hf_dir, stage1_data, tmp_path):
+    """Two ranks under ``torchrun``; ``SIGURG`` (``cluster.exit_signal``) sent, as Slurm's ``--signal`` does, to
+    ``torchrun`` and to one rank only (rank 1): ``torchrun`` lives on, both ranks stop after the same step
+    (the collective), with a checkpoint of it although ``save_every`` is far away, and exit 75; the rerun
+    continues with the next step and the next prompts: each step logged once, no prompt handed out twice or
+    skipped (the prompt sources' positions are those of 1 prompt per rank per step)."""
+    run = tmp_path / "run"
+    args = ["-m", "nemo_viper.cli", "train", "--stage", "1", "--data", str(stage1_data), "--policy", str(tiny_hf_dir),
+            "--out", str(run), "--steps", "4", *TRAIN, "--save-every", "100"]
+    first = start_python("-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}", *args)
+    deadline = time.time() + 600
+    while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text().strip():
+        assert first.poll() is None, first.communicate()[1][-4000:]
+        assert time.time() < deadline, "no step within 600 s"
+        time.sleep(0.2)
+    os.kill(first.pid, signal.SIGURG)
+    rank_processes(first.pid)[1].send_signal(signal.SIGURG)
+    _, stderr = first.communicate(timeout=600)
+    assert first.returncode != 0 and "exitcode  : 75" in stderr, stderr[-4000:]
+    stopped = int(re.search(r"RL stage 1 stopped after step (\d) on SIGURG", stderr).group(1))
+    assert 1 <= stopped < 4
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    assert latest.name == f"step_{stopped:07d}"
+    state = json.loads((latest / "trainer_state.json").read_text())
+    share = 2  # 4 samples over 2 ranks
+    assert [(p["epoch"], p["position"]) for p in state["prompts"]] == [prompt_position(stopped, share)] * 2
+
+    run_cli(*args[2:], nproc=2)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    state = json.loads((run / "checkpoints" / "step_0000004" / "trainer_state.json").read_text())
+    assert [(p["epoch"], p["position"]) for p in state["prompts"]] == [prompt_position(4, share)] * 2
