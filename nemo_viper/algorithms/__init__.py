@@ -1,30 +1,28 @@
 """Framework-free GRPO-variant maths: group advantages, the clipped policy loss, DAPO filters,
 the sampler-vs-trainer log-prob mismatch and its truncated importance-sampling correction.
 
-Only torch is used here; the Megatron training loop wires these into its forward/backward step.
+The settings (:mod:`~nemo_viper.algorithms.config`) are torch-free; the maths uses only torch. The
+Megatron training loop wires these into its forward/backward step.
 """
 
-from nemo_viper.algorithms.advantages import AdvantageConfig, group_advantages
-from nemo_viper.algorithms.filters import dynamic_sampling_keep, mask_truncated
-from nemo_viper.algorithms.off_policy import logprob_mismatch, truncated_importance_weights
-from nemo_viper.algorithms.policy_loss import (
-    AGGREGATIONS,
-    KL_ESTIMATORS,
-    ClippedPolicyLoss,
-    LossNormalizer,
-    PolicyLossConfig,
-)
+from nemo_viper.lazy_exports import lazy_getattr
 
-__all__ = [
-    "AGGREGATIONS",
-    "KL_ESTIMATORS",
-    "AdvantageConfig",
-    "ClippedPolicyLoss",
-    "LossNormalizer",
-    "PolicyLossConfig",
-    "dynamic_sampling_keep",
-    "group_advantages",
-    "logprob_mismatch",
-    "mask_truncated",
-    "truncated_importance_weights",
-]
+# Each public name -> the submodule defining it; loaded on first access (PEP 562), so that importing
+# ``nemo_viper.algorithms.config`` (the launcher) loads no torch.
+_SOURCES = {
+    "AGGREGATIONS": "config",
+    "KL_ESTIMATORS": "config",
+    "AdvantageConfig": "config",
+    "PolicyLossConfig": "config",
+    "group_advantages": "advantages",
+    "ClippedPolicyLoss": "policy_loss",
+    "LossNormalizer": "policy_loss",
+    "dynamic_sampling_keep": "filters",
+    "mask_truncated": "filters",
+    "logprob_mismatch": "off_policy",
+    "truncated_importance_weights": "off_policy",
+}
+
+__all__ = sorted(_SOURCES)
+
+__getattr__ = lazy_getattr(__name__, _SOURCES)

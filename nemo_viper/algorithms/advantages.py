@@ -15,28 +15,10 @@ The advantage of a response is broadcast to all its tokens by the policy loss.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-
-@dataclass(frozen=True)
-class AdvantageConfig:
-    """How rewards become advantages.
-
-    Attributes:
-        normalize_by_std: divide the centred reward by the group's unbiased std (GRPO); ``False`` is
-            Dr.GRPO (``A = R − mean``).
-        eps: added to the std before dividing; must be > 0.
-    """
-
-    normalize_by_std: bool = True
-    eps: float = 1e-6
-
-    def __post_init__(self) -> None:
-        if not self.eps > 0:
-            raise ValueError(f"eps={self.eps} must be > 0")
+from nemo_viper.algorithms.config import AdvantageConfig
 
 
 def group_advantages(

@@ -32,54 +32,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from nemo_viper.algorithms.config import PolicyLossConfig
 from nemo_viper.runtime.metrics import Metric
 
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-KL_ESTIMATORS = ("k1", "k3")
 # Log-ratios are clamped to this range before exp(), so one wild token cannot produce inf/NaN.
 _LOG_RATIO_LIMIT = 20.0
 # Upper bound of the per-token k3 estimate (verl's low_var_kl bound).
 K3_LIMIT = 10.0
-
-
-@dataclass(frozen=True)
-class PolicyLossConfig:
-    """Hyper-parameters of :class:`ClippedPolicyLoss`.
-
-    Attributes:
-        eps_low, eps_high: ratio clip range ``[1 − eps_low, 1 + eps_high]`` (DAPO clip-higher).
-        dual_clip_c: dual-clip bound ``c > 1`` for negative advantages; ``None`` disables it.
-        aggregation: one of :data:`AGGREGATIONS` (see module docstring).
-        max_response_length: the constant ``L`` of ``seq-mean-token-sum-norm`` (required there; the RL
-            trainer uses the sampler's ``max_new_tokens`` when it is ``None``).
-        kl_beta: weight of the per-token KL penalty to the reference policy; 0 disables it.
-        kl_estimator: ``"k1"`` or ``"k3"``.
-    """
-
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    dual_clip_c: float | None = None
-    aggregation: str = "token-mean"
-    max_response_length: int | None = None
-    kl_beta: float = 0.0
-    kl_estimator: str = "k3"
-
-    def __post_init__(self) -> None:
-        for name in ("eps_low", "eps_high"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        if self.eps_low >= 1:
-            raise ValueError(f"eps_low={self.eps_low} must be < 1 (clip floor 1 - eps_low > 0)")
-        if self.dual_clip_c is not None and not self.dual_clip_c > 1:
-            raise ValueError(f"dual_clip_c={self.dual_clip_c} must be > 1, or null (off)")
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation={self.aggregation!r} is not one of {AGGREGATIONS}")
-        if self.max_response_length is not None and self.max_response_length <= 0:
-            raise ValueError(f"max_response_length={self.max_response_length} must be > 0, or null")
-        if not self.kl_beta >= 0:
-            raise ValueError(f"kl_beta={self.kl_beta} must be >= 0")
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator={self.kl_estimator!r} is not one of {KL_ESTIMATORS}")
 
 
 @dataclass(frozen=True)
