@@ -53,12 +53,11 @@ from nemo_viper.evaluation.benchmarks import TASKS as BENCHMARK_TASKS
 from nemo_viper.evaluation.benchmarks import parse_tasks
 from nemo_viper.evaluation.harness import MODEL_BACKENDS, EvalConfig
 from nemo_viper.evaluation.heldout import HeldoutConfig
-from nemo_viper.models.policy_options import PolicyOptions
+from nemo_viper.models.config import PolicyOptions
 from nemo_viper.rewards.config import RewardConfig
-from nemo_viper.training.loop import RLConfig
-from nemo_viper.rollout.backends import GenerationBackendConfig
+from nemo_viper.training.config import RLConfig
+from nemo_viper.rollout.config import GenerationBackendConfig, check_rollout_layout
 from nemo_viper.structured import structured_defaults
-from nemo_viper.training.stage import check_rollout_layout
 from nemo_viper.training.trackers import LoggerConfig
 from nemo_viper.training.trackers import check_installed as check_trackers_installed
 

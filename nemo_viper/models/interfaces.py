@@ -22,45 +22,9 @@ import torch
 from torch import Tensor
 
 from nemo_viper.algorithms.policy_loss import LossNormalizer
-from nemo_viper.errors import ConfigError
 from nemo_viper.models.batch import PolicyBatch
 from nemo_viper.runtime.collectives import DataParallel
 from nemo_viper.runtime.metrics import Metric
-
-
-@dataclass(frozen=True)
-class OptimizerSettings:
-    """AdamW with decoupled weight decay and global-norm gradient clipping (the paper's defaults).
-
-    ``distributed_optimizer=None`` (auto) shards optimizer state over data-parallel ranks on GPU and
-    keeps it whole on CPU: without apex/Transformer Engine, megatron-core 0.19 falls back to torch's
-    Adam, whose per-parameter ``step`` tensor its distributed-optimizer checkpoint loader cannot
-    restore (it trains, but cannot resume).
-    """
-
-    lr: float = 1e-6
-    weight_decay: float = 0.01
-    clip_grad: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    distributed_optimizer: bool | None = None
-
-    def __post_init__(self):
-        if not self.lr > 0:
-            raise ConfigError(f"lr={self.lr} must be > 0")
-        for name in ("weight_decay", "clip_grad"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0 (0 = off)")
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1)")
-        if not self.adam_eps > 0:
-            raise ConfigError(f"adam_eps={self.adam_eps} must be > 0")
-
-    @property
-    def use_distributed_optimizer(self) -> bool:
-        return torch.cuda.is_available() if self.distributed_optimizer is None else self.distributed_optimizer
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from nemo_viper.models.batch import PolicyBatch, concat_ranges
+from nemo_viper.models.config import ENTROPY_CHUNK_ROWS
 from nemo_viper.runtime import collectives
 
 
@@ -175,9 +176,6 @@ def compute_logprobs(
             group=parallel_state.get_pipeline_model_parallel_group(),
         )
     return result.float().cpu()
-
-
-ENTROPY_CHUNK_ROWS = 1024  # positions per float32 chunk of the entropy metric
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import torch
 
 from nemo_viper.errors import ConfigError
 from nemo_viper.models.hf_checkpoint import check_parallel_layout, mrope_section, read_qwen25_vl_config
-from nemo_viper.models.policy_options import FP8_RECIPES, LAYER_SPECS, PRECISIONS, PolicyOptions
+from nemo_viper.models.config import FP8_RECIPES, LAYER_SPECS, PRECISIONS, PolicyOptions
 from nemo_viper.models.vision_attention import use_packed_window_attention
 from nemo_viper.runtime.distributed import ParallelLayout, init_model_parallel
 

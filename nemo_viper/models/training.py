@@ -38,7 +38,8 @@ from torch import Tensor
 from nemo_viper.algorithms.policy_loss import LossNormalizer
 from nemo_viper.models.hf_checkpoint import text_config
 from nemo_viper.models.batch import PolicyBatch
-from nemo_viper.models.interfaces import LossFunction, OptimizerSettings, TrainingBatch
+from nemo_viper.models.config import OptimizerSettings
+from nemo_viper.models.interfaces import LossFunction, TrainingBatch
 from nemo_viper.models.logprobs import (
     compute_logprobs,
     forward_micro_batch,

@@ -104,7 +104,7 @@ def rl_context_length(stage: int, caption_budget: int, max_pixels: int, max_new_
 
 def training_shapes(config) -> dict[str, TrainingShape]:
     """The two RL stages' shapes (:func:`stage_prompt_budget`), every setting read from ``config``."""
-    from nemo_viper.models.logprobs import ENTROPY_CHUNK_ROWS
+    from nemo_viper.models.config import ENTROPY_CHUNK_ROWS
 
     rl, parallel = config.rl, config.parallel
     rollout = config.rollout

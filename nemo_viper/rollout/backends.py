@@ -1,44 +1,26 @@
 """Choosing a generation backend: one config and one factory for RL, synthesis and the held-out evaluation.
 
-:class:`GenerationBackendConfig` is the run config's ``rollout`` section and synthesis's ``vlm.generation``:
-``backend`` names the engine, and each engine's own settings sit under its name, as its config class names
-them (``megatron``: :class:`~nemo_viper.rollout.megatron_backend.MegatronGenerationConfig`; ``vllm``:
-:class:`~nemo_viper.rollout.vllm_backend.VLLMGenerationConfig`, vLLM's engine-argument names).
+:class:`~nemo_viper.rollout.config.GenerationBackendConfig` is the run config's ``rollout`` section and
+synthesis's ``vlm.generation``: ``backend`` names the engine, and each engine's own settings sit under its
+name, as its config class names them (``megatron``: :class:`~nemo_viper.rollout.config.MegatronGenerationConfig`;
+``vllm``: :class:`~nemo_viper.rollout.config.VLLMGenerationConfig`, vLLM's engine-argument names).
 :func:`build_backend` builds the chosen one on a policy; the held-out evaluation of an RL stage scores
 with the stage's generator.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
-from nemo_viper.errors import ConfigError
+from nemo_viper.rollout.config import GenerationBackendConfig
 from nemo_viper.rollout.interface import GenerationBackend
-from nemo_viper.rollout.megatron_backend import MegatronGenerationConfig
-from nemo_viper.rollout.vllm_backend import VLLMGenerationConfig, require_vllm
+from nemo_viper.rollout.vllm_backend import require_vllm
 
-BACKENDS = ("megatron", "vllm")
-
-
-@dataclass(frozen=True)
-class GenerationBackendConfig:
-    """``backend``: ``megatron`` (generates on the policy's own weights; no extra memory) or ``vllm`` (a
-    colocated vLLM engine per data-parallel rank, loaded from the policy and refitted after every update;
-    needs ``vllm``). ``megatron`` / ``vllm``: that engine's settings (the other's are not used)."""
-
-    backend: str = "megatron"
-    megatron: MegatronGenerationConfig = field(default_factory=MegatronGenerationConfig)
-    vllm: VLLMGenerationConfig = field(default_factory=VLLMGenerationConfig)
-
-    def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"backend={self.backend!r} is not one of {BACKENDS}")
-
-    def check(self, key: str) -> None:
-        """Before any work: a one-line error naming ``key`` (the backend's config key) when the chosen
-        engine's package is missing."""
-        if self.backend == "vllm":
-            require_vllm(key)
+def check_installed(config: GenerationBackendConfig, key: str) -> None:
+    """Before any work: a one-line error naming ``key`` (the backend's config key) when the chosen engine's
+    package is missing."""
+    if config.backend == "vllm":
+        require_vllm(key)
 
 
 def build_backend(config: GenerationBackendConfig, policy, seed: int,

@@ -22,58 +22,13 @@ from torch import Tensor
 
 from nemo_viper.data.images import PromptImages, check_patches
 from nemo_viper.errors import ConfigError, NemoViperError
+from nemo_viper.rollout.config import SamplingParams
 
 FinishReason = Literal["eos", "stop", "length"]
 
 
 class PromptTooLongError(NemoViperError, ValueError):
     """A prompt does not fit into the model's context; the message names the request and both lengths."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How the samples of one request are drawn.
-
-    - ``temperature`` > 0 scales the logits; ``greedy=True`` takes the argmax instead of sampling (the
-      reported log-probs still use ``temperature``).
-    - ``top_k`` = 0 and ``top_p`` = 1.0 switch truncation off. Order as in transformers: suppression,
-      temperature, top-k, then top-p on the renormalised remainder.
-    - Generation ends at an EOS token (finish reason ``eos``; the token is kept), at a stop string
-      (``stop``), or after ``max_new_tokens`` tokens or at the end of the context (``length``).
-    - Stop strings are matched on the decoded text. The response's tokens end with the token that
-      completed the stop string; its text ends before the stop string, or right after it with
-      ``include_stop_string=True`` (characters of that last token beyond the stop string are dropped).
-    - ``seed``: sample ``j`` of the request draws from a random stream keyed by ``(seed, j)`` only, so
-      it does not depend on batch composition or the tensor-parallel layout. Requests that share a
-      seed share their streams (their samples are correlated): give independent prompts distinct
-      seeds, or ``None``, for which the backend draws one (reproducible for the same sequence of calls).
-    - ``suppress_vision_tokens``: never sample ``<|vision_start|>``, ``<|image_pad|>`` and the other vision
-      special tokens (a randomly initialised model would otherwise emit them).
-    """
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    greedy: bool = False
-    max_new_tokens: int = 256
-    stop_strings: tuple[str, ...] = ()
-    include_stop_string: bool = False
-    seed: int | None = None
-    suppress_vision_tokens: bool = True
-
-    def __post_init__(self):
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature={self.temperature} must be > 0 (use greedy=True for argmax decoding)")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k={self.top_k} must be >= 0 (0 = off)")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
-        if isinstance(self.stop_strings, str) or any(not s for s in self.stop_strings):
-            raise ConfigError(f"stop_strings={self.stop_strings!r} must be a tuple of non-empty strings")
-        if self.seed is not None and self.seed < 0:
-            raise ConfigError(f"seed={self.seed} must be >= 0")
 
 
 @dataclass

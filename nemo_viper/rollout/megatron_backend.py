@@ -44,7 +44,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,6 +52,7 @@ from torch import Tensor
 from nemo_viper.errors import ConfigError
 from nemo_viper.models.hf_checkpoint import text_config
 from nemo_viper.models.tokens import VISION_SPECIAL_TOKENS
+from nemo_viper.rollout.config import MegatronGenerationConfig
 from nemo_viper.rollout.interface import (
     GenerationRequest,
     GenerationResponse,
@@ -82,43 +82,6 @@ def free_memory_bytes(device: torch.device) -> int:
     import psutil
 
     return psutil.virtual_memory().available
-
-
-@dataclass(frozen=True)
-class MegatronGenerationConfig:
-    """Settings of :class:`MegatronGenerationBackend`.
-
-    - ``max_batch_size``: at most this many samples decode together (slots); ``None`` = as many as fit
-      (below). Either way never more than the call's samples, nor more than fit.
-    - ``kv_cache_memory_fraction``: share of the memory free at the start of a ``generate`` call (GPU:
-      :func:`free_memory_bytes`) the slots may take: each slot costs its KV cache
-      (layers x 2 x KV heads/TP x head dim x the call's longest prompt + budget, in the policy's dtype)
-      plus ~40 bytes per vocabulary entry of this rank's shard (logits and sampler).
-    - ``max_context_length``: prompt + generated tokens per sample; ``None`` = the model's
-      ``max_position_embeddings``. A longer prompt raises ``PromptTooLongError``; generation that
-      reaches the limit ends with finish reason ``length``.
-    - ``use_kv_cache``: ``False`` recomputes the whole sequence every step (reference/benchmark).
-    - ``eos_token_ids``: tokens that end a sample; ``None`` = the tokenizer's EOS plus the EOS ids of
-      ``generation_config.json``.
-    - ``top_p_candidates``: logits per TP rank gathered for top-p (see ``sampling``).
-    """
-
-    max_batch_size: int | None = None
-    kv_cache_memory_fraction: float = 0.5
-    max_context_length: int | None = None
-    use_kv_cache: bool = True
-    eos_token_ids: tuple[int, ...] | None = None
-    top_p_candidates: int = 64
-
-    def __post_init__(self):
-        if self.max_batch_size is not None and self.max_batch_size < 1:
-            raise ConfigError(f"max_batch_size={self.max_batch_size} must be >= 1 (or None: from memory)")
-        if not 0 < self.kv_cache_memory_fraction <= 1:
-            raise ConfigError(f"kv_cache_memory_fraction={self.kv_cache_memory_fraction} must be in (0, 1]")
-        if self.max_context_length is not None and self.max_context_length < 2:
-            raise ConfigError(f"max_context_length={self.max_context_length} must be >= 2")
-        if self.top_p_candidates < 1:
-            raise ConfigError(f"top_p_candidates={self.top_p_candidates} must be >= 1")
 
 
 def default_eos_token_ids(hf_path: str | Path, tokenizer) -> tuple[int, ...]:

@@ -71,6 +71,7 @@ from nemo_viper.environment import VLLM_VERSIONS
 from nemo_viper.errors import ConfigError
 from nemo_viper.models.hf_checkpoint import text_config
 from nemo_viper.models.tokens import VISION_SPECIAL_TOKENS
+from nemo_viper.rollout.config import VLLMGenerationConfig
 from nemo_viper.rollout.interface import (
     GenerationRequest,
     GenerationResponse,
@@ -91,40 +92,6 @@ STREAM_STRIDE = 1_000_003  # request seed s -> sample streams s * STREAM_STRIDE 
 def stream_base(seed: int) -> int:
     """vLLM seed of sample 0 of a request seeded ``seed``; sample ``j`` gets ``stream_base(seed) + j``."""
     return seed * STREAM_STRIDE % 2**62
-
-
-@dataclass(frozen=True)
-class VLLMGenerationConfig:
-    """Settings of :class:`VLLMGenerationBackend`.
-
-    - ``max_model_len``: prompt + generated tokens per sample; ``None`` = the model's
-      ``max_position_embeddings``.
-    - ``gpu_memory_utilization``: share of the GPU vLLM may take when awake (weights + KV cache); the
-      trainer's weights, gradients and optimizer states stay resident beside it, so 0.4 (not vLLM's 0.9):
-      the largest share with which the 3B and 7B recipes' rollouts fit 80 GB (``nemo-viper plan``).
-    - ``cpu_kv_cache_gib``: KV-cache size on CPU (``VLLM_CPU_KVCACHE_SPACE``).
-    - ``enable_sleep_mode``: release weights and KV cache between rollouts (GPU only; ignored on CPU).
-    - ``enforce_eager``: no CUDA graphs (always eager on CPU).
-    - ``max_num_seqs``: sequences vLLM schedules at once (continuous batching over all requests).
-    - ``image_micro_batch_size``: images per vision-tower pass when computing the prompts' image features.
-    """
-
-    max_model_len: int | None = None
-    gpu_memory_utilization: float = 0.4
-    cpu_kv_cache_gib: int = 1
-    enable_sleep_mode: bool = True
-    enforce_eager: bool = False
-    max_num_seqs: int = 256
-    image_micro_batch_size: int = 16
-
-    def __post_init__(self):
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ConfigError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
-        for key in ("cpu_kv_cache_gib", "max_num_seqs", "image_micro_batch_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ConfigError(f"max_model_len={self.max_model_len} must be >= 2")
 
 
 ENGINE_ARGUMENTS = ("load_format", "dtype", "tensor_parallel_size", "distributed_executor_backend", "max_model_len",

@@ -20,9 +20,13 @@ from typing import Any
 
 from nemo_viper.errors import ConfigError
 from nemo_viper.prompts import SYNTH_PROMPT_VERSION
-from nemo_viper.rollout.backends import GenerationBackendConfig
+from nemo_viper.rollout.config import GenerationBackendConfig
 from nemo_viper.structured import structured_defaults
-from nemo_viper.synthesis.tiny_diffusion import TINY_PIPELINES
+
+# The diffusion pipelines that have a tiny random build (:mod:`nemo_viper.synthesis.tiny_diffusion`, ``model: tiny``).
+TEXT_TO_IMAGE = "StableDiffusionPipeline"
+EDITOR = "StableDiffusionInstructPix2PixPipeline"
+TINY_PIPELINES = (TEXT_TO_IMAGE, EDITOR)
 
 STAGES = (1, 2)
 PRESETS = ("auto", "qwen", "tiny")
@@ -262,8 +266,8 @@ def resolve_preset(preset: str, cuda_available: bool) -> str:
 
 def load_config(yaml_path: str | None = None, overrides: list[str] = (), **fields) -> SynthConfig:
     """Assemble a :class:`SynthConfig` (see the module docstring); ``fields`` are top-level or dotted keys
-    set by the CLI (``None`` values are ignored). ``diffusion_preset`` may come from any layer."""
-    import torch
+    set by the CLI (``None`` values are ignored). ``diffusion_preset`` may come from any layer; only ``auto``
+    asks this machine whether it has CUDA (importing torch), so a launcher checks a named preset without it."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -272,7 +276,8 @@ def load_config(yaml_path: str | None = None, overrides: list[str] = (), **field
         layers.append(OmegaConf.from_dotlist(list(overrides)))
         layers.append(OmegaConf.create(_nested({k: v for k, v in fields.items() if v is not None})))
         user = OmegaConf.merge(*layers)
-        preset = resolve_preset(user.get("diffusion_preset", "auto"), torch.cuda.is_available())
+        requested = user.get("diffusion_preset", "auto")
+        preset = resolve_preset(requested, requested == "auto" and _cuda_available())
         merged = OmegaConf.merge(structured_defaults(SynthConfig), DIFFUSION_PRESETS[preset], user,
                                  {"diffusion_preset": preset})
         return OmegaConf.to_object(merged)
@@ -281,6 +286,12 @@ def load_config(yaml_path: str | None = None, overrides: list[str] = (), **field
         raise ConfigError(f"synthesis config: {f'{key}: ' if key else ''}{str(e).splitlines()[0]}") from e
     except FileNotFoundError as e:
         raise ConfigError(f"synthesis config file not found: {yaml_path}") from e
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _nested(flat: dict[str, Any]) -> dict[str, Any]:

@@ -20,17 +20,19 @@ from __future__ import annotations
 import errno
 import glob
 import hashlib
+import importlib.util
 import io
 import json
 import tarfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from PIL import Image
-
-from nemo_viper.data.decoding import budget_size, fit_pixels, is_plain, to_rgb8
 from nemo_viper.errors import NemoViperError
+
+if TYPE_CHECKING:  # PIL is imported where images are decoded: listing (the launcher's count) needs no PIL
+    from PIL import Image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SKIMAGE_PHOTOS = (
@@ -121,6 +123,10 @@ def load_image(item: InputItem, max_pixels: int | None = None) -> LoadedImage | 
         return "symlink_loop" if e.errno == errno.ELOOP else "unreadable_file"
     if not data:
         return "empty_file"
+    from PIL import Image
+
+    from nemo_viper.data.decoding import budget_size, fit_pixels, is_plain, to_rgb8
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -140,9 +146,14 @@ def load_image(item: InputItem, max_pixels: int | None = None) -> LoadedImage | 
 
 
 def _skimage_pool() -> list[InputItem]:
-    import skimage
-
-    root = Path(skimage.__file__).parent / "data"
+    """The photos in scikit-image's package directory, found without importing scikit-image."""
+    try:
+        spec = importlib.util.find_spec("skimage")
+    except ImportError:
+        spec = None
+    if spec is None or spec.origin is None:
+        raise InputError("input skimage: scikit-image is not installed here")
+    root = Path(spec.origin).parent / "data"
     return [InputItem(f"skimage:{name.rsplit('.', 1)[0]}", str(root / name)) for name in SKIMAGE_PHOTOS]
 
 

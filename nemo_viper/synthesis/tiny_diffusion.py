@@ -23,10 +23,8 @@ from pathlib import Path
 import torch
 
 from nemo_viper.errors import ConfigError
+from nemo_viper.synthesis.config import TEXT_TO_IMAGE, TINY_PIPELINES
 
-TEXT_TO_IMAGE = "StableDiffusionPipeline"
-EDITOR = "StableDiffusionInstructPix2PixPipeline"
-TINY_PIPELINES = (TEXT_TO_IMAGE, EDITOR)
 
 
 def build_clip_tokenizer():

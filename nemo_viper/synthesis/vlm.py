@@ -74,13 +74,14 @@ def check_policy(config: VLMConfig) -> tuple[Path, Path | None]:
     from nemo_viper.models.hf_checkpoint import check_parallel_layout, read_qwen25_vl_config
     from nemo_viper.models.policy import Accelerator, check_precision
     from nemo_viper.models.checkpoint_dir import policy_paths
+    from nemo_viper.rollout.backends import check_installed as check_backend_installed
 
     check_precision(config.precision, config.fp8_recipe, config.layer_spec, Accelerator.detect())
     hf_dir, checkpoint = policy_paths(config.policy)
     if checkpoint is not None:
         read_checkpoint_metadata(checkpoint)
     check_parallel_layout(read_qwen25_vl_config(hf_dir), config.tensor_parallel, 1)
-    config.generation.check("vlm.generation.backend")
+    check_backend_installed(config.generation, "vlm.generation.backend")
     return hf_dir, checkpoint
 
 

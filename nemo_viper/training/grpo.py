@@ -26,12 +26,11 @@ per-rank statistics over the data-parallel ranks through the policy's
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from torch import Tensor
 
 from nemo_viper.algorithms import (
-    AdvantageConfig,
     ClippedPolicyLoss,
     LossNormalizer,
     PolicyLossConfig,
@@ -41,43 +40,11 @@ from nemo_viper.algorithms import (
     mask_truncated,
     truncated_importance_weights,
 )
-from nemo_viper.errors import ConfigError
-from nemo_viper.models.interfaces import OptimizerSettings, TrainablePolicy, TrainingBatch
+from nemo_viper.models.interfaces import TrainablePolicy, TrainingBatch
 from nemo_viper.rollout.interface import SamplingParams
 from nemo_viper.runtime.metrics import Metric, reduce_metrics, summary
+from nemo_viper.training.config import GRPOConfig
 from nemo_viper.training.rollout_batch import RolloutBatch
-
-
-@dataclass(frozen=True)
-class GRPOConfig:
-    """Update settings (the run config's ``rl.grpo`` section).
-
-    ``num_minibatches`` optimizer updates per rollout batch (SPEC: 512/128 = 4), each split into
-    micro-batches of ``micro_batch_size`` rows. ``dynamic_sampling`` (DAPO) masks out groups whose rewards
-    are all equal (the loop refills the batch first, see :mod:`nemo_viper.training.loop`);
-    ``overlong_filtering`` (DAPO) masks out responses cut at the length limit. ``advantage.normalize_by_std
-    = false`` is Dr.GRPO; ``loss.dual_clip_c`` the dual clip; ``loss.kl_beta > 0`` adds the KL penalty to a
-    frozen reference policy, which is then loaded (the starting policy of the stage).
-    ``importance_sampling_cap``: ``None`` (default) trains on the samples as if ``pi_old`` drew them; a
-    value ``C`` weights each token's advantage by ``min(pi_old / pi_sampler, C)`` (truncated importance
-    sampling against the generation backend's log-probs, e.g. vLLM's).
-    """
-
-    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
-    loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
-    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
-    num_minibatches: int = 4
-    micro_batch_size: int = 4
-    dynamic_sampling: bool = False
-    overlong_filtering: bool = False
-    importance_sampling_cap: float | None = None
-
-    def __post_init__(self):
-        for key in ("num_minibatches", "micro_batch_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
-        if self.importance_sampling_cap is not None and not self.importance_sampling_cap > 0:
-            raise ConfigError(f"importance_sampling_cap={self.importance_sampling_cap} must be > 0 (or None: off)")
 
 
 class GRPOLoss:

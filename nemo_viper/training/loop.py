@@ -20,25 +20,22 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol, Sequence
 
 import torch
 
 from nemo_viper.algorithms import dynamic_sampling_keep
-from nemo_viper.data.images import BACKENDS as IMAGE_BACKENDS
-from nemo_viper.data.images import ImageProcessingConfig
 from nemo_viper.data.task_prompt import TaskPrompt
-from nemo_viper.errors import ConfigError
 from nemo_viper.models.batch import PolicyBatch
 from nemo_viper.rewards import RewardBreakdown
 from nemo_viper.runtime.collectives import DataParallel, ReduceOp
 from nemo_viper.runtime.exit_signal import ExitRequested
 from nemo_viper.runtime.metrics import Metric, reduce_metrics
-from nemo_viper.rollout.interface import GenerationBackend, GenerationRequest, GenerationResponse, SamplingParams
+from nemo_viper.rollout.interface import GenerationBackend, GenerationRequest, GenerationResponse
 from nemo_viper.training.checkpointing import CheckpointManager
-from nemo_viper.training.grpo import GRPOConfig
+from nemo_viper.training.config import RLConfig
 from nemo_viper.training.metrics_log import MetricsLogger
 from nemo_viper.training.rollout_batch import RolloutBatch
 
@@ -81,66 +78,6 @@ class RewardModel(Protocol):
         self, responses: Sequence[str], ground_truths: Sequence[Sequence[str]], sample_ids: Sequence[str],
         truncated: Sequence[bool] | None = None,
     ) -> list[RewardBreakdown]: ...
-
-
-MIN_IMAGE_PIXELS = 28 * 28
-"""The smallest pixel budget of an image: one merged 2 x 2 block of Qwen's 14-pixel patches."""
-
-
-@dataclass(frozen=True)
-class RLConfig:
-    """One RL stage's settings: the run config's ``rl`` section (the paper's defaults; both stages alike).
-
-    - ``prompts_per_step``: prompts per rollout step over *all* data-parallel ranks (each draws its share);
-      ``n`` responses each (GRPO group size, >= 2).
-    - ``sampling``: how responses are drawn; ``sampling.seed`` is the stage's seed (request streams, prompt
-      order, generator); the update's log-probs are taken at ``sampling.temperature``.
-    - ``grpo``: the update (:class:`~nemo_viper.training.grpo.GRPOConfig`).
-    - ``max_sampling_tries``: with ``grpo.dynamic_sampling``, rollout rounds per step at most: after a round,
-      while some rank holds fewer than its share of groups with a reward spread, every rank draws its share
-      of prompts again (refill); what is still missing after the last round is filled with equal-reward
-      groups, which the update masks out.
-    - ``save_every``/``keep_last``: checkpoint period and how many checkpoints are kept.
-    - ``image_backend``, ``prefetch_prompts``: the stage's data path (image preprocessing backend, prompts
-      prepared ahead per rank).
-    - ``min_pixels``/``max_pixels``: the pixel budget of every RL image (prompts, rollouts and training),
-      whatever the checkpoint's processor says: Qwen's resize keeps each image's pixel count in this range
-      (defaults: :class:`~nemo_viper.data.images.ImageProcessingConfig`'s, synthesis's cap).
-    """
-
-    steps: int = 200
-    prompts_per_step: int = 512
-    n: int = 5
-    save_every: int = 50
-    keep_last: int = 2
-    max_sampling_tries: int = 3
-    image_backend: str = "auto"
-    prefetch_prompts: int = 16
-    min_pixels: int = ImageProcessingConfig.min_pixels
-    max_pixels: int = ImageProcessingConfig.max_pixels
-    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=1.0, max_new_tokens=1024, seed=0))
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
-
-    def __post_init__(self):
-        for key in ("steps", "prompts_per_step", "save_every", "keep_last", "max_sampling_tries", "prefetch_prompts"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
-        if self.n < 2:
-            raise ConfigError(f"n={self.n} must be >= 2 (a GRPO group needs 2 responses for an advantage)")
-        if self.sampling.seed is None:
-            raise ConfigError("sampling.seed=None: an RL stage needs a seed (it seeds requests and prompt order)")
-        if self.image_backend not in IMAGE_BACKENDS:
-            raise ConfigError(f"image_backend={self.image_backend!r} is not one of {IMAGE_BACKENDS}")
-        if not MIN_IMAGE_PIXELS <= self.min_pixels <= self.max_pixels:
-            raise ConfigError(f"min_pixels={self.min_pixels} must be >= {MIN_IMAGE_PIXELS} and <= max_pixels="
-                              f"{self.max_pixels}")
-
-    def prompts_per_rank(self, data_parallel: int) -> int:
-        """Each data-parallel rank's share of ``prompts_per_step``."""
-        if self.prompts_per_step % data_parallel:
-            raise ConfigError(f"prompts_per_step={self.prompts_per_step} is not divisible by the data-parallel "
-                              f"size {data_parallel}")
-        return self.prompts_per_step // data_parallel
 
 
 def request_seed(base: int, step: int, prompt_index: int) -> int:

@@ -31,7 +31,8 @@ from nemo_viper.runtime.collectives import DataParallel
 from nemo_viper.runtime.exit_signal import parse_signal
 from nemo_viper.rollout.interface import SamplingParams
 from nemo_viper.training.grpo import GRPOConfig, GRPOTrainer
-from nemo_viper.rollout.backends import GenerationBackendConfig
+from nemo_viper.rollout.backends import check_installed as check_backend_installed
+from nemo_viper.rollout.config import GenerationBackendConfig, check_rollout_layout
 from nemo_viper.synthesis.config import VLMConfig
 from nemo_viper.training.loop import RLConfig
 from nemo_viper.training.trackers import LoggerConfig
@@ -40,15 +41,6 @@ from nemo_viper.training.trackers import check_installed as check_trackers_insta
 log = logging.getLogger(__name__)
 
 STAGE_TASKS = {1: "caption_refine", 2: "visual_op"}
-
-
-def check_rollout_layout(backend: str, pipeline_parallel: int) -> None:
-    """The generation backend can serve a policy split into ``pipeline_parallel`` stages: the Megatron backend
-    generates on the policy's own modules, so on one stage only; vLLM holds the whole model per engine,
-    refitted from every stage. A one-line ``ConfigError`` otherwise (checked before any job starts)."""
-    if pipeline_parallel > 1 and backend != "vllm":
-        raise ConfigError(f"parallel.pipeline={pipeline_parallel} needs rollout.backend=vllm (rollout.backend="
-                          f"{backend} generates on the policy's own layers, which pipeline parallelism splits)")
 
 
 @dataclass(frozen=True)
@@ -146,7 +138,7 @@ def run_stage(config: StageConfig, exit_signal=None) -> list[dict]:
     config.rl.prompts_per_rank(ParallelLayout(config.tensor_parallel, config.pipeline_parallel).data_parallel(world))
     image_config = rl_image_config(hf_dir, config.rl.min_pixels, config.rl.max_pixels)
     image_backend = resolve_backend(config.rl.image_backend)
-    config.rollout.check("rollout.backend")
+    check_backend_installed(config.rollout, "rollout.backend")
     check_trackers_installed(config.logger)
 
     from megatron.core import parallel_state  # heavy imports only after the checks above

@@ -47,8 +47,8 @@ def test_unknown_backend_and_missing_vllm_are_one_line(monkeypatch):
         GenerationBackendConfig(backend="sglang")
     monkeypatch.setattr(backends, "require_vllm", lambda key: (_ for _ in ()).throw(ConfigError(f"{key} needs")))
     with pytest.raises(ConfigError, match="rollout.backend needs"):
-        GenerationBackendConfig(backend="vllm").check("rollout.backend")
-    GenerationBackendConfig().check("rollout.backend")  # megatron needs nothing more
+        backends.check_installed(GenerationBackendConfig(backend="vllm"), "rollout.backend")
+    backends.check_installed(GenerationBackendConfig(), "rollout.backend")  # megatron needs nothing more
 
 
 @pytest.mark.parametrize("stage", [1, 2])

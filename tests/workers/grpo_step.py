@@ -51,7 +51,7 @@ from nemo_viper.models.logprobs import vocab_parallel_token_logprobs
 from nemo_viper.models.policy import PolicyConfig, build_policy
 from nemo_viper.models.processor import load_processor
 from nemo_viper.training.checkpointing import CheckpointManager
-from nemo_viper.models.interfaces import OptimizerSettings
+from nemo_viper.models.config import OptimizerSettings
 from nemo_viper.training.grpo import GRPOConfig
 from nemo_viper.training.stage import build_trainer
 from nemo_viper.training.rollout_batch import RolloutBatch

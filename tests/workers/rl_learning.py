@@ -16,7 +16,7 @@ from nemo_viper.models.processor import load_processor
 from nemo_viper.rewards import RewardBreakdown
 from nemo_viper.rollout import SamplingParams
 from nemo_viper.rollout.megatron_backend import MegatronGenerationBackend, MegatronGenerationConfig
-from nemo_viper.models.interfaces import OptimizerSettings
+from nemo_viper.models.config import OptimizerSettings
 from nemo_viper.training.grpo import GRPOConfig
 from nemo_viper.training.stage import build_trainer
 from nemo_viper.data.task_prompt import TaskPrompt

@@ -21,7 +21,7 @@ from nemo_viper.models.logprobs import compute_logprobs
 from nemo_viper.models.policy import PolicyConfig
 from nemo_viper.rewards import RewardBreakdown
 from nemo_viper.rollout import SamplingParams
-from nemo_viper.models.interfaces import OptimizerSettings
+from nemo_viper.models.config import OptimizerSettings
 from nemo_viper.training.grpo import GRPOConfig
 from nemo_viper.training.stage import build_trainer
 from nemo_viper.training.loop import assemble_rollout

@@ -1,0 +1,65 @@
+"""The launcher's commands (``launch --dry-run``, ``status``, ``plan``) load no training stack: they run from the
+slim ``launcher`` install (README, "Submitting from a workstation").
+
+They run in a fresh interpreter with an import blocker: a ``sys.meta_path`` finder that raises on torch,
+transformers, megatron, vllm, PIL, skimage or numpy when the import comes from the project's own code
+(``nemo_viper``, ``launcher/``, ``recipes/``). Imports that NeMo-Run's own dependencies make are let through:
+NeMo-Run is the launcher's dependency, and what it loads is its business.
+"""
+
+import subprocess
+import sys
+
+from launch import REPO
+from test_import_graph import package_dirs
+
+BLOCKED = ("torch", "transformers", "megatron", "vllm", "PIL", "skimage", "numpy")
+
+_BLOCKER = """
+import sys
+
+BLOCKED = set({blocked!r})
+PROJECT = tuple({project!r})
+
+
+class ProjectImportBlocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] not in BLOCKED:
+            return None
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename.startswith("<frozen"):
+            frame = frame.f_back  # importlib's own frames
+        if frame is not None and frame.f_code.co_filename.startswith(PROJECT):
+            raise ImportError(f"{{name}} imported by {{frame.f_code.co_filename}}:{{frame.f_lineno}}")
+        return None
+
+
+sys.meta_path.insert(0, ProjectImportBlocker())
+from nemo_viper.cli import main
+
+for argv in {commands!r}:
+    print("$ nemo-viper", *argv, flush=True)
+    assert main(argv) == 0, argv
+"""
+
+
+def test_launch_status_and_plan_import_no_training_stack(tmp_path):
+    from nemo_viper.config import to_yaml
+    from nemo_viper.recipes import recipe
+
+    fresh = tmp_path / "fresh"  # a run dir as `launch` leaves it before any job ran: only its resolved config
+    (fresh / "config").mkdir(parents=True)
+    (fresh / "config" / "viper.yaml").write_text(to_yaml(recipe("tiny", f"run_dir={fresh}")))
+    commands = [
+        ["launch", "--recipe", "tiny", "--executor", "slurm", "--dry-run", "cluster=slurm", f"run_dir={tmp_path / 'run'}"],
+        ["status", str(fresh)],
+        ["plan", "--recipe", "qwen25vl_3b"],
+    ]
+    project = [str(path) + "/" for path in package_dirs().values()]
+    script = _BLOCKER.format(blocked=BLOCKED, project=project, commands=commands)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    out = result.stdout
+    assert out.count("#SBATCH --account=my_account") >= 5  # one sbatch script per phase
+    assert "round1.rl2     pending" in out and "export         pending" in out
+    assert "every phase fits 80 GiB" in out
