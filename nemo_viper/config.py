@@ -4,13 +4,13 @@ As in Megatron-Bridge and NeMo-RL, each section is the dataclass of the code it 
 default and every allowed value is written once, in that dataclass:
 
 ==============  ==============================================================================
-``model``       :class:`ModelSection` = :class:`~nemo_viper.models.policy.PolicyOptions` (precision, FP8
+``model``       :class:`ModelSection` = :class:`~nemo_viper.models.config.PolicyOptions` (precision, FP8
                 recipe, layer spec, freezing) + the starting checkpoint ``hf_path``
 ``parallel``    :class:`ParallelSection`: Megatron layout and the ranks of the RL jobs
-``rl``          :class:`~nemo_viper.training.loop.RLConfig`: steps, batch, ``rl.sampling``
+``rl``          :class:`~nemo_viper.training.config.RLConfig`: steps, batch, ``rl.sampling``
                 (:class:`~nemo_viper.rollout.SamplingParams`), ``rl.grpo``
-                (:class:`~nemo_viper.training.grpo.GRPOConfig`: ``advantage``, ``loss``, ``optimizer``)
-``rollout``     :class:`~nemo_viper.rollout.backends.GenerationBackendConfig`: the RL jobs' generation
+                (:class:`~nemo_viper.training.config.GRPOConfig`: ``advantage``, ``loss``, ``optimizer``)
+``rollout``     :class:`~nemo_viper.rollout.config.GenerationBackendConfig`: the RL jobs' generation
                 engine (``megatron`` or ``vllm``) and each engine's settings under its name
 ``reward``      :class:`~nemo_viper.rewards.RewardConfig`
 ``synthesis``   keys of :class:`~nemo_viper.synthesis.config.SynthConfig` (partial: its presets apply first)

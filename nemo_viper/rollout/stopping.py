@@ -42,7 +42,7 @@ def cut_at_stop_string(text: str, stop_strings: Sequence[str], include: bool) ->
 
 def response_texts(tokenizer, token_lists: list[list[int]], params: list[SamplingParams], stopped: list[bool]) -> list[str]:
     """The interface's text of each response: its tokens decoded at once (special tokens skipped), cut at its
-    stop string when ``stopped`` at one (see :class:`~nemo_viper.rollout.interface.SamplingParams`)."""
+    stop string when ``stopped`` at one (see :class:`~nemo_viper.rollout.config.SamplingParams`)."""
     texts = tokenizer.batch_decode(token_lists, skip_special_tokens=True)
     return [
         cut_at_stop_string(text, p.stop_strings, p.include_stop_string) if stop else text

@@ -81,7 +81,7 @@ class VLMConfig:
     ``temperature`` 0 decodes greedily (captions greedy); > 0 samples with a seed per sample and
     step. ``max_pixels`` downscales images (aspect kept) before the processor; ``None`` leaves it to the
     processor's own budget. ``*_tokens`` bound each step's answer. ``generation``: the engine
-    (:class:`~nemo_viper.rollout.backends.GenerationBackendConfig`, as the RL stages' ``rollout``):
+    (:class:`~nemo_viper.rollout.config.GenerationBackendConfig`, as the RL stages' ``rollout``):
     ``generation.backend: megatron`` generates on the policy itself, ``vllm`` on a vLLM engine loaded once
     from the policy's weights (Megatron-Bridge's HF export, streamed; no refit afterwards: synthesis never
     updates the policy), each step's prompts of a chunk in one continuously batched call

@@ -58,7 +58,7 @@ class RLConfig:
       ``n`` responses each (GRPO group size, >= 2).
     - ``sampling``: how responses are drawn; ``sampling.seed`` is the stage's seed (request streams, prompt
       order, generator); the update's log-probs are taken at ``sampling.temperature``.
-    - ``grpo``: the update (:class:`~nemo_viper.training.grpo.GRPOConfig`).
+    - ``grpo``: the update (:class:`~nemo_viper.training.config.GRPOConfig`).
     - ``max_sampling_tries``: with ``grpo.dynamic_sampling``, rollout rounds per step at most: after a round,
       while some rank holds fewer than its share of groups with a reward spread, every rank draws its share
       of prompts again (refill); what is still missing after the last round is filled with equal-reward
@@ -68,7 +68,7 @@ class RLConfig:
       prepared ahead per rank).
     - ``min_pixels``/``max_pixels``: the pixel budget of every RL image (prompts, rollouts and training),
       whatever the checkpoint's processor says: Qwen's resize keeps each image's pixel count in this range
-      (defaults: :class:`~nemo_viper.data.images.ImageProcessingConfig`'s, synthesis's cap).
+      (defaults: :class:`~nemo_viper.data.image_config.ImageProcessingConfig`'s, synthesis's cap).
     """
 
     steps: int = 200
