@@ -27,6 +27,7 @@ from nemo_viper.models.hf_checkpoint import check_parallel_layout, read_qwen25_v
 from nemo_viper.runtime.distributed import ParallelLayout
 from nemo_viper.models.policy import PolicyOptions
 from nemo_viper.rewards import RewardConfig
+from nemo_viper.runtime import collectives
 from nemo_viper.runtime.collectives import DataParallel
 from nemo_viper.runtime.exit_signal import parse_signal
 from nemo_viper.rollout.interface import SamplingParams
@@ -287,7 +288,7 @@ class _AcrossRounds:
         existing = read_set(self.dir)
         if config.progress_start:
             self.fixed = choose_set(existing, own)
-            dist.barrier()  # every rank has read the file before rank 0 replaces it
+            collectives.barrier()  # every rank has read the file before rank 0 replaces it
             if dist.get_rank() == 0 and self.fixed != existing:
                 write_set(self.dir, self.fixed)
         elif existing is None:
