@@ -264,8 +264,7 @@ def cmd_run(args) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from nemo_viper.local_run import run_local
-    from nemo_viper.orchestration import plan
-    from nemo_viper.report import write_report
+    from nemo_viper.orchestration import RunPaths, plan
 
     config = _recipe_config(args)
     console = Console()
@@ -281,8 +280,15 @@ def cmd_run(args) -> None:
             console.print(f"{phase.name:<16} {'already done' if status == 'skip' else 'done'}")
 
         run_local(config, on_phase=show, start=args.start)
-    report = write_report(config.run_dir, config.rounds, config.reward.alert_gap, config.logger.alerts)
-    console.print(f"run report: {report}")
+    console.print(f"run report: {RunPaths(config.run_dir).report / 'report.md'}")
+
+
+def cmd_report(args) -> None:
+    from nemo_viper.orchestration import load_run_config
+    from nemo_viper.report import write_report
+
+    config = load_run_config(args.run_dir)
+    print(f"run report: {write_report(args.run_dir, config.rounds, config.reward.alert_gap, config.logger.alerts)}")
 
 
 def cmd_config(args) -> None:
@@ -569,6 +575,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="read the run and Slurm through a login node, as the launch did (host, user, port, "
                         "identity)")
     status.set_defaults(func=cmd_status)
+
+    report = commands.add_parser("report", help="write a run's report (RUN_DIR/report: tables, plots, alerts, "
+                                 "samples) from what its phases have written so far; the run's last phase")
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.set_defaults(func=cmd_report)
 
     restore = commands.add_parser("restore", help="put back the outputs a rerun with a changed value set aside "
                                   "(<out>.superseded-<hash>), with the record they were finished with")

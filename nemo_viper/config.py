@@ -118,6 +118,7 @@ class PhaseTimes:
     export: str = "01:00:00"
     eval: str = "08:00:00"  # one benchmark shard job (nemo-viper eval on some of the 7 tasks)
     eval_data: str = "00:30:00"  # tiny benchmark copies (embedded default only)
+    report: str = "00:15:00"  # the run report (CPU only)
 
 
 @dataclass
@@ -156,6 +157,7 @@ class PhaseJobOptions:
     export: JobOptions = field(default_factory=JobOptions)
     eval: JobOptions = field(default_factory=JobOptions)
     eval_data: JobOptions = field(default_factory=JobOptions)
+    report: JobOptions = field(default_factory=JobOptions)
 
 
 @dataclass

@@ -5,7 +5,7 @@ and writes files under ``run_dir``::
 
     prepare (tiny only) [-> eval_data (tiny copies) -> eval (base model)]
         ->  round r:  synth1 (N shard tasks) -> rl1 -> synth2 (N shard tasks) -> rl2 [-> round r.eval]
-        ->  export (last round): HF checkpoint of the final policy
+        ->  export (last round): HF checkpoint of the final policy  ->  report: ``run_dir/report``
 
 The bracketed benchmark phases run with ``eval.enabled`` (``nemo-viper eval``, ``eval.num_shards`` jobs,
 then a collect job); the next round waits for them, so the guard (``eval.guard_max_drop``) can stop it.
@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -42,7 +42,7 @@ class Phase:
     """One job: ``nemo-viper <args>`` on ``nodes`` x ``ranks_per_node`` processes (torchrun if ``distributed``).
 
     ``tasks`` independent copies run with ``--shard-index i --num-shards tasks`` appended (synthesis).
-    ``kind`` (prepare, synth, rl, export), ``out`` and ``steps`` (RL) say what its finished outputs are
+    ``kind`` (prepare, synth, rl, export, eval, eval_data, report), ``out`` and ``steps`` (RL) say what its finished outputs are
     (:func:`nemo_viper.run_state.output_problem`); ``settings`` is the configuration it reads from files
     (part of its fingerprint).
     """
@@ -101,6 +101,11 @@ class RunPaths:
     @property
     def final_hf(self) -> Path:
         return self.root / "final_hf"
+
+    @property
+    def report(self) -> Path:
+        """The run report (``nemo-viper report``): ``report.md`` and its plots."""
+        return self.root / "report"
 
 
 def _eval_phases(config: ViperConfig, name: str, model: str, previous: str | None, after: str | None) -> list[Phase]:
@@ -197,6 +202,10 @@ def plan(config: ViperConfig) -> list[Phase]:
     phases.append(Phase("export", ("convert", "export", "--ckpt", policy, "--out", str(paths.final_hf)),
                         depends_on=(previous,), kind="export", out=str(paths.final_hf),
                         gpus_per_node=config.cluster.export_gpus if gpus else 0))
+    report_settings = {"rounds": config.rounds, "reward": {"alert_gap": config.reward.alert_gap},
+                       "logger": {"alerts": asdict(config.logger.alerts)}}
+    phases.append(Phase("report", ("report", str(paths.root)), depends_on=("export",), kind="report",
+                        out=str(paths.report), settings=OmegaConf.to_yaml(OmegaConf.create(report_settings))))
     return phases
 
 

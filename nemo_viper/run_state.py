@@ -117,6 +117,8 @@ def output_problem(phase: Phase) -> str | None:
         return _dataset_problem(out) if out.exists() else "not started"
     if phase.kind == "rl":
         return _rl_problem(out, phase.steps)
+    if phase.kind == "report":
+        return None if (out / "report.md").is_file() else "not started"
     if phase.kind in ("eval", "eval_data"):
         from nemo_viper.evaluation.results import eval_output_problem
 

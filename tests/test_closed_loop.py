@@ -65,7 +65,7 @@ def test_tiny_loop_survives_a_kill_after_rl_stage1(tmp_path):
     for phase in ("prepare", "eval_data", "round1.synth1", "round1.rl1"):
         assert f"{phase}" in output and "already done" in output.split(phase, 1)[1].splitlines()[0], phase
     assert finished(run_dir) == ["prepare", "eval_data", "eval", "round1.synth1", "round1.rl1", "round1.synth2",
-                                 "round1.rl2", "round1.eval", "export"]
+                                 "round1.rl2", "round1.eval", "export", "report"]
     assert (run_dir / "round1" / "synth1" / "manifest.json").read_text() == stage1_manifest
     assert (run_dir / "round1" / "rl1" / "checkpoints" / "latest").stat().st_mtime == rl1_latest
 

@@ -127,7 +127,7 @@ def test_every_string_key_is_refused_or_carried_safely(tmp_path, monkeypatch):
 
     monkeypatch.setenv("PATH", slurm.env()["PATH"])
     output = launch(config)
-    assert "Slurm job" in output and len(slurm.calls("sbatch")) == 5
+    assert "Slurm job" in output and len(slurm.calls("sbatch")) == 6  # synth1 .. export and the report
     assert not list(trap.iterdir()), "a command planted in a config value ran during submission"
     # The RL jobs read the reward model from the run's config file: the value arrives there intact.
     assert compose(f"{config.run_dir}/config/viper.yaml").reward.embedding_model == accepted["reward.embedding_model"]

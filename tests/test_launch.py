@@ -21,11 +21,12 @@ def test_plan_chains_the_loop():
     config = recipe("tiny", "rounds=2", "run_dir=/tmp/x")
     names = [p.name for p in plan(config)]
     assert names == ["prepare", "round1.synth1", "round1.rl1", "round1.synth2", "round1.rl2",
-                     "round2.synth1", "round2.rl1", "round2.synth2", "round2.rl2", "export"]
+                     "round2.synth1", "round2.rl1", "round2.synth2", "round2.rl2", "export", "report"]
     phases = {p.name: p for p in plan(config)}
     assert phases["round2.synth1"].args[phases["round2.synth1"].args.index("--policy") + 1] == "/tmp/x/round1/rl2"
     assert phases["round1.synth2"].args[phases["round1.synth2"].args.index("--policy") + 1] == "/tmp/x/round1/rl1"
-    assert phases["export"].depends_on == ("round2.rl2",)
+    assert phases["export"].depends_on == ("round2.rl2",) and phases["report"].depends_on == ("export",)
+    assert phases["report"].args == ("report", "/tmp/x")
 
 
 def test_policy_building_settings_reach_rl_and_synthesis(tmp_path):
@@ -72,7 +73,7 @@ def test_slurm_dry_run(name, nodes, tensor, tmp_path, capsys):
                  "cluster.exit_signal=SIGUSR2", "cluster.exit_signal_lead_s=900", *MODELS]) == 0
     output = capsys.readouterr().out
     scripts = _scripts(output)
-    assert sorted(scripts) == ["export", "round1-rl1", "round1-rl2", "round1-synth1", "round1-synth2"]
+    assert sorted(scripts) == ["export", "report", "round1-rl1", "round1-rl2", "round1-synth1", "round1-synth2"]
     assert not run_dir.exists(), "a dry run writes nothing"
     mounts = {"/models/Qwen-Image", "/models/Qwen-Image-Edit", f"/models/Qwen2.5-VL-{name[-2:].upper()}-Instruct",
               "/models/bge-m3", "/data/viper/images", str(run_dir)}
@@ -108,6 +109,9 @@ def test_slurm_dry_run(name, nodes, tensor, tmp_path, capsys):
     assert "#SBATCH --dependency='afterok:<round1-synth2>'" in scripts["round1-rl2"]
     assert "#SBATCH --dependency='afterok:<round1-rl2>'" in scripts["export"]
     assert "#SBATCH --time=01:00:00" in scripts["export"] and "#SBATCH --gpus-per-node=1" in scripts["export"]
+    report = scripts["report"]  # the run report, on CPUs once the export is done
+    assert "#SBATCH --dependency='afterok:<export>'" in report and "#SBATCH --time=00:15:00" in report
+    assert "--gpus-per-node" not in report and ["python", "-m", "nemo_viper.cli", "report", str(run_dir)] in _task_commands(report)
 
 
 def test_config_error_before_any_work(capsys, tmp_path):
@@ -192,7 +196,7 @@ def test_launch_submits_only_unfinished_phases(partial_7b):
     output = launch(recipe("qwen25vl_7b", *partial_7b), dry_run=True)
     assert re.search(r"skip\s+round1\.synth1\s+done", output) and re.search(r"skip\s+round1\.rl1\s+done", output)
     scripts = _scripts(output)
-    assert sorted(scripts) == ["export", "round1-rl2", "round1-synth2"]
+    assert sorted(scripts) == ["export", "report", "round1-rl2", "round1-synth2"]
     assert "--dependency" not in scripts["round1-synth2"]  # round1.rl1 is done: nothing to wait for
     assert "#SBATCH --dependency='afterok:<round1-synth2>'" in scripts["round1-rl2"]
 
@@ -202,7 +206,7 @@ def test_changed_value_reruns_what_it_affects(partial_7b):
     states = phase_states(plan(config), config.run_dir)
     assert states["round1.synth1"].done  # synthesis does not read rl.grpo.optimizer.lr
     assert not states["round1.rl1"].done and states["round1.rl1"].stale
-    assert sorted(_scripts(launch(config, dry_run=True))) == ["export", "round1-rl1", "round1-rl2", "round1-synth2"]
+    assert sorted(_scripts(launch(config, dry_run=True))) == ["export", "report", "round1-rl1", "round1-rl2", "round1-synth2"]
     config = recipe("qwen25vl_7b", *partial_7b, "cluster.time.rl=48:00:00", "synthesis.num_shards=8")
     assert all(phase_states(plan(config), config.run_dir)[n].done for n in ("round1.synth1", "round1.rl1"))
 
@@ -221,7 +225,7 @@ def test_recorded_phase_whose_outputs_do_not_verify_is_pending(partial_7b, tmp_p
 def test_from_forces_a_restart_point(partial_7b, tmp_path, capsys):
     config = recipe("qwen25vl_7b", *partial_7b)
     output = launch(config, dry_run=True, start="round1.rl1")
-    assert sorted(_scripts(output)) == ["export", "round1-rl1", "round1-rl2", "round1-synth2"]
+    assert sorted(_scripts(output)) == ["export", "report", "round1-rl1", "round1-rl2", "round1-synth2"]
     assert re.search(r"submit\s+round1\.rl1\s+forced \(--from round1\.rl1\)", output)
     assert (tmp_path / "run" / "round1" / "rl1" / "checkpoints").is_dir(), "a dry run moves nothing"
     assert main(["launch", "--recipe", "qwen25vl_7b", "--dry-run", "--from", "round9.rl1", *partial_7b]) == 2

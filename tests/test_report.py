@@ -98,3 +98,27 @@ def test_report_scores_the_starting_policy_and_every_round_on_the_fixed_set(tmp_
     assert rows[2] == ("| round2 | `round2/rl2/checkpoints/step_0000008` | 0.625 | +0.375 | 0.375 | +0.125 | 0.250 | "
                        "0.500 | 42.50 |")
     assert "![across rounds](across_rounds.png)" in section and (tmp_path / "report" / "across_rounds.png").is_file()
+
+
+def test_the_report_phase_writes_the_report_with_the_runs_own_settings(tmp_path):
+    """The plan's last phase, ``nemo-viper report RUN_DIR`` (a Slurm job under ``launch``): it reads ``rounds``
+    and the alert thresholds from the run's config files, and its output verifies only once written."""
+    from nemo_viper.cli import main
+    from nemo_viper.orchestration import plan, write_run_files
+    from nemo_viper.recipes import recipe
+    from nemo_viper.run_state import output_problem
+
+    collapsing = [{"step": s, "reward/mean": 0.38 + 0.035 * s, "reward/format": 0.81 if s < 4 else 0.09}
+                  for s in range(1, 9)]
+    for r in (1, 2):
+        write_stage(tmp_path / f"round{r}" / "rl2", collapsing)
+    for overrides, alerted in ((["logger.alerts.part_drop=0.3"], True), (["logger.alerts.part_drop=0.9"], False)):
+        config = recipe("tiny", f"run_dir={tmp_path}", "rounds=2", *overrides)
+        write_run_files(config)
+        report = plan(config)[-1]
+        assert (report.name, report.kind, report.depends_on) == ("report", "report", ("export",))
+        assert output_problem(report) == ("not started" if alerted else None)
+        assert main(list(report.args)) == 0
+        assert output_problem(report) is None
+        text = (tmp_path / "report" / "report.md").read_text()
+        assert "## Round 2" in text and ("**Alerts (rl2):**" in text) == alerted

@@ -146,7 +146,7 @@ def test_a_failed_rerun_with_a_changed_value_keeps_later_outputs_and_restore_bri
     from nemo_viper.cli import main
 
     config = recipe("tiny", f"run_dir={tmp_path}")
-    assert run_local(config)[-1] == "export"
+    assert run_local(config)[-2:] == ["export", "report"]
     finished = RunState(tmp_path).read()["phases"]
 
     marker_phases.add("round1.rl1")
@@ -154,7 +154,7 @@ def test_a_failed_rerun_with_a_changed_value_keeps_later_outputs_and_restore_bri
     with pytest.raises(NemoViperError, match="phase round1.rl1 failed"):
         run_local(changed)
     after = RunState(tmp_path).read()
-    for later in ("round1.synth2", "round1.rl2", "export"):  # not started: outputs and records untouched
+    for later in ("round1.synth2", "round1.rl2", "export", "report"):  # not started: outputs and records untouched
         assert after["phases"][later] == finished[later]
     for out in ("round1/synth2", "round1/rl2", "final_hf"):
         assert (tmp_path / out / "marker").is_file()

@@ -94,4 +94,4 @@ def test_installed_wheel_launches_a_dry_run_from_the_root_directory(installed, t
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     phases = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("submit ")]
-    assert phases == ["prepare", "round1.synth1", "round1.rl1", "round1.synth2", "round1.rl2", "export"], result.stdout
+    assert phases == ["prepare", "round1.synth1", "round1.rl1", "round1.synth2", "round1.rl2", "export", "report"], result.stdout

@@ -13,7 +13,7 @@ def test_plan_evaluates_base_once_and_every_round_before_the_next():
     phases = {p.name: p for p in orchestration.plan(config)}
     assert list(phases) == ["prepare", "eval_data", "eval", "round1.synth1", "round1.rl1", "round1.synth2",
                             "round1.rl2", "round1.eval", "round2.synth1", "round2.rl1", "round2.synth2",
-                            "round2.rl2", "round2.eval", "export"]
+                            "round2.rl2", "round2.eval", "export", "report"]
     assert phases["round2.synth1"].depends_on == ("round1.eval",)  # the guard runs before the next round
     base, round1 = phases["eval"].args, phases["round1.eval"].args
     assert base[base.index("--model") + 1] == "/r/base_model" and "--guard-against" not in base
@@ -51,7 +51,7 @@ def test_plan_shards_benchmarks_into_gpu_jobs_and_collects():
     assert collect.depends_on == ("round1.eval",) and collect.args[:3] == ("eval", "--collect", "/r/eval/round1")
     assert "--guard-against" in collect.args and "--guard-against" not in phases["round1.eval"].args
     assert "eval" not in recipe("qwen25vl_7b").eval.tasks  # sanity: task names, not phases
-    assert [p.name for p in orchestration.plan(recipe("qwen25vl_7b", "run_dir=/r"))][-1] == "export"
+    assert [p.name for p in orchestration.plan(recipe("qwen25vl_7b", "run_dir=/r"))][-2:] == ["export", "report"]
 
 
 def test_guard_stop_skips_later_rounds_and_still_exports(tmp_path, monkeypatch):
@@ -72,7 +72,7 @@ def test_guard_stop_skips_later_rounds_and_still_exports(tmp_path, monkeypatch):
     monkeypatch.setattr("nemo_viper.local_run.clear_for_rerun", lambda selected, states, run_dir: [])
     monkeypatch.setattr("nemo_viper.doctor.check", lambda config, phase: [])
     local_run.run_local(config)
-    assert ran[-3:] == ["round2.rl2", "round2.eval", "export"] and not any(n.startswith("round3") for n in ran)
+    assert ran[-4:] == ["round2.rl2", "round2.eval", "export", "report"] and not any(n.startswith("round3") for n in ran)
     assert orchestration.stopped_after_round(tmp_path) == 2
     finished = RunState(tmp_path).read()["phases"]
     assert "round2.eval" in finished and "export" in finished
