@@ -114,7 +114,7 @@ def _slurm_executor(config: ViperConfig, phase: Phase):
         gres=options.gres,
         mem=options.mem,
         cpus_per_task=options.cpus_per_task,
-        srun_args=list(options.srun_args) or None,
+        srun_args=_srun_args(config, options) or None,
         setup_lines=cluster.setup or None,
         exclusive=True if phase.kind == "rl" and cluster.exclusive_rl else None,
         array=(f"0-{phase.tasks - 1}" + (f"%{cluster.synthesis_max_parallel}" if cluster.synthesis_max_parallel else "")
@@ -134,6 +134,14 @@ def _slurm_executor(config: ViperConfig, phase: Phase):
         executor.additional_parameters["hold"] = True
     executor.job_details = SlurmJobDetails(folder=str(Path(config.run_dir).absolute() / "logs" / phase.name))
     return executor
+
+
+def _srun_args(config: ViperConfig, options) -> list[str]:
+    """The job step's ``srun`` arguments: without a container, the run dir as its working directory (NeMo-Run's own
+    ``--chdir`` names a code directory that its plain packager does not create, and slurmstepd logs an error before
+    falling back to /tmp; srun takes the last ``--chdir``), then the site's ``cluster.options.<kind>.srun_args``."""
+    chdir = ["--chdir", str(Path(config.run_dir).absolute())] if config.cluster.container_image is None else []
+    return [*chdir, *options.srun_args]
 
 
 def _tunnel(ssh: SSHSection, job_dir: Path):

@@ -165,6 +165,10 @@ def validate_cluster(config: ViperConfig, check_paths: bool) -> None:
         if cluster.container_image == "":
             raise ConfigError("cluster.container_image is required with cluster.executor='slurm': the project image "
                               "(README, 'Running on Slurm'), or null for jobs without a container (cluster.setup)")
+        if cluster.container_image is None and cluster.code == "package":
+            raise ConfigError("cluster.code='package' runs the shipped code inside the container image; with "
+                              "cluster.container_image=null the jobs run the project that cluster.setup's environment "
+                              "has installed (cluster.code=image)")
         if cluster.container_image is not None and not SAFE_IMAGE.fullmatch(cluster.container_image):  # NeMo-Run pastes it into srun's command unquoted
             raise ConfigError(f"cluster.container_image={cluster.container_image!r} is not a squashfs path or an "
                               "image reference (letters, digits and . _ / : @ # + = -)")

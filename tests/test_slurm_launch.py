@@ -56,7 +56,7 @@ def test_site_options_per_phase_kind_and_jobs_without_a_container_render(overrid
                  "#SBATCH --mem=0", "#SBATCH --exclusive"):
         assert line + "\n" in rl, line
     assert "--gpus-per-node" not in rl  # 0: requested through gres instead
-    assert re.search(r"^srun .* --wait=60 --kill-on-bad-exit=1 --mpi=pmix --cpu-bind=none torchrun ", rl, re.M)
+    assert re.search(r"^srun .* --wait=60 --kill-on-bad-exit=1 --chdir \S+ --mpi=pmix --cpu-bind=none torchrun ", rl, re.M)
     assert "#SBATCH --mem=64G\n" in synth and "#SBATCH --qos=low\n" in synth and "--mpi=pmix" not in synth
     assert "#SBATCH --gpus-per-node=1\n" in synth  # the plan's GPUs where the site sets none
     assert "--qos" not in export and "--mem" not in export  # options belong to their kind only
@@ -64,7 +64,9 @@ def test_site_options_per_phase_kind_and_jobs_without_a_container_render(overrid
         assert "#SBATCH --kill-on-invalid-dep=yes\n" in text  # dependents of a failed job are cancelled
         assert "--container-image" not in text and "--container-mounts" not in text
         assert "\nmodule load cuda/12 && source /shared/venv/bin/activate\n" in text.split("# Command 1")[0]
-        assert "--chdir " in text
+        # NeMo-Run's --chdir names a code dir its plain packager never creates: the run dir's, last, wins in srun
+        srun = next(line for line in text.splitlines() if line.startswith("srun "))
+        assert srun.rsplit("--chdir ", 1)[1].split()[0] == str(tmp_path / "run")
 
 
 @pytest.mark.parametrize("override,message", [
@@ -74,9 +76,10 @@ def test_site_options_per_phase_kind_and_jobs_without_a_container_render(overrid
     ("cluster.options.synth.sbatch.mem=1G", "or cluster.options.synth.mem"),
     ("cluster.options.rl.cpus_per_task=0", "cpus_per_task=0 must be >= 1"),
     ("cluster.container_image=''", "or null for jobs without a container"),
+    ("cluster.code=package cluster.container_image=null", "cluster.code='package' runs the shipped code inside"),
 ])
 def test_bad_site_options_are_rejected_before_anything_is_submitted(override, message, overrides, tmp_path, capsys):
-    assert main(["launch", "--recipe", "qwen25vl_3b", *overrides, override]) == 2
+    assert main(["launch", "--recipe", "qwen25vl_3b", *overrides, *override.split()]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
