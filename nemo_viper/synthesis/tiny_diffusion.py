@@ -37,14 +37,20 @@ def build_clip_tokenizer():
     bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
     bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    alphabet = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"()-")
+    corpus = list(training_corpus())
+    # The trainer creates each word-final token ("e</w>") the first time it meets it in a hash map, so their ids,
+    # and the merges that tie on counts (broken by id), changed from one build to the next: another tokenizer,
+    # other images, other shards for the same seed. Reserved up front, in sorted order, their ids are fixed.
+    characters = sorted(set(alphabet) | set(bpe.normalizer.normalize_str("".join(corpus))) - set(" \t\n"))
     trainer = trainers.BpeTrainer(
         vocab_size=600,
-        special_tokens=["<|startoftext|>", "<|endoftext|>"],
+        special_tokens=["<|startoftext|>", "<|endoftext|>", *(f"{c}</w>" for c in characters)],
         end_of_word_suffix="</w>",
-        initial_alphabet=list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"()-"),
+        initial_alphabet=alphabet,
         show_progress=False,
     )
-    bpe.train_from_iterator(training_corpus(), trainer)
+    bpe.train_from_iterator(corpus, trainer)
     state = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
     tokenizer = CLIPTokenizer(vocab=state["vocab"], merges=merges)
