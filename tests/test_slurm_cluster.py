@@ -14,7 +14,8 @@ drills a cluster user meets, all on one launched run (one tiny loop is the cost;
 6. the node set DOWN while the stage-2 RL job runs: the job is requeued (``--requeue``) and, the node back,
    finishes;
 and the loop's outputs: synthesis as a 2-task job array, RL under ``srun`` + ``torchrun``, ``afterok`` chains,
-every phase done, the exported HF policy.
+every phase done, the exported HF policy and the run report; both datasets equal those that ``nemo-viper run``'s
+own phase commands write from the same inputs.
 """
 
 import contextlib
@@ -234,8 +235,8 @@ def _drill(run_dir: Path, account: str, seen: dict) -> None:
     if "held" in job_field(rl2, "Reason"):  # a launch that raced the node's return is held, not lost
         subprocess.run(["scontrol", "release", rl2], check=True)
 
-    export = recorded_jobs(run_dir)["export"]["job_id"]
-    wait_until(lambda: finished(export), PHASE_TIMEOUT_S * 2, "the export job")
+    report = recorded_jobs(run_dir)["report"]["job_id"]
+    wait_until(lambda: finished(report), PHASE_TIMEOUT_S * 2, "the report job, after the export job")
     seen["synth1_tasks"] = sacct(synth1)
     seen["synth1_restarts"] = int(job_field(task, "Restarts") or 0)
     seen["rl2_runs"] = sacct(rl2)
@@ -249,8 +250,9 @@ def test_two_launches_at_once_one_refuses_with_one_line(drilled):
     assert (ok, refused) == (0, 2)
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
     assert seen["prepare_jobs"] == [seen["jobs_after_concurrent"]["prepare"]["job_id"]]
-    assert len(seen["jobs_after_concurrent"]) == 6  # one set of jobs: prepare, synth1, rl1, synth2, rl2, export
-    assert len(set(j["job_id"] for j in seen["jobs_after_concurrent"].values())) == 6
+    # one set of jobs: prepare, synth1, rl1, synth2, rl2, export, report
+    assert len(seen["jobs_after_concurrent"]) == 7
+    assert len(set(j["job_id"] for j in seen["jobs_after_concurrent"].values())) == 7
 
 
 def test_a_failed_phase_cancels_its_dependents_status_names_its_log_and_launch_resubmits(drilled):
@@ -315,8 +317,14 @@ def test_a_job_on_a_node_set_down_is_requeued_and_finishes(drilled):
 
 def test_the_loop_ran_as_slurm_jobs_to_the_end(drilled):
     run_dir, seen = drilled
-    assert done(run_dir) == {"prepare", "round1.synth1", "round1.rl1", "round1.synth2", "round1.rl2", "export"}
+    assert done(run_dir) == {"prepare", "round1.synth1", "round1.rl1", "round1.synth2", "round1.rl2", "export",
+                             "report"}
     assert (run_dir / "final_hf" / "config.json").is_file()
+    report = (run_dir / "report" / "report.md").read_text()  # written by the last job, from the run's own files
+    assert "## Round 1" in report and "| rl2 | 2 |" in report and "What the policy says" in report
+    assert (run_dir / "report" / "round1_reward.png").is_file()
+    logs = [log for log in (run_dir / "logs").rglob("*.out") if "couldn't chdir" in log.read_text(errors="replace")]
+    assert not logs, f"slurmstepd could not enter the job's working directory: {logs[0]}"
     jobs = recorded_jobs(run_dir)
     synth1 = sacct(jobs["round1.synth1"]["job_id"], history=False)
     assert sorted(row["JobID"] for row in synth1) == [f"{jobs['round1.synth1']['job_id']}_{i}" for i in (0, 1)]
@@ -327,23 +335,28 @@ def test_the_loop_ran_as_slurm_jobs_to_the_end(drilled):
     assert rows["round1.synth1"] == ["done", jobs["round1.synth1"]["job_id"], "COMPLETED:2"]
 
 
-def test_the_requeued_synthesis_array_wrote_the_dataset_that_a_local_run_writes(drilled, tmp_path):
-    """Stage-1 synthesis as a Slurm array (task 1 requeued mid-run) wrote, byte for byte, the dataset that its two
-    tasks write when run here one after the other, as ``nemo-viper run`` runs them (``local_run.phase_command``:
-    the same config, seed and starting policy): the same shards (SHA-256) and the same manifest, its timings and
-    the output directory aside. Later phases are not compared: the drills interrupt them."""
-    from launch import run_ranks
-
+@pytest.mark.parametrize("stage", ["synth1", "synth2"])
+def test_each_synthesis_array_wrote_the_dataset_that_a_local_run_writes(drilled, stage, tmp_path):
+    """Each synthesis phase as a Slurm array (stage 1's task 1 requeued mid-run; stage 2 from the stage-1 RL job
+    that was cancelled and resumed) wrote, byte for byte, the dataset that its two tasks write when run here one
+    after the other, as ``nemo-viper run`` runs them (``local_run.phase_command``: the same config, seed and
+    inputs, i.e. the starting policy or the Slurm run's stage-1 checkpoint and stage-1 data): the same shards
+    (SHA-256) and the same manifest, its timings and the output directory aside. Phase by phase, with the Slurm
+    run's own inputs: a whole second run costs minutes. The thread count matters: stage 2 stores the edited
+    images, whose floats another thread count sums in another order (the shards differed with one thread here)."""
     from nemo_viper.local_run import phase_command
     from nemo_viper.orchestration import load_run_config, plan
 
     run_dir, _ = drilled
-    phase = next(p for p in plan(load_run_config(run_dir)) if p.name == "round1.synth1")
-    slurm_out, local_out = str(run_dir / "round1" / "synth1"), str(tmp_path / "synth1")
+    phase = next(p for p in plan(load_run_config(run_dir)) if p.name == f"round1.{stage}")
+    slurm_out, local_out = str(run_dir / "round1" / stage), str(tmp_path / stage)
     for index in range(phase.tasks):
         command = [local_out if arg == slurm_out else arg for arg in phase_command(phase, index)]
         assert local_out in command
-        run_ranks(command[1:], timeout=600)
+        # in this process's environment, as `nemo-viper run` starts its phases and as the jobs inherited it from
+        # `launch`: the torch thread count that sums the diffusion edits' floats is the same
+        result = subprocess.run(command, env=os.environ, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
 
     def manifest(out: str) -> dict:
         data = json.loads(Path(out, "manifest.json").read_text().replace(out, "<out>"))
@@ -351,3 +364,4 @@ def test_the_requeued_synthesis_array_wrote_the_dataset_that_a_local_run_writes(
         return data
 
     assert manifest(local_out) == manifest(slurm_out)
+    assert manifest(slurm_out)["total_samples"] > 0
