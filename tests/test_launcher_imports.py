@@ -42,29 +42,51 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_launch_status_and_plan_import_no_training_stack(tmp_path):
+def launcher_commands(tmp_path) -> list[list[str]]:
+    """The launcher's commands on the tiny recipe, as a workstation runs them: a Slurm dry run with a
+    three-shard synthesis array, ``status`` of a run dir as ``launch`` leaves it before any job ran (only its
+    resolved config), and ``plan`` of the 3B and of the tiny recipe."""
     from nemo_viper.config import to_yaml
     from nemo_viper.recipes import recipe
 
-    fresh = tmp_path / "fresh"  # a run dir as `launch` leaves it before any job ran: only its resolved config
+    fresh = tmp_path / "fresh"
     (fresh / "config").mkdir(parents=True)
     (fresh / "config" / "viper.yaml").write_text(to_yaml(recipe("tiny", f"run_dir={fresh}")))
-    commands = [
-        ["launch", "--recipe", "tiny", "--executor", "slurm", "--dry-run", "cluster=slurm", f"run_dir={tmp_path / 'run'}"],
+    return [
+        ["launch", "--recipe", "tiny", "--executor", "slurm", "--dry-run", "cluster.account=viper_acct",
+         "cluster.container_image=null", "synthesis.num_shards=3", "cluster.synthesis_max_parallel=2",
+         f"run_dir={tmp_path / 'run'}"],
         ["status", str(fresh)],
         ["plan", "--recipe", "qwen25vl_3b"],
         ["plan", "--recipe", "tiny"],  # the tiny model's parameters counted from its sizes, not built
     ]
+
+
+def check_launcher_output(launch: str, status: str, plan_3b: str, plan_tiny: str) -> None:
+    """What :func:`launcher_commands` print: one sbatch script per phase, chained ``afterok``, synthesis as a
+    job array, RL under torchrun; the fresh run's phases pending; both plans fitting."""
+    scripts = dict(part.split("\n", 1) for part in launch.split("######## ")[1:])
+    assert sorted(scripts) == ["export", "prepare", "round1-rl1", "round1-rl2", "round1-synth1", "round1-synth2"]
+    assert all("#SBATCH --account=viper_acct\n" in text for text in scripts.values())
+    chain = ["prepare", "round1-synth1", "round1-rl1", "round1-synth2", "round1-rl2", "export"]
+    for before, phase in zip(chain, chain[1:]):
+        assert f"#SBATCH --dependency='afterok:<{before}>'\n" in scripts[phase]
+    assert "--dependency" not in scripts["prepare"]
+    assert all("#SBATCH --array=0-2%2\n" in scripts[p] for p in ("round1-synth1", "round1-synth2"))
+    assert all(" torchrun " in scripts[p] and "--array" not in scripts[p] for p in ("round1-rl1", "round1-rl2"))
+    assert "round1.rl2     pending" in status and "export         pending" in status
+    assert "every phase fits 80 GiB" in plan_3b and "every phase fits 80 GiB" in plan_tiny
+    assert "memory plan of recipe tiny: 0.52M parameters (the tiny model)" in plan_tiny
+
+
+def test_launch_status_and_plan_import_no_training_stack(tmp_path):
     project = [str(path) + "/" for path in package_dirs().values()]
     script = _BLOCKER.format(blocked=BLOCKED, project=project)
-    out = ""
-    for argv in commands:  # each in its own interpreter: what NeMo-Run loaded (torch, where installed) is not
-        # in sys.modules when the next command's own imports run, so the blocker sees them
+    outputs = []
+    for argv in launcher_commands(tmp_path):  # each in its own interpreter: what NeMo-Run loaded (torch, where
+        # installed) is not in sys.modules when the next command's own imports run, so the blocker sees them
         result = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120,
                                 cwd=REPO)
         assert result.returncode == 0, f"{argv}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
-        out += result.stdout
-    assert out.count("#SBATCH --account=my_account") >= 5  # one sbatch script per phase
-    assert "round1.rl2     pending" in out and "export         pending" in out
-    assert out.count("every phase fits 80 GiB") == 2
-    assert "memory plan of recipe tiny: 0.52M parameters (the tiny model)" in out
+        outputs.append(result.stdout)
+    check_launcher_output(*outputs)
