@@ -13,8 +13,8 @@ VENV=${1:?usage: bash scripts/install_launcher.sh VENV_DIR}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 "${PYTHON:-python3.12}" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install --quiet)
-"${PIP[@]}" --no-deps "$ROOT"
 mapfile -t LAUNCHER < <("$VENV/bin/python" -c 'import sys, tomllib
 print(*tomllib.load(open(sys.argv[1], "rb"))["project"]["optional-dependencies"]["launcher"], sep="\n")' \
     "$ROOT/pyproject.toml")
 "${PIP[@]}" --constraint "$ROOT/constraints.txt" "${LAUNCHER[@]}"
+"${PIP[@]}" --no-deps "$ROOT"  # last: --no-deps also skips pip's report of the base dependencies left out
