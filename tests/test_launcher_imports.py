@@ -5,11 +5,17 @@ stack: they run from the slim ``launcher`` install (README, "Submitting from a w
 They run in a fresh interpreter with an import blocker: a ``sys.meta_path`` finder that raises on torch,
 transformers, megatron, vllm, PIL, skimage or numpy when the import comes from the project's own code
 (``nemo_viper``, ``launcher/``, ``recipes/``). Imports that NeMo-Run's own dependencies make are let through:
-NeMo-Run is the launcher's dependency, and what it loads is its business.
+NeMo-Run is the launcher's dependency, and what it loads is its business. Every ``import`` statement the project's
+code runs is recorded as well (``builtins.__import__``, which sees a module already loaded too): each package
+outside the standard library it names must be declared by the ``launcher`` extra, not merely arrive with
+NeMo-Run.
 """
 
+import importlib.metadata
+import re
 import subprocess
 import sys
+import tomllib
 
 from launch import REPO
 from test_import_graph import package_dirs
@@ -36,6 +42,20 @@ class ProjectImportBlocker:
 
 
 sys.meta_path.insert(0, ProjectImportBlocker())
+
+import atexit, builtins
+
+_import, imported = builtins.__import__, set()
+
+
+def recording_import(name, globals=None, locals=None, fromlist=(), level=0):
+    if level == 0 and (globals or {{}}).get("__file__", "").startswith(PROJECT):
+        imported.add(name.partition(".")[0])
+    return _import(name, globals, locals, fromlist, level)
+
+
+builtins.__import__ = recording_import
+atexit.register(lambda: print("imported by the project:", *sorted(imported), file=sys.stderr))
 from nemo_viper.cli import main
 
 sys.exit(main(sys.argv[1:]))
@@ -79,14 +99,27 @@ def check_launcher_output(launch: str, status: str, plan_3b: str, plan_tiny: str
     assert "memory plan of recipe tiny: 0.52M parameters (the tiny model)" in plan_tiny
 
 
+def _distribution(name: str) -> str:
+    """A distribution's or requirement's name, normalised (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.-]+", name).group()).lower()
+
+
 def test_launch_status_and_plan_import_no_training_stack(tmp_path):
     project = [str(path) + "/" for path in package_dirs().values()]
     script = _BLOCKER.format(blocked=BLOCKED, project=project)
-    outputs = []
+    outputs, imported = [], set()
     for argv in launcher_commands(tmp_path):  # each in its own interpreter: what NeMo-Run loaded (torch, where
         # installed) is not in sys.modules when the next command's own imports run, so the blocker sees them
         result = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120,
                                 cwd=REPO)
         assert result.returncode == 0, f"{argv}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
         outputs.append(result.stdout)
+        (listing,) = [line for line in result.stderr.splitlines() if line.startswith("imported by the project:")]
+        imported |= set(listing.split(":")[1].split())
     check_launcher_output(*outputs)
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["launcher"]
+    distributions = importlib.metadata.packages_distributions()
+    third_party = {_distribution(dist) for name in imported - set(sys.stdlib_module_names) - {"nemo_viper"}
+                   for dist in distributions.get(name, [name])}
+    assert {"nemo-run", "omegaconf", "pyyaml"} <= third_party  # the recording sees them
+    assert third_party <= {_distribution(requirement) for requirement in extra}
