@@ -34,7 +34,8 @@ def test_the_launcher_extra_alone_installs_and_renders_a_dry_run(tmp_path):
     seconds = time.monotonic() - start
     assert install.returncode == 0 and "ERROR" not in install.stderr, install.stderr[-4000:]
     assert "include-system-site-packages = false" in (venv / "pyvenv.cfg").read_text()
-    size_mb = int(subprocess.run(["du", "-sm", str(venv)], capture_output=True, text=True, check=True).stdout.split()[0])
+    du = subprocess.run(["du", "-sm", str(venv)], capture_output=True, text=True, check=True)
+    size_mb = int(du.stdout.split()[0])
     print(f"slim launcher install: {seconds:.1f} s, venv {size_mb} MB")
     assert size_mb < SLIM_MAX_MB
 
