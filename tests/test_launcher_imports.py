@@ -6,9 +6,9 @@ They run in a fresh interpreter with an import blocker: a ``sys.meta_path`` find
 transformers, megatron, vllm, PIL, skimage or numpy when the import comes from the project's own code
 (``nemo_viper``, ``launcher/``, ``recipes/``). Imports that NeMo-Run's own dependencies make are let through:
 NeMo-Run is the launcher's dependency, and what it loads is its business. Every ``import`` statement the project's
-code runs is recorded as well (``builtins.__import__``, which sees a module already loaded too): each package
-outside the standard library it names must be declared by the ``launcher`` extra, not merely arrive with
-NeMo-Run.
+code runs is recorded as well (``builtins.__import__``, which sees a module already loaded too): it names none
+of those, and each package outside the standard library it names must be declared by the ``launcher`` extra, not
+merely arrive with NeMo-Run.
 """
 
 import importlib.metadata
@@ -122,4 +122,5 @@ def test_launch_status_and_plan_import_no_training_stack(tmp_path):
     third_party = {_distribution(dist) for name in imported - set(sys.stdlib_module_names) - {"nemo_viper"}
                    for dist in distributions.get(name, [name])}
     assert {"nemo-run", "omegaconf", "pyyaml"} <= third_party  # the recording sees them
+    assert not imported & set(BLOCKED)  # not even a module NeMo-Run had loaded before
     assert third_party <= {_distribution(requirement) for requirement in extra}
