@@ -24,8 +24,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from nemo_viper.errors import NemoViperError
 from nemo_viper.models.tokens import QWEN_SPECIAL_TOKENS
 
@@ -75,10 +73,14 @@ def training_corpus() -> list[str]:
 
 @dataclass(frozen=True)
 class TinyModelConfig:
-    """Sizes of the tiny policy. Defaults: ~0.6 M parameters, TP=2 and PP=2 compatible, grouped-query
-    attention, head dim 32 (the smallest vLLM's CPU attention kernels support)."""
+    """Sizes of the tiny policy. Defaults: ~0.5 M parameters, TP=2 and PP=2 compatible, grouped-query
+    attention, head dim 32 (the smallest vLLM's CPU attention kernels support).
 
-    vocab_size: int = 1024
+    ``vocab_size`` is the model's vocabulary (embedding rows, a multiple of 64 like real Qwen checkpoints'
+    padded vocabularies); the tokenizer's BPE trains up to that many tokens (478 with Qwen's special tokens:
+    the corpus runs out of merges), and every token id must fit."""
+
+    vocab_size: int = 512
     hidden_size: int = 128
     intermediate_size: int = 256
     num_layers: int = 2
@@ -102,6 +104,36 @@ class TinyModelConfig:
         t = half // 4
         h = (half - t) // 2
         return [t, h, half - t - h]
+
+    def hf_sizes(self) -> dict:
+        """The sizes in the checkpoint's ``config.json`` (``text_config``, ``vision_config``,
+        ``tie_word_embeddings``): what :func:`build_hf_config` builds the model from, and all that
+        ``nemo-viper plan`` needs to count its parameters without building it (no torch, no transformers)."""
+        return {
+            "text_config": dict(
+                vocab_size=self.vocab_size,
+                hidden_size=self.hidden_size,
+                intermediate_size=self.intermediate_size,
+                num_hidden_layers=self.num_layers,
+                num_attention_heads=self.num_attention_heads,
+                num_key_value_heads=self.num_key_value_heads,
+                max_position_embeddings=self.max_position_embeddings,
+            ),
+            "vision_config": dict(
+                depth=self.vision_depth,
+                hidden_size=self.vision_hidden_size,
+                intermediate_size=self.vision_intermediate_size,
+                num_heads=self.vision_heads,
+                out_hidden_size=self.hidden_size,
+                patch_size=14,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                window_size=56,
+                fullatt_block_indexes=[self.vision_depth - 1],
+                in_channels=3,
+            ),
+            "tie_word_embeddings": self.tie_word_embeddings,
+        }
 
 
 def build_tokenizer(vocab_size: int):
@@ -137,18 +169,17 @@ def build_tokenizer(vocab_size: int):
 
 
 def build_hf_config(config: TinyModelConfig, tokenizer):
+    """``Qwen2_5_VLConfig`` of :meth:`TinyModelConfig.hf_sizes` with the tokenizer's special token ids;
+    ``NemoViperError`` when the tokenizer has more tokens than ``config.vocab_size``."""
     from transformers import Qwen2_5_VLConfig
 
+    sizes = config.hf_sizes()
+    if len(tokenizer) > config.vocab_size:
+        raise NemoViperError(f"the tiny tokenizer has {len(tokenizer)} tokens > vocab_size={config.vocab_size}")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     return Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=-(-len(tokenizer) // 64) * 64,  # padded like real Qwen checkpoints
-            hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
-            num_hidden_layers=config.num_layers,
-            num_attention_heads=config.num_attention_heads,
-            num_key_value_heads=config.num_key_value_heads,
-            max_position_embeddings=config.max_position_embeddings,
+            **sizes["text_config"],
             rms_norm_eps=1e-6,
             rope_parameters={
                 "rope_type": "default",
@@ -159,24 +190,12 @@ def build_hf_config(config: TinyModelConfig, tokenizer):
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
         ),
-        vision_config=dict(
-            depth=config.vision_depth,
-            hidden_size=config.vision_hidden_size,
-            intermediate_size=config.vision_intermediate_size,
-            num_heads=config.vision_heads,
-            out_hidden_size=config.hidden_size,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=56,
-            fullatt_block_indexes=[config.vision_depth - 1],
-            in_channels=3,
-        ),
+        vision_config=sizes["vision_config"],
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=config.tie_word_embeddings,
+        tie_word_embeddings=sizes["tie_word_embeddings"],
         architectures=["Qwen2_5_VLForConditionalGeneration"],
     )
 
@@ -195,6 +214,7 @@ def write_tiny_checkpoint(
     partial directory. An existing ``out_dir`` written with the same recipe is returned as it is; a
     non-empty one holding anything else is a :class:`~nemo_viper.errors.NemoViperError`.
     """
+    import torch
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
     from nemo_viper.models.processor import ImageOnlyQwen25VLProcessor, save_processor

@@ -2,7 +2,8 @@
 :mod:`nemo_viper.planning.memory`), its verdict for a GPU size, and the smallest change that fits.
 
 The architecture comes from ``model.hf_path``'s ``config.json`` when the directory exists here, else from
-the published config of the Qwen2.5-VL checkpoint its name matches (the recipes' paths are cluster paths).
+the published config of the Qwen2.5-VL checkpoint its name matches (the recipes' paths are cluster paths);
+``tiny`` from the tiny model's sizes, without building it.
 """
 
 from __future__ import annotations
@@ -54,11 +55,9 @@ DEFAULT_MARGIN = 0.10  # kept free: the estimator measured up to 10 % low on CPU
 def architecture(hf_path: str) -> tuple[Architecture, str]:
     """The checkpoint's sizes and where they came from."""
     if hf_path == "tiny":
-        from nemo_viper.models.tiny import TinyModelConfig, build_hf_config, build_tokenizer
+        from nemo_viper.models.tiny import TinyModelConfig
 
-        config = TinyModelConfig()
-        hf_config = build_hf_config(config, build_tokenizer(config.vocab_size)).to_dict()
-        return Architecture.from_hf_config(hf_config), "the tiny model"
+        return Architecture.from_hf_config(TinyModelConfig().hf_sizes()), "the tiny model"
     path = Path(hf_path) / "config.json"
     if path.is_file():
         return Architecture.from_hf_config(json.loads(path.read_text())), str(path)
@@ -332,7 +331,9 @@ def format_plan(result: RecipePlan, name: str) -> str:
     terms = list(dict.fromkeys(t for p in plan.phases for t in p.terms))
     width = max(len(t) for t in terms + ["total"]) + 2
     header = f"{'':<{width}}" + "".join(f"{p.name:>26}" for p in plan.phases)
-    lines = [f"memory plan of recipe {name}: {result.architecture.total_params / 1e9:.2f}B parameters "
+    params = result.architecture.total_params
+    count = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.2f}M"
+    lines = [f"memory plan of recipe {name}: {count} parameters "
              f"({result.source}); TP={layout.tensor} PP={layout.pipeline} DP={layout.data}; "
              f"GPU {plan.gpu_bytes / GIB:.0f} GiB, {plan.margin:.0%} kept free", "", header]
     for term in terms:

@@ -23,6 +23,7 @@ from nemo_viper.planning.memory import (
 )
 from nemo_viper.planning.recipe import (
     PUBLISHED,
+    architecture,
     plan_recipe,
     refuse_if_not_fitting,
     refuse_if_synthesis_exceeds_time,
@@ -51,16 +52,18 @@ def hand_shape(**changes) -> TrainingShape:
 UNSIZED_DIFFUSION = ("synthesis.redraw.model=/models/small-diffusion", "synthesis.edit.model=/models/small-diffusion")
 
 
-def test_parameter_counts_match_the_models():
-    """Counted from sizes = the HF model's own count (tiny), and the published totals (3B: 3.75B, 7B: 8.29B)."""
+@pytest.mark.parametrize("sizes", [{}, {"tie_word_embeddings": True, "num_layers": 3, "vision_depth": 3,
+                                         "vision_hidden_size": 48, "vocab_size": 576}], ids=["default", "resized"])
+def test_parameter_counts_match_the_models(sizes):
+    """Counted from sizes = the HF model's own count (the tiny model at its default sizes, which ``plan`` counts
+    without building it, and resized), and the published totals (3B: 3.75B, 7B: 8.29B)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from nemo_viper.models.tiny import TinyModelConfig, build_hf_config, build_tokenizer
 
-    config = TinyModelConfig()
-    hf_config = build_hf_config(config, build_tokenizer(config.vocab_size))
-    model = Qwen2_5_VLForConditionalGeneration(hf_config)
-    arch = Architecture.from_hf_config(hf_config.to_dict())
+    config = TinyModelConfig(**sizes)
+    model = Qwen2_5_VLForConditionalGeneration(build_hf_config(config, build_tokenizer(config.vocab_size)))
+    arch = architecture("tiny")[0] if not sizes else Architecture.from_hf_config(config.hf_sizes())
     assert arch.total_params == sum(p.numel() for p in model.parameters())
     assert arch.vision_params == sum(p.numel() for p in model.model.visual.parameters())
     assert round(SEVEN_B.total_params / 1e9, 2) == 8.29
