@@ -86,9 +86,10 @@ def check_launcher_output(launch: str, status: str, plan_3b: str, plan_tiny: str
     """What :func:`launcher_commands` print: one sbatch script per phase, chained ``afterok``, synthesis as a
     job array, RL under torchrun; the fresh run's phases pending; both plans fitting."""
     scripts = dict(part.split("\n", 1) for part in launch.split("######## ")[1:])
-    assert sorted(scripts) == ["export", "prepare", "round1-rl1", "round1-rl2", "round1-synth1", "round1-synth2"]
+    assert sorted(scripts) == ["export", "prepare", "report", "round1-rl1", "round1-rl2", "round1-synth1",
+                               "round1-synth2"]
     assert all("#SBATCH --account=viper_acct\n" in text for text in scripts.values())
-    chain = ["prepare", "round1-synth1", "round1-rl1", "round1-synth2", "round1-rl2", "export"]
+    chain = ["prepare", "round1-synth1", "round1-rl1", "round1-synth2", "round1-rl2", "export", "report"]
     for before, phase in zip(chain, chain[1:]):
         assert f"#SBATCH --dependency='afterok:<{before}>'\n" in scripts[phase]
     assert "--dependency" not in scripts["prepare"]
