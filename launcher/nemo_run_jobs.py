@@ -325,29 +325,30 @@ def _describe(phases: list[Phase], states: dict[str, PhaseState], selected: list
 
 
 def sbatch_scripts(config: ViperConfig, phases: list[Phase] | None = None) -> dict[str, str]:
-    """Task name -> the sbatch script Slurm would get, followed by the task script it runs (no cluster needed)."""
+    """Task name -> :func:`sbatch_script` of each of ``phases`` (default: the whole plan), submitted together."""
+    phases = plan(config) if phases is None else phases
+    return {task_name(phase): sbatch_script(config, phase, phases) for phase in phases}
+
+
+def sbatch_script(config: ViperConfig, phase: Phase, submitted: list[Phase]) -> str:
+    """The sbatch script Slurm would get for ``phase``, submitted with ``submitted`` (its ``afterok``
+    dependencies are on those it depends on, shown as ``<task name>``), followed by the task script it runs
+    (no cluster needed)."""
     import nemo_run as run
     from nemo_run.run.torchx_backend.packaging import package
     from nemo_run.run.torchx_backend.schedulers.slurm import SlurmTunnelScheduler
 
-    phases = plan(config) if phases is None else phases
-    submitted = {p.name for p in phases}
-    scheduler = SlurmTunnelScheduler(session_name="nemo_viper_dryrun")
-    scripts = {}
-    job_dir = str(_job_dir(config))
+    name = task_name(phase)
+    executor = _slurm_executor(config, phase)
+    executor.dependencies = [f"dryrun:///<{task_name(p)}>" for p in submitted if p.name in phase.depends_on]
+    text = task_script(config, phase)
     with tempfile.TemporaryDirectory() as scratch:  # NeMo-Run writes the rendered files there, not in the run
-        for phase in phases:
-            name = task_name(phase)
-            executor = _slurm_executor(config, phase)
-            executor.tunnel = run.LocalTunnel(job_dir=scratch)  # rendered here, whatever the tunnel
-            executor.dependencies = [f"dryrun:///<{task_name(p)}>" for p in plan(config)
-                                     if p.name in phase.depends_on and p.name in submitted]
-            executor.assign(exp_id=config.name, exp_dir=scratch, task_id=name, task_dir=name)
-            text = task_script(config, phase)
-            app = package(name=name, fn_or_script=_script(text), executor=executor)
-            sbatch = scheduler._submit_dryrun(app, executor).request.materialize().replace(scratch, job_dir)
-            scripts[name] = f"{sbatch}\n# --- task script ({name}.sh) ---\n{text}"
-    return scripts
+        executor.tunnel = run.LocalTunnel(job_dir=scratch)  # rendered here, whatever the tunnel
+        executor.assign(exp_id=config.name, exp_dir=scratch, task_id=name, task_dir=name)
+        app = package(name=name, fn_or_script=_script(text), executor=executor)
+        request = SlurmTunnelScheduler(session_name="nemo_viper_dryrun")._submit_dryrun(app, executor).request
+        sbatch = request.materialize().replace(scratch, str(_job_dir(config)))
+    return f"{sbatch}\n# --- task script ({name}.sh) ---\n{text}"
 
 
 def launch(config: ViperConfig, dry_run: bool = False, start: str | None = None) -> str:

@@ -321,18 +321,13 @@ def _name_key(path: str, cls: type, message: str) -> str:
 
 def schema() -> DictConfig:
     """The structured (typed, closed) OmegaConf tree of :class:`ViperConfig` defaults, writable (a copy)."""
-    global _SCHEMA
-    if _SCHEMA is None:
-        _SCHEMA = structured_defaults(ViperConfig)
-    return copy.deepcopy(_SCHEMA)
-
-
-_SCHEMA: DictConfig | None = None
+    return structured_defaults(ViperConfig)
 
 
 def to_yaml(config: ViperConfig) -> str:
-    """The resolved YAML form of ``config`` (what the phases read back with :func:`load`)."""
-    return OmegaConf.to_yaml(OmegaConf.structured(config))
+    """The resolved YAML form of ``config`` (what the phases read back with :func:`compose`). Dumped from plain
+    data: the values are already built and checked, and a structured tree of them would cost three times as much."""
+    return OmegaConf.to_yaml(asdict(config))
 
 
 def _load_yaml(path: Path) -> dict:

@@ -3,10 +3,15 @@
 "What a job is given" is computed as the job computes it: the run files are written, each phase task's
 command line is parsed by the real CLI parser and turned into the job's config object by the same function
 the command runs (``train_config``, ``synth_config``; the parsed arguments of the other commands), together
-with the phase's placement (nodes, ranks, GPUs, tasks) and, for cluster keys, the sbatch scripts the
-launcher renders (NeMo-Run's random torchrun ``--rdzv-id`` masked). A key that reaches none of these, neither
-on the base run (CPU ranks) nor on the same run with GPUs, is dead: the test fails naming it. Keys read only at
-launch time are listed in ``READ_AT_LAUNCH`` with their reader.
+with the phase's placement (nodes, ranks, GPUs, tasks) and the sbatch script the launcher renders for each
+phase (NeMo-Run's random torchrun ``--rdzv-id`` masked). A key that reaches none of these, neither on the base
+run (CPU ranks) nor on the same run with GPUs, is dead: the test fails naming it. Keys read only at launch time
+are listed in ``READ_AT_LAUNCH`` with their reader.
+
+Each item of what is given (:class:`Given`) is computed when a comparison first asks for it, and a comparison
+stops at the first item that differs; the item that told the previous key of the same section apart is asked
+first (:class:`Hints`). A key is dead only after every item was compared, so the order saves work and decides
+nothing.
 
 A new key needs nothing here unless its value cannot be perturbed by the generic rule (bool: flipped,
 number: changed, str: "x" appended, list/dict: one entry added) into a valid one; then give it a valid
@@ -17,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import itertools
 import re
 from dataclasses import asdict
 from collections.abc import Iterator
@@ -156,29 +160,93 @@ def perturbed(key: str, value, tmp) -> object:
     raise AssertionError(f"{key}: no generic perturbation of {value!r}; add it to ALTERNATIVES")
 
 
-def job_inputs(config) -> Iterator[str]:
-    """What every phase task's job is given, as the job builds it from its command line and the run files, one
-    phase placement or task at a time (a comparison stops building at the first difference)."""
-    write_run_files(config)
-    parser = build_parser()
-    builders = {"train": train_config, "synth": synth_config}
-    for phase in plan(config):
-        yield repr((phase.name, phase.distributed, phase.nodes, phase.ranks_per_node, phase.gpus_per_node,
-                    phase.tasks))
-        for index in range(phase.tasks):
-            args = parser.parse_args(list(phase.task_args(index)))
-            build = builders.get(args.command)
-            yield repr(build(args) if build else sorted(vars(args).items(), key=str))
+@functools.cache
+def cli_parser():
+    return build_parser()  # parsing leaves the parser as it was: one serves every job
 
 
-def launcher_inputs(config) -> dict[str, str]:
-    """The sbatch scripts, with NeMo-Run's torchrun ``--rdzv-id`` (``random.randint`` per render) made constant:
-    otherwise two renders of one config differ and every key would seem to reach the launcher."""
-    from nemo_viper.launcher.nemo_run_jobs import sbatch_scripts
+JOB_CONFIGS = {"train": train_config, "synth": synth_config}  # the rest: the parsed arguments themselves
 
-    if config.cluster.executor != "slurm":
-        return {"executor": "local"}
-    return {name: re.sub(r"--rdzv-id \d+", "--rdzv-id ID", text) for name, text in sbatch_scripts(config).items()}
+
+class Given:
+    """What the jobs and sbatch scripts of one run config are given, item by item, each computed as the job and
+    the launcher compute it when first asked for (a comparison stops at the first difference):
+
+    - ``("placement", phase)``: nodes, ranks, GPUs and tasks of the phase;
+    - ``("job", phase, task)``: the task's command line parsed by the real CLI parser and turned into the job's
+      config by the function the command runs, from the run files (written before the first job is built);
+    - ``("script", phase)``: the phase's sbatch script, NeMo-Run's torchrun ``--rdzv-id`` (``random.randint`` per
+      render) made constant: otherwise two renders of one config differ and every key would seem to reach it.
+
+    Each given's ``run_dir`` is its own; values name it ``RUN_DIR``. With ``check_renders`` every script is
+    rendered twice and must come out the same (else no key could be found dead)."""
+
+    def __init__(self, data: dict, run_dir: str, check_renders: bool = False):
+        self.data, self.run_dir, self.check_renders = data, run_dir, check_renders
+        self.config = build(ViperConfig, set_key(data, "run_dir", run_dir))
+        validate(self.config, check_paths=False)
+        self.phases = plan(self.config)
+        self.layout = [(phase.name, phase.tasks) for phase in self.phases]
+        self.items = ([("placement", phase.name) for phase in self.phases]
+                      + [("job", phase.name, index) for phase in self.phases for index in range(phase.tasks)]
+                      + [("script", phase.name) for phase in self.phases])
+        self.values: dict[tuple, str] = {}
+        self.files_written = False
+
+    def __getitem__(self, item: tuple) -> str:
+        if item not in self.values:
+            self.values[item] = self.compute(*item).replace(self.run_dir, "RUN_DIR")
+        return self.values[item]
+
+    def compute(self, kind: str, name: str, task: int = 0) -> str:
+        phase = next(phase for phase in self.phases if phase.name == name)
+        if kind == "placement":
+            return repr((phase.distributed, phase.nodes, phase.ranks_per_node, phase.gpus_per_node, phase.tasks))
+        if kind == "job":
+            if not self.files_written:
+                write_run_files(self.config)
+                self.files_written = True
+            args = cli_parser().parse_args(list(phase.task_args(task)))
+            job_config = JOB_CONFIGS.get(args.command)
+            return repr(job_config(args) if job_config else sorted(vars(args).items(), key=str))
+        if self.config.cluster.executor != "slurm":
+            return "no sbatch script: cluster.executor=local"
+        script = self.render(phase)
+        if self.check_renders:
+            assert self.render(phase) == script, "two renders of one config differ: no key could be found dead"
+        return script
+
+    def render(self, phase) -> str:
+        from nemo_viper.launcher.nemo_run_jobs import sbatch_script
+
+        return re.sub(r"--rdzv-id \d+", "--rdzv-id ID", sbatch_script(self.config, phase, self.phases))
+
+    def difference(self, other: Given, hint: tuple | None) -> tuple | None:
+        """The first item whose value differs from ``other``'s (the phases themselves: ``("layout",)``), or
+        None. Asked first: the free placements, ``hint``, the other items of its kind; then the rest in plan
+        order. The order only saves work: every item is compared before None is returned."""
+        if self.layout != other.layout:
+            return ("layout",)
+        hint_kind = hint[0] if hint else None
+        order = sorted(self.items, key=lambda item: (item[0] != "placement", item != hint, item[0] != hint_kind))
+        return next((item for item in order if self[item] != other[item]), None)
+
+
+class Hints:
+    """The item that told the last key of each section apart: the likeliest for the next key of the section."""
+
+    def __init__(self):
+        self.items: dict[str, tuple] = {}
+
+    def sections(self, key: str) -> list[str]:
+        parts = key.split(".")
+        return [".".join(parts[:n]) for n in range(len(parts) - 1, -1, -1)]  # nearest first, "" last
+
+    def __getitem__(self, key: str) -> tuple | None:
+        return next((self.items[s] for s in self.sections(key) if s in self.items), None)
+
+    def record(self, key: str, item: tuple) -> None:
+        self.items.update(dict.fromkeys(self.sections(key), item))
 
 
 @pytest.fixture(autouse=True)
@@ -217,59 +285,51 @@ GPU_BASE = {"parallel.gpus_per_node": 4}
 COMPANIONS = {"parallel.pipeline": ("rollout.backend", "vllm")}  # PP generates on vLLM only
 
 
-class Base:
-    """A base run config and what its jobs and sbatch scripts are given."""
-
-    def __init__(self, data: dict, tmp_path):
-        self.data, self.tmp_path = data, tmp_path
-        config = build(ViperConfig, data)
-        validate(config, check_paths=False)
-        self.jobs, self.launch = list(job_inputs(config)), launcher_inputs(config)
-        assert launcher_inputs(config) == self.launch, "two renders of one config differ: no key could be found dead"
-
-    def reached_by(self, key: str, value) -> bool:
-        """Whether setting ``key`` to ``value`` changes a job's inputs or an sbatch script (raises if invalid)."""
-        run_dir = f"{self.tmp_path}/run_{key}"
-        changed = build(ViperConfig, set_key(set_key(self.data, key, value), "run_dir", run_dir))
-        validate(changed, check_paths=False)
-        changed_jobs = (line.replace(run_dir, f"{self.tmp_path}/run") for line in job_inputs(changed))
-        if any(a != b for a, b in itertools.zip_longest(changed_jobs, self.jobs)):
-            return True
-        scripts = {name: text.replace(run_dir, f"{self.tmp_path}/run") for name, text in launcher_inputs(changed).items()}
-        return scripts != self.launch
-
-
 @pytest.mark.slow
 def test_every_leaf_key_reaches_a_job(tmp_path):
     base_config = recipe("tiny", *BASE, f"run_dir={tmp_path}/run")
     base_data = OmegaConf.to_container(OmegaConf.structured(base_config))
-    base, gpu_base = Base(base_data, tmp_path), None
-    synthesis_defaults = OmegaConf.structured(SynthConfig)
-    dead, invalid = [], []
+    base_tree, synthesis_defaults = OmegaConf.create(base_data), OmegaConf.structured(SynthConfig)
+    base = Given(base_data, f"{tmp_path}/base", check_renders=True)
+    gpu_data = functools.reduce(lambda data, setting: set_key(data, *setting), GPU_BASE.items(), base_data)
+    gpu_base = functools.cache(lambda: Given(gpu_data, f"{tmp_path}/base_gpu", check_renders=True))
+
+    def references(key: str) -> Iterator[Given]:
+        if key in COMPANIONS:
+            yield Given(set_key(base_data, *COMPANIONS[key]), f"{tmp_path}/base_{key}", check_renders=True)
+        else:
+            yield base
+        if key not in GPU_BASE:
+            yield gpu_base()
+
+    def difference(key: str, value) -> tuple | None:
+        """The first item of a reference's given that setting ``key`` to ``value`` changes (raises if invalid)."""
+        for reference in references(key):
+            changed = Given(set_key(reference.data, key, value), f"{tmp_path}/run_{key}")
+            item = changed.difference(reference, hints[key])
+            if item is not None:
+                return item
+        return None
+
+    hints, dead, invalid = Hints(), [], []
     for key in all_leaf_keys():
         if key == "run_dir" or key in READ_AT_LAUNCH:
             continue  # every path of every job lies under run_dir
-        current = OmegaConf.select(OmegaConf.create(base_data), key)
+        current = OmegaConf.select(base_tree, key)
         if current is None and key.startswith("synthesis."):
             current = OmegaConf.select(synthesis_defaults, key.removeprefix("synthesis."))
         if isinstance(current, (DictConfig, ListConfig)):
             current = OmegaConf.to_container(current)
         value = perturbed(key, current, tmp_path)
         try:
-            if key in COMPANIONS:
-                if Base(set_key(base_data, *COMPANIONS[key]), tmp_path).reached_by(key, value):
-                    continue
-            elif base.reached_by(key, value):
-                continue
-            if key not in GPU_BASE:
-                gpu_base = gpu_base or Base(functools.reduce(lambda d, kv: set_key(d, *kv), GPU_BASE.items(),
-                                                             base_data), tmp_path)
-                if gpu_base.reached_by(key, value):
-                    continue
+            item = difference(key, value)
         except Exception as exc:  # noqa: BLE001 - reported below with the key
             invalid.append(f"{key}={value!r}: {exc}")
             continue
-        dead.append(key)
+        if item is None:
+            dead.append(key)
+        else:
+            hints.record(key, item)
     assert set(READ_AT_LAUNCH) <= set(all_leaf_keys()), "READ_AT_LAUNCH names a key the schema no longer has"
     assert not invalid and not dead, (f"config keys that change no job (dead keys): {dead}\n"
                                       "perturbation rejected; give these keys a valid value in ALTERNATIVES:\n"
