@@ -30,7 +30,7 @@ import pytest
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from nemo_viper.cli import build_parser, synth_config, train_config
-from nemo_viper.config import SYNTHESIS_PLAN_KEYS, ViperConfig, build, schema, validate
+from nemo_viper.config import SYNTHESIS_PLAN_KEYS, PhaseJobOptions, ViperConfig, build, schema, validate
 from nemo_viper.orchestration import plan, write_run_files
 from nemo_viper.synthesis.config import SynthConfig
 from nemo_viper.recipes import recipe
@@ -82,6 +82,7 @@ ALTERNATIVES = {
     "cluster.time.export": "02:00:00",
     "cluster.time.eval": "09:00:00",
     "cluster.time.eval_data": "00:40:00",
+    "cluster.time.report": "00:20:00",
     "cluster.code": "package",
     "eval.tasks": ["mmstar"],
     "eval.backend": "vllm",
@@ -117,7 +118,7 @@ ALTERNATIVES = {
     "cluster.container_image": None,  # jobs without a container
     "cluster.exit_signal": "USR2",
     **{f"cluster.options.{kind}.{key}": value
-       for kind in ("prepare", "synth", "rl", "export", "eval", "eval_data")
+       for kind in vars(PhaseJobOptions())  # every kind of phase
        for key, value in (("qos", "high"), ("constraint", "a100"), ("gres", "gpu:1"), ("gpus_per_node", 2),
                           ("mem", "100G"), ("cpus_per_task", 4))},
 }
