@@ -1,6 +1,6 @@
 """The tiny diffusion pipelines are the same whichever process builds them: each synthesis output directory
-builds its own copy, so a tokenizer that changed from build to build gave other edits, and other shards, for
-the same seed (a stage-2 dataset rerun with ``nemo-viper run``'s phase command differed from the Slurm job's)."""
+builds its own copy, so a tokenizer that changed from build to build would give other edits, and other shards,
+for the same seed (``tests/test_slurm_cluster.py`` compares a Slurm job's stage-2 dataset with a local rerun's)."""
 
 import subprocess
 import sys
