@@ -244,9 +244,11 @@ def write_report(run_dir: str | Path, rounds: int, alert_gap: float, alerts: Ale
     """Write the report for ``rounds`` rounds of the run in ``run_dir``; returns ``report.md``'s path.
 
     ``alert_gap``: the run's ``reward.alert_gap``; ``alerts``: its ``logger.alerts`` thresholds."""
+    from nemo_viper.orchestration import RunPaths
+
     alerts = alerts or AlertConfig()
     run_dir = Path(run_dir)
-    out = run_dir / "report"
+    out = RunPaths(run_dir).report  # the report phase's output, which its record verifies
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# ViPER run report: {run_dir.name}", ""]
     for r in range(1, rounds + 1):
